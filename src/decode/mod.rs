@@ -1,0 +1,223 @@
+//! The hot-path JSON decoder: one pass over an event line that validates the whole line as an
+//! RFC 8259 object and, on the way, picks out the few fields a profile needs, without building
+//! a document tree. It also re-emits the line with one top-level member spliced in.
+//!
+//! Invariants: a [`Decoder`] owns all scratch memory, sized at construction from
+//! `line_bytes_max` and `depth_max`, so `decode`, `Event::get` and `Event::write_enriched` never
+//! allocate (the last needs `out` to have capacity). An [`Event`] exists only for a line that
+//! validated completely; every `Field` it hands out is valid JSON token text (`raw_json`) and,
+//! for strings, valid UTF-8 text. A top-level `"_session"` member is tracked like an extracted
+//! field (a second one is `DuplicateField`) because `write_enriched` replaces it.
+//!
+//! Submodules: `table` (compiled paths), `scan` (the validating scanner), `escape` (string
+//! bodies both ways), `splice` (`write_enriched`).
+
+mod escape;
+mod scan;
+mod splice;
+mod table;
+#[cfg(test)]
+mod tests;
+
+pub use escape::write_json_string;
+pub use table::{FieldTable, PATHS_MAX, SEGMENT_BYTES_MAX};
+
+use scan::{Frame, SessionSpan, Slot, SlotKind};
+
+/// Index of a path in the slice given to [`FieldTable::new`].
+pub type FieldId = u16;
+
+/// Owns all scratch memory; constructed once per shard. `decode` performs no heap allocation.
+pub struct Decoder {
+    table: FieldTable,
+    depth_max: u32,
+    line_bytes_max: usize,
+    /// One frame per open container; `min(depth_max, line_bytes_max)` long, since nesting can
+    /// exceed neither the limit nor the number of bytes.
+    frames: Box<[Frame]>,
+    /// Unescaped text of keys and extracted strings. Unescaping never grows text and the strings
+    /// of one line are disjoint, so `line_bytes_max` bytes always suffice.
+    scratch: Box<[u8]>,
+    /// One result per distinct path; valid only where the decode's `seen` bit is set.
+    slots: Box<[Slot]>,
+}
+
+impl Decoder {
+    pub fn new(table: FieldTable, depth_max: u32, line_bytes_max: usize) -> Decoder {
+        assert!(depth_max >= 1, "depth_max must allow the top-level object");
+        assert!(line_bytes_max >= 2, "line_bytes_max must allow \"{{}}\"");
+        // Offsets are stored as u32 to keep frames and slots small.
+        assert!(line_bytes_max < u32::MAX as usize);
+        let frames_len = (depth_max as usize).min(line_bytes_max);
+        Decoder {
+            frames: vec![Frame::default(); frames_len].into_boxed_slice(),
+            scratch: vec![0u8; line_bytes_max].into_boxed_slice(),
+            slots: vec![Slot::default(); table.slot_count()].into_boxed_slice(),
+            table,
+            depth_max,
+            line_bytes_max,
+        }
+    }
+
+    pub fn table(&self) -> &FieldTable {
+        &self.table
+    }
+}
+
+/// A validated event line and the fields extracted from it.
+#[derive(Clone, Copy)]
+pub struct Event<'a> {
+    raw: &'a [u8],
+    table: &'a FieldTable,
+    slots: &'a [Slot],
+    scratch: &'a [u8],
+    /// Bit per slot: set when the path occurred in this line.
+    seen: u64,
+    session: Option<SessionSpan>,
+    root_members: u32,
+}
+
+impl<'a> Event<'a> {
+    /// The object's bytes, from '{' to the matching '}' inclusive (whitespace trimmed).
+    pub fn raw(&self) -> &'a [u8] {
+        self.raw
+    }
+
+    pub fn get(&self, id: FieldId) -> Field<'a> {
+        let slot = self.table.slot_of(id);
+        if self.seen & (1u64 << slot) == 0 {
+            return Field::Missing;
+        }
+        let line: &'a [u8] = self.raw;
+        let s = self.slots[usize::from(slot)];
+        let raw = &line[s.raw_start as usize..s.raw_end as usize];
+        let text = s.text_start as usize..s.text_end as usize;
+        match s.kind {
+            SlotKind::Null => Field::Null,
+            SlotKind::True => Field::Bool(true),
+            SlotKind::False => Field::Bool(false),
+            SlotKind::Number => Field::Number(raw),
+            SlotKind::String => Field::String { raw, text: &line[text] },
+            SlotKind::StringScratch => {
+                let scratch: &'a [u8] = self.scratch;
+                Field::String { raw, text: &scratch[text] }
+            }
+            SlotKind::Object => Field::Object(raw),
+            SlotKind::Array => Field::Array(raw),
+        }
+    }
+}
+
+/// One extracted value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Field<'a> {
+    Missing,
+    Null,
+    Bool(bool),
+    /// Raw number text as in the input, e.g. b"-1.5e3".
+    Number(&'a [u8]),
+    /// `raw`: the token including quotes, still escaped (valid JSON to copy verbatim into output).
+    /// `text`: the unescaped UTF-8 contents (borrowed from the line when it had no escapes, else
+    /// from the decoder's scratch).
+    String { raw: &'a [u8], text: &'a [u8] },
+    /// Raw token text of a nested object / array (valid JSON).
+    Object(&'a [u8]),
+    Array(&'a [u8]),
+}
+
+impl<'a> Field<'a> {
+    pub fn is_missing(&self) -> bool {
+        matches!(self, Field::Missing)
+    }
+
+    /// Number -> parsed f64 (None if not finite); other kinds -> None.
+    pub fn as_f64(&self) -> Option<f64> {
+        let Field::Number(text) = *self else { return None };
+        // The scanner admitted only JSON number grammar, a subset of what `f64::from_str` takes.
+        let v: f64 = std::str::from_utf8(text).ok()?.parse().ok()?;
+        v.is_finite().then_some(v)
+    }
+
+    /// Number -> exact i64 if the text is an integer that fits; else None.
+    pub fn as_i64(&self) -> Option<i64> {
+        let Field::Number(text) = *self else { return None };
+        if text.iter().any(|&c| matches!(c, b'.' | b'e' | b'E')) {
+            return None;
+        }
+        std::str::from_utf8(text).ok()?.parse().ok()
+    }
+
+    /// The JSON token text to copy verbatim into output. Missing -> None.
+    pub fn raw_json(&self) -> Option<&'a [u8]> {
+        match *self {
+            Field::Missing => None,
+            Field::Null => Some(b"null"),
+            Field::Bool(true) => Some(b"true"),
+            Field::Bool(false) => Some(b"false"),
+            Field::Number(raw) | Field::String { raw, .. } | Field::Object(raw) | Field::Array(raw) => Some(raw),
+        }
+    }
+
+    /// Bytes used as a session key / comparison text: String -> text (unescaped), Number -> raw
+    /// text, Bool -> "true"/"false"; others None.
+    pub fn key_bytes(&self) -> Option<&'a [u8]> {
+        match *self {
+            Field::String { text, .. } => Some(text),
+            Field::Number(raw) => Some(raw),
+            Field::Bool(true) => Some(b"true"),
+            Field::Bool(false) => Some(b"false"),
+            Field::Missing | Field::Null | Field::Object(_) | Field::Array(_) => None,
+        }
+    }
+}
+
+/// Why a line was rejected. Each kind has a static metric / dead-letter label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    Empty,
+    TooLong,
+    NotObject,
+    Syntax,
+    InvalidUtf8,
+    InvalidEscape,
+    TooDeep,
+    TrailingBytes,
+    DuplicateField,
+}
+
+impl DecodeError {
+    pub const ALL: [DecodeError; 9] = [
+        DecodeError::Empty,
+        DecodeError::TooLong,
+        DecodeError::NotObject,
+        DecodeError::Syntax,
+        DecodeError::InvalidUtf8,
+        DecodeError::InvalidEscape,
+        DecodeError::TooDeep,
+        DecodeError::TrailingBytes,
+        DecodeError::DuplicateField,
+    ];
+
+    /// Static snake_case metric / dead-letter label.
+    pub fn label(self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty_line",
+            DecodeError::TooLong => "line_too_long",
+            DecodeError::NotObject => "not_object",
+            DecodeError::Syntax => "invalid_json",
+            DecodeError::InvalidUtf8 => "invalid_utf8",
+            DecodeError::InvalidEscape => "invalid_escape",
+            DecodeError::TooDeep => "too_deep",
+            DecodeError::TrailingBytes => "trailing_bytes",
+            DecodeError::DuplicateField => "duplicate_field",
+        }
+    }
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+impl std::error::Error for DecodeError {}

@@ -1,0 +1,49 @@
+//! Re-emitting an event with our `"_session"` member as its last top-level member.
+//!
+//! Invariants: the output is the validated input with at most one byte range cut out (an old
+//! top-level `"_session"` member together with exactly one adjacent comma) and one member plus,
+//! when other members remain, one comma inserted before the closing brace; so it is valid JSON
+//! whenever `member` is a valid `"name":value` pair. Only `extend_from_slice`/`push` touch
+//! `out`, so nothing allocates when it has the capacity.
+
+use super::scan::{at, skip_ws, COMMA_NONE};
+use super::Event;
+
+impl Event<'_> {
+    /// Writes raw() with `member` (e.g. br#""_session":{"id":"x"}"#) inserted as the LAST member
+    /// of the top-level object (adding the comma when the object is non-empty). An existing
+    /// top-level "_session" member is removed first, so re-feeding our own output works.
+    /// Appends to `out`; no trailing newline.
+    pub fn write_enriched(&self, member: &[u8], out: &mut Vec<u8>) {
+        let raw = self.raw;
+        let close = raw.len() - 1;
+        assert_eq!(raw[close], b'}');
+        let mut others = self.root_members;
+        match self.session {
+            None => out.extend_from_slice(&raw[..close]),
+            Some(s) => {
+                others -= 1;
+                let (start, end) = (s.start as usize, s.end as usize);
+                debug_assert!(start < end && end <= close);
+                let (cut_start, cut_end) = if s.comma != COMMA_NONE {
+                    (s.comma as usize, end)
+                } else {
+                    // First member: take the comma after it, if another member follows.
+                    let j = skip_ws(raw, end);
+                    if at(raw, j) == b',' {
+                        (start, j + 1)
+                    } else {
+                        (start, end)
+                    }
+                };
+                out.extend_from_slice(&raw[..cut_start]);
+                out.extend_from_slice(&raw[cut_end..close]);
+            }
+        }
+        if others > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(member);
+        out.push(b'}');
+    }
+}

@@ -1,0 +1,1104 @@
+//! The session engine: the pure core one shard owns outright. No sockets, threads or wall clock:
+//! time arrives as an argument (`Clock`), so tests and `replay` drive it deterministically.
+//!
+//! Storage is reserved at construction: a table of 48-byte session heads, a block arena for
+//! payloads (key, counters, captured values), a hash index keyed by (profile, key), and one
+//! per-second slot wheel per profile clock. The event path allocates nothing.
+//!
+//! Invariants:
+//! - Every live top-level session is reachable from the index through its key's chain
+//!   (`Head::link`, newest start first), and is linked in its profile's wheel at or before its
+//!   deadline second (lazily: a session whose deadline moved later stays in its earlier bucket and
+//!   is re-linked when that bucket fires).
+//! - A sub-session's `Head::link` is its parent's slot; the parent's payload lists it; it ends
+//!   before its parent.
+//! - An ended session leaves exactly one end marker (or is absorbed by a `session_merged`).
+//!
+//! `docs/semantics.md` is the contract this implements.
+
+pub mod arena;
+pub mod ids;
+pub mod index;
+pub mod markers;
+pub mod numa;
+pub mod out;
+pub mod payload;
+pub mod rules;
+pub mod table;
+pub mod wheel;
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use crate::config::{Config, OnFull, TimeMode, RECORD_BYTES_MAX};
+use crate::decode::Event;
+use arena::Arena;
+use ids::IdGen;
+use index::Index;
+use markers::Summary;
+use payload::{Shape, VarEdits};
+use rules::{ProfileId, ProfileRule, Rules};
+use table::{Head, Table, NIL};
+use wheel::Wheel;
+
+pub use out::Out;
+
+/// Where time comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// A live run: the wall clock in epoch milliseconds.
+    Wall(i64),
+    /// Replay and tests: time comes only from the events themselves.
+    Replay,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    Idle,
+    MaxDuration,
+    EndsWhen,
+    StartsWhen,
+    SplitOnChange,
+    Evicted,
+    EndOfInput,
+    ParentEnded,
+}
+
+impl EndReason {
+    pub const COUNT: usize = 8;
+    pub const ALL: [EndReason; EndReason::COUNT] = [
+        EndReason::Idle,
+        EndReason::MaxDuration,
+        EndReason::EndsWhen,
+        EndReason::StartsWhen,
+        EndReason::SplitOnChange,
+        EndReason::Evicted,
+        EndReason::EndOfInput,
+        EndReason::ParentEnded,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::Idle => "idle",
+            EndReason::MaxDuration => "max_duration",
+            EndReason::EndsWhen => "ends_when",
+            EndReason::StartsWhen => "starts_when",
+            EndReason::SplitOnChange => "split_on_change",
+            EndReason::Evicted => "evicted",
+            EndReason::EndOfInput => "end_of_input",
+            EndReason::ParentEnded => "parent_ended",
+        }
+    }
+}
+
+/// Plain per-shard counters; the runtime publishes them periodically (no atomics per event).
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub events: u64,
+    pub enriched: u64,
+    pub sessions_started: u64,
+    pub sessions_ended: [u64; EndReason::COUNT],
+    pub sub_sessions_started: u64,
+    pub sub_sessions_ended: u64,
+    pub sub_session_limit: u64,
+    pub merges: u64,
+    pub late: u64,
+    pub evictions: u64,
+    pub rejections: u64,
+    pub dead_letters: u64,
+    pub captures_dropped: u64,
+    pub blocks_used: u64,
+    pub blocks_total: u64,
+    /// Live sessions per record profile (top-level profiles, then sub-session kinds).
+    pub active_by_profile: Vec<u64>,
+}
+
+/// Which shard owns an event's session for one profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Owner(u32),
+    MissingKey,
+    KeyTooLong,
+}
+
+/// FNV-1a, 32 bits, over the key's bytes: the documented hash clients put in the UDP steering
+/// header. Chosen because every language can compute it in three lines.
+pub fn fnv1a32(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in bytes {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+pub fn route(rules: &Rules, p: ProfileId, ev: &Event<'_>, shards: u32) -> Route {
+    debug_assert!(shards > 0);
+    match ev.get(rules.profiles[p as usize].key).key_bytes() {
+        None => Route::MissingKey,
+        Some(k) if k.len() > rules.key_bytes_max as usize => Route::KeyTooLong,
+        Some(k) => Route::Owner(fnv1a32(k) % shards),
+    }
+}
+
+/// Per-profile clock state on this shard.
+#[derive(Clone, Copy, Debug)]
+struct ProfileClock {
+    /// Largest event time accepted (event time) or the monotone arrival time (processing).
+    max_ts: i64,
+    /// Wall time of the last event of this profile (event time: drives the idle advance).
+    wall_last: i64,
+}
+
+const NONE_TS: i64 = i64::MIN;
+/// Record flag (engine-owned bit): the record is a sub-session.
+const FLAG_SUB: u8 = 1;
+/// Attempts to find a victim whose wheel bucket is accurate before evicting anyway.
+const EVICT_SCAN_MAX: u32 = 64;
+
+pub struct Engine {
+    rules: Arc<Rules>,
+    st: State,
+}
+
+struct State {
+    table: Table,
+    arena: Arena,
+    index: Index,
+    wheels: Vec<Wheel>,
+    clocks: Vec<ProfileClock>,
+    /// Record profile -> (parent profile, sub index), for sub-session kinds.
+    sub_of: Vec<(u8, u8)>,
+    /// Payload layout of each top-level profile (copied so `State` needs no `Rules` to load).
+    layouts: Vec<rules::Layout>,
+    /// Counter count of each record profile (used for sub-session kinds).
+    sub_counters: Vec<usize>,
+    ids: IdGen,
+    hasher: foldhash::fast::FixedState,
+    on_full: OnFull,
+    key_bytes_max: usize,
+    value_bytes_max: usize,
+    open_per_key_max: u32,
+    future_skew_ms: i64,
+    /// Loaded payload of the session being worked on.
+    pay: Vec<u8>,
+    /// Second payload (merge partner, sub-session).
+    pay2: Vec<u8>,
+    /// Var-area rebuild target.
+    var: Vec<u8>,
+    /// Composite key of a sub-session, or a parent's key while rendering.
+    keybuf: Vec<u8>,
+    /// The `_session` member of an enriched event.
+    member: Vec<u8>,
+    /// Sessions detached from a wheel bucket, processed after the drain.
+    expired: Vec<u32>,
+    stats: Stats,
+}
+
+impl Engine {
+    pub fn new(rules: Arc<Rules>, cfg: &Config, shard: u8, numa_node: Option<u32>) -> std::io::Result<Engine> {
+        let m = &cfg.memory;
+        let top = rules.profiles.len();
+        let mut sub_of = vec![(0u8, 0u8); top];
+        for (pi, p) in rules.profiles.iter().enumerate() {
+            for (si, s) in p.subs.iter().enumerate() {
+                assert_eq!(s.record_profile as usize, sub_of.len());
+                sub_of.push((pi as u8, si as u8));
+            }
+        }
+        let sub_of_tmp = sub_of.clone();
+        let arena = Arena::new(m.arena_bytes.0, m.block_bytes, numa_node)?;
+        let stats = Stats {
+            blocks_total: u64::from(arena.blocks_total()),
+            active_by_profile: vec![0; rules.record_profile_count()],
+            ..Stats::default()
+        };
+        let st = State {
+            table: Table::new(m.max_sessions),
+            arena,
+            index: Index::new(m.max_sessions),
+            wheels: (0..top).map(|_| Wheel::new(cfg.slots.max, 0)).collect(),
+            clocks: vec![
+                ProfileClock {
+                    max_ts: NONE_TS,
+                    wall_last: NONE_TS
+                };
+                top
+            ],
+            sub_of,
+            layouts: rules.profiles.iter().map(|p| p.layout).collect(),
+            sub_counters: (0..rules.record_profile_count())
+                .map(|rp| if rp < top { 0 } else { let (pp, si) = sub_of_tmp[rp]; rules.profiles[pp as usize].subs[si as usize].counters.len() })
+                .collect(),
+            ids: IdGen::new(cfg.node_id, shard),
+            hasher: foldhash::fast::FixedState::with_seed(0x5e55_1011_2e5e_ed01),
+            on_full: m.on_full,
+            key_bytes_max: cfg.limits.key_bytes_max as usize,
+            value_bytes_max: cfg.limits.value_bytes_max as usize,
+            open_per_key_max: cfg.limits.open_sessions_per_key_max,
+            future_skew_ms: cfg.limits.future_skew_max.as_ms(),
+            pay: Vec::with_capacity(RECORD_BYTES_MAX + 4096),
+            pay2: Vec::with_capacity(RECORD_BYTES_MAX + 4096),
+            var: Vec::with_capacity(RECORD_BYTES_MAX + 4096),
+            keybuf: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
+            member: Vec::with_capacity(256),
+            expired: Vec::with_capacity(m.max_sessions as usize),
+            stats,
+        };
+        Ok(Engine { rules, st })
+    }
+
+    pub fn rules(&self) -> &Arc<Rules> {
+        &self.rules
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.st.stats
+    }
+
+    pub fn live_sessions(&self) -> u32 {
+        self.st.table.live()
+    }
+
+    /// Bytes reserved at construction: table, index, arena and wheels.
+    pub fn bytes_reserved(&self) -> u64 {
+        let s = &self.st;
+        u64::from(s.table.capacity()) * std::mem::size_of::<Head>() as u64
+            + s.index.bytes_reserved()
+            + s.arena.bytes_reserved()
+            + s.wheels.iter().map(|w| w.bytes_reserved()).sum::<u64>()
+    }
+
+    /// The last session-id sequence issued (carried across restarts by snapshots).
+    pub fn id_sequence(&self) -> u64 {
+        self.st.ids.seq()
+    }
+
+    pub fn on_event(&mut self, p: ProfileId, ev: &Event<'_>, clock: Clock, out: &mut Out) {
+        self.st.on_event(&self.rules, p, ev, clock, out);
+    }
+
+    pub fn advance(&mut self, clock: Clock, out: &mut Out) {
+        let rules = &*self.rules;
+        for p in 0..rules.profiles.len() {
+            self.st.expire(rules, p, clock, out);
+        }
+        self.st.stats.blocks_used = u64::from(self.st.arena.blocks_total() - self.st.arena.blocks_free());
+    }
+
+    pub fn finish(&mut self, out: &mut Out) {
+        let rules = &*self.rules;
+        let st = &mut self.st;
+        for p in 0..rules.profiles.len() {
+            st.expire(rules, p, Clock::Replay, out);
+        }
+        for s in 0..st.table.capacity() {
+            if !st.table.is_live(s) || st.table.get(s).flags & FLAG_SUB != 0 {
+                continue;
+            }
+            let p = st.table.get(s).profile as usize;
+            let now = st.profile_clock(&rules.profiles[p], p, Clock::Replay);
+            let reason = st.due_reason(&rules.profiles[p], s, now).unwrap_or(EndReason::EndOfInput);
+            st.end_session(rules, s, reason, now, out);
+        }
+        debug_assert_eq!(st.table.live(), 0);
+        st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
+    }
+}
+
+impl State {
+    fn key_hash(&self, p: u8, key: &[u8]) -> u64 {
+        self.hasher.hash_one((p, key))
+    }
+
+    fn find(&self, p: u8, hash: u64, key: &[u8]) -> u32 {
+        let (table, arena) = (&self.table, &self.arena);
+        self.index
+            .find(hash, |s| {
+                let h = table.get(s);
+                h.profile == p && h.key_len as usize == key.len() && arena.eq_at(h.data, 0, key)
+            })
+            .unwrap_or(NIL)
+    }
+
+    /// The clock a profile's sessions expire by: arrival time (processing) or the watermark.
+    fn profile_clock(&self, rule: &ProfileRule, p: usize, clock: Clock) -> i64 {
+        let c = self.clocks[p];
+        match (rule.time, clock) {
+            (TimeMode::Processing, Clock::Wall(now)) => now.max(c.max_ts),
+            (TimeMode::Processing, Clock::Replay) => c.max_ts,
+            (TimeMode::Event, _) if c.max_ts == NONE_TS => NONE_TS,
+            (TimeMode::Event, Clock::Wall(now)) => {
+                let idle_advance = if c.wall_last == NONE_TS { 0 } else { (now - c.wall_last).max(0) };
+                c.max_ts.saturating_add(idle_advance) - rule.allowed_lateness_ms
+            }
+            (TimeMode::Event, Clock::Replay) => c.max_ts - rule.allowed_lateness_ms,
+        }
+    }
+
+    /// The time of an event for its profile, or None when its timestamp is unusable.
+    fn event_time(&self, rules: &Rules, p: usize, ev: &Event<'_>, clock: Clock) -> Option<i64> {
+        let rule = &rules.profiles[p];
+        let from_field = || rule.timestamp.and_then(|(f, fmt)| rules::timestamp_ms(ev.get(f), fmt));
+        let max_ts = self.clocks[p].max_ts;
+        match (rule.time, clock) {
+            (TimeMode::Processing, Clock::Wall(now)) => Some(now.max(max_ts)),
+            (TimeMode::Processing, Clock::Replay) => from_field().map(|t| t.max(max_ts)),
+            (TimeMode::Event, _) => {
+                let t = from_field()?;
+                let reference = match clock {
+                    Clock::Wall(now) => now,
+                    Clock::Replay => max_ts,
+                };
+                (reference == NONE_TS || t <= reference.saturating_add(self.future_skew_ms)).then_some(t)
+            }
+        }
+    }
+
+    fn deadline(&self, rules: &Rules, s: u32) -> i64 {
+        let h = self.table.get(s);
+        if h.flags & FLAG_SUB != 0 {
+            let (pp, si) = self.sub_of[h.profile as usize];
+            return h.last_ts + rules.profiles[pp as usize].subs[si as usize].idle_timeout_ms;
+        }
+        let rule = &rules.profiles[h.profile as usize];
+        let idle = h.last_ts + rule.idle_timeout_ms;
+        match rule.max_duration_ms {
+            Some(m) => idle.min(h.start_ts.saturating_add(m)),
+            None => idle,
+        }
+    }
+
+    /// Why a top-level session is over at clock `now`, if it is.
+    fn due_reason(&self, rule: &ProfileRule, s: u32, now: i64) -> Option<EndReason> {
+        let h = self.table.get(s);
+        if now > h.last_ts + rule.idle_timeout_ms {
+            Some(EndReason::Idle)
+        } else if rule.max_duration_ms.is_some_and(|m| now > h.start_ts.saturating_add(m)) {
+            Some(EndReason::MaxDuration)
+        } else {
+            None
+        }
+    }
+
+    fn on_event(&mut self, rules: &Rules, p: ProfileId, ev: &Event<'_>, clock: Clock, out: &mut Out) {
+        let pi = p as usize;
+        let rule = &rules.profiles[pi];
+        self.stats.events += 1;
+        let key = match ev.get(rule.key).key_bytes() {
+            Some(k) if k.len() <= self.key_bytes_max => k,
+            found => {
+                let reason = if found.is_some() { "key_too_long" } else { "missing_key" };
+                self.stats.dead_letters += 1;
+                out.dead_letter_event(reason, &rule.name, ev.raw());
+                return;
+            }
+        };
+        let Some(t) = self.event_time(rules, pi, ev, clock) else {
+            self.stats.dead_letters += 1;
+            out.dead_letter_event("bad_timestamp", &rule.name, ev.raw());
+            return;
+        };
+        if rule.time == TimeMode::Event {
+            let wm = self.profile_clock(rule, pi, clock);
+            if wm != NONE_TS && t < wm {
+                self.stats.late += 1;
+                markers::late_event(out, rule, key, t, wm, ev.raw());
+                return;
+            }
+        }
+        let c = &mut self.clocks[pi];
+        c.max_ts = c.max_ts.max(t);
+        if let Clock::Wall(now) = clock {
+            c.wall_last = now;
+        }
+        let now = self.profile_clock(rule, pi, clock);
+        let hash = self.key_hash(p, key);
+
+        // Walk the key's open sessions: end the ones already due, keep those the event touches.
+        let mut cands = [NIL; 2];
+        let mut n = 0;
+        let mut s = self.find(p, hash, key);
+        while s != NIL {
+            let next = self.table.get(s).link;
+            if let Some(reason) = self.due_reason(rule, s, now) {
+                self.end_session(rules, s, reason, now, out);
+            } else {
+                let h = self.table.get(s);
+                if h.start_ts - rule.idle_timeout_ms <= t && t <= h.last_ts + rule.idle_timeout_ms && n < 2 {
+                    cands[n] = s;
+                    n += 1;
+                }
+            }
+            s = next;
+        }
+
+        let mut target = match n {
+            0 => NIL,
+            1 => cands[0],
+            _ => self.merge_or_pick(rules, pi, cands, t, key, hash, out),
+        };
+        if target != NIL {
+            if let Some(reason) = self.split_reason(rules, rule, target, ev, t) {
+                self.end_session(rules, target, reason, now, out);
+                target = NIL;
+            }
+        }
+        let created = target == NIL;
+        if created {
+            target = match self.create(rules, pi, key, hash, t, clock, now, out) {
+                Some(s) => s,
+                None => {
+                    self.stats.rejections += 1;
+                    self.stats.dead_letters += 1;
+                    out.dead_letter_event("session_table_full", &rule.name, ev.raw());
+                    return;
+                }
+            };
+        }
+        self.apply(rules, rule, target, ev, t);
+        let h = *self.table.get(target);
+        if created {
+            self.stats.sessions_started += 1;
+            let summary = summary(&h);
+            markers::session_start(out, rule, &rules.fields, &self.pay[..h.key_len as usize], summary, &self.pay);
+        }
+        self.member.clear();
+        markers::session_member(&mut self.member, &rule.name, h.id, h.count, h.start_ts);
+        ev.write_enriched(&self.member, &mut out.buf);
+        out.finish(crate::config::Stream::Events);
+        self.stats.enriched += 1;
+
+        if !rule.subs.is_empty() {
+            self.on_event_subs(rules, pi, target, ev, t, clock, out);
+        }
+        if rules.eval_opt(rule.ends_when, ev) {
+            self.end_session(rules, target, EndReason::EndsWhen, now, out);
+        }
+    }
+
+    /// An event within reach of two sessions of its key merges them (event time), unless the
+    /// merged session would break `max_duration`; then it goes to the nearer one.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_or_pick(&mut self, rules: &Rules, p: usize, cands: [u32; 2], t: i64, key: &[u8], hash: u64, out: &mut Out) -> u32 {
+        let rule = &rules.profiles[p];
+        let (a, b) = (*self.table.get(cands[0]), *self.table.get(cands[1]));
+        let (early, late) = if (a.start_ts, a.id) <= (b.start_ts, b.id) { (cands[0], cands[1]) } else { (cands[1], cands[0]) };
+        let (e, l) = (*self.table.get(early), *self.table.get(late));
+        let span = e.last_ts.max(l.last_ts).max(t) - e.start_ts.min(l.start_ts).min(t);
+        if rule.max_duration_ms.is_some_and(|m| span > m) {
+            return if t >= l.start_ts { late } else { early };
+        }
+        self.merge(rules, p, early, late, t, key, hash, out);
+        early
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn merge(&mut self, rules: &Rules, p: usize, early: u32, late: u32, t: i64, key: &[u8], hash: u64, out: &mut Out) {
+        let rule = &rules.profiles[p];
+        let l = &rule.layout;
+        let base = key.len();
+        let e_len = self.load(early, false);
+        self.load(late, true);
+        for i in 0..rule.counters.len() {
+            payload::counter_add(&mut self.pay, base, l, i, payload::counter(&self.pay2, base, l, i));
+        }
+        for (i, a) in rule.aggregates.iter().enumerate() {
+            let v = payload::aggregate(&self.pay2, base, l, i);
+            if !(v.is_nan() || v.is_infinite()) {
+                payload::aggregate_apply(&mut self.pay, base, l, i, a.op, v);
+            }
+        }
+        for i in 0..rule.split_on_change.len() {
+            let h = payload::split_hash(&self.pay2, base, l, i);
+            if h != 0 {
+                payload::set_split_hash(&mut self.pay, base, l, i, h);
+            }
+        }
+        self.var.clear();
+        payload::merge_var(
+            payload::var_area(&self.pay, base, l),
+            payload::var_area(&self.pay2, base, l),
+            rule.metadata.len(),
+            rule.state.len(),
+            &rule.lists,
+            &mut self.var,
+        );
+        self.replace_var(early, e_len, base, l);
+        let lh = *self.table.get(late);
+        let eh = self.table.get_mut(early);
+        eh.start_ts = eh.start_ts.min(lh.start_ts);
+        eh.last_ts = eh.last_ts.max(lh.last_ts);
+        eh.count = eh.count.saturating_add(lh.count);
+        let survivor = eh.id;
+        markers::session_merged(out, rule, key, survivor, lh.id, t);
+        self.stats.merges += 1;
+        self.remove_record(p as u8, late, hash, key);
+    }
+
+    /// Store `self.var` as the var area of the payload in `self.pay` (length `old_len`) of
+    /// session `s`. If the arena cannot grow it, keep the old var area and count the loss.
+    fn replace_var(&mut self, s: u32, old_len: usize, base: usize, l: &rules::Layout) {
+        let fixed_end = base + l.fixed_bytes;
+        let new_len = fixed_end + self.var.len();
+        let data = self.table.get(s).data;
+        if new_len <= RECORD_BYTES_MAX && (new_len == old_len || self.arena.resize(data, old_len, new_len)) {
+            self.pay.truncate(fixed_end);
+            self.pay.extend_from_slice(&self.var);
+            payload::put_u16(&mut self.pay, base + l.var_len_off, self.var.len() as u16);
+            self.arena.write(data, 0, &self.pay);
+        } else {
+            self.stats.captures_dropped += 1;
+            self.arena.write(data, 0, &self.pay[..fixed_end]);
+        }
+    }
+
+    /// Load a session's payload into `pay` (or `pay2`); returns its length.
+    fn load(&mut self, s: u32, second: bool) -> usize {
+        let h = *self.table.get(s);
+        let (layout_fixed, var_len_off) = self.fixed_of(h.profile, h.flags);
+        let key_len = h.key_len as usize;
+        let buf = if second { &mut self.pay2 } else { &mut self.pay };
+        buf.clear();
+        buf.resize(key_len + layout_fixed, 0);
+        self.arena.read(h.data, 0, buf);
+        let var_len = payload::get_u16(buf, key_len + var_len_off) as usize;
+        buf.resize(key_len + layout_fixed + var_len, 0);
+        self.arena.read(h.data, key_len + layout_fixed, &mut buf[key_len + layout_fixed..]);
+        buf.len()
+    }
+
+    /// (fixed bytes, var_len offset) of a record kind.
+    fn fixed_of(&self, profile: u8, flags: u8) -> (usize, usize) {
+        // Sub-session records keep only counters: their layout is derived on the fly.
+        if flags & FLAG_SUB != 0 {
+            let n = self.sub_counters[profile as usize];
+            return (4 * n + 2, 4 * n);
+        }
+        let l = &self.layouts[profile as usize];
+        (l.fixed_bytes, l.var_len_off)
+    }
+}
+
+fn summary(h: &Head) -> Summary {
+    Summary {
+        id: h.id,
+        start_ts: h.start_ts,
+        last_ts: h.last_ts,
+        count: h.count,
+    }
+}
+
+/// A captured value as stored: the JSON token, or `null` when it exceeds the value limit.
+fn captured<'a>(raw: &'a [u8], max: usize) -> &'a [u8] {
+    if raw.len() > max {
+        b"null"
+    } else {
+        raw
+    }
+}
+
+impl State {
+    fn value_hash(&self, f: crate::decode::Field<'_>) -> Option<u64> {
+        let bytes = f.key_bytes().or_else(|| f.raw_json())?;
+        // Zero marks "never seen" in the payload.
+        Some(self.hasher.hash_one(bytes).max(1))
+    }
+
+    /// A rule boundary between session `s` and the event (precedence per docs/semantics.md).
+    fn split_reason(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) -> Option<EndReason> {
+        let h = *self.table.get(s);
+        if let Some(m) = rule.max_duration_ms {
+            if t.max(h.last_ts) - t.min(h.start_ts) > m {
+                return Some(EndReason::MaxDuration);
+            }
+        }
+        if rules.eval_opt(rule.starts_when, ev) {
+            return Some(EndReason::StartsWhen);
+        }
+        if !rule.split_on_change.is_empty() {
+            self.load(s, false);
+            let base = h.key_len as usize;
+            for (i, &f) in rule.split_on_change.iter().enumerate() {
+                let stored = payload::split_hash(&self.pay, base, &rule.layout, i);
+                if let Some(v) = self.value_hash(ev.get(f)) {
+                    if stored != 0 && stored != v {
+                        return Some(EndReason::SplitOnChange);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Open a new session for (p, key) at time `t`, making room per `on_full` if needed.
+    #[allow(clippy::too_many_arguments)]
+    fn create(&mut self, rules: &Rules, p: usize, key: &[u8], hash: u64, t: i64, clock: Clock, now: i64, out: &mut Out) -> Option<u32> {
+        let rule = &rules.profiles[p];
+        // Bound the open sessions of one key (out-of-order islands in event time).
+        let mut chain_len = 0;
+        let mut oldest = NIL;
+        let mut s = self.find(p as u8, hash, key);
+        while s != NIL {
+            chain_len += 1;
+            oldest = s;
+            s = self.table.get(s).link;
+        }
+        if chain_len >= self.open_per_key_max && oldest != NIL {
+            self.stats.evictions += 1;
+            self.end_session(rules, oldest, EndReason::Evicted, now, out);
+        }
+        let len = key.len() + rule.layout.fixed_bytes + 2 * (rule.metadata.len() + rule.state.len()) + rule.lists.len();
+        let (slot, data) = loop {
+            let slot = self.table.alloc();
+            let data = if slot.is_some() { self.arena.alloc(len) } else { None };
+            match (slot, data) {
+                (Some(slot), Some(data)) => break (slot, data),
+                (Some(slot), None) => self.table.free(slot),
+                _ => {}
+            }
+            if self.on_full == OnFull::Reject || !self.make_room(rules, p, now, out) {
+                return None;
+            }
+        };
+        let ops = &mut [crate::config::AggregateOp::Sum; 32][..rule.aggregates.len().min(32)];
+        for (o, a) in ops.iter_mut().zip(&rule.aggregates) {
+            *o = a.op;
+        }
+        payload::init(
+            &mut self.pay,
+            key,
+            Shape {
+                layout: &rule.layout,
+                aggregates: ops,
+                values: rule.metadata.len() + rule.state.len(),
+                lists: &rule.lists,
+            },
+        );
+        debug_assert_eq!(self.pay.len(), len);
+        self.arena.write(data, 0, &self.pay);
+        let id = self.ids.next(clock);
+        *self.table.get_mut(slot) = Head {
+            id,
+            start_ts: t,
+            last_ts: t,
+            count: 0,
+            data,
+            profile: p as u8,
+            key_len: key.len() as u16,
+            ..*self.table.get(slot)
+        };
+        self.chain_insert(p as u8, slot, hash, key);
+        let due = due_s(self.deadline(rules, slot));
+        self.wheels[p].link(self.table.heads_mut(), slot, due);
+        self.stats.active_by_profile[p] += 1;
+        Some(slot)
+    }
+
+    /// Insert a new session into its key's chain (newest start first).
+    fn chain_insert(&mut self, p: u8, slot: u32, hash: u64, key: &[u8]) {
+        let head = self.find(p, hash, key);
+        let start = self.table.get(slot).start_ts;
+        if head == NIL {
+            self.table.get_mut(slot).link = NIL;
+            self.index.insert(hash, slot);
+            return;
+        }
+        if start >= self.table.get(head).start_ts {
+            self.table.get_mut(slot).link = head;
+            self.index.replace(hash, head, slot);
+            return;
+        }
+        let mut prev = head;
+        loop {
+            let next = self.table.get(prev).link;
+            if next == NIL || start >= self.table.get(next).start_ts {
+                self.table.get_mut(slot).link = next;
+                self.table.get_mut(prev).link = slot;
+                return;
+            }
+            prev = next;
+        }
+    }
+
+    /// Unlink a top-level session from its key's chain and the index.
+    fn chain_remove(&mut self, p: u8, slot: u32, hash: u64, key: &[u8]) {
+        let head = self.find(p, hash, key);
+        assert!(head != NIL, "a live session is reachable from the index");
+        let next = self.table.get(slot).link;
+        if head == slot {
+            if next == NIL {
+                self.index.remove(hash, slot);
+            } else {
+                self.index.replace(hash, slot, next);
+            }
+            return;
+        }
+        let mut prev = head;
+        while self.table.get(prev).link != slot {
+            prev = self.table.get(prev).link;
+            assert!(prev != NIL, "a live session is on its key's chain");
+        }
+        self.table.get_mut(prev).link = next;
+    }
+
+    /// Update session `s` with the event: head fields, counters, aggregates, captured values.
+    fn apply(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) {
+        let old_len = self.load(s, false);
+        let old = *self.table.get(s);
+        let base = old.key_len as usize;
+        let l = &rule.layout;
+        for (i, c) in rule.counters.iter().enumerate() {
+            if c.when.is_none_or(|w| rules.eval(w, ev)) {
+                payload::counter_add(&mut self.pay, base, l, i, 1);
+            }
+        }
+        for (i, a) in rule.aggregates.iter().enumerate() {
+            if a.when.is_none_or(|w| rules.eval(w, ev)) {
+                if let Some(v) = ev.get(a.field).as_f64() {
+                    payload::aggregate_apply(&mut self.pay, base, l, i, a.op, v);
+                }
+            }
+        }
+        for (i, &f) in rule.split_on_change.iter().enumerate() {
+            if let Some(h) = self.value_hash(ev.get(f)) {
+                payload::set_split_hash(&mut self.pay, base, l, i, h);
+            }
+        }
+        let mut edits = VarEdits::new();
+        let max = self.value_bytes_max;
+        for (i, &f) in rule.metadata.iter().enumerate() {
+            if let Some(raw) = ev.get(f).raw_json() {
+                edits.values[i] = Some((captured(raw, max), true));
+                edits.any = true;
+            }
+        }
+        // State is the last value seen: in event time, that of the latest event.
+        if t >= old.last_ts || old.count == 0 {
+            for (j, &f) in rule.state.iter().enumerate() {
+                if let Some(raw) = ev.get(f).raw_json() {
+                    edits.values[rule.metadata.len() + j] = Some((captured(raw, max), false));
+                    edits.any = true;
+                }
+            }
+        }
+        for (k, list) in rule.lists.iter().enumerate() {
+            if list.when.is_none_or(|w| rules.eval(w, ev)) {
+                if let Some(raw) = ev.get(list.field).raw_json() {
+                    edits.appends[k] = Some(captured(raw, max));
+                    edits.any = true;
+                }
+            }
+        }
+        self.var.clear();
+        let changed = edits.any
+            && payload::rebuild_var(
+                payload::var_area(&self.pay, base, l),
+                rule.metadata.len() + rule.state.len(),
+                &rule.lists,
+                &edits,
+                &mut self.var,
+            );
+        if changed {
+            self.replace_var(s, old_len, base, l);
+        } else {
+            let fixed_end = base + l.fixed_bytes;
+            self.arena.write(old.data, base, &self.pay[base..fixed_end]);
+        }
+        let h = self.table.get_mut(s);
+        h.count = h.count.saturating_add(1);
+        h.last_ts = h.last_ts.max(t);
+        if t < h.start_ts {
+            h.start_ts = t;
+            // A start moved back can bring the max_duration deadline forward.
+            if rule.max_duration_ms.is_some() {
+                let due = due_s(self.deadline(rules, s));
+                self.wheels[old.profile as usize].relink(self.table.heads_mut(), s, due);
+            }
+        }
+    }
+
+    /// Sub-sessions of the parent `parent` for this event (processing-time profiles).
+    #[allow(clippy::too_many_arguments)]
+    fn on_event_subs(&mut self, rules: &Rules, p: usize, parent: u32, ev: &Event<'_>, t: i64, clock: Clock, out: &mut Out) {
+        let rule = &rules.profiles[p];
+        let parent_id = self.table.get(parent).id;
+        for (j, sub) in rule.subs.iter().enumerate() {
+            let sub_key: &[u8] = match sub.key {
+                None => b"",
+                Some(f) => match ev.get(f).key_bytes() {
+                    Some(k) if k.len() <= self.key_bytes_max => k,
+                    _ => continue,
+                },
+            };
+            self.keybuf.clear();
+            self.keybuf.extend_from_slice(&parent_id.to_le_bytes());
+            self.keybuf.extend_from_slice(sub_key);
+            let rp = sub.record_profile;
+            let hash = self.hasher.hash_one((rp, &self.keybuf[..]));
+            let mut s = {
+                let (table, arena, key) = (&self.table, &self.arena, &self.keybuf);
+                self.index
+                    .find(hash, |x| {
+                        let h = table.get(x);
+                        h.profile == rp && h.key_len as usize == key.len() && arena.eq_at(h.data, 0, key)
+                    })
+                    .unwrap_or(NIL)
+            };
+            if s != NIL {
+                let h = self.table.get(s);
+                if t - h.last_ts > sub.idle_timeout_ms {
+                    self.end_sub(rules, s, EndReason::Idle, out);
+                    s = NIL;
+                } else if rules.eval_opt(sub.starts_when, ev) {
+                    self.end_sub(rules, s, EndReason::StartsWhen, out);
+                    s = NIL;
+                }
+            }
+            if s == NIL {
+                if sub.starts_when.is_some_and(|w| !rules.eval(w, ev)) {
+                    continue;
+                }
+                s = match self.create_sub(rules, p, j, parent, hash, t, clock) {
+                    Some(s) => s,
+                    None => continue,
+                };
+                let h = *self.table.get(s);
+                self.parent_key(parent);
+                let key_opt = sub.key.map(|_| sub_key);
+                markers::sub_session_start(out, rule, sub, &self.keybuf, key_opt, summary(&h), parent_id);
+            }
+            let old_len = self.load(s, true);
+            let base = self.table.get(s).key_len as usize;
+            let layout = rules::layout_for(sub.counters.len(), 0, 0, 0);
+            for (i, c) in sub.counters.iter().enumerate() {
+                if c.when.is_none_or(|w| rules.eval(w, ev)) {
+                    payload::counter_add(&mut self.pay2, base, &layout, i, 1);
+                }
+            }
+            let data = self.table.get(s).data;
+            self.arena.write(data, 0, &self.pay2[..old_len]);
+            let h = self.table.get_mut(s);
+            h.count = h.count.saturating_add(1);
+            h.last_ts = h.last_ts.max(t);
+            if rules.eval_opt(sub.ends_when, ev) {
+                self.end_sub(rules, s, EndReason::EndsWhen, out);
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_sub(&mut self, rules: &Rules, p: usize, j: usize, parent: u32, hash: u64, t: i64, clock: Clock) -> Option<u32> {
+        let rule = &rules.profiles[p];
+        let sub = &rule.subs[j];
+        let pl = &rule.layout;
+        let parent_h = *self.table.get(parent);
+        let parent_base = parent_h.key_len as usize;
+        // Find a free sub-session slot in the parent's payload.
+        let free_i = (0..payload::sub_slots(pl)).find(|&i| {
+            let mut b = [0u8; 4];
+            self.arena.read(parent_h.data, parent_base + pl.subs_off + 4 * i, &mut b);
+            u32::from_le_bytes(b) == NIL
+        });
+        let Some(free_i) = free_i else {
+            self.stats.sub_session_limit += 1;
+            return None;
+        };
+        let layout = rules::layout_for(sub.counters.len(), 0, 0, 0);
+        let len = self.keybuf.len() + layout.fixed_bytes;
+        let slot = self.table.alloc()?;
+        let Some(data) = self.arena.alloc(len) else {
+            self.table.free(slot);
+            self.stats.captures_dropped += 1;
+            return None;
+        };
+        self.pay2.clear();
+        self.pay2.extend_from_slice(&self.keybuf);
+        self.pay2.resize(len, 0);
+        self.arena.write(data, 0, &self.pay2);
+        self.arena.write(parent_h.data, parent_base + pl.subs_off + 4 * free_i, &slot.to_le_bytes());
+        let id = self.ids.next(clock);
+        *self.table.get_mut(slot) = Head {
+            id,
+            start_ts: t,
+            last_ts: t,
+            count: 0,
+            data,
+            link: parent,
+            profile: sub.record_profile,
+            flags: FLAG_SUB,
+            key_len: self.keybuf.len() as u16,
+            ..*self.table.get(slot)
+        };
+        self.index.insert(hash, slot);
+        let due = due_s(t + sub.idle_timeout_ms);
+        self.wheels[p].link(self.table.heads_mut(), slot, due);
+        self.stats.sub_sessions_started += 1;
+        self.stats.active_by_profile[sub.record_profile as usize] += 1;
+        Some(slot)
+    }
+
+    /// Copy a parent session's key into `keybuf`.
+    fn parent_key(&mut self, parent: u32) {
+        let h = *self.table.get(parent);
+        self.keybuf.clear();
+        self.keybuf.resize(h.key_len as usize, 0);
+        self.arena.read(h.data, 0, &mut self.keybuf);
+    }
+
+    fn end_sub(&mut self, rules: &Rules, s: u32, reason: EndReason, out: &mut Out) {
+        let h = *self.table.get(s);
+        debug_assert!(h.flags & FLAG_SUB != 0);
+        let (pp, si) = self.sub_of[h.profile as usize];
+        let rule = &rules.profiles[pp as usize];
+        let sub = &rule.subs[si as usize];
+        let len = self.load(s, true);
+        let parent = h.link;
+        let parent_h = *self.table.get(parent);
+        let parent_id = u64::from_le_bytes(self.pay2[..8].try_into().expect("8 bytes"));
+        debug_assert_eq!(parent_id, parent_h.id);
+        // Clear the parent's reference to this sub-session.
+        let pl = &rule.layout;
+        let pbase = parent_h.key_len as usize;
+        for i in 0..payload::sub_slots(pl) {
+            let mut b = [0u8; 4];
+            self.arena.read(parent_h.data, pbase + pl.subs_off + 4 * i, &mut b);
+            if u32::from_le_bytes(b) == s {
+                self.arena.write(parent_h.data, pbase + pl.subs_off + 4 * i, &NIL.to_le_bytes());
+            }
+        }
+        self.parent_key(parent);
+        let key_len = h.key_len as usize;
+        let sub_key = sub.key.map(|_| &self.pay2[8..key_len]);
+        markers::sub_session_end(out, rule, sub, &self.keybuf, sub_key, summary(&h), parent_id, reason, &self.pay2[..len], key_len);
+        let hash = self.hasher.hash_one((h.profile, &self.pay2[..key_len]));
+        self.index.remove(hash, s);
+        self.release(pp as usize, s);
+        self.stats.sub_sessions_ended += 1;
+    }
+
+    /// Return a record's wheel link, arena chain and table slot.
+    fn release(&mut self, wheel: usize, s: u32) {
+        let h = *self.table.get(s);
+        if self.wheels[wheel].is_linked(self.table.heads(), s) {
+            self.wheels[wheel].unlink(self.table.heads_mut(), s);
+        }
+        self.arena.free(h.data);
+        self.table.free(s);
+        self.stats.active_by_profile[h.profile as usize] -= 1;
+    }
+
+    /// Drop a top-level record without an end marker (it was absorbed by a merge).
+    fn remove_record(&mut self, p: u8, s: u32, hash: u64, key: &[u8]) {
+        self.chain_remove(p, s, hash, key);
+        self.release(p as usize, s);
+    }
+
+    /// End a session (its open sub-sessions first) and emit its end marker.
+    fn end_session(&mut self, rules: &Rules, s: u32, reason: EndReason, now: i64, out: &mut Out) {
+        let h = *self.table.get(s);
+        if h.flags & FLAG_SUB != 0 {
+            self.end_sub(rules, s, reason, out);
+            return;
+        }
+        let p = h.profile as usize;
+        let rule = &rules.profiles[p];
+        if !rule.subs.is_empty() {
+            self.load(s, false);
+            let base = h.key_len as usize;
+            for i in 0..payload::sub_slots(&rule.layout) {
+                let sub = payload::sub_slot(&self.pay, base, &rule.layout, i);
+                if sub == NIL {
+                    continue;
+                }
+                let sub_reason = if now != NONE_TS && now > self.deadline(rules, sub) {
+                    EndReason::Idle
+                } else if reason == EndReason::EndOfInput {
+                    EndReason::EndOfInput
+                } else {
+                    EndReason::ParentEnded
+                };
+                self.end_sub(rules, sub, sub_reason, out);
+            }
+        }
+        let len = self.load(s, false);
+        let key_len = h.key_len as usize;
+        markers::session_end(out, rule, &rules.fields, &self.pay[..key_len], summary(&h), reason, &self.pay[..len]);
+        self.stats.sessions_ended[reason as usize] += 1;
+        let hash = self.hasher.hash_one((h.profile, &self.pay[..key_len]));
+        self.keybuf.clear();
+        self.keybuf.extend_from_slice(&self.pay[..key_len]);
+        let key = std::mem::take(&mut self.keybuf);
+        self.chain_remove(h.profile, s, hash, &key);
+        self.keybuf = key;
+        self.release(p, s);
+    }
+
+    /// Evict the session of profile `p` (or any profile) closest to its deadline.
+    fn make_room(&mut self, rules: &Rules, p: usize, now: i64, out: &mut Out) -> bool {
+        let order = std::iter::once(p).chain((0..self.wheels.len()).filter(|&q| q != p));
+        for q in order {
+            let mut victim = None;
+            for _ in 0..EVICT_SCAN_MAX {
+                let Some(v) = self.wheels[q].earliest(self.table.heads()) else { break };
+                // The bucket may be stale (lazy re-linking): re-link to the true deadline and
+                // accept the candidate once it stays the earliest.
+                let due = due_s(self.deadline(rules, v));
+                self.wheels[q].relink(self.table.heads_mut(), v, due);
+                victim = Some(v);
+                if self.wheels[q].earliest(self.table.heads()) == Some(v) {
+                    break;
+                }
+            }
+            if let Some(v) = victim {
+                self.stats.evictions += 1;
+                let vclock = self.profile_clock(&rules.profiles[q], q, Clock::Replay).max(now);
+                self.end_session(rules, v, EndReason::Evicted, vclock, out);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Drain profile `p`'s wheel up to its clock: end what is due, re-link what is not.
+    fn expire(&mut self, rules: &Rules, p: usize, clock: Clock, out: &mut Out) {
+        let rule = &rules.profiles[p];
+        let now = self.profile_clock(rule, p, clock);
+        if now == NONE_TS {
+            return;
+        }
+        let mut s = self.wheels[p].drain_until(self.table.heads_mut(), now.div_euclid(1000));
+        self.expired.clear();
+        while s != NIL {
+            self.expired.push(s);
+            s = Wheel::next_detached(self.table.heads(), s);
+        }
+        for i in 0..self.expired.len() {
+            let s = self.expired[i];
+            // Ending a parent ends its sub-sessions, which may be later in this list.
+            if !self.table.is_live(s) || self.wheels[p].is_linked(self.table.heads(), s) {
+                continue;
+            }
+            let deadline = self.deadline(rules, s);
+            if now > deadline {
+                let h = self.table.get(s);
+                let reason = if h.flags & FLAG_SUB != 0 {
+                    EndReason::Idle
+                } else {
+                    self.due_reason(rule, s, now).unwrap_or(EndReason::Idle)
+                };
+                self.end_session(rules, s, reason, now, out);
+            } else {
+                self.wheels[p].link(self.table.heads_mut(), s, due_s(deadline));
+            }
+        }
+    }
+}
+
+/// The wheel second at which a deadline has certainly passed (fires when clock >= due * 1000).
+fn due_s(deadline_ms: i64) -> i64 {
+    deadline_ms.div_euclid(1000) + 1
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,496 @@
+//! Profiles compiled once at load: every field path any rule reads is interned into one field
+//! table (so the decoder extracts each at most once per event), predicates are flattened into an
+//! array of nodes evaluated without allocation, and each profile's session payload layout
+//! (where its key, counters, aggregates and captured values live) is fixed here.
+//!
+//! `Rules` is immutable and shared by all shards; a reload compiles a new one and swaps it in.
+
+use crate::config::{
+    AggregateOp, Config, ConfigError, PredicateSpec, TimeMode, TsFormat, FIELDS_MAX,
+};
+use crate::decode::{Event, Field, FieldId, FieldTable};
+
+/// Index of a profile in `Rules::profiles`; sub-session rules live in `Rules::subs`.
+pub type ProfileId = u8;
+pub type PredId = u32;
+
+#[derive(Debug, Clone)]
+enum Lit {
+    Str(Box<[u8]>),
+    Num(f64),
+    Bool(bool),
+}
+
+impl Lit {
+    fn matches(&self, f: &Field<'_>) -> bool {
+        match (self, f) {
+            (Lit::Str(s), Field::String { text, .. }) => **s == **text,
+            (Lit::Num(n), Field::Number(_)) => f.as_f64() == Some(*n),
+            (Lit::Bool(b), Field::Bool(v)) => b == v,
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum CmpOp {
+    Gt,
+    Ge,
+    Lt,
+    Le,
+}
+
+#[derive(Debug, Clone)]
+enum Node {
+    Eq(FieldId, Lit),
+    Ne(FieldId, Lit),
+    /// Literals `lits[start..end]`.
+    In(FieldId, u32, u32),
+    Exists(FieldId, bool),
+    Cmp(FieldId, CmpOp, f64),
+    Prefix(FieldId, Box<[u8]>),
+    /// Children `kids[start..end]`.
+    All(u32, u32),
+    Any(u32, u32),
+    Not(PredId),
+}
+
+#[derive(Debug, Clone)]
+pub struct Counter {
+    pub name: String,
+    pub when: Option<PredId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Aggregate {
+    pub name: String,
+    pub field: FieldId,
+    pub op: AggregateOp,
+    pub when: Option<PredId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListRule {
+    pub name: String,
+    pub field: FieldId,
+    pub max_len: u8,
+    pub unique: bool,
+    pub when: Option<PredId>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SubRule {
+    pub name: String,
+    pub key: Option<FieldId>,
+    pub starts_when: Option<PredId>,
+    pub ends_when: Option<PredId>,
+    pub idle_timeout_ms: i64,
+    pub counters: Vec<Counter>,
+    /// Record profile id of this sub-session kind (after all top-level profiles).
+    pub record_profile: ProfileId,
+}
+
+/// Byte offsets inside a session payload, after the key bytes (key length varies per session).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Layout {
+    pub counters_off: usize,
+    pub aggregates_off: usize,
+    pub split_off: usize,
+    pub subs_off: usize,
+    /// u16 length of the variable area (captured values and lists), then the area itself.
+    pub var_len_off: usize,
+    pub fixed_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProfileRule {
+    pub name: String,
+    pub match_: Option<PredId>,
+    pub key: FieldId,
+    pub time: TimeMode,
+    pub timestamp: Option<(FieldId, TsFormat)>,
+    pub allowed_lateness_ms: i64,
+    pub idle_timeout_ms: i64,
+    pub max_duration_ms: Option<i64>,
+    pub starts_when: Option<PredId>,
+    pub ends_when: Option<PredId>,
+    pub split_on_change: Vec<FieldId>,
+    pub metadata: Vec<FieldId>,
+    pub state: Vec<FieldId>,
+    pub counters: Vec<Counter>,
+    pub aggregates: Vec<Aggregate>,
+    pub lists: Vec<ListRule>,
+    pub subs: Vec<SubRule>,
+    pub layout: Layout,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub fields: Vec<String>,
+    pub profiles: Vec<ProfileRule>,
+    nodes: Vec<Node>,
+    kids: Vec<PredId>,
+    lits: Vec<Lit>,
+    /// Sub-session slots reserved per session payload (for profiles with sub-sessions).
+    pub subs_per_session_max: u32,
+    pub key_bytes_max: u32,
+    pub value_bytes_max: u32,
+}
+
+impl Rules {
+    pub fn compile(cfg: &Config) -> Result<Rules, ConfigError> {
+        let mut c = Compiler {
+            rules: Rules {
+                fields: Vec::new(),
+                profiles: Vec::new(),
+                nodes: Vec::new(),
+                kids: Vec::new(),
+                lits: Vec::new(),
+                subs_per_session_max: cfg.limits.sub_sessions_per_session_max,
+                key_bytes_max: cfg.limits.key_bytes_max,
+                value_bytes_max: cfg.limits.value_bytes_max,
+            },
+        };
+        let top = cfg.profiles.len();
+        let mut next_sub_id = top;
+        for (i, p) in cfg.profiles.iter().enumerate() {
+            let at = |k: &str| format!("profile[{i}] ({}).{k}", p.name);
+            if p.time == TimeMode::Event && !p.sub_sessions.is_empty() {
+                return Err(ConfigError {
+                    key: at("sub_session"),
+                    message: "sub-sessions are supported on processing-time profiles only; move them to a profile with time = \"processing\"".into(),
+                });
+            }
+            let match_ = c.opt_pred(&at("match"), p.match_.as_ref())?;
+            let key = c.field(&at("key"), &p.key)?;
+            let timestamp = match &p.timestamp {
+                Some(t) => Some((c.field(&at("timestamp.field"), &t.field)?, t.format)),
+                None => None,
+            };
+            let starts_when = c.opt_pred(&at("starts_when"), p.starts_when.as_ref())?;
+            let ends_when = c.opt_pred(&at("ends_when"), p.ends_when.as_ref())?;
+            let split_on_change = c.fields(&at("split_on_change"), &p.split_on_change)?;
+            let metadata = c.fields(&at("metadata"), &p.metadata)?;
+            let state = c.fields(&at("state"), &p.state)?;
+            let counters = c.counters(&at("counter"), &p.counters)?;
+            let mut aggregates = Vec::new();
+            for a in &p.aggregates {
+                aggregates.push(Aggregate {
+                    name: a.name.clone(),
+                    field: c.field(&at("aggregate.field"), &a.field)?,
+                    op: a.op,
+                    when: c.opt_pred(&at("aggregate.when"), a.when.as_ref())?,
+                });
+            }
+            let mut lists = Vec::new();
+            for l in &p.lists {
+                lists.push(ListRule {
+                    name: l.name.clone(),
+                    field: c.field(&at("list.field"), &l.field)?,
+                    max_len: u8::try_from(l.max_len).unwrap_or(u8::MAX),
+                    unique: l.unique,
+                    when: c.opt_pred(&at("list.when"), l.when.as_ref())?,
+                });
+            }
+            let mut subs = Vec::new();
+            for s in &p.sub_sessions {
+                let sat = |k: &str| format!("{}.sub_session ({}).{k}", at(""), s.name);
+                subs.push(SubRule {
+                    name: s.name.clone(),
+                    key: match &s.key {
+                        Some(k) => Some(c.field(&sat("key"), k)?),
+                        None => None,
+                    },
+                    starts_when: c.opt_pred(&sat("starts_when"), s.starts_when.as_ref())?,
+                    ends_when: c.opt_pred(&sat("ends_when"), s.ends_when.as_ref())?,
+                    idle_timeout_ms: s.idle_timeout.unwrap_or(p.idle_timeout).as_ms(),
+                    counters: c.counters(&sat("counter"), &s.counters)?,
+                    record_profile: next_sub_id as ProfileId,
+                });
+                next_sub_id += 1;
+            }
+            for (kind, names) in [
+                ("counter", counters.iter().map(|x| &x.name).collect::<Vec<_>>()),
+                ("aggregate", aggregates.iter().map(|x| &x.name).collect()),
+                ("list", lists.iter().map(|x| &x.name).collect()),
+                ("sub_session", subs.iter().map(|x| &x.name).collect()),
+            ] {
+                let mut sorted = names.clone();
+                sorted.sort();
+                if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(ConfigError {
+                        key: at(&format!("{kind}.name")),
+                        message: format!("`{}` is used twice in this profile; names must be unique", w[0]),
+                    });
+                }
+            }
+            let layout = layout_for(
+                counters.len(),
+                aggregates.len(),
+                split_on_change.len(),
+                if subs.is_empty() { 0 } else { cfg.limits.sub_sessions_per_session_max as usize },
+            );
+            c.rules.profiles.push(ProfileRule {
+                name: p.name.clone(),
+                match_,
+                key,
+                time: p.time,
+                timestamp,
+                allowed_lateness_ms: p.allowed_lateness.map(|d| d.as_ms()).unwrap_or(0),
+                idle_timeout_ms: p.idle_timeout.as_ms(),
+                max_duration_ms: p.max_duration.map(|d| d.as_ms()),
+                starts_when,
+                ends_when,
+                split_on_change,
+                metadata,
+                state,
+                counters,
+                aggregates,
+                lists,
+                subs,
+                layout,
+            });
+        }
+        Ok(c.rules)
+    }
+
+    pub fn field_table(&self) -> FieldTable {
+        FieldTable::new(&self.fields).expect("field paths were validated at compile time")
+    }
+
+    /// Profiles whose `match` accepts the event, in configuration order.
+    pub fn matching<'r, 'e: 'r>(&'r self, ev: &Event<'e>) -> impl Iterator<Item = ProfileId> + 'r {
+        let ev = *ev;
+        self.profiles.iter().enumerate().filter_map(move |(i, p)| match p.match_ {
+            None => Some(i as ProfileId),
+            Some(m) if self.eval(m, &ev) => Some(i as ProfileId),
+            Some(_) => None,
+        })
+    }
+
+    pub fn eval(&self, id: PredId, ev: &Event<'_>) -> bool {
+        match &self.nodes[id as usize] {
+            Node::Eq(f, lit) => lit.matches(&ev.get(*f)),
+            Node::Ne(f, lit) => !lit.matches(&ev.get(*f)),
+            Node::In(f, a, b) => {
+                let v = ev.get(*f);
+                self.lits[*a as usize..*b as usize].iter().any(|l| l.matches(&v))
+            }
+            Node::Exists(f, want) => !ev.get(*f).is_missing() == *want,
+            Node::Cmp(f, op, x) => match ev.get(*f).as_f64() {
+                None => false,
+                Some(v) => match op {
+                    CmpOp::Gt => v > *x,
+                    CmpOp::Ge => v >= *x,
+                    CmpOp::Lt => v < *x,
+                    CmpOp::Le => v <= *x,
+                },
+            },
+            Node::Prefix(f, p) => match ev.get(*f) {
+                Field::String { text, .. } => text.starts_with(p),
+                _ => false,
+            },
+            Node::All(a, b) => self.kids[*a as usize..*b as usize].iter().all(|&k| self.eval(k, ev)),
+            Node::Any(a, b) => self.kids[*a as usize..*b as usize].iter().any(|&k| self.eval(k, ev)),
+            Node::Not(k) => !self.eval(*k, ev),
+        }
+    }
+
+    pub fn eval_opt(&self, id: Option<PredId>, ev: &Event<'_>) -> bool {
+        id.is_some_and(|p| self.eval(p, ev))
+    }
+
+    /// Every profile id (top-level and sub-session) -> its display name.
+    pub fn record_profile_count(&self) -> usize {
+        self.profiles.len() + self.profiles.iter().map(|p| p.subs.len()).sum::<usize>()
+    }
+}
+
+/// Event timestamp in epoch milliseconds, or None when missing, of the wrong type or out of range.
+pub fn timestamp_ms(f: Field<'_>, format: TsFormat) -> Option<i64> {
+    const MS_MAX: f64 = 253_402_300_799_999.0; // 9999-12-31T23:59:59.999Z
+    let scaled = |x: f64, mult: f64| {
+        let ms = (x * mult).floor();
+        (ms.is_finite() && ms >= 0.0 && ms <= MS_MAX).then_some(ms as i64)
+    };
+    match format {
+        TsFormat::EpochMs => match f.as_i64() {
+            Some(v) if (0..=MS_MAX as i64).contains(&v) => Some(v),
+            Some(_) => None,
+            None => scaled(f.as_f64()?, 1.0),
+        },
+        TsFormat::EpochS => scaled(f.as_f64()?, 1000.0),
+        TsFormat::EpochUs => scaled(f.as_f64()?, 0.001),
+        TsFormat::Rfc3339 => match f {
+            Field::String { text, .. } => {
+                let s = std::str::from_utf8(text).ok()?;
+                let t = humantime::parse_rfc3339_weak(s).ok()?;
+                let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+                i64::try_from(ms).ok()
+            }
+            _ => None,
+        },
+    }
+}
+
+pub fn layout_for(counters: usize, aggregates: usize, splits: usize, subs: usize) -> Layout {
+    let counters_off = 0;
+    let aggregates_off = counters_off + 4 * counters;
+    let split_off = aggregates_off + 8 * aggregates;
+    let subs_off = split_off + 8 * splits;
+    let var_len_off = subs_off + 4 * subs;
+    Layout {
+        counters_off,
+        aggregates_off,
+        split_off,
+        subs_off,
+        var_len_off,
+        fixed_bytes: var_len_off + 2,
+    }
+}
+
+struct Compiler {
+    rules: Rules,
+}
+
+impl Compiler {
+    fn field(&mut self, key: &str, path: &str) -> Result<FieldId, ConfigError> {
+        if let Some(i) = self.rules.fields.iter().position(|p| p == path) {
+            return Ok(i as FieldId);
+        }
+        if path.is_empty() || path.split('.').any(|s| s.is_empty()) {
+            return Err(ConfigError {
+                key: key.into(),
+                message: format!("`{path}` is not a field path; write e.g. \"user\" or \"ctx.device.id\""),
+            });
+        }
+        if self.rules.fields.len() >= FIELDS_MAX {
+            return Err(ConfigError {
+                key: key.into(),
+                message: format!("`{path}` would be field number {}; all rules together may read at most {FIELDS_MAX} distinct fields", FIELDS_MAX + 1),
+            });
+        }
+        self.rules.fields.push(path.to_string());
+        Ok((self.rules.fields.len() - 1) as FieldId)
+    }
+
+    fn fields(&mut self, key: &str, paths: &[String]) -> Result<Vec<FieldId>, ConfigError> {
+        paths.iter().map(|p| self.field(key, p)).collect()
+    }
+
+    fn counters(&mut self, key: &str, specs: &[crate::config::CounterSpec]) -> Result<Vec<Counter>, ConfigError> {
+        specs
+            .iter()
+            .map(|s| {
+                Ok(Counter {
+                    name: s.name.clone(),
+                    when: self.opt_pred(&format!("{key}.when"), s.when.as_ref())?,
+                })
+            })
+            .collect()
+    }
+
+    fn opt_pred(&mut self, key: &str, p: Option<&PredicateSpec>) -> Result<Option<PredId>, ConfigError> {
+        p.map(|p| self.pred(key, p, 0)).transpose()
+    }
+
+    fn pred(&mut self, key: &str, p: &PredicateSpec, depth: u32) -> Result<PredId, ConfigError> {
+        let bad = |m: String| ConfigError {
+            key: key.into(),
+            message: m,
+        };
+        if depth > 16 {
+            return Err(bad("predicates nest deeper than 16 levels".into()));
+        }
+        let ops = [
+            p.eq.is_some(),
+            p.ne.is_some(),
+            p.in_.is_some(),
+            p.exists.is_some(),
+            p.gt.is_some(),
+            p.ge.is_some(),
+            p.lt.is_some(),
+            p.le.is_some(),
+            p.prefix.is_some(),
+            p.all.is_some(),
+            p.any.is_some(),
+            p.not.is_some(),
+        ]
+        .iter()
+        .filter(|&&b| b)
+        .count();
+        if ops != 1 {
+            return Err(bad(format!(
+                "{ops} operators in one predicate; write exactly one of eq, ne, in, exists, gt, ge, lt, le, prefix, all, any, not (combine with all = [..])"
+            )));
+        }
+        let combinator = p.all.is_some() || p.any.is_some() || p.not.is_some();
+        let field = match (&p.field, combinator) {
+            (Some(_), true) => return Err(bad("`field` is not allowed beside all/any/not; put it in the inner predicates".into())),
+            (None, false) => return Err(bad("missing `field`; e.g. { field = \"type\", eq = \"click\" }".into())),
+            (Some(f), false) => Some(self.field(key, f)?),
+            (None, true) => None,
+        };
+        let node = if let Some(list) = p.all.as_ref().or(p.any.as_ref()) {
+            if list.is_empty() {
+                return Err(bad("an empty all/any list; give it at least one predicate".into()));
+            }
+            let ids = list
+                .iter()
+                .map(|q| self.pred(key, q, depth + 1))
+                .collect::<Result<Vec<_>, _>>()?;
+            let a = self.rules.kids.len() as u32;
+            self.rules.kids.extend(ids);
+            let b = self.rules.kids.len() as u32;
+            if p.all.is_some() {
+                Node::All(a, b)
+            } else {
+                Node::Any(a, b)
+            }
+        } else if let Some(q) = &p.not {
+            Node::Not(self.pred(key, q, depth + 1)?)
+        } else {
+            let f = field.expect("leaf predicates have a field");
+            if let Some(v) = &p.eq {
+                Node::Eq(f, lit(key, v)?)
+            } else if let Some(v) = &p.ne {
+                Node::Ne(f, lit(key, v)?)
+            } else if let Some(vs) = &p.in_ {
+                let a = self.rules.lits.len() as u32;
+                for v in vs {
+                    let l = lit(key, v)?;
+                    self.rules.lits.push(l);
+                }
+                Node::In(f, a, self.rules.lits.len() as u32)
+            } else if let Some(e) = p.exists {
+                Node::Exists(f, e)
+            } else if let Some(x) = p.gt {
+                Node::Cmp(f, CmpOp::Gt, x)
+            } else if let Some(x) = p.ge {
+                Node::Cmp(f, CmpOp::Ge, x)
+            } else if let Some(x) = p.lt {
+                Node::Cmp(f, CmpOp::Lt, x)
+            } else if let Some(x) = p.le {
+                Node::Cmp(f, CmpOp::Le, x)
+            } else {
+                let pre = p.prefix.as_ref().expect("one operator is set");
+                Node::Prefix(f, pre.as_bytes().into())
+            }
+        };
+        self.rules.nodes.push(node);
+        Ok((self.rules.nodes.len() - 1) as PredId)
+    }
+}
+
+fn lit(key: &str, v: &toml::Value) -> Result<Lit, ConfigError> {
+    match v {
+        toml::Value::String(s) => Ok(Lit::Str(s.as_bytes().into())),
+        toml::Value::Integer(i) => Ok(Lit::Num(*i as f64)),
+        toml::Value::Float(f) => Ok(Lit::Num(*f)),
+        toml::Value::Boolean(b) => Ok(Lit::Bool(*b)),
+        other => Err(ConfigError {
+            key: key.into(),
+            message: format!("literal {other} must be a string, number or boolean"),
+        }),
+    }
+}

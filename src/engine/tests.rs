@@ -1,0 +1,201 @@
+//! Deterministic examples of the engine's contract (docs/semantics.md); the exhaustive check
+//! against a reference model is `tests/model.rs`.
+
+use super::*;
+use crate::config::Config;
+use crate::decode::Decoder;
+
+struct Rig {
+    engine: Engine,
+    dec: Decoder,
+    out: Out,
+}
+
+impl Rig {
+    fn new(profiles: &str) -> Rig {
+        let cfg = Config::from_toml(&format!("[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{profiles}")).unwrap();
+        let rules = Arc::new(Rules::compile(&cfg).unwrap());
+        let dec = Decoder::new(rules.field_table(), 32, 65536);
+        Rig {
+            engine: Engine::new(rules, &cfg, 0, None).unwrap(),
+            dec,
+            out: Out::with_capacity(1 << 16, 1024),
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        let ev = self.dec.decode(line.as_bytes()).unwrap();
+        let ps: Vec<_> = self.engine.rules().matching(&ev).collect();
+        for p in ps {
+            self.engine.on_event(p, &ev, Clock::Replay, &mut self.out);
+        }
+    }
+
+    fn records(&mut self) -> Vec<serde_json::Value> {
+        let v = self.out.iter().map(|(_, l)| serde_json::from_slice(l).unwrap()).collect();
+        self.out.clear();
+        v
+    }
+
+    fn ends(recs: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+        recs.iter().filter(|r| r["kind"] == "session_end").collect()
+    }
+}
+
+const WEB: &str = r#"
+[[profile]]
+name = "web"
+key = "user"
+timestamp = { field = "ts" }
+idle_timeout = "10s"
+ends_when = { field = "type", eq = "logout" }
+metadata = ["ip"]
+state = ["page"]
+[[profile.counter]]
+name = "clicks"
+when = { field = "type", eq = "click" }
+[[profile.aggregate]]
+name = "spent"
+field = "price"
+op = "sum"
+[[profile.list]]
+name = "pages"
+field = "page"
+max_len = 2
+unique = true
+"#;
+
+#[test]
+fn boundary_event_exactly_idle_later_stays_one_ms_more_splits() {
+    let mut r = Rig::new(WEB);
+    r.send(r#"{"user":"a","ts":1000}"#);
+    r.send(r#"{"user":"a","ts":11000}"#);
+    r.send(r#"{"user":"a","ts":21001}"#);
+    r.engine.finish(&mut r.out);
+    let recs = r.records();
+    let ends = Rig::ends(&recs);
+    assert_eq!(ends.len(), 2, "{recs:#?}");
+    assert_eq!(ends[0]["count"], 2);
+    assert_eq!(ends[0]["reason"], "idle");
+    assert_eq!(ends[1]["count"], 1);
+    assert_eq!(ends[1]["reason"], "end_of_input");
+}
+
+#[test]
+fn enriched_events_markers_and_statistics() {
+    let mut r = Rig::new(WEB);
+    r.send(r#"{"user":"a","ts":1000,"ip":"1.1.1.1","type":"click","page":"/a","price":2.5}"#);
+    r.send(r#"{"user":"a","ts":2000,"ip":"2.2.2.2","type":"view","page":"/b","price":1}"#);
+    r.send(r#"{"user":"a","ts":3000,"type":"click","page":"/a"}"#);
+    r.send(r#"{"user":"a","ts":4000,"type":"logout","page":"/c"}"#);
+    let recs = r.records();
+    assert_eq!(recs[0]["kind"], "session_start");
+    assert_eq!(recs[0]["metadata"]["ip"], "1.1.1.1");
+    let id = recs[0]["session_id"].clone();
+    assert_eq!(recs[1]["_session"]["id"], id);
+    assert_eq!(recs[1]["_session"]["seq"], 1);
+    assert_eq!(recs[1]["price"], 2.5, "original members survive");
+    let end = Rig::ends(&recs)[0];
+    assert_eq!(end["reason"], "ends_when");
+    assert_eq!(end["count"], 4);
+    assert_eq!(end["session_id"], id);
+    assert_eq!(end["metadata"]["ip"], "1.1.1.1");
+    assert_eq!(end["state"]["page"], "/c");
+    assert_eq!(end["counters"]["clicks"], 2);
+    assert_eq!(end["aggregates"]["spent"], 3.5);
+    assert_eq!(end["lists"]["pages"], serde_json::json!(["/a", "/b"]));
+    assert_eq!(end["duration_ms"], 3000);
+    assert_eq!(r.engine.live_sessions(), 0);
+}
+
+#[test]
+fn event_time_merges_out_of_order_islands_and_reports_late_events() {
+    let mut r = Rig::new(
+        r#"
+[[profile]]
+name = "iot"
+key = "dev"
+time = "event"
+timestamp = { field = "ts", format = "epoch_s" }
+allowed_lateness = "60s"
+idle_timeout = "10s"
+"#,
+    );
+    r.send(r#"{"dev":"d","ts":100}"#);
+    r.send(r#"{"dev":"d","ts":118}"#);
+    r.send(r#"{"dev":"d","ts":109}"#);
+    let recs = r.records();
+    let merged: Vec<_> = recs.iter().filter(|x| x["kind"] == "session_merged").collect();
+    assert_eq!(merged.len(), 1, "{recs:#?}");
+    assert_eq!(merged[0]["session_id"], recs[0]["session_id"], "the earlier session survives");
+    r.send(r#"{"dev":"d","ts":300}"#);
+    r.send(r#"{"dev":"d","ts":200}"#);
+    r.engine.advance(Clock::Replay, &mut r.out);
+    let recs = r.records();
+    assert!(recs.iter().any(|x| x["kind"] == "late_event" && x["ts"] == 200_000), "{recs:#?}");
+    let ends = Rig::ends(&recs);
+    assert_eq!(ends.len(), 1, "watermark 240s closes the first session: {recs:#?}");
+    assert_eq!(ends[0]["count"], 3);
+    assert_eq!(ends[0]["start_ts"], 100_000);
+    assert_eq!(ends[0]["last_ts"], 118_000);
+}
+
+#[test]
+fn sub_sessions_end_before_their_parent() {
+    let mut r = Rig::new(
+        r#"
+[[profile]]
+name = "shop"
+key = "user"
+timestamp = { field = "ts" }
+idle_timeout = "30s"
+[[profile.sub_session]]
+name = "checkout"
+starts_when = { field = "type", eq = "cart" }
+ends_when = { field = "type", eq = "buy" }
+idle_timeout = "10s"
+[[profile.sub_session.counter]]
+name = "steps"
+"#,
+    );
+    r.send(r#"{"user":"u","ts":1000,"type":"view"}"#);
+    r.send(r#"{"user":"u","ts":2000,"type":"cart"}"#);
+    r.send(r#"{"user":"u","ts":3000,"type":"pay"}"#);
+    r.send(r#"{"user":"u","ts":4000,"type":"buy"}"#);
+    r.send(r#"{"user":"u","ts":5000,"type":"cart"}"#);
+    r.engine.finish(&mut r.out);
+    let recs = r.records();
+    let kinds: Vec<_> = recs.iter().map(|x| x["kind"].as_str().unwrap_or("event")).collect();
+    let subs_end: Vec<_> = recs.iter().filter(|x| x["kind"] == "sub_session_end").collect();
+    assert_eq!(subs_end.len(), 2, "{kinds:?}");
+    assert_eq!(subs_end[0]["reason"], "ends_when");
+    assert_eq!(subs_end[0]["count"], 3);
+    assert_eq!(subs_end[0]["counters"]["steps"], 3);
+    assert_eq!(subs_end[1]["reason"], "end_of_input");
+    let parent_end = recs.iter().position(|x| x["kind"] == "session_end").unwrap();
+    let last_sub_end = recs.iter().rposition(|x| x["kind"] == "sub_session_end").unwrap();
+    assert!(last_sub_end < parent_end);
+    assert_eq!(subs_end[1]["parent_session_id"], recs[parent_end]["session_id"]);
+}
+
+#[test]
+fn full_table_evicts_the_session_closest_to_its_deadline() {
+    let cfg = Config::from_toml(
+        "[memory]\narena_bytes = \"64KiB\"\nmax_sessions = 2\n[[profile]]\nname = \"w\"\nkey = \"k\"\ntimestamp = { field = \"ts\" }\nidle_timeout = \"10s\"\n",
+    )
+    .unwrap();
+    let rules = Arc::new(Rules::compile(&cfg).unwrap());
+    let mut dec = Decoder::new(rules.field_table(), 32, 1024);
+    let mut engine = Engine::new(rules, &cfg, 0, None).unwrap();
+    let mut out = Out::with_capacity(4096, 64);
+    for line in [r#"{"k":"a","ts":1000}"#, r#"{"k":"b","ts":2000}"#, r#"{"k":"a","ts":3000}"#, r#"{"k":"c","ts":4000}"#] {
+        let ev = dec.decode(line.as_bytes()).unwrap();
+        engine.on_event(0, &ev, Clock::Replay, &mut out);
+    }
+    let recs: Vec<serde_json::Value> = out.iter().map(|(_, l)| serde_json::from_slice(l).unwrap()).collect();
+    let ends: Vec<_> = recs.iter().filter(|x| x["kind"] == "session_end").collect();
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0]["key"], "b", "b expires first");
+    assert_eq!(ends[0]["reason"], "evicted");
+    assert_eq!(engine.live_sessions(), 2);
+}

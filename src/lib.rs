@@ -1,0 +1,11 @@
+//! sessionizer: a thread-per-core appliance that turns raw event streams into sessions.
+//!
+//! `engine` is the pure core (no sockets, threads or wall clock); `decode` extracts the fields
+//! the rules need from a JSON line without building a tree; everything else wires them to the
+//! network, the disk and the operator.
+
+pub mod config;
+pub mod decode;
+pub mod engine;
+pub mod netfilter;
+pub mod output;

@@ -1,0 +1,158 @@
+//! Per-shard counters. Each shard counts into a plain [`LocalCounters`] it owns (no atomics, no
+//! sharing on the data path) and publishes a copy into its slot of the process-wide
+//! `Arc<[ShardCounters]>` about once a second (and once more at shutdown). Readers (the metrics
+//! exporter, the shutdown log) only ever see published values.
+//!
+//! Every counter is a monotonically increasing `u64` except the gauges marked as such.
+
+use crate::decode::DecodeError;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Number of decode error kinds; `decode_errors[i]` counts `DecodeError::ALL[i]`.
+pub const DECODE_ERRORS: usize = DecodeError::ALL.len();
+
+macro_rules! counters {
+    ($( $(#[$meta:meta])* $name:ident ),* $(,)?) => {
+        /// A shard's own counters, updated on the data path without synchronisation.
+        #[derive(Debug, Default, Clone, PartialEq, Eq)]
+        pub struct LocalCounters {
+            $( $(#[$meta])* pub $name: u64, )*
+            /// Undecodable lines by kind, indexed like `DecodeError::ALL`.
+            pub decode_errors: [u64; DECODE_ERRORS],
+        }
+
+        /// The published copy of one shard's counters.
+        #[derive(Debug, Default)]
+        pub struct ShardCounters {
+            $( pub $name: AtomicU64, )*
+            pub decode_errors: [AtomicU64; DECODE_ERRORS],
+        }
+
+        impl LocalCounters {
+            /// Static metric names, in the order of [`LocalCounters::values`].
+            pub const NAMES: &'static [&'static str] = &[$( stringify!($name), )*];
+
+            pub fn values(&self) -> Vec<u64> {
+                vec![$( self.$name, )*]
+            }
+
+            pub fn publish(&self, to: &ShardCounters) {
+                $( to.$name.store(self.$name, Relaxed); )*
+                for (a, v) in to.decode_errors.iter().zip(self.decode_errors.iter()) {
+                    a.store(*v, Relaxed);
+                }
+            }
+        }
+
+        impl ShardCounters {
+            pub fn load(&self) -> LocalCounters {
+                let mut c = LocalCounters {
+                    $( $name: self.$name.load(Relaxed), )*
+                    decode_errors: [0; DECODE_ERRORS],
+                };
+                for (v, a) in c.decode_errors.iter_mut().zip(self.decode_errors.iter()) {
+                    *v = a.load(Relaxed);
+                }
+                c
+            }
+        }
+    };
+}
+
+counters! {
+    /// Lines received on UDP listeners (empty lines excluded).
+    udp_events,
+    /// Lines received on TCP connections (empty lines excluded).
+    tcp_events,
+    /// Events this shard handed to another shard (one per (event, owner shard) pair).
+    handoff_events_out,
+    /// Events other shards handed to this one.
+    handoff_events_in,
+    handoff_batches_out,
+    handoff_batches_in,
+    /// Events in batches that could not be delivered because the receiving shard was gone
+    /// (only possible during a shutdown that hit its deadline).
+    handoff_events_lost,
+    /// Times a sender found every hand-off buffer to a peer in flight and had to wait.
+    handoff_stalls,
+    udp_datagrams,
+    udp_bytes,
+    /// Datagrams refused by the listener's allowlist.
+    udp_refused,
+    /// Datagrams longer than `limits.datagram_bytes_max` (dead-lettered `datagram_too_long`).
+    udp_too_long,
+    /// Kernel receive-queue drops on this shard's UDP sockets (from `SO_RXQ_OVFL`).
+    udp_drops,
+    /// Datagrams carrying the `SZH1` steering header.
+    udp_steered,
+    /// Steered datagrams with at least one event that still needed a hand-off (should be 0).
+    udp_steered_handoff,
+    /// Steered datagrams whose header hash names another shard (steering program missing?).
+    udp_missteered,
+    tcp_bytes,
+    tcp_accepted,
+    /// Connections over this shard's share of `limits.tcp_connections_max`: accepted and closed.
+    tcp_over_limit,
+    /// Connections refused by the listener's allowlist.
+    tcp_refused,
+    /// Connections closed after `limits.tcp_idle_timeout` without data.
+    tcp_idle_closed,
+    /// Gauge: connections open on this shard.
+    tcp_open,
+    /// Lines longer than `limits.line_bytes_max` (dead-lettered `line_too_long`).
+    lines_too_long,
+    /// Events no profile matched (passed through).
+    passthrough,
+    /// Events dead-lettered by routing (`missing_key`, `key_too_long`).
+    route_dead_letters,
+    /// Socket errors other than would-block (receive, accept).
+    io_errors,
+    /// Times a `block` sink was full and this shard stopped reading.
+    output_blocked,
+}
+
+impl LocalCounters {
+    pub fn count_decode_error(&mut self, e: DecodeError) {
+        let i = DecodeError::ALL
+            .iter()
+            .position(|k| *k == e)
+            .expect("DecodeError::ALL lists every kind");
+        self.decode_errors[i] += 1;
+    }
+
+    /// One JSON object with every counter (decode errors by label), for logs and tests.
+    pub fn to_json(&self, shard: u32) -> String {
+        let mut m = serde_json::Map::new();
+        m.insert("shard".into(), shard.into());
+        for (name, v) in Self::NAMES.iter().zip(self.values()) {
+            m.insert((*name).into(), v.into());
+        }
+        let mut errs = serde_json::Map::new();
+        for (k, v) in DecodeError::ALL.iter().zip(self.decode_errors.iter()) {
+            errs.insert(k.label().into(), (*v).into());
+        }
+        m.insert("decode_errors".into(), errs.into());
+        serde_json::Value::Object(m).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_then_load_round_trips() {
+        let mut c = LocalCounters {
+            udp_events: 3,
+            handoff_events_out: 7,
+            ..Default::default()
+        };
+        c.count_decode_error(DecodeError::Syntax);
+        let shared = ShardCounters::default();
+        c.publish(&shared);
+        assert_eq!(shared.load(), c);
+        let j: serde_json::Value = serde_json::from_str(&c.to_json(1)).unwrap();
+        assert_eq!(j["handoff_events_out"], 7);
+        assert_eq!(j["decode_errors"]["invalid_json"], 1);
+    }
+}

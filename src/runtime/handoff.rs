@@ -1,0 +1,264 @@
+//! Cross-core hand-off of events to the shard that owns their session key.
+//!
+//! Per (from, to) shard pair there is one bounded data queue of [`Batch`]es and one return queue
+//! that brings the emptied buffers back, so after warm-up no batch is allocated: a pair owns at
+//! most `limits.handoff_queue_batches + 2` buffers of `limits.handoff_batch_bytes`, created on
+//! first need. A batch holds whole event lines (each ending in '\n'), at most
+//! `limits.handoff_batch_events` of them; it is queued when full and at the end of every receive
+//! round.
+//!
+//! Queues. The data queue is a glommio `shared_channel` (bounded SPSC ring; a send to a full
+//! queue parks the sending task until the receiver makes room, and a receive on an empty queue
+//! parks the receiving executor until the sender pushes, with a cross-core wake-up through the
+//! receiver's eventfd). The return queue is a `crossbeam_channel::bounded` polled with `try_recv`
+//! from the synchronous data path: nobody ever waits on it except a sender whose every buffer is
+//! in flight, which is backpressure, not the steady state, and then backs off in 100 µs steps.
+//!
+//! Measured on this 2-core VM (release, `tests/appliance.rs` is not the bench;
+//! `cargo test --release --lib runtime::handoff::bench -- --ignored --nocapture`), 256 events of
+//! 150 B per batch, one producer core and one consumer core, consumer touching every byte:
+//! glommio shared_channel + recycled buffers (this design): see `bench` below for the numbers
+//! printed on the day; crossbeam `ArrayQueue` polled every 50 µs by a glommio timer gave similar
+//! throughput but costs an idle core 20k timer wake-ups a second and adds up to the poll period of
+//! latency, so the parked-wake-up channel wins.
+//!
+//! Ordering. Batches to one peer are queued and sent in FIFO order under a per-peer send lock,
+//! so events of one key from one connection reach the owner in the order they arrived.
+
+use std::collections::VecDeque;
+
+/// One hand-off batch: event lines, each terminated by '\n'.
+pub struct Batch {
+    pub buf: Vec<u8>,
+    pub events: u32,
+}
+
+impl Batch {
+    fn with_capacity(bytes: usize) -> Batch {
+        Batch {
+            buf: Vec::with_capacity(bytes),
+            events: 0,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.events = 0;
+    }
+}
+
+/// The sender's side of one peer.
+struct Dest {
+    /// The batch being filled.
+    cur: Option<Batch>,
+    /// Empty buffers ready for reuse.
+    free: Vec<Batch>,
+    /// Filled batches waiting for the send lock, oldest first.
+    ready: VecDeque<Batch>,
+    /// Buffers created so far for this pair (at most `pool_max`).
+    created: u32,
+    /// Emptied buffers coming back from the peer.
+    returns: Option<crossbeam_channel::Receiver<Batch>>,
+}
+
+/// All outgoing hand-off state of one shard. Lives inside the shard's `RefCell`; the async send
+/// side (`runtime::shard::send_ready`) pops from `ready` and never holds a borrow across an await.
+pub struct HandoffOut {
+    me: u32,
+    dests: Vec<Dest>,
+    batch_events_max: u32,
+    batch_bytes_max: usize,
+    pool_max: u32,
+    /// Bit per peer with a non-empty `ready` queue.
+    pub ready_mask: u64,
+}
+
+impl HandoffOut {
+    pub fn new(
+        me: u32,
+        returns: Vec<Option<crossbeam_channel::Receiver<Batch>>>,
+        batch_events_max: u32,
+        batch_bytes_max: usize,
+        queue_batches: u32,
+    ) -> HandoffOut {
+        assert!(returns.len() <= 64, "a shard mask is a u64");
+        assert!(batch_events_max >= 1 && batch_bytes_max >= 1 && queue_batches >= 1);
+        let pool_max = queue_batches + 2;
+        let dests = returns
+            .into_iter()
+            .map(|r| Dest {
+                cur: None,
+                free: Vec::with_capacity(pool_max as usize),
+                ready: VecDeque::with_capacity(pool_max as usize),
+                created: 0,
+                returns: r,
+            })
+            .collect();
+        HandoffOut {
+            me,
+            dests,
+            batch_events_max,
+            batch_bytes_max,
+            pool_max,
+            ready_mask: 0,
+        }
+    }
+
+    pub fn pool_max(&self) -> u32 {
+        self.pool_max
+    }
+
+    /// Make sure every peer in `mask` has a current batch with room for a `len`-byte line.
+    /// False when some peer has every buffer in flight: the caller must send ready batches and
+    /// retry (nothing was consumed).
+    pub fn reserve(&mut self, mask: u64, len: usize) -> bool {
+        let mut m = mask;
+        while m != 0 {
+            let o = m.trailing_zeros() as usize;
+            m &= m - 1;
+            debug_assert_ne!(o as u32, self.me);
+            let d = &mut self.dests[o];
+            if let Some(b) = &d.cur {
+                if b.buf.len() + len <= self.batch_bytes_max {
+                    continue;
+                }
+                let full = d.cur.take().expect("checked above");
+                d.ready.push_back(full);
+                self.ready_mask |= 1 << o;
+            }
+            let fresh = match d.free.pop() {
+                Some(b) => Some(b),
+                None => match d.returns.as_ref().and_then(|r| r.try_recv().ok()) {
+                    Some(mut b) => {
+                        b.clear();
+                        Some(b)
+                    }
+                    None if d.created < self.pool_max => {
+                        d.created += 1;
+                        Some(Batch::with_capacity(self.batch_bytes_max))
+                    }
+                    None => None,
+                },
+            };
+            match fresh {
+                Some(b) => d.cur = Some(b),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Append one event line to peer `o`'s current batch (after a successful `reserve`).
+    pub fn push(&mut self, o: u32, line: &[u8]) {
+        let d = &mut self.dests[o as usize];
+        let b = d.cur.as_mut().expect("reserve() before push()");
+        debug_assert!(b.buf.len() + line.len() < self.batch_bytes_max + 1);
+        b.buf.extend_from_slice(line);
+        b.buf.push(b'\n');
+        b.events += 1;
+        if b.events >= self.batch_events_max {
+            let full = d.cur.take().expect("present");
+            d.ready.push_back(full);
+            self.ready_mask |= 1 << o;
+        }
+    }
+
+    /// End of a receive round: queue every partly filled batch.
+    pub fn seal_all(&mut self) {
+        for (o, d) in self.dests.iter_mut().enumerate() {
+            if d.cur.as_ref().is_some_and(|b| b.events > 0) {
+                let b = d.cur.take().expect("present");
+                d.ready.push_back(b);
+                self.ready_mask |= 1 << o;
+            }
+        }
+    }
+
+    pub fn pop_ready(&mut self, o: u32) -> Option<Batch> {
+        let d = &mut self.dests[o as usize];
+        let b = d.ready.pop_front();
+        if d.ready.is_empty() {
+            self.ready_mask &= !(1u64 << o);
+        }
+        b
+    }
+
+    /// True when nothing is waiting to be sent (current batches may hold events).
+    pub fn nothing_ready(&self) -> bool {
+        self.ready_mask == 0
+    }
+
+    /// Pull returned buffers into the free lists (lets a stalled sender see them).
+    pub fn collect_returns(&mut self) -> bool {
+        let mut any = false;
+        for d in &mut self.dests {
+            if let Some(r) = &d.returns {
+                while let Ok(mut b) = r.try_recv() {
+                    b.clear();
+                    d.free.push(b);
+                    any = true;
+                }
+            }
+        }
+        any
+    }
+}
+
+/// Lines of a batch.
+pub fn batch_lines(b: &Batch) -> impl Iterator<Item = &[u8]> + '_ {
+    let buf = &b.buf[..];
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        if pos >= buf.len() {
+            return None;
+        }
+        let end = memchr::memchr(b'\n', &buf[pos..]).map_or(buf.len(), |i| pos + i);
+        let line = &buf[pos..end];
+        pos = end + 1;
+        Some(line)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_fill_seal_and_recycle() {
+        let (ret_tx, ret_rx) = crossbeam_channel::bounded(8);
+        let mut h = HandoffOut::new(0, vec![None, Some(ret_rx)], 2, 64, 2);
+        assert_eq!(h.pool_max(), 4);
+        for i in 0..8 {
+            assert!(h.reserve(0b10, 10), "event {i}");
+            h.push(1, b"{\"a\":1}");
+        }
+        // 8 events, 2 per batch: 4 batches, all buffers used.
+        assert!(!h.reserve(0b10, 10));
+        let mut got = Vec::new();
+        while let Some(b) = h.pop_ready(1) {
+            assert_eq!(batch_lines(&b).count(), 2);
+            got.push(b);
+        }
+        assert!(h.nothing_ready());
+        for b in got {
+            ret_tx.send(b).unwrap();
+        }
+        assert!(h.reserve(0b10, 10));
+        h.push(1, b"{}");
+        h.seal_all();
+        let b = h.pop_ready(1).unwrap();
+        assert_eq!(b.events, 1);
+        assert_eq!(b.buf, b"{}\n");
+    }
+
+    #[test]
+    fn a_batch_is_sealed_before_it_overflows_its_bytes() {
+        let mut h = HandoffOut::new(1, vec![None, None], 100, 16, 4);
+        assert!(h.reserve(1, 10));
+        h.push(0, b"123456789");
+        assert!(h.reserve(1, 10));
+        assert!(!h.nothing_ready(), "the first batch was sealed to make room");
+        h.push(0, b"123456789");
+        assert_eq!(h.pop_ready(0).unwrap().events, 1);
+    }
+}

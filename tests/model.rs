@@ -1,0 +1,617 @@
+//! The engine's acceptance test: property tests that drive the real engine (one shard,
+//! `Clock::Replay`, the real decoder) with generated event streams and compare every session it
+//! ends with a brute-force reference model of docs/semantics.md (`model/reference.rs`).
+//!
+//! Compared exactly: which events form each session (after `session_merged`), its key, times,
+//! count, counters, aggregates, metadata, state and lists, sub-sessions, and the late set; the end
+//! reason must be one the doc allows (a set only where the doc leaves timing open). The harness
+//! (`model/harness.rs`) checks the structural promises on every run: one start and one end per
+//! id, enriched events inside their session's lifetime, sub-sessions ending before their parent,
+//! the table bound, and `Stats` agreeing with the records.
+//!
+//! A failing case panics with the config and the event lines; proptest then shrinks it, prints
+//! the minimal input, and saves its seed in `tests/model/proptest-regressions.txt`, which later
+//! runs replay first.
+
+#[path = "model/harness.rs"]
+mod harness;
+#[path = "model/reference.rs"]
+mod reference;
+
+use harness::{header, run, Observed};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as PropConfig, FileFailurePersistence};
+use reference::{expected_stats, Ev, RefSession, RefSub, Spec, SubSpec, Time, BASE_MS};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+// ---------------------------------------------------------------------------------------------
+// Generation.
+// ---------------------------------------------------------------------------------------------
+
+/// How far an event lands after the previous event of its key.
+#[derive(Clone, Copy, Debug)]
+enum Gap {
+    Zero,
+    Small,
+    Medium,
+    IdleMinus1,
+    Idle,
+    IdlePlus1,
+    Large,
+    /// Before the latest arrival (processing time only: exercises the monotone replay clock).
+    Back,
+}
+
+/// A generated event before it is laid on a timeline (shrinks well: every part is independent).
+#[derive(Clone, Copy, Debug)]
+struct Raw {
+    key: u8,
+    gap: Gap,
+    jitter: u16,
+    ty: u8,
+    camp: Option<u8>,
+    v: Option<i64>,
+    page: Option<u8>,
+    tab: u8,
+    ip: u8,
+}
+
+fn gap() -> impl Strategy<Value = Gap> {
+    prop_oneof![
+        3 => Just(Gap::Zero),
+        10 => Just(Gap::Small),
+        5 => Just(Gap::Medium),
+        2 => Just(Gap::IdleMinus1),
+        3 => Just(Gap::Idle),
+        3 => Just(Gap::IdlePlus1),
+        2 => Just(Gap::Large),
+        1 => Just(Gap::Back),
+    ]
+}
+
+fn raw() -> impl Strategy<Value = Raw> {
+    (
+        0u8..64,
+        gap(),
+        any::<u16>(),
+        any::<u8>(),
+        proptest::option::weighted(0.7, 0u8..3),
+        proptest::option::weighted(0.8, -5i64..20),
+        proptest::option::weighted(0.7, 0u8..5),
+        0u8..3,
+        0u8..4,
+    )
+        .prop_map(|(key, gap, jitter, ty, camp, v, page, tab, ip)| Raw {
+            key,
+            gap,
+            jitter,
+            ty,
+            camp,
+            v,
+            page,
+            tab,
+            ip,
+        })
+}
+
+fn raws(max_len: usize) -> impl Strategy<Value = Vec<Raw>> {
+    proptest::collection::vec(raw(), 1..max_len)
+}
+
+/// Lay raw events on a timeline in arrival order: `ts` never goes back unless `back` allows
+/// `Gap::Back`. `types` is sampled by `Raw::ty` (repeat an entry to weight it).
+fn timeline(raws: &[Raw], keys: u8, idle: i64, types: &[&'static str], back: bool) -> Vec<Ev> {
+    let mut latest = BASE_MS;
+    let mut key_last: BTreeMap<u8, i64> = BTreeMap::new();
+    let mut evs = Vec::with_capacity(raws.len());
+    for (n, r) in raws.iter().enumerate() {
+        let key = r.key % keys;
+        let prev = key_last.get(&key).copied().unwrap_or(latest);
+        let j = i64::from(r.jitter);
+        let want = match r.gap {
+            Gap::Zero => prev,
+            Gap::Small => prev + j % (idle / 4 + 1),
+            Gap::Medium => prev + idle / 2 + j % (idle / 2 + 1),
+            Gap::IdleMinus1 => prev + idle - 1,
+            Gap::Idle => prev + idle,
+            Gap::IdlePlus1 => prev + idle + 1,
+            Gap::Large => prev + idle + j % (2 * idle),
+            Gap::Back if back => latest - j % 700,
+            Gap::Back => prev,
+        };
+        let ts = if want >= latest || (back && matches!(r.gap, Gap::Back)) { want } else { latest + j % 50 };
+        latest = latest.max(ts);
+        key_last.insert(key, ts);
+        evs.push(Ev {
+            n: n as u32,
+            key,
+            ts,
+            ty: types[usize::from(r.ty) % types.len()],
+            camp: r.camp,
+            v: r.v,
+            page: r.page,
+            tab: Some(r.tab),
+            ip: r.ip,
+        });
+    }
+    evs
+}
+
+/// Reorder events into an arrival order: each arrives at `ts + delay`, where the delay is drawn
+/// per event (`per_event`) or per key (keeps each key in order). Arrival indices are renumbered.
+fn arrive(mut evs: Vec<Ev>, delays: &[u16], per_key_delays: &[u16], scale_ms: i64, per_event: bool) -> Vec<Ev> {
+    let delay = |e: &Ev| {
+        let d = if per_event {
+            delays[e.n as usize % delays.len()]
+        } else {
+            per_key_delays[usize::from(e.key) % per_key_delays.len()]
+        };
+        i64::from(d) * scale_ms / i64::from(u16::MAX)
+    };
+    evs.sort_by_key(|e| (e.ts + delay(e), e.n));
+    for (n, e) in evs.iter_mut().enumerate() {
+        e.n = n as u32;
+    }
+    evs
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checking.
+// ---------------------------------------------------------------------------------------------
+
+fn lines(evs: &[Ev]) -> String {
+    evs.iter().fold(String::new(), |mut s, e| {
+        let _ = writeln!(s, "{}", e.line());
+        s
+    })
+}
+
+/// Run `f`; if it panics, panic again with the config and events appended, so the failure shows
+/// the whole case (proptest then shrinks and prints the minimal one).
+fn with_case<T>(toml: &str, evs: &[Ev], advance: &[bool], f: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(t) => t,
+        Err(e) => {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            let adv: Vec<usize> = (0..evs.len()).filter(|&i| advance.get(i).copied().unwrap_or(false)).collect();
+            panic!("{msg}\n--- config:\n{toml}--- advance after events: {adv:?}\n--- events (arrival order):\n{}", lines(evs));
+        }
+    }
+}
+
+fn num_eq(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| num_eq(v, w))),
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| num_eq(v, w)),
+        _ => a == b,
+    }
+}
+
+/// Compare the engine's ended sessions of `profile` with the reference, exactly.
+fn compare(profile: &str, spec: &Spec, evs: &[Ev], refs: &[RefSession], late: &BTreeSet<u32>, o: &Observed) {
+    let by_n: BTreeMap<u32, &Ev> = evs.iter().map(|e| (e.n, e)).collect();
+    // Every non-late event is enriched exactly once; late ones never.
+    let mut seen = BTreeSet::new();
+    for e in o.enriched.iter().filter(|e| e.profile == profile) {
+        assert!(seen.insert(e.n), "event n={} enriched twice by {profile}", e.n);
+        assert!(!late.contains(&e.n), "late event n={} was enriched", e.n);
+        assert_eq!(by_n[&e.n].ts, e.ts, "the enriched copy keeps ts");
+    }
+    let want: BTreeSet<u32> = evs.iter().map(|e| e.n).filter(|n| !late.contains(n)).collect();
+    assert_eq!(seen, want, "enriched events (left) vs accepted events (right)");
+    assert_eq!(o.late_set(), *late, "late events: engine (left) vs reference (right)");
+
+    let finals = o.finals(profile);
+    let got: BTreeMap<Vec<u32>, &str> = finals
+        .iter()
+        .map(|(id, es)| (es.iter().map(|e| e.n).collect(), id.as_str()))
+        .collect();
+    let exp: BTreeMap<Vec<u32>, &RefSession> = refs.iter().map(|r| (r.events.clone(), r)).collect();
+    if got.keys().ne(exp.keys()) {
+        let only_got: Vec<_> = got.keys().filter(|k| !exp.contains_key(*k)).collect();
+        let only_exp: Vec<_> = exp.keys().filter(|k| !got.contains_key(*k)).collect();
+        panic!(
+            "session membership differs ({} engine vs {} reference sessions)\n  engine only (event n's): {only_got:?}\n  reference only: {only_exp:?}",
+            got.len(),
+            exp.len()
+        );
+    }
+    for (events, r) in &exp {
+        let id = got[events];
+        let end = o.end(id);
+        let what = format!("session {id} (events {events:?}): {end}");
+        assert_eq!(end["key"], format!("k{}", r.key), "{what}");
+        assert_eq!(end["start_ts"], r.start_ts, "start_ts; {what}");
+        assert_eq!(end["last_ts"], r.last_ts, "last_ts; {what}");
+        assert_eq!(end["count"], events.len(), "count; {what}");
+        let reason = end["reason"].as_str().unwrap_or("");
+        assert!(r.reasons.contains(&reason), "reason `{reason}` is not one of {:?}; {what}", r.reasons);
+        let members: Vec<&Ev> = events.iter().map(|n| by_n[n]).collect();
+        for (k, v) in expected_stats(spec, &members) {
+            assert!(num_eq(&end[&k], &v), "{k}: engine {} vs reference {v}; {what}", end[&k]);
+        }
+        if !o.merged(id) {
+            let seqs: Vec<u64> = finals[id].iter().map(|e| e.seq).collect();
+            let one_to_n: Vec<u64> = (1..=events.len() as u64).collect();
+            assert_eq!(seqs, one_to_n, "seq of an unmerged session is 1..=count in arrival order; {what}");
+        }
+        if spec.sub.is_some() {
+            compare_subs(id, &r.subs, o);
+        }
+    }
+}
+
+fn compare_subs(parent: &str, refs: &[RefSub], o: &Observed) {
+    type Row = (String, i64, i64, u64, u64);
+    let mut got: Vec<(Row, &str, &Value)> = o
+        .subs
+        .iter()
+        .filter(|s| s.parent == parent)
+        .map(|s| {
+            let e = &s.end;
+            let row = (
+                s.tab.clone(),
+                e["start_ts"].as_i64().unwrap_or(-1),
+                e["last_ts"].as_i64().unwrap_or(-1),
+                e["count"].as_u64().unwrap_or(0),
+                e["counters"]["clicks"].as_u64().unwrap_or(u64::MAX),
+            );
+            (row, e["reason"].as_str().unwrap_or(""), e)
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut exp: Vec<(Row, &RefSub)> = refs
+        .iter()
+        .map(|r| ((format!("t{}", r.tab), r.start_ts, r.last_ts, r.events.len() as u64, r.clicks), r))
+        .collect();
+    exp.sort_by(|a, b| a.0.cmp(&b.0));
+    let got_rows: Vec<&Row> = got.iter().map(|g| &g.0).collect();
+    let exp_rows: Vec<&Row> = exp.iter().map(|e| &e.0).collect();
+    assert_eq!(
+        got_rows, exp_rows,
+        "sub-sessions of {parent} (tab, start, last, count, clicks): engine (left) vs reference (right); reference: {refs:?}"
+    );
+    for ((_, reason, e), (_, r)) in got.iter().zip(&exp) {
+        assert!(r.reasons.contains(reason), "sub-session reason `{reason}` not in {:?}: {e}", r.reasons);
+    }
+}
+
+fn config(header: &str, specs: &[(&str, &Spec)]) -> String {
+    let mut t = header.to_string();
+    for (name, spec) in specs {
+        t += &spec.toml(name);
+    }
+    t
+}
+
+/// Run one profile on `evs` and compare with the reference.
+fn check_one(spec: &Spec, evs: &[Ev], advance: &[bool]) {
+    let toml = config(&header(4096, "evict_oldest"), &[("p", spec)]);
+    with_case(&toml, evs, advance, || {
+        let r = run(&toml, evs, advance);
+        let o = Observed::new(&r);
+        assert!(o.dead.is_empty(), "unexpected dead letters: {:?}", o.dead);
+        assert_eq!(o.passthrough, 0);
+        let (refs, late) = match spec.time {
+            Time::Processing => (reference::processing(spec, evs), BTreeSet::new()),
+            Time::Event => reference::event_time(spec, evs),
+        };
+        compare("p", spec, evs, &refs, &late, &o);
+    });
+}
+
+fn prop_config(cases: u32) -> PropConfig {
+    PropConfig {
+        cases,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct("tests/model/proptest-regressions.txt"))),
+        ..PropConfig::default()
+    }
+}
+
+fn advance_schedule() -> impl Strategy<Value = Vec<bool>> {
+    proptest::collection::vec(proptest::bool::weighted(0.1), 200)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Properties.
+// ---------------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(prop_config(300))]
+
+    /// a) Processing time, in-order arrival (with a few steps back that the monotone replay clock
+    /// absorbs): every boundary rule, counters, aggregates, metadata, state and lists.
+    #[test]
+    fn processing_time_matches_reference(
+        raws in raws(160),
+        keys in 1u8..=5,
+        idle in 1_000i64..20_000,
+        max_mul in proptest::option::of(1i64..4),
+        starts in any::<bool>(),
+        ends in any::<bool>(),
+        split in any::<bool>(),
+        advance in advance_schedule(),
+    ) {
+        let spec = Spec {
+            max_ms: max_mul.map(|m| m * idle + idle / 3),
+            starts: starts.then_some("start"),
+            ends: ends.then_some("end"),
+            split_camp: split,
+            stats: true,
+            ..Spec::gap_only(Time::Processing, idle)
+        };
+        let types = ["click", "click", "click", "view", "view", "start", "end"];
+        let evs = timeline(&raws, keys, idle, &types, true);
+        check_one(&spec, &evs, &advance);
+    }
+
+    /// b) Event time, out of order within (and some beyond) the allowed lateness, gap-only
+    /// profile: islands merge, far-late events are reported late and never join.
+    #[test]
+    fn event_time_out_of_order_matches_reference(
+        raws in raws(160),
+        keys in 1u8..=4,
+        idle in 1_000i64..20_000,
+        lateness_mul in 0i64..=2,
+        delays in proptest::collection::vec(any::<u16>(), 1..64),
+        delay_mul in 0i64..=3,
+        advance in advance_schedule(),
+    ) {
+        let mut spec = Spec::gap_only(Time::Event, idle);
+        spec.lateness_ms = lateness_mul * idle + idle / 2;
+        let evs = timeline(&raws, keys, idle, &["click", "view"], false);
+        // Delays up to 1.5x lateness: most arrive within it, some are late.
+        let evs = arrive(evs, &delays, &[0], delay_mul * spec.lateness_ms / 2, true);
+        check_one(&spec, &evs, &advance);
+    }
+
+    /// c) Event time, in order per key but interleaved across keys (each key lags by its own
+    /// delay, so some keys' events are late): max_duration, starts_when, ends_when, split.
+    #[test]
+    fn event_time_in_order_per_key_matches_reference(
+        raws in raws(160),
+        keys in 1u8..=5,
+        idle in 1_000i64..20_000,
+        lateness_mul in 0i64..=2,
+        max_mul in proptest::option::of(1i64..4),
+        starts in any::<bool>(),
+        ends in any::<bool>(),
+        split in any::<bool>(),
+        key_delays in proptest::collection::vec(any::<u16>(), 5),
+        advance in advance_schedule(),
+    ) {
+        let spec = Spec {
+            lateness_ms: lateness_mul * idle,
+            max_ms: max_mul.map(|m| m * idle + idle / 3),
+            starts: starts.then_some("start"),
+            ends: ends.then_some("end"),
+            split_camp: split,
+            ..Spec::gap_only(Time::Event, idle)
+        };
+        let types = ["click", "click", "view", "view", "start", "end"];
+        let evs = timeline(&raws, keys, idle, &types, false);
+        let evs = arrive(evs, &[0], &key_delays, spec.lateness_ms * 3 / 2 + 1, false);
+        check_one(&spec, &evs, &advance);
+    }
+
+    /// d) Sub-sessions in a processing-time profile: one kind keyed by `tab`, opened and closed by
+    /// event type, with a shorter idle timeout; parents end on logout or idle.
+    #[test]
+    fn sub_sessions_match_reference(
+        raws in raws(160),
+        keys in 1u8..=3,
+        idle in 2_000i64..20_000,
+        sub_idle_div in 1i64..=4,
+        starts in any::<bool>(),
+        ends in any::<bool>(),
+        advance in advance_schedule(),
+    ) {
+        let spec = Spec {
+            ends: Some("logout"),
+            sub: Some(SubSpec {
+                idle_ms: idle / sub_idle_div,
+                starts: starts.then_some("open"),
+                ends: ends.then_some("close"),
+            }),
+            ..Spec::gap_only(Time::Processing, idle)
+        };
+        let types = ["click", "click", "view", "open", "open", "close", "logout"];
+        let evs = timeline(&raws, keys, idle, &types, false);
+        check_one(&spec, &evs, &advance);
+    }
+}
+
+proptest! {
+    #![proptest_config(prop_config(200))]
+
+    /// e) A tiny session table under many keys: with `evict_oldest` every event is admitted and
+    /// every session still ends exactly once; with `reject` refused events are dead letters.
+    #[test]
+    fn full_table_evicts_or_rejects(
+        raws in raws(200),
+        keys in 8u8..40,
+        max_sessions in 2u32..12,
+        idle in 1_000i64..20_000,
+        reject in any::<bool>(),
+        advance in advance_schedule(),
+    ) {
+        let spec = Spec::gap_only(Time::Processing, idle);
+        let evs = timeline(&raws, keys, idle / 4, &["click", "view"], false);
+        let on_full = if reject { "reject" } else { "evict_oldest" };
+        let toml = config(&header(max_sessions, on_full), &[("p", &spec)]);
+        with_case(&toml, &evs, &advance, || check_full_table(&spec, &evs, &advance, &toml, reject));
+    }
+}
+
+/// Structural checks for a full table (there is no reference for which session the policy picks
+/// beyond "closest to its deadline", checked with the wheel's one-second granularity).
+fn check_full_table(spec: &Spec, evs: &[Ev], advance: &[bool], toml: &str, reject: bool) {
+    let r = run(toml, evs, advance);
+    let o = Observed::new(&r);
+    let by_n: BTreeMap<u32, &Ev> = evs.iter().map(|e| (e.n, e)).collect();
+    // Every event is enriched exactly once, or (reject only) dead-lettered exactly once.
+    let mut fate: BTreeMap<u32, &str> = BTreeMap::new();
+    for e in &o.enriched {
+        assert!(fate.insert(e.n, "enriched").is_none(), "event n={} enriched twice", e.n);
+    }
+    for (reason, n) in &o.dead {
+        assert_eq!(reason, "session_table_full", "dead letter n={n}");
+        assert!(reject, "evict_oldest never refuses an event (n={n})");
+        assert!(fate.insert(*n, "dead").is_none(), "event n={n} both enriched and dead-lettered (or dead twice)");
+    }
+    assert_eq!(fate.len(), evs.len(), "every event is enriched or dead-lettered");
+
+    // Replay the records in order: live sessions with their last event time, per key.
+    let mut live: BTreeMap<String, (String, i64)> = BTreeMap::new();
+    let mut dead_iter = o.dead.iter().map(|(_, n)| *n).collect::<BTreeSet<u32>>();
+    for rec in &r.records {
+        let v = &rec.v;
+        if let Some(s) = v.get("_session") {
+            let id = s["id"].as_str().expect("id").to_string();
+            let ts = v["ts"].as_i64().expect("ts");
+            live.entry(id).or_insert((String::new(), ts)).1 = ts;
+            continue;
+        }
+        match v["kind"].as_str() {
+            Some("session_start") => {
+                let id = v["session_id"].as_str().expect("id").to_string();
+                live.insert(id, (v["key"].as_str().expect("key").into(), i64::MIN));
+            }
+            Some("session_end") => {
+                let id = v["session_id"].as_str().expect("id");
+                let (_, last) = live.remove(id).expect("ended a live session");
+                if v["reason"] == "evicted" {
+                    let min_last = live.values().map(|l| l.1).min().unwrap_or(i64::MAX);
+                    assert_eq!(live.len() as u32 + 1, r.max_sessions, "evicted only when the table is full: {v}");
+                    assert!(
+                        last <= min_last + 1000,
+                        "evict_oldest picked a session (last event {last}) while one idle since {min_last} was live: {v}"
+                    );
+                }
+            }
+            Some("dead_letter") => {
+                let n = v["event"]["n"].as_u64().expect("n") as u32;
+                assert!(dead_iter.remove(&n));
+                let key = by_n[&n].key_str();
+                assert!(!live.values().any(|l| l.0 == key), "event n={n} refused although its key has a live session: {v}");
+                assert_eq!(live.len() as u32, r.max_sessions, "refused while the table had room: {v}");
+            }
+            _ => {}
+        }
+    }
+
+    // Per key, the admitted events split into contiguous runs, one per session, with no idle gap
+    // inside a run and a justified boundary between runs.
+    let finals = o.finals("p");
+    let mut runs: BTreeMap<u8, Vec<(&str, Vec<u32>)>> = BTreeMap::new();
+    for (id, es) in &finals {
+        let ns: Vec<u32> = es.iter().map(|e| e.n).collect();
+        assert!(!ns.is_empty(), "session {id} ended without events");
+        runs.entry(by_n[&ns[0]].key).or_default().push((id.as_str(), ns));
+    }
+    for (key, mut rs) in runs {
+        rs.sort_by_key(|r| r.1[0]);
+        let admitted: Vec<u32> = evs
+            .iter()
+            .filter(|e| e.key == key && fate[&e.n] == "enriched")
+            .map(|e| e.n)
+            .collect();
+        let concat: Vec<u32> = rs.iter().flat_map(|r| r.1.iter().copied()).collect();
+        assert_eq!(concat, admitted, "sessions of k{key} are not contiguous runs of its events");
+        for (j, (id, ns)) in rs.iter().enumerate() {
+            let end = o.end(id);
+            let ts: Vec<i64> = ns.iter().map(|n| by_n[n].ts).collect();
+            assert_eq!(end["start_ts"], ts[0], "{end}");
+            assert_eq!(end["last_ts"], *ts.last().expect("non-empty"), "{end}");
+            assert_eq!(end["count"], ns.len(), "{end}");
+            assert!(ts.windows(2).all(|w| w[1] - w[0] <= spec.idle_ms), "a session spans an idle gap: {end}");
+            let seqs: Vec<u64> = finals[*id].iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (1..=ns.len() as u64).collect::<Vec<_>>(), "seq: {end}");
+            let next = rs.get(j + 1).map(|r| by_n[&r.1[0]].ts);
+            match end["reason"].as_str().unwrap_or("") {
+                "evicted" => assert!(!reject, "reject never evicts: {end}"),
+                "idle" => {
+                    if let Some(t) = next {
+                        assert!(t - ts[ts.len() - 1] > spec.idle_ms, "ended idle but the next event was within idle: {end}");
+                    }
+                }
+                "end_of_input" => assert!(next.is_none(), "end_of_input before the key's last session: {end}"),
+                other => panic!("unexpected reason {other}: {end}"),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// f) Deterministic cases.
+// ---------------------------------------------------------------------------------------------
+
+fn ev(n: u32, key: u8, offset_ms: i64, ty: &'static str) -> Ev {
+    Ev {
+        n,
+        key,
+        ts: BASE_MS + offset_ms,
+        ty,
+        camp: None,
+        v: None,
+        page: None,
+        tab: Some(0),
+        ip: 0,
+    }
+}
+
+/// An event exactly `idle` after the previous one stays in the session; `idle + 1` splits. Both
+/// time modes, with and without the wheel running in between.
+#[test]
+fn idle_boundary_is_inclusive() {
+    for time in [Time::Processing, Time::Event] {
+        for advance in [false, true] {
+            let spec = Spec::gap_only(time, 1000);
+            let evs = [ev(0, 0, 0, "x"), ev(1, 0, 1000, "x"), ev(2, 0, 2001, "x"), ev(3, 0, 3001, "x")];
+            let adv = vec![advance; evs.len()];
+            check_one(&spec, &evs, &adv);
+            let toml = config(&header(64, "evict_oldest"), &[("p", &spec)]);
+            let o = Observed::new(&run(&toml, &evs, &adv));
+            let mut groups: Vec<Vec<u32>> = o.finals("p").values().map(|es| es.iter().map(|e| e.n).collect()).collect();
+            groups.sort();
+            assert_eq!(groups, vec![vec![0, 1], vec![2, 3]], "{time:?} advance={advance}");
+        }
+    }
+}
+
+/// max_duration: exactly `max` after the start stays, one more millisecond splits.
+#[test]
+fn max_duration_boundary_is_inclusive() {
+    let spec = Spec {
+        max_ms: Some(1500),
+        ..Spec::gap_only(Time::Processing, 1000)
+    };
+    let evs = [ev(0, 0, 0, "x"), ev(1, 0, 800, "x"), ev(2, 0, 1500, "x"), ev(3, 0, 2300, "x"), ev(4, 0, 3001, "x")];
+    check_one(&spec, &evs, &[]);
+    let refs = reference::processing(&spec, &evs);
+    let groups: Vec<&[u32]> = refs.iter().map(|r| r.events.as_slice()).collect();
+    assert_eq!(groups, vec![&[0, 1, 2][..], &[3, 4][..]]);
+}
+
+/// The reference itself: one out-of-order event bridging two islands merges them.
+#[test]
+fn bridging_event_merges_islands() {
+    let mut spec = Spec::gap_only(Time::Event, 1000);
+    spec.lateness_ms = 10_000;
+    let evs = [ev(0, 0, 0, "x"), ev(1, 0, 1800, "x"), ev(2, 0, 900, "x")];
+    check_one(&spec, &evs, &[]);
+    let toml = config(&header(64, "evict_oldest"), &[("p", &spec)]);
+    let o = Observed::new(&run(&toml, &evs, &[]));
+    assert_eq!(o.sessions.values().filter(|s| s.absorbed_by.is_some()).count(), 1, "one merge");
+    let f = o.finals("p");
+    assert_eq!(f.len(), 1);
+    let (id, _) = f.iter().next().expect("one");
+    assert_eq!(o.end(id)["count"], 3);
+}
