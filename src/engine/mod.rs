@@ -23,6 +23,7 @@ pub mod markers;
 pub mod numa;
 pub mod out;
 pub mod payload;
+pub mod snapshot;
 pub mod rules;
 pub mod table;
 pub mod wheel;
@@ -276,6 +277,47 @@ impl Engine {
 
     pub fn on_event(&mut self, p: ProfileId, ev: &Event<'_>, clock: Clock, out: &mut Out) {
         self.st.on_event(&self.rules, p, ev, clock, out);
+    }
+
+    /// Swap in reloaded rules. Predicates, timeouts and new profiles (appended) apply at once;
+    /// a change to an existing profile's session data layout (its captured fields, counters,
+    /// aggregates, lists, sub-sessions or time mode), or a removed or reordered profile, cannot
+    /// apply to live sessions: the reload is refused with the reason and the old rules stay.
+    /// A shortened timeout reaches an existing session at its next event or wheel check.
+    pub fn set_rules(&mut self, rules: Arc<Rules>) -> Result<(), String> {
+        check_compatible(&self.rules, &rules)?;
+        let st = &mut self.st;
+        let old_top = self.rules.profiles.len();
+        let slots_max = st.wheels.first().map(|w| w.slots_max()).unwrap_or(7200);
+        for _ in old_top..rules.profiles.len() {
+            st.wheels.push(Wheel::new(slots_max, 0));
+            st.clocks.push(ProfileClock {
+                max_ts: NONE_TS,
+                wall_last: NONE_TS,
+            });
+        }
+        st.layouts = rules.profiles.iter().map(|p| p.layout).collect();
+        st.sub_of.clear();
+        st.sub_of.extend((0..rules.profiles.len()).map(|_| (0u8, 0u8)));
+        for (pi, p) in rules.profiles.iter().enumerate() {
+            for si in 0..p.subs.len() {
+                st.sub_of.push((pi as u8, si as u8));
+            }
+        }
+        st.sub_counters = (0..rules.record_profile_count())
+            .map(|rp| match rp.checked_sub(rules.profiles.len()) {
+                None => 0,
+                Some(_) => {
+                    let (pp, si) = st.sub_of[rp];
+                    rules.profiles[pp as usize].subs[si as usize].counters.len()
+                }
+            })
+            .collect();
+        st.stats.active_by_profile.resize(rules.record_profile_count(), 0);
+        st.key_bytes_max = rules.key_bytes_max as usize;
+        st.value_bytes_max = rules.value_bytes_max as usize;
+        self.rules = rules;
+        Ok(())
     }
 
     pub fn advance(&mut self, clock: Clock, out: &mut Out) {
@@ -578,6 +620,42 @@ impl State {
         let l = &self.layouts[profile as usize];
         (l.fixed_bytes, l.var_len_off)
     }
+}
+
+/// Why `new` cannot replace `old` under live sessions, if it cannot.
+fn check_compatible(old: &Rules, new: &Rules) -> Result<(), String> {
+    if new.profiles.len() < old.profiles.len() {
+        return Err(format!(
+            "{} profiles were removed; removing a profile needs a restart",
+            old.profiles.len() - new.profiles.len()
+        ));
+    }
+    for (a, b) in old.profiles.iter().zip(&new.profiles) {
+        let why = if a.name != b.name {
+            Some("a profile was renamed or reordered")
+        } else if a.time != b.time {
+            Some("its time mode changed")
+        } else if a.metadata.len() != b.metadata.len() || a.state.len() != b.state.len() {
+            Some("its metadata or state fields changed in number")
+        } else if a.counters.len() != b.counters.len() || a.split_on_change.len() != b.split_on_change.len() {
+            Some("its counters or split_on_change fields changed in number")
+        } else if a.aggregates.iter().map(|x| x.op).ne(b.aggregates.iter().map(|x| x.op)) {
+            Some("its aggregates changed")
+        } else if a.lists.len() != b.lists.len() {
+            Some("its lists changed in number")
+        } else if a.subs.len() != b.subs.len() || a.subs.iter().zip(&b.subs).any(|(x, y)| x.counters.len() != y.counters.len()) {
+            Some("its sub-sessions changed")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(format!("profile `{}`: {why}; the session data layout differs, so this change needs a restart", a.name));
+        }
+    }
+    if new.profiles.len() > old.profiles.len() && old.profiles.iter().any(|p| !p.subs.is_empty()) {
+        return Err("adding a profile renumbers sub-session kinds; this change needs a restart".into());
+    }
+    Ok(())
 }
 
 fn summary(h: &Head) -> Summary {

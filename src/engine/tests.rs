@@ -199,3 +199,19 @@ fn full_table_evicts_the_session_closest_to_its_deadline() {
     assert_eq!(ends[0]["reason"], "evicted");
     assert_eq!(engine.live_sessions(), 2);
 }
+
+#[test]
+fn reload_changes_predicates_in_place_and_refuses_layout_changes() {
+    let mut r = Rig::new(WEB);
+    r.send(r#"{"user":"a","ts":1000,"type":"logout"}"#);
+    assert_eq!(Rig::ends(&r.records()).len(), 1);
+    let changed = WEB.replace(r#"eq = "logout""#, r#"eq = "bye""#);
+    let cfg = Config::from_toml(&format!("[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{changed}")).unwrap();
+    r.engine.set_rules(Arc::new(Rules::compile(&cfg).unwrap())).unwrap();
+    r.send(r#"{"user":"a","ts":2000,"type":"logout"}"#);
+    assert!(Rig::ends(&r.records()).is_empty(), "logout no longer ends sessions");
+    let bigger = WEB.replace(r#"metadata = ["ip"]"#, r#"metadata = ["ip", "ua"]"#);
+    let cfg = Config::from_toml(&format!("[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{bigger}")).unwrap();
+    let err = r.engine.set_rules(Arc::new(Rules::compile(&cfg).unwrap())).unwrap_err();
+    assert!(err.contains("needs a restart"), "{err}");
+}
