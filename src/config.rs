@@ -60,7 +60,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
         let s = String::deserialize(d)?;
         humantime::parse_duration(&s)
             .map(HumanDuration)
-            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration ({e}); write e.g. \"30m\", \"1h\", \"250ms\"")))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{s}` is not a duration ({e}); write e.g. \"30m\", \"1h\", \"250ms\""
+                ))
+            })
     }
 }
 
@@ -78,7 +82,9 @@ impl<'de> Deserialize<'de> for ByteSize {
         }
         match Raw::deserialize(d)? {
             Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => parse_byte_size(&s).map(ByteSize).map_err(serde::de::Error::custom),
+            Raw::Text(s) => parse_byte_size(&s)
+                .map(ByteSize)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -87,17 +93,22 @@ pub fn parse_byte_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a byte size; write e.g. 65536, \"64KiB\", \"256MiB\""))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a byte size; write e.g. 65536, \"64KiB\", \"256MiB\"")
+    })?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" | "KB" => 1 << 10,
         "MiB" | "M" | "MB" => 1 << 20,
         "GiB" | "G" | "GB" => 1 << 30,
-        other => return Err(format!("`{s}`: unknown unit `{other}`; use B, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}`; use B, KiB, MiB or GiB"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` overflows 64 bits"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` overflows 64 bits"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -318,7 +329,12 @@ pub struct Output {
 }
 
 fn all_streams() -> Vec<Stream> {
-    vec![Stream::Events, Stream::Markers, Stream::Late, Stream::DeadLetter]
+    vec![
+        Stream::Events,
+        Stream::Markers,
+        Stream::Late,
+        Stream::DeadLetter,
+    ]
 }
 fn default_rotate() -> ByteSize {
     ByteSize(256 << 20)
@@ -528,7 +544,11 @@ impl Config {
         let cfg: Config = toml::from_str(text).map_err(|e| {
             let span = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
             err(
-                if span > 0 { format!("line {span}") } else { "<document>".into() },
+                if span > 0 {
+                    format!("line {span}")
+                } else {
+                    "<document>".into()
+                },
                 e.message().to_string(),
             )
         })?;
@@ -550,7 +570,9 @@ impl Config {
     pub fn core_list(&self) -> Vec<usize> {
         match &self.cores {
             Cores::All => {
-                let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                let n = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
                 (0..n.min(SHARDS_MAX)).collect()
             }
             Cores::List(l) => l.clone(),
@@ -569,7 +591,10 @@ impl Config {
             seen.sort_unstable();
             seen.dedup();
             if seen.len() != l.len() {
-                return Err(err("cores", format!("{l:?} lists a CPU twice; each shard needs its own core")));
+                return Err(err(
+                    "cores",
+                    format!("{l:?} lists a CPU twice; each shard needs its own core"),
+                ));
             }
         }
         self.validate_memory()?;
@@ -587,11 +612,17 @@ impl Config {
             }
         }
         if self.profiles.is_empty() {
-            return Err(err("profile", "no [[profile]] defined; at least one is needed to sessionize anything"));
+            return Err(err(
+                "profile",
+                "no [[profile]] defined; at least one is needed to sessionize anything",
+            ));
         }
         let total: usize = self.profiles.iter().map(|p| 1 + p.sub_sessions.len()).sum();
         if total > PROFILES_MAX {
-            return Err(err("profile", format!("{total} profiles and sub-sessions; the limit is {PROFILES_MAX}")));
+            return Err(err(
+                "profile",
+                format!("{total} profiles and sub-sessions; the limit is {PROFILES_MAX}"),
+            ));
         }
         for (i, p) in self.profiles.iter().enumerate() {
             self.validate_profile(i, p)?;
@@ -599,7 +630,10 @@ impl Config {
         let mut names: Vec<&str> = self.profiles.iter().map(|p| p.name.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(err("profile.name", format!("`{}` is used twice; profile names must be unique", w[0])));
+            return Err(err(
+                "profile.name",
+                format!("`{}` is used twice; profile names must be unique", w[0]),
+            ));
         }
         // Field-table and predicate compilation catch the remaining errors (too many fields,
         // bad literals) with their own key names.
@@ -610,20 +644,38 @@ impl Config {
     fn validate_memory(&self) -> Result<(), ConfigError> {
         let m = &self.memory;
         if !(16..=4096).contains(&m.block_bytes) || m.block_bytes % 8 != 0 {
-            return Err(err("memory.block_bytes", format!("{} is outside 16..=4096 or not a multiple of 8; 32 or 64 suit most profiles", m.block_bytes)));
+            return Err(err(
+                "memory.block_bytes",
+                format!(
+                    "{} is outside 16..=4096 or not a multiple of 8; 32 or 64 suit most profiles",
+                    m.block_bytes
+                ),
+            ));
         }
         let blocks = m.arena_bytes.0 / u64::from(m.block_bytes);
         if blocks < 64 {
-            return Err(err("memory.arena_bytes", format!("{} bytes hold only {blocks} blocks of {}; give the arena at least 64 blocks", m.arena_bytes.0, m.block_bytes)));
+            return Err(err(
+                "memory.arena_bytes",
+                format!(
+                    "{} bytes hold only {blocks} blocks of {}; give the arena at least 64 blocks",
+                    m.arena_bytes.0, m.block_bytes
+                ),
+            ));
         }
         if blocks >= u64::from(u32::MAX) {
             return Err(err("memory.arena_bytes", format!("{} bytes make {blocks} blocks; the limit is {} blocks per shard; raise memory.block_bytes or lower arena_bytes", m.arena_bytes.0, u32::MAX - 1)));
         }
         if m.max_sessions == 0 || m.max_sessions > (1 << 30) {
-            return Err(err("memory.max_sessions", format!("{} is outside 1..={}", m.max_sessions, 1u32 << 30)));
+            return Err(err(
+                "memory.max_sessions",
+                format!("{} is outside 1..={}", m.max_sessions, 1u32 << 30),
+            ));
         }
         if self.slots.max < 4 || self.slots.max > SLOTS_MAX_LIMIT {
-            return Err(err("slots.max", format!("{} is outside 4..={SLOTS_MAX_LIMIT}", self.slots.max)));
+            return Err(err(
+                "slots.max",
+                format!("{} is outside 4..={SLOTS_MAX_LIMIT}", self.slots.max),
+            ));
         }
         Ok(())
     }
@@ -631,15 +683,50 @@ impl Config {
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
         let checks: [(&str, u64, u64, u64); 9] = [
-            ("limits.datagram_bytes_max", l.datagram_bytes_max.into(), 64, 65_507),
-            ("limits.line_bytes_max", l.line_bytes_max.into(), 64, 16 << 20),
+            (
+                "limits.datagram_bytes_max",
+                l.datagram_bytes_max.into(),
+                64,
+                65_507,
+            ),
+            (
+                "limits.line_bytes_max",
+                l.line_bytes_max.into(),
+                64,
+                16 << 20,
+            ),
             ("limits.key_bytes_max", l.key_bytes_max.into(), 1, 4096),
-            ("limits.value_bytes_max", l.value_bytes_max.into(), 8, 16_384),
+            (
+                "limits.value_bytes_max",
+                l.value_bytes_max.into(),
+                8,
+                16_384,
+            ),
             ("limits.json_depth_max", l.json_depth_max.into(), 1, 256),
-            ("limits.tcp_connections_max", l.tcp_connections_max.into(), 1, 1 << 20),
-            ("limits.open_sessions_per_key_max", l.open_sessions_per_key_max.into(), 1, 1024),
-            ("limits.handoff_batch_events", l.handoff_batch_events.into(), 1, 1 << 16),
-            ("limits.handoff_queue_batches", l.handoff_queue_batches.into(), 2, 1 << 16),
+            (
+                "limits.tcp_connections_max",
+                l.tcp_connections_max.into(),
+                1,
+                1 << 20,
+            ),
+            (
+                "limits.open_sessions_per_key_max",
+                l.open_sessions_per_key_max.into(),
+                1,
+                1024,
+            ),
+            (
+                "limits.handoff_batch_events",
+                l.handoff_batch_events.into(),
+                1,
+                1 << 16,
+            ),
+            (
+                "limits.handoff_queue_batches",
+                l.handoff_queue_batches.into(),
+                2,
+                1 << 16,
+            ),
         ];
         for (key, v, lo, hi) in checks {
             if v < lo || v > hi {
@@ -650,15 +737,27 @@ impl Config {
             return Err(err("limits.handoff_batch_bytes", format!("{} is below limits.line_bytes_max = {}; a batch must hold at least one line; raise it", l.handoff_batch_bytes, l.line_bytes_max)));
         }
         if l.sub_sessions_per_session_max > 64 {
-            return Err(err("limits.sub_sessions_per_session_max", format!("{} is above the limit 64", l.sub_sessions_per_session_max)));
+            return Err(err(
+                "limits.sub_sessions_per_session_max",
+                format!("{} is above the limit 64", l.sub_sessions_per_session_max),
+            ));
         }
         Ok(())
     }
 
     fn validate_profile(&self, i: usize, p: &Profile) -> Result<(), ConfigError> {
         let at = |k: &str| format!("profile[{i}] ({}).{k}", p.name);
-        if p.name.is_empty() || p.name.len() > 64 || !p.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-            return Err(err(format!("profile[{i}].name"), format!("`{}` must be 1..=64 characters of [A-Za-z0-9_-]", p.name)));
+        if p.name.is_empty()
+            || p.name.len() > 64
+            || !p
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(err(
+                format!("profile[{i}].name"),
+                format!("`{}` must be 1..=64 characters of [A-Za-z0-9_-]", p.name),
+            ));
         }
         let slot_horizon_ms = (i64::from(self.slots.max) - 2) * 1000;
         let idle = p.idle_timeout.as_ms();
@@ -706,7 +805,10 @@ impl Config {
         }
         for (j, l) in p.lists.iter().enumerate() {
             if l.max_len == 0 || l.max_len > 255 {
-                return Err(err(format!("{}list[{j}] ({}).max_len", at(""), l.name), format!("{} is outside 1..=255", l.max_len)));
+                return Err(err(
+                    format!("{}list[{j}] ({}).max_len", at(""), l.name),
+                    format!("{} is outside 1..=255", l.max_len),
+                ));
             }
         }
         Ok(())
@@ -716,23 +818,38 @@ impl Config {
 fn validate_output(i: usize, o: &Output) -> Result<(), ConfigError> {
     let key = |k: &str| format!("output[{i}].{k}");
     if o.streams.is_empty() {
-        return Err(err(key("streams"), "empty; list at least one of events, markers, late, dead_letter"));
+        return Err(err(
+            key("streams"),
+            "empty; list at least one of events, markers, late, dead_letter",
+        ));
     }
     match o.kind {
-        OutputKind::File if o.path.is_none() => Err(err(key("path"), "missing; a file output needs a directory path")),
-        OutputKind::Tcp | OutputKind::Udp if o.address.is_none() => {
-            Err(err(key("address"), "missing; tcp outputs listen on it, udp outputs send to it"))
-        }
-        _ if o.queue_bytes.0 < 4096 || o.queue_bytes.0 > (1 << 34) => {
-            Err(err(key("queue_bytes"), format!("{} is outside 4KiB..=16GiB", o.queue_bytes.0)))
-        }
-        _ if o.rotate_bytes.0 < 4096 => Err(err(key("rotate_bytes"), format!("{} is below 4KiB", o.rotate_bytes.0))),
+        OutputKind::File if o.path.is_none() => Err(err(
+            key("path"),
+            "missing; a file output needs a directory path",
+        )),
+        OutputKind::Tcp | OutputKind::Udp if o.address.is_none() => Err(err(
+            key("address"),
+            "missing; tcp outputs listen on it, udp outputs send to it",
+        )),
+        _ if o.queue_bytes.0 < 4096 || o.queue_bytes.0 > (1 << 34) => Err(err(
+            key("queue_bytes"),
+            format!("{} is outside 4KiB..=16GiB", o.queue_bytes.0),
+        )),
+        _ if o.rotate_bytes.0 < 4096 => Err(err(
+            key("rotate_bytes"),
+            format!("{} is below 4KiB", o.rotate_bytes.0),
+        )),
         _ => Ok(()),
     }
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 #[cfg(test)]

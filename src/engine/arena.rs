@@ -334,6 +334,16 @@ impl Arena {
         (steps as u32, offset % block_bytes)
     }
 
+    /// Hint that the head block of `handle` (and its chain link) will be read soon.
+    #[inline]
+    pub fn prefetch(&self, handle: u32) {
+        if handle < self.blocks_total {
+            // SAFETY: `handle < blocks_total`, so the block lies inside the mapping.
+            super::prefetch::read(unsafe { self.block_ptr(handle) });
+            super::prefetch::read(&self.next[handle as usize]);
+        }
+    }
+
     /// Pointer to `[offset, offset + len)` of the chain if that lies within one block.
     fn piece(&self, handle: u32, offset: usize, len: usize) -> Option<*mut u8> {
         assert!(handle < self.blocks_total, "handle {handle}");

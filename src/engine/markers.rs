@@ -47,7 +47,13 @@ fn field(b: &mut Vec<u8>, name: &str) {
     b.extend_from_slice(b"\":");
 }
 
-fn values_object(b: &mut Vec<u8>, name: &str, paths: impl Iterator<Item = (usize, usize)>, fields: &[String], r: &mut VarReader<'_>) {
+fn values_object(
+    b: &mut Vec<u8>,
+    name: &str,
+    paths: impl Iterator<Item = (usize, usize)>,
+    fields: &[String],
+    r: &mut VarReader<'_>,
+) {
     field(b, name);
     b.push(b'{');
     for (n, (_, field_id)) in paths.enumerate() {
@@ -62,7 +68,14 @@ fn values_object(b: &mut Vec<u8>, name: &str, paths: impl Iterator<Item = (usize
     b.push(b'}');
 }
 
-pub fn session_start(out: &mut Out, rule: &ProfileRule, fields: &[String], key: &[u8], s: Summary, pay: &[u8]) {
+pub fn session_start(
+    out: &mut Out,
+    rule: &ProfileRule,
+    fields: &[String],
+    key: &[u8],
+    s: Summary,
+    pay: &[u8],
+) {
     open(out, "session_start", &rule.name, key);
     let b = &mut out.buf;
     field(b, "session_id");
@@ -70,12 +83,26 @@ pub fn session_start(out: &mut Out, rule: &ProfileRule, fields: &[String], key: 
     field(b, "start_ts");
     write_i64(b, s.start_ts);
     let mut r = VarReader::new(payload::var_area(pay, key.len(), &rule.layout));
-    values_object(b, "metadata", rule.metadata.iter().map(|&f| f as usize).enumerate(), fields, &mut r);
+    values_object(
+        b,
+        "metadata",
+        rule.metadata.iter().map(|&f| f as usize).enumerate(),
+        fields,
+        &mut r,
+    );
     b.push(b'}');
     out.finish(Stream::Markers);
 }
 
-pub fn session_end(out: &mut Out, rule: &ProfileRule, fields: &[String], key: &[u8], s: Summary, reason: EndReason, pay: &[u8]) {
+pub fn session_end(
+    out: &mut Out,
+    rule: &ProfileRule,
+    fields: &[String],
+    key: &[u8],
+    s: Summary,
+    reason: EndReason,
+    pay: &[u8],
+) {
     open(out, "session_end", &rule.name, key);
     let base = key.len();
     let l = &rule.layout;
@@ -84,8 +111,20 @@ pub fn session_end(out: &mut Out, rule: &ProfileRule, fields: &[String], key: &[
     write_id(b, s.id);
     common_end(b, s, reason);
     let mut r = VarReader::new(payload::var_area(pay, base, l));
-    values_object(b, "metadata", rule.metadata.iter().map(|&f| f as usize).enumerate(), fields, &mut r);
-    values_object(b, "state", rule.state.iter().map(|&f| f as usize).enumerate(), fields, &mut r);
+    values_object(
+        b,
+        "metadata",
+        rule.metadata.iter().map(|&f| f as usize).enumerate(),
+        fields,
+        &mut r,
+    );
+    values_object(
+        b,
+        "state",
+        rule.state.iter().map(|&f| f as usize).enumerate(),
+        fields,
+        &mut r,
+    );
     field(b, "counters");
     b.push(b'{');
     for (i, c) in rule.counters.iter().enumerate() {
@@ -143,7 +182,17 @@ fn common_end(b: &mut Vec<u8>, s: Summary, reason: EndReason) {
     b.push(b'"');
 }
 
-fn sub_open(out: &mut Out, kind: &str, rule: &ProfileRule, sub: &SubRule, parent_key: &[u8], sub_key: Option<&[u8]>, id: u64, parent_id: u64) {
+#[allow(clippy::too_many_arguments)]
+fn sub_open(
+    out: &mut Out,
+    kind: &str,
+    rule: &ProfileRule,
+    sub: &SubRule,
+    parent_key: &[u8],
+    sub_key: Option<&[u8]>,
+    id: u64,
+    parent_id: u64,
+) {
     open(out, kind, &rule.name, parent_key);
     let b = &mut out.buf;
     field(b, "sub_session");
@@ -159,8 +208,25 @@ fn sub_open(out: &mut Out, kind: &str, rule: &ProfileRule, sub: &SubRule, parent
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn sub_session_start(out: &mut Out, rule: &ProfileRule, sub: &SubRule, parent_key: &[u8], sub_key: Option<&[u8]>, s: Summary, parent_id: u64) {
-    sub_open(out, "sub_session_start", rule, sub, parent_key, sub_key, s.id, parent_id);
+pub fn sub_session_start(
+    out: &mut Out,
+    rule: &ProfileRule,
+    sub: &SubRule,
+    parent_key: &[u8],
+    sub_key: Option<&[u8]>,
+    s: Summary,
+    parent_id: u64,
+) {
+    sub_open(
+        out,
+        "sub_session_start",
+        rule,
+        sub,
+        parent_key,
+        sub_key,
+        s.id,
+        parent_id,
+    );
     field(&mut out.buf, "start_ts");
     write_i64(&mut out.buf, s.start_ts);
     out.buf.push(b'}');
@@ -180,7 +246,16 @@ pub fn sub_session_end(
     pay: &[u8],
     base: usize,
 ) {
-    sub_open(out, "sub_session_end", rule, sub, parent_key, sub_key, s.id, parent_id);
+    sub_open(
+        out,
+        "sub_session_end",
+        rule,
+        sub,
+        parent_key,
+        sub_key,
+        s.id,
+        parent_id,
+    );
     let b = &mut out.buf;
     common_end(b, s, reason);
     field(b, "counters");
@@ -198,7 +273,14 @@ pub fn sub_session_end(
     out.finish(Stream::Markers);
 }
 
-pub fn session_merged(out: &mut Out, rule: &ProfileRule, key: &[u8], survivor: u64, absorbed: u64, ts: i64) {
+pub fn session_merged(
+    out: &mut Out,
+    rule: &ProfileRule,
+    key: &[u8],
+    survivor: u64,
+    absorbed: u64,
+    ts: i64,
+) {
     open(out, "session_merged", &rule.name, key);
     let b = &mut out.buf;
     field(b, "session_id");
@@ -211,7 +293,14 @@ pub fn session_merged(out: &mut Out, rule: &ProfileRule, key: &[u8], survivor: u
     out.finish(Stream::Markers);
 }
 
-pub fn late_event(out: &mut Out, rule: &ProfileRule, key: &[u8], ts: i64, watermark: i64, event: &[u8]) {
+pub fn late_event(
+    out: &mut Out,
+    rule: &ProfileRule,
+    key: &[u8],
+    ts: i64,
+    watermark: i64,
+    event: &[u8],
+) {
     open(out, "late_event", &rule.name, key);
     let b = &mut out.buf;
     field(b, "ts");

@@ -23,8 +23,9 @@ pub mod markers;
 pub mod numa;
 pub mod out;
 pub mod payload;
-pub mod snapshot;
+pub mod prefetch;
 pub mod rules;
+pub mod snapshot;
 pub mod table;
 pub mod wheel;
 
@@ -197,7 +198,12 @@ struct State {
 }
 
 impl Engine {
-    pub fn new(rules: Arc<Rules>, cfg: &Config, shard: u8, numa_node: Option<u32>) -> std::io::Result<Engine> {
+    pub fn new(
+        rules: Arc<Rules>,
+        cfg: &Config,
+        shard: u8,
+        numa_node: Option<u32>,
+    ) -> std::io::Result<Engine> {
         let m = &cfg.memory;
         let top = rules.profiles.len();
         let mut sub_of = vec![(0u8, 0u8); top];
@@ -229,7 +235,14 @@ impl Engine {
             sub_of,
             layouts: rules.profiles.iter().map(|p| p.layout).collect(),
             sub_counters: (0..rules.record_profile_count())
-                .map(|rp| if rp < top { 0 } else { let (pp, si) = sub_of_tmp[rp]; rules.profiles[pp as usize].subs[si as usize].counters.len() })
+                .map(|rp| {
+                    if rp < top {
+                        0
+                    } else {
+                        let (pp, si) = sub_of_tmp[rp];
+                        rules.profiles[pp as usize].subs[si as usize].counters.len()
+                    }
+                })
                 .collect(),
             ids: IdGen::new(cfg.node_id, shard),
             hasher: foldhash::fast::FixedState::with_seed(0x5e55_1011_2e5e_ed01),
@@ -275,6 +288,33 @@ impl Engine {
         self.st.ids.seq()
     }
 
+    /// Staged prefetch for an event that will be processed soon, so that callers holding a
+    /// window of decoded events overlap their cache misses: stage 0 touches the index bucket,
+    /// stage 1 (issued later, when the bucket is cached) the session head, stage 2 the payload.
+    /// Only a hint: it changes no state and may be skipped.
+    #[inline]
+    pub fn prefetch(&self, p: ProfileId, key: &[u8], stage: u8) {
+        let st = &self.st;
+        let hash = st.key_hash(p, key);
+        if stage == 0 {
+            st.index.prefetch(hash);
+            return;
+        }
+        let mut found = NIL;
+        st.index.find(hash, |slot| {
+            found = slot;
+            true
+        });
+        if found == NIL {
+            return;
+        }
+        if stage == 1 {
+            st.table.prefetch(found);
+        } else {
+            st.arena.prefetch(st.table.get(found).data);
+        }
+    }
+
     pub fn on_event(&mut self, p: ProfileId, ev: &Event<'_>, clock: Clock, out: &mut Out) {
         self.st.on_event(&self.rules, p, ev, clock, out);
     }
@@ -298,7 +338,8 @@ impl Engine {
         }
         st.layouts = rules.profiles.iter().map(|p| p.layout).collect();
         st.sub_of.clear();
-        st.sub_of.extend((0..rules.profiles.len()).map(|_| (0u8, 0u8)));
+        st.sub_of
+            .extend((0..rules.profiles.len()).map(|_| (0u8, 0u8)));
         for (pi, p) in rules.profiles.iter().enumerate() {
             for si in 0..p.subs.len() {
                 st.sub_of.push((pi as u8, si as u8));
@@ -313,7 +354,9 @@ impl Engine {
                 }
             })
             .collect();
-        st.stats.active_by_profile.resize(rules.record_profile_count(), 0);
+        st.stats
+            .active_by_profile
+            .resize(rules.record_profile_count(), 0);
         st.key_bytes_max = rules.key_bytes_max as usize;
         st.value_bytes_max = rules.value_bytes_max as usize;
         self.rules = rules;
@@ -325,7 +368,8 @@ impl Engine {
         for p in 0..rules.profiles.len() {
             self.st.expire(rules, p, clock, out);
         }
-        self.st.stats.blocks_used = u64::from(self.st.arena.blocks_total() - self.st.arena.blocks_free());
+        self.st.stats.blocks_used =
+            u64::from(self.st.arena.blocks_total() - self.st.arena.blocks_free());
     }
 
     pub fn finish(&mut self, out: &mut Out) {
@@ -340,7 +384,9 @@ impl Engine {
             }
             let p = st.table.get(s).profile as usize;
             let now = st.profile_clock(&rules.profiles[p], p, Clock::Replay);
-            let reason = st.due_reason(&rules.profiles[p], s, now).unwrap_or(EndReason::EndOfInput);
+            let reason = st
+                .due_reason(&rules.profiles[p], s, now)
+                .unwrap_or(EndReason::EndOfInput);
             st.end_session(rules, s, reason, now, out);
         }
         debug_assert_eq!(st.table.live(), 0);
@@ -371,7 +417,11 @@ impl State {
             (TimeMode::Processing, Clock::Replay) => c.max_ts,
             (TimeMode::Event, _) if c.max_ts == NONE_TS => NONE_TS,
             (TimeMode::Event, Clock::Wall(now)) => {
-                let idle_advance = if c.wall_last == NONE_TS { 0 } else { (now - c.wall_last).max(0) };
+                let idle_advance = if c.wall_last == NONE_TS {
+                    0
+                } else {
+                    (now - c.wall_last).max(0)
+                };
                 c.max_ts.saturating_add(idle_advance) - rule.allowed_lateness_ms
             }
             (TimeMode::Event, Clock::Replay) => c.max_ts - rule.allowed_lateness_ms,
@@ -381,7 +431,10 @@ impl State {
     /// The time of an event for its profile, or None when its timestamp is unusable.
     fn event_time(&self, rules: &Rules, p: usize, ev: &Event<'_>, clock: Clock) -> Option<i64> {
         let rule = &rules.profiles[p];
-        let from_field = || rule.timestamp.and_then(|(f, fmt)| rules::timestamp_ms(ev.get(f), fmt));
+        let from_field = || {
+            rule.timestamp
+                .and_then(|(f, fmt)| rules::timestamp_ms(ev.get(f), fmt))
+        };
         let max_ts = self.clocks[p].max_ts;
         match (rule.time, clock) {
             (TimeMode::Processing, Clock::Wall(now)) => Some(now.max(max_ts)),
@@ -392,7 +445,8 @@ impl State {
                     Clock::Wall(now) => now,
                     Clock::Replay => max_ts,
                 };
-                (reference == NONE_TS || t <= reference.saturating_add(self.future_skew_ms)).then_some(t)
+                (reference == NONE_TS || t <= reference.saturating_add(self.future_skew_ms))
+                    .then_some(t)
             }
         }
     }
@@ -416,21 +470,35 @@ impl State {
         let h = self.table.get(s);
         if now > h.last_ts + rule.idle_timeout_ms {
             Some(EndReason::Idle)
-        } else if rule.max_duration_ms.is_some_and(|m| now > h.start_ts.saturating_add(m)) {
+        } else if rule
+            .max_duration_ms
+            .is_some_and(|m| now > h.start_ts.saturating_add(m))
+        {
             Some(EndReason::MaxDuration)
         } else {
             None
         }
     }
 
-    fn on_event(&mut self, rules: &Rules, p: ProfileId, ev: &Event<'_>, clock: Clock, out: &mut Out) {
+    fn on_event(
+        &mut self,
+        rules: &Rules,
+        p: ProfileId,
+        ev: &Event<'_>,
+        clock: Clock,
+        out: &mut Out,
+    ) {
         let pi = p as usize;
         let rule = &rules.profiles[pi];
         self.stats.events += 1;
         let key = match ev.get(rule.key).key_bytes() {
             Some(k) if k.len() <= self.key_bytes_max => k,
             found => {
-                let reason = if found.is_some() { "key_too_long" } else { "missing_key" };
+                let reason = if found.is_some() {
+                    "key_too_long"
+                } else {
+                    "missing_key"
+                };
                 self.stats.dead_letters += 1;
                 out.dead_letter_event(reason, &rule.name, ev.raw());
                 return;
@@ -467,7 +535,10 @@ impl State {
                 self.end_session(rules, s, reason, now, out);
             } else {
                 let h = self.table.get(s);
-                if h.start_ts - rule.idle_timeout_ms <= t && t <= h.last_ts + rule.idle_timeout_ms && n < 2 {
+                if h.start_ts - rule.idle_timeout_ms <= t
+                    && t <= h.last_ts + rule.idle_timeout_ms
+                    && n < 2
+                {
                     cands[n] = s;
                     n += 1;
                 }
@@ -503,7 +574,14 @@ impl State {
         if created {
             self.stats.sessions_started += 1;
             let summary = summary(&h);
-            markers::session_start(out, rule, &rules.fields, &self.pay[..h.key_len as usize], summary, &self.pay);
+            markers::session_start(
+                out,
+                rule,
+                &rules.fields,
+                &self.pay[..h.key_len as usize],
+                summary,
+                &self.pay,
+            );
         }
         self.member.clear();
         markers::session_member(&mut self.member, &rule.name, h.id, h.count, h.start_ts);
@@ -522,10 +600,23 @@ impl State {
     /// An event within reach of two sessions of its key merges them (event time), unless the
     /// merged session would break `max_duration`; then it goes to the nearer one.
     #[allow(clippy::too_many_arguments)]
-    fn merge_or_pick(&mut self, rules: &Rules, p: usize, cands: [u32; 2], t: i64, key: &[u8], hash: u64, out: &mut Out) -> u32 {
+    fn merge_or_pick(
+        &mut self,
+        rules: &Rules,
+        p: usize,
+        cands: [u32; 2],
+        t: i64,
+        key: &[u8],
+        hash: u64,
+        out: &mut Out,
+    ) -> u32 {
         let rule = &rules.profiles[p];
         let (a, b) = (*self.table.get(cands[0]), *self.table.get(cands[1]));
-        let (early, late) = if (a.start_ts, a.id) <= (b.start_ts, b.id) { (cands[0], cands[1]) } else { (cands[1], cands[0]) };
+        let (early, late) = if (a.start_ts, a.id) <= (b.start_ts, b.id) {
+            (cands[0], cands[1])
+        } else {
+            (cands[1], cands[0])
+        };
         let (e, l) = (*self.table.get(early), *self.table.get(late));
         let span = e.last_ts.max(l.last_ts).max(t) - e.start_ts.min(l.start_ts).min(t);
         if rule.max_duration_ms.is_some_and(|m| span > m) {
@@ -536,14 +627,30 @@ impl State {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn merge(&mut self, rules: &Rules, p: usize, early: u32, late: u32, t: i64, key: &[u8], hash: u64, out: &mut Out) {
+    fn merge(
+        &mut self,
+        rules: &Rules,
+        p: usize,
+        early: u32,
+        late: u32,
+        t: i64,
+        key: &[u8],
+        hash: u64,
+        out: &mut Out,
+    ) {
         let rule = &rules.profiles[p];
         let l = &rule.layout;
         let base = key.len();
         let e_len = self.load(early, false);
         self.load(late, true);
         for i in 0..rule.counters.len() {
-            payload::counter_add(&mut self.pay, base, l, i, payload::counter(&self.pay2, base, l, i));
+            payload::counter_add(
+                &mut self.pay,
+                base,
+                l,
+                i,
+                payload::counter(&self.pay2, base, l, i),
+            );
         }
         for (i, a) in rule.aggregates.iter().enumerate() {
             let v = payload::aggregate(&self.pay2, base, l, i);
@@ -584,7 +691,9 @@ impl State {
         let fixed_end = base + l.fixed_bytes;
         let new_len = fixed_end + self.var.len();
         let data = self.table.get(s).data;
-        if new_len <= RECORD_BYTES_MAX && (new_len == old_len || self.arena.resize(data, old_len, new_len)) {
+        if new_len <= RECORD_BYTES_MAX
+            && (new_len == old_len || self.arena.resize(data, old_len, new_len))
+        {
             self.pay.truncate(fixed_end);
             self.pay.extend_from_slice(&self.var);
             payload::put_u16(&mut self.pay, base + l.var_len_off, self.var.len() as u16);
@@ -600,13 +709,21 @@ impl State {
         let h = *self.table.get(s);
         let (layout_fixed, var_len_off) = self.fixed_of(h.profile, h.flags);
         let key_len = h.key_len as usize;
-        let buf = if second { &mut self.pay2 } else { &mut self.pay };
+        let buf = if second {
+            &mut self.pay2
+        } else {
+            &mut self.pay
+        };
         buf.clear();
         buf.resize(key_len + layout_fixed, 0);
         self.arena.read(h.data, 0, buf);
         let var_len = payload::get_u16(buf, key_len + var_len_off) as usize;
         buf.resize(key_len + layout_fixed + var_len, 0);
-        self.arena.read(h.data, key_len + layout_fixed, &mut buf[key_len + layout_fixed..]);
+        self.arena.read(
+            h.data,
+            key_len + layout_fixed,
+            &mut buf[key_len + layout_fixed..],
+        );
         buf.len()
     }
 
@@ -637,13 +754,25 @@ fn check_compatible(old: &Rules, new: &Rules) -> Result<(), String> {
             Some("its time mode changed")
         } else if a.metadata.len() != b.metadata.len() || a.state.len() != b.state.len() {
             Some("its metadata or state fields changed in number")
-        } else if a.counters.len() != b.counters.len() || a.split_on_change.len() != b.split_on_change.len() {
+        } else if a.counters.len() != b.counters.len()
+            || a.split_on_change.len() != b.split_on_change.len()
+        {
             Some("its counters or split_on_change fields changed in number")
-        } else if a.aggregates.iter().map(|x| x.op).ne(b.aggregates.iter().map(|x| x.op)) {
+        } else if a
+            .aggregates
+            .iter()
+            .map(|x| x.op)
+            .ne(b.aggregates.iter().map(|x| x.op))
+        {
             Some("its aggregates changed")
         } else if a.lists.len() != b.lists.len() {
             Some("its lists changed in number")
-        } else if a.subs.len() != b.subs.len() || a.subs.iter().zip(&b.subs).any(|(x, y)| x.counters.len() != y.counters.len()) {
+        } else if a.subs.len() != b.subs.len()
+            || a.subs
+                .iter()
+                .zip(&b.subs)
+                .any(|(x, y)| x.counters.len() != y.counters.len())
+        {
             Some("its sub-sessions changed")
         } else {
             None
@@ -653,7 +782,9 @@ fn check_compatible(old: &Rules, new: &Rules) -> Result<(), String> {
         }
     }
     if new.profiles.len() > old.profiles.len() && old.profiles.iter().any(|p| !p.subs.is_empty()) {
-        return Err("adding a profile renumbers sub-session kinds; this change needs a restart".into());
+        return Err(
+            "adding a profile renumbers sub-session kinds; this change needs a restart".into(),
+        );
     }
     Ok(())
 }
@@ -668,7 +799,7 @@ fn summary(h: &Head) -> Summary {
 }
 
 /// A captured value as stored: the JSON token, or `null` when it exceeds the value limit.
-fn captured<'a>(raw: &'a [u8], max: usize) -> &'a [u8] {
+fn captured(raw: &[u8], max: usize) -> &[u8] {
     if raw.len() > max {
         b"null"
     } else {
@@ -684,7 +815,14 @@ impl State {
     }
 
     /// A rule boundary between session `s` and the event (precedence per docs/semantics.md).
-    fn split_reason(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) -> Option<EndReason> {
+    fn split_reason(
+        &mut self,
+        rules: &Rules,
+        rule: &ProfileRule,
+        s: u32,
+        ev: &Event<'_>,
+        t: i64,
+    ) -> Option<EndReason> {
         let h = *self.table.get(s);
         if let Some(m) = rule.max_duration_ms {
             if t.max(h.last_ts) - t.min(h.start_ts) > m {
@@ -711,7 +849,17 @@ impl State {
 
     /// Open a new session for (p, key) at time `t`, making room per `on_full` if needed.
     #[allow(clippy::too_many_arguments)]
-    fn create(&mut self, rules: &Rules, p: usize, key: &[u8], hash: u64, t: i64, clock: Clock, now: i64, out: &mut Out) -> Option<u32> {
+    fn create(
+        &mut self,
+        rules: &Rules,
+        p: usize,
+        key: &[u8],
+        hash: u64,
+        t: i64,
+        clock: Clock,
+        now: i64,
+        out: &mut Out,
+    ) -> Option<u32> {
         let rule = &rules.profiles[p];
         // Bound the open sessions of one key (out-of-order islands in event time).
         let mut chain_len = 0;
@@ -726,10 +874,17 @@ impl State {
             self.stats.evictions += 1;
             self.end_session(rules, oldest, EndReason::Evicted, now, out);
         }
-        let len = key.len() + rule.layout.fixed_bytes + 2 * (rule.metadata.len() + rule.state.len()) + rule.lists.len();
+        let len = key.len()
+            + rule.layout.fixed_bytes
+            + 2 * (rule.metadata.len() + rule.state.len())
+            + rule.lists.len();
         let (slot, data) = loop {
             let slot = self.table.alloc();
-            let data = if slot.is_some() { self.arena.alloc(len) } else { None };
+            let data = if slot.is_some() {
+                self.arena.alloc(len)
+            } else {
+                None
+            };
             match (slot, data) {
                 (Some(slot), Some(data)) => break (slot, data),
                 (Some(slot), None) => self.table.free(slot),
@@ -898,7 +1053,16 @@ impl State {
 
     /// Sub-sessions of the parent `parent` for this event (processing-time profiles).
     #[allow(clippy::too_many_arguments)]
-    fn on_event_subs(&mut self, rules: &Rules, p: usize, parent: u32, ev: &Event<'_>, t: i64, clock: Clock, out: &mut Out) {
+    fn on_event_subs(
+        &mut self,
+        rules: &Rules,
+        p: usize,
+        parent: u32,
+        ev: &Event<'_>,
+        t: i64,
+        clock: Clock,
+        out: &mut Out,
+    ) {
         let rule = &rules.profiles[p];
         let parent_id = self.table.get(parent).id;
         for (j, sub) in rule.subs.iter().enumerate() {
@@ -919,7 +1083,9 @@ impl State {
                 self.index
                     .find(hash, |x| {
                         let h = table.get(x);
-                        h.profile == rp && h.key_len as usize == key.len() && arena.eq_at(h.data, 0, key)
+                        h.profile == rp
+                            && h.key_len as usize == key.len()
+                            && arena.eq_at(h.data, 0, key)
                     })
                     .unwrap_or(NIL)
             };
@@ -944,7 +1110,15 @@ impl State {
                 let h = *self.table.get(s);
                 self.parent_key(parent);
                 let key_opt = sub.key.map(|_| sub_key);
-                markers::sub_session_start(out, rule, sub, &self.keybuf, key_opt, summary(&h), parent_id);
+                markers::sub_session_start(
+                    out,
+                    rule,
+                    sub,
+                    &self.keybuf,
+                    key_opt,
+                    summary(&h),
+                    parent_id,
+                );
             }
             let old_len = self.load(s, true);
             let base = self.table.get(s).key_len as usize;
@@ -966,7 +1140,16 @@ impl State {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn create_sub(&mut self, rules: &Rules, p: usize, j: usize, parent: u32, hash: u64, t: i64, clock: Clock) -> Option<u32> {
+    fn create_sub(
+        &mut self,
+        rules: &Rules,
+        p: usize,
+        j: usize,
+        parent: u32,
+        hash: u64,
+        t: i64,
+        clock: Clock,
+    ) -> Option<u32> {
         let rule = &rules.profiles[p];
         let sub = &rule.subs[j];
         let pl = &rule.layout;
@@ -975,7 +1158,8 @@ impl State {
         // Find a free sub-session slot in the parent's payload.
         let free_i = (0..payload::sub_slots(pl)).find(|&i| {
             let mut b = [0u8; 4];
-            self.arena.read(parent_h.data, parent_base + pl.subs_off + 4 * i, &mut b);
+            self.arena
+                .read(parent_h.data, parent_base + pl.subs_off + 4 * i, &mut b);
             u32::from_le_bytes(b) == NIL
         });
         let Some(free_i) = free_i else {
@@ -994,7 +1178,11 @@ impl State {
         self.pay2.extend_from_slice(&self.keybuf);
         self.pay2.resize(len, 0);
         self.arena.write(data, 0, &self.pay2);
-        self.arena.write(parent_h.data, parent_base + pl.subs_off + 4 * free_i, &slot.to_le_bytes());
+        self.arena.write(
+            parent_h.data,
+            parent_base + pl.subs_off + 4 * free_i,
+            &slot.to_le_bytes(),
+        );
         let id = self.ids.next(clock);
         *self.table.get_mut(slot) = Head {
             id,
@@ -1040,15 +1228,31 @@ impl State {
         let pbase = parent_h.key_len as usize;
         for i in 0..payload::sub_slots(pl) {
             let mut b = [0u8; 4];
-            self.arena.read(parent_h.data, pbase + pl.subs_off + 4 * i, &mut b);
+            self.arena
+                .read(parent_h.data, pbase + pl.subs_off + 4 * i, &mut b);
             if u32::from_le_bytes(b) == s {
-                self.arena.write(parent_h.data, pbase + pl.subs_off + 4 * i, &NIL.to_le_bytes());
+                self.arena.write(
+                    parent_h.data,
+                    pbase + pl.subs_off + 4 * i,
+                    &NIL.to_le_bytes(),
+                );
             }
         }
         self.parent_key(parent);
         let key_len = h.key_len as usize;
         let sub_key = sub.key.map(|_| &self.pay2[8..key_len]);
-        markers::sub_session_end(out, rule, sub, &self.keybuf, sub_key, summary(&h), parent_id, reason, &self.pay2[..len], key_len);
+        markers::sub_session_end(
+            out,
+            rule,
+            sub,
+            &self.keybuf,
+            sub_key,
+            summary(&h),
+            parent_id,
+            reason,
+            &self.pay2[..len],
+            key_len,
+        );
         let hash = self.hasher.hash_one((h.profile, &self.pay2[..key_len]));
         self.index.remove(hash, s);
         self.release(pp as usize, s);
@@ -1101,7 +1305,15 @@ impl State {
         }
         let len = self.load(s, false);
         let key_len = h.key_len as usize;
-        markers::session_end(out, rule, &rules.fields, &self.pay[..key_len], summary(&h), reason, &self.pay[..len]);
+        markers::session_end(
+            out,
+            rule,
+            &rules.fields,
+            &self.pay[..key_len],
+            summary(&h),
+            reason,
+            &self.pay[..len],
+        );
         self.stats.sessions_ended[reason as usize] += 1;
         let hash = self.hasher.hash_one((h.profile, &self.pay[..key_len]));
         self.keybuf.clear();
@@ -1118,7 +1330,9 @@ impl State {
         for q in order {
             let mut victim = None;
             for _ in 0..EVICT_SCAN_MAX {
-                let Some(v) = self.wheels[q].earliest(self.table.heads()) else { break };
+                let Some(v) = self.wheels[q].earliest(self.table.heads()) else {
+                    break;
+                };
                 // The bucket may be stale (lazy re-linking): re-link to the true deadline and
                 // accept the candidate once it stays the earliest.
                 let due = due_s(self.deadline(rules, v));
@@ -1130,7 +1344,9 @@ impl State {
             }
             if let Some(v) = victim {
                 self.stats.evictions += 1;
-                let vclock = self.profile_clock(&rules.profiles[q], q, Clock::Replay).max(now);
+                let vclock = self
+                    .profile_clock(&rules.profiles[q], q, Clock::Replay)
+                    .max(now);
                 self.end_session(rules, v, EndReason::Evicted, vclock, out);
                 return true;
             }

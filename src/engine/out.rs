@@ -71,7 +71,8 @@ impl Out {
     /// A record that could not be decoded or admitted. `raw` need not be valid JSON or UTF-8:
     /// it is embedded as a JSON string.
     pub fn dead_letter(&mut self, reason: &str, transport: &str, raw: &[u8]) {
-        self.buf.extend_from_slice(b"{\"kind\":\"dead_letter\",\"reason\":\"");
+        self.buf
+            .extend_from_slice(b"{\"kind\":\"dead_letter\",\"reason\":\"");
         self.buf.extend_from_slice(reason.as_bytes());
         self.buf.extend_from_slice(b"\",\"transport\":\"");
         self.buf.extend_from_slice(transport.as_bytes());
@@ -84,7 +85,8 @@ impl Out {
     /// A decoded event refused by the engine (e.g. a full session table under `on_full = "reject"`):
     /// the event is valid JSON and is embedded as an object.
     pub fn dead_letter_event(&mut self, reason: &str, profile: &str, event: &[u8]) {
-        self.buf.extend_from_slice(b"{\"kind\":\"dead_letter\",\"reason\":\"");
+        self.buf
+            .extend_from_slice(b"{\"kind\":\"dead_letter\",\"reason\":\"");
         self.buf.extend_from_slice(reason.as_bytes());
         self.buf.extend_from_slice(b"\",\"profile\":\"");
         self.buf.extend_from_slice(profile.as_bytes());

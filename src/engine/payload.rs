@@ -64,7 +64,14 @@ pub fn counter(buf: &[u8], base: usize, layout: &Layout, i: usize) -> u32 {
     get_u32(buf, base + layout.counters_off + 4 * i)
 }
 
-pub fn aggregate_apply(buf: &mut [u8], base: usize, layout: &Layout, i: usize, op: AggregateOp, v: f64) {
+pub fn aggregate_apply(
+    buf: &mut [u8],
+    base: usize,
+    layout: &Layout,
+    i: usize,
+    op: AggregateOp,
+    v: f64,
+) {
     let off = base + layout.aggregates_off + 8 * i;
     put_f64(buf, off, combine(op, get_f64(buf, off), v));
 }
@@ -144,6 +151,12 @@ pub struct VarEdits<'a> {
     pub any: bool,
 }
 
+impl Default for VarEdits<'_> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<'a> VarEdits<'a> {
     pub fn new() -> Self {
         VarEdits {
@@ -156,14 +169,20 @@ impl<'a> VarEdits<'a> {
 
 /// Build the edited var area of `src` (values, lists) into `dst`, appending. Returns false when
 /// nothing changed (dst is then left as it was) so the caller can skip the store.
-pub fn rebuild_var(src: &[u8], values: usize, lists: &[ListRule], edits: &VarEdits<'_>, dst: &mut Vec<u8>) -> bool {
+pub fn rebuild_var(
+    src: &[u8],
+    values: usize,
+    lists: &[ListRule],
+    edits: &VarEdits<'_>,
+    dst: &mut Vec<u8>,
+) -> bool {
     let mark = dst.len();
     let mut changed = false;
     let mut r = VarReader::new(src);
     for i in 0..values {
         let old = r.value();
         let new = match edits.values[i] {
-            Some((v, only_if_unset)) if !(only_if_unset && !old.is_empty()) && v != old => {
+            Some((v, only_if_unset)) if (!only_if_unset || old.is_empty()) && v != old => {
                 changed = true;
                 v
             }
@@ -197,7 +216,14 @@ pub fn rebuild_var(src: &[u8], values: usize, lists: &[ListRule], edits: &VarEdi
 
 /// Var area of a merge: metadata from `early` (falling back to `late`), state from `late`
 /// (falling back to `early`), lists `early` then `late` within their limits.
-pub fn merge_var(early: &[u8], late: &[u8], metadata: usize, state: usize, lists: &[ListRule], dst: &mut Vec<u8>) {
+pub fn merge_var(
+    early: &[u8],
+    late: &[u8],
+    metadata: usize,
+    state: usize,
+    lists: &[ListRule],
+    dst: &mut Vec<u8>,
+) {
     let (mut e, mut l) = (VarReader::new(early), VarReader::new(late));
     for i in 0..metadata + state {
         let (a, b) = (e.value(), l.value());
@@ -307,9 +333,18 @@ mod tests {
         edits.values[1] = Some((b"\"/a\"", false));
         edits.appends[0] = Some(b"1");
         let mut dst = Vec::new();
-        assert!(rebuild_var(var_area(&buf, 5, &layout), 2, &lists, &edits, &mut dst));
+        assert!(rebuild_var(
+            var_area(&buf, 5, &layout),
+            2,
+            &lists,
+            &edits,
+            &mut dst
+        ));
         let mut again = Vec::new();
-        assert!(!rebuild_var(&dst, 2, &lists, &edits, &mut again), "same values, unique list: nothing changes");
+        assert!(
+            !rebuild_var(&dst, 2, &lists, &edits, &mut again),
+            "same values, unique list: nothing changes"
+        );
         let again = dst.clone();
         let mut r = VarReader::new(&again);
         assert_eq!(r.value(), b"\"ip\"");
@@ -331,7 +366,10 @@ mod tests {
         let mut edits = VarEdits::new();
         edits.appends[0] = Some(b"8");
         let mut dst = vec![9];
-        assert!(!rebuild_var(&src, 1, &lists, &edits, &mut dst), "list is at max_len");
+        assert!(
+            !rebuild_var(&src, 1, &lists, &edits, &mut dst),
+            "list is at max_len"
+        );
         assert_eq!(dst, vec![9]);
     }
 }

@@ -210,7 +210,10 @@ impl Rules {
                 next_sub_id += 1;
             }
             for (kind, names) in [
-                ("counter", counters.iter().map(|x| &x.name).collect::<Vec<_>>()),
+                (
+                    "counter",
+                    counters.iter().map(|x| &x.name).collect::<Vec<_>>(),
+                ),
                 ("aggregate", aggregates.iter().map(|x| &x.name).collect()),
                 ("list", lists.iter().map(|x| &x.name).collect()),
                 ("sub_session", subs.iter().map(|x| &x.name).collect()),
@@ -220,7 +223,10 @@ impl Rules {
                 if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
                     return Err(ConfigError {
                         key: at(&format!("{kind}.name")),
-                        message: format!("`{}` is used twice in this profile; names must be unique", w[0]),
+                        message: format!(
+                            "`{}` is used twice in this profile; names must be unique",
+                            w[0]
+                        ),
                     });
                 }
             }
@@ -228,7 +234,11 @@ impl Rules {
                 counters.len(),
                 aggregates.len(),
                 split_on_change.len(),
-                if subs.is_empty() { 0 } else { cfg.limits.sub_sessions_per_session_max as usize },
+                if subs.is_empty() {
+                    0
+                } else {
+                    cfg.limits.sub_sessions_per_session_max as usize
+                },
             );
             c.rules.profiles.push(ProfileRule {
                 name: p.name.clone(),
@@ -261,11 +271,14 @@ impl Rules {
     /// Profiles whose `match` accepts the event, in configuration order.
     pub fn matching<'r, 'e: 'r>(&'r self, ev: &Event<'e>) -> impl Iterator<Item = ProfileId> + 'r {
         let ev = *ev;
-        self.profiles.iter().enumerate().filter_map(move |(i, p)| match p.match_ {
-            None => Some(i as ProfileId),
-            Some(m) if self.eval(m, &ev) => Some(i as ProfileId),
-            Some(_) => None,
-        })
+        self.profiles
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, p)| match p.match_ {
+                None => Some(i as ProfileId),
+                Some(m) if self.eval(m, &ev) => Some(i as ProfileId),
+                Some(_) => None,
+            })
     }
 
     pub fn eval(&self, id: PredId, ev: &Event<'_>) -> bool {
@@ -274,9 +287,11 @@ impl Rules {
             Node::Ne(f, lit) => !lit.matches(&ev.get(*f)),
             Node::In(f, a, b) => {
                 let v = ev.get(*f);
-                self.lits[*a as usize..*b as usize].iter().any(|l| l.matches(&v))
+                self.lits[*a as usize..*b as usize]
+                    .iter()
+                    .any(|l| l.matches(&v))
             }
-            Node::Exists(f, want) => !ev.get(*f).is_missing() == *want,
+            Node::Exists(f, want) => ev.get(*f).is_missing() != *want,
             Node::Cmp(f, op, x) => match ev.get(*f).as_f64() {
                 None => false,
                 Some(v) => match op {
@@ -290,8 +305,12 @@ impl Rules {
                 Field::String { text, .. } => text.starts_with(p),
                 _ => false,
             },
-            Node::All(a, b) => self.kids[*a as usize..*b as usize].iter().all(|&k| self.eval(k, ev)),
-            Node::Any(a, b) => self.kids[*a as usize..*b as usize].iter().any(|&k| self.eval(k, ev)),
+            Node::All(a, b) => self.kids[*a as usize..*b as usize]
+                .iter()
+                .all(|&k| self.eval(k, ev)),
+            Node::Any(a, b) => self.kids[*a as usize..*b as usize]
+                .iter()
+                .any(|&k| self.eval(k, ev)),
             Node::Not(k) => !self.eval(*k, ev),
         }
     }
@@ -311,7 +330,7 @@ pub fn timestamp_ms(f: Field<'_>, format: TsFormat) -> Option<i64> {
     const MS_MAX: f64 = 253_402_300_799_999.0; // 9999-12-31T23:59:59.999Z
     let scaled = |x: f64, mult: f64| {
         let ms = (x * mult).floor();
-        (ms.is_finite() && ms >= 0.0 && ms <= MS_MAX).then_some(ms as i64)
+        (0.0..=MS_MAX).contains(&ms).then_some(ms as i64)
     };
     match format {
         TsFormat::EpochMs => match f.as_i64() {
@@ -361,7 +380,9 @@ impl Compiler {
         if path.is_empty() || path.split('.').any(|s| s.is_empty()) {
             return Err(ConfigError {
                 key: key.into(),
-                message: format!("`{path}` is not a field path; write e.g. \"user\" or \"ctx.device.id\""),
+                message: format!(
+                    "`{path}` is not a field path; write e.g. \"user\" or \"ctx.device.id\""
+                ),
             });
         }
         if self.rules.fields.len() >= FIELDS_MAX {
@@ -378,7 +399,11 @@ impl Compiler {
         paths.iter().map(|p| self.field(key, p)).collect()
     }
 
-    fn counters(&mut self, key: &str, specs: &[crate::config::CounterSpec]) -> Result<Vec<Counter>, ConfigError> {
+    fn counters(
+        &mut self,
+        key: &str,
+        specs: &[crate::config::CounterSpec],
+    ) -> Result<Vec<Counter>, ConfigError> {
         specs
             .iter()
             .map(|s| {
@@ -390,7 +415,11 @@ impl Compiler {
             .collect()
     }
 
-    fn opt_pred(&mut self, key: &str, p: Option<&PredicateSpec>) -> Result<Option<PredId>, ConfigError> {
+    fn opt_pred(
+        &mut self,
+        key: &str,
+        p: Option<&PredicateSpec>,
+    ) -> Result<Option<PredId>, ConfigError> {
         p.map(|p| self.pred(key, p, 0)).transpose()
     }
 
@@ -426,14 +455,25 @@ impl Compiler {
         }
         let combinator = p.all.is_some() || p.any.is_some() || p.not.is_some();
         let field = match (&p.field, combinator) {
-            (Some(_), true) => return Err(bad("`field` is not allowed beside all/any/not; put it in the inner predicates".into())),
-            (None, false) => return Err(bad("missing `field`; e.g. { field = \"type\", eq = \"click\" }".into())),
+            (Some(_), true) => {
+                return Err(bad(
+                    "`field` is not allowed beside all/any/not; put it in the inner predicates"
+                        .into(),
+                ))
+            }
+            (None, false) => {
+                return Err(bad(
+                    "missing `field`; e.g. { field = \"type\", eq = \"click\" }".into(),
+                ))
+            }
             (Some(f), false) => Some(self.field(key, f)?),
             (None, true) => None,
         };
         let node = if let Some(list) = p.all.as_ref().or(p.any.as_ref()) {
             if list.is_empty() {
-                return Err(bad("an empty all/any list; give it at least one predicate".into()));
+                return Err(bad(
+                    "an empty all/any list; give it at least one predicate".into()
+                ));
             }
             let ids = list
                 .iter()

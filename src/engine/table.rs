@@ -171,6 +171,14 @@ impl Table {
 
     /// `false` for free slots and for slots beyond the capacity (so it can vet untrusted slots,
     /// e.g. from a snapshot).
+    /// Hint that the head of `slot` will be read soon.
+    #[inline]
+    pub fn prefetch(&self, slot: u32) {
+        if let Some(h) = self.heads.get(slot as usize) {
+            super::prefetch::read(h);
+        }
+    }
+
     pub fn is_live(&self, slot: u32) -> bool {
         self.heads
             .get(slot as usize)

@@ -13,7 +13,10 @@ struct Rig {
 
 impl Rig {
     fn new(profiles: &str) -> Rig {
-        let cfg = Config::from_toml(&format!("[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{profiles}")).unwrap();
+        let cfg = Config::from_toml(&format!(
+            "[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{profiles}"
+        ))
+        .unwrap();
         let rules = Arc::new(Rules::compile(&cfg).unwrap());
         let dec = Decoder::new(rules.field_table(), 32, 65536);
         Rig {
@@ -32,7 +35,11 @@ impl Rig {
     }
 
     fn records(&mut self) -> Vec<serde_json::Value> {
-        let v = self.out.iter().map(|(_, l)| serde_json::from_slice(l).unwrap()).collect();
+        let v = self
+            .out
+            .iter()
+            .map(|(_, l)| serde_json::from_slice(l).unwrap())
+            .collect();
         self.out.clear();
         v
     }
@@ -125,16 +132,30 @@ idle_timeout = "10s"
     r.send(r#"{"dev":"d","ts":118}"#);
     r.send(r#"{"dev":"d","ts":109}"#);
     let recs = r.records();
-    let merged: Vec<_> = recs.iter().filter(|x| x["kind"] == "session_merged").collect();
+    let merged: Vec<_> = recs
+        .iter()
+        .filter(|x| x["kind"] == "session_merged")
+        .collect();
     assert_eq!(merged.len(), 1, "{recs:#?}");
-    assert_eq!(merged[0]["session_id"], recs[0]["session_id"], "the earlier session survives");
+    assert_eq!(
+        merged[0]["session_id"], recs[0]["session_id"],
+        "the earlier session survives"
+    );
     r.send(r#"{"dev":"d","ts":300}"#);
     r.send(r#"{"dev":"d","ts":200}"#);
     r.engine.advance(Clock::Replay, &mut r.out);
     let recs = r.records();
-    assert!(recs.iter().any(|x| x["kind"] == "late_event" && x["ts"] == 200_000), "{recs:#?}");
+    assert!(
+        recs.iter()
+            .any(|x| x["kind"] == "late_event" && x["ts"] == 200_000),
+        "{recs:#?}"
+    );
     let ends = Rig::ends(&recs);
-    assert_eq!(ends.len(), 1, "watermark 240s closes the first session: {recs:#?}");
+    assert_eq!(
+        ends.len(),
+        1,
+        "watermark 240s closes the first session: {recs:#?}"
+    );
     assert_eq!(ends[0]["count"], 3);
     assert_eq!(ends[0]["start_ts"], 100_000);
     assert_eq!(ends[0]["last_ts"], 118_000);
@@ -165,17 +186,32 @@ name = "steps"
     r.send(r#"{"user":"u","ts":5000,"type":"cart"}"#);
     r.engine.finish(&mut r.out);
     let recs = r.records();
-    let kinds: Vec<_> = recs.iter().map(|x| x["kind"].as_str().unwrap_or("event")).collect();
-    let subs_end: Vec<_> = recs.iter().filter(|x| x["kind"] == "sub_session_end").collect();
+    let kinds: Vec<_> = recs
+        .iter()
+        .map(|x| x["kind"].as_str().unwrap_or("event"))
+        .collect();
+    let subs_end: Vec<_> = recs
+        .iter()
+        .filter(|x| x["kind"] == "sub_session_end")
+        .collect();
     assert_eq!(subs_end.len(), 2, "{kinds:?}");
     assert_eq!(subs_end[0]["reason"], "ends_when");
     assert_eq!(subs_end[0]["count"], 3);
     assert_eq!(subs_end[0]["counters"]["steps"], 3);
     assert_eq!(subs_end[1]["reason"], "end_of_input");
-    let parent_end = recs.iter().position(|x| x["kind"] == "session_end").unwrap();
-    let last_sub_end = recs.iter().rposition(|x| x["kind"] == "sub_session_end").unwrap();
+    let parent_end = recs
+        .iter()
+        .position(|x| x["kind"] == "session_end")
+        .unwrap();
+    let last_sub_end = recs
+        .iter()
+        .rposition(|x| x["kind"] == "sub_session_end")
+        .unwrap();
     assert!(last_sub_end < parent_end);
-    assert_eq!(subs_end[1]["parent_session_id"], recs[parent_end]["session_id"]);
+    assert_eq!(
+        subs_end[1]["parent_session_id"],
+        recs[parent_end]["session_id"]
+    );
 }
 
 #[test]
@@ -188,11 +224,19 @@ fn full_table_evicts_the_session_closest_to_its_deadline() {
     let mut dec = Decoder::new(rules.field_table(), 32, 1024);
     let mut engine = Engine::new(rules, &cfg, 0, None).unwrap();
     let mut out = Out::with_capacity(4096, 64);
-    for line in [r#"{"k":"a","ts":1000}"#, r#"{"k":"b","ts":2000}"#, r#"{"k":"a","ts":3000}"#, r#"{"k":"c","ts":4000}"#] {
+    for line in [
+        r#"{"k":"a","ts":1000}"#,
+        r#"{"k":"b","ts":2000}"#,
+        r#"{"k":"a","ts":3000}"#,
+        r#"{"k":"c","ts":4000}"#,
+    ] {
         let ev = dec.decode(line.as_bytes()).unwrap();
         engine.on_event(0, &ev, Clock::Replay, &mut out);
     }
-    let recs: Vec<serde_json::Value> = out.iter().map(|(_, l)| serde_json::from_slice(l).unwrap()).collect();
+    let recs: Vec<serde_json::Value> = out
+        .iter()
+        .map(|(_, l)| serde_json::from_slice(l).unwrap())
+        .collect();
     let ends: Vec<_> = recs.iter().filter(|x| x["kind"] == "session_end").collect();
     assert_eq!(ends.len(), 1);
     assert_eq!(ends[0]["key"], "b", "b expires first");
@@ -206,12 +250,26 @@ fn reload_changes_predicates_in_place_and_refuses_layout_changes() {
     r.send(r#"{"user":"a","ts":1000,"type":"logout"}"#);
     assert_eq!(Rig::ends(&r.records()).len(), 1);
     let changed = WEB.replace(r#"eq = "logout""#, r#"eq = "bye""#);
-    let cfg = Config::from_toml(&format!("[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{changed}")).unwrap();
-    r.engine.set_rules(Arc::new(Rules::compile(&cfg).unwrap())).unwrap();
+    let cfg = Config::from_toml(&format!(
+        "[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{changed}"
+    ))
+    .unwrap();
+    r.engine
+        .set_rules(Arc::new(Rules::compile(&cfg).unwrap()))
+        .unwrap();
     r.send(r#"{"user":"a","ts":2000,"type":"logout"}"#);
-    assert!(Rig::ends(&r.records()).is_empty(), "logout no longer ends sessions");
+    assert!(
+        Rig::ends(&r.records()).is_empty(),
+        "logout no longer ends sessions"
+    );
     let bigger = WEB.replace(r#"metadata = ["ip"]"#, r#"metadata = ["ip", "ua"]"#);
-    let cfg = Config::from_toml(&format!("[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{bigger}")).unwrap();
-    let err = r.engine.set_rules(Arc::new(Rules::compile(&cfg).unwrap())).unwrap_err();
+    let cfg = Config::from_toml(&format!(
+        "[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{bigger}"
+    ))
+    .unwrap();
+    let err = r
+        .engine
+        .set_rules(Arc::new(Rules::compile(&cfg).unwrap()))
+        .unwrap_err();
     assert!(err.contains("needs a restart"), "{err}");
 }

@@ -1,0 +1,1395 @@
+//! Engine state export and import: the body of a snapshot file (`docs/storage-format.md`).
+//!
+//! Export ([`Engine::write_snapshot`]) streams an rkyv 0.8 archive of [`SnapshotBody`] straight
+//! from the table, the arena and the wheels into any `io::Write`: payload bytes go from the arena
+//! to the writer record by record, and the fixed-size [`RecordImage`]s are resolved one at a time,
+//! so the only memory it takes beyond the writer's own is a slot order and a length per record
+//! (8 bytes a session). Records are listed in slot order, each top-level session followed by its
+//! sub-sessions in the order of its sub-session slots, so a sub-session's `parent` is the index of
+//! the nearest preceding top-level record.
+//!
+//! Import ([`Engine::restore_from`]) reads the validated archive in place (zero-copy) and rebuilds
+//! table heads, arena payloads, the index, the wheels, the clocks and the id sequence. Two modes:
+//! - *exact*: the engine is empty and the archive is its own shard's, with the same table capacity
+//!   and wheel size, and every record is importable. Every session goes back to its old slot, the
+//!   table's free list, the key chains and the wheel buckets (down to the order within a bucket)
+//!   are reproduced, so the restored engine makes exactly the decisions the original would have
+//!   made (end markers in the same order, the same eviction victims): replaying the log after the
+//!   snapshot re-emits byte-identical output.
+//! - *compact*: anything else (another shard count, another capacity, a changed profile, several
+//!   archives into one engine). Sessions owned by this shard (`fnv1a32(key) % shards`) get fresh
+//!   slots, chains are rebuilt newest-first and sessions are linked at their deadline second.
+//!
+//! Records of a profile whose fingerprint (name, key, time mode, payload layout, captured fields,
+//! sub-session kinds) changed or that no longer exists are not imported; neither is a record that
+//! fails validation (a checksum-valid file written by a buggy or foreign build). Timeouts are not
+//! part of the fingerprint: deadlines are recomputed with the current rules, and a session placed
+//! in a wheel bucket later than its new deadline is moved forward.
+//!
+//! Sessions whose deadline passed while the process was down are ordinary wheel entries at or
+//! before their deadline second: the first `advance(Clock::Wall(now))` drains and ends them with
+//! their normal reason, once (ending releases the record).
+
+use std::hash::BuildHasher;
+use std::io::{self, Write};
+
+use rkyv::munge::munge;
+use rkyv::rancor::{Fallible, Source};
+use rkyv::ser::{Allocator, Writer, WriterExt};
+use rkyv::vec::{ArchivedVec, VecResolver};
+use rkyv::{Archive, Place, Serialize};
+
+use super::payload;
+use super::rules::{Layout, ProfileRule, Rules};
+use super::table::{Head, FLAGS_ENGINE, FLAG_FREE, FLAG_WHEEL_LINKED, NIL};
+use super::wheel::Wheel;
+use super::{due_s, fnv1a32, Engine, State, FLAG_SUB, NONE_TS};
+use crate::config::RECORD_BYTES_MAX;
+
+/// Version of the body layout below; bumped on any change to the archived types.
+pub const BODY_FORMAT: u32 = 1;
+
+/// `wheel.rs` marks the first entry of a bucket by storing `BUCKET_BIT | bucket` in `wheel_prev`.
+/// Private there; duplicated here and pinned by the test `bucket_bit_matches_the_wheel`.
+const WHEEL_BUCKET_BIT: u32 = 1 << 31;
+
+/// Bit of [`RecordImage::flags`] marking a sub-session (the engine's own flag, stored as is).
+pub const RECORD_FLAG_SUB: u8 = FLAG_SUB;
+
+/// Timestamps outside +-this many milliseconds (about year 33658) are rejected on import, so
+/// deadline arithmetic cannot overflow.
+const TS_ABS_MAX: i64 = 1_000_000_000_000_000;
+
+/// What the caller knows about the snapshot being written (the engine knows the rest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub shard: u32,
+    pub shards: u32,
+    pub generation: u64,
+    /// Wall time of the capture, epoch milliseconds.
+    pub wall_ms: i64,
+    /// Sequence of the last log record applied to the engine before the capture (0: none).
+    pub log_seq: u64,
+}
+
+/// What `write_snapshot` wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotSummary {
+    /// Top-level sessions.
+    pub sessions: u64,
+    pub sub_sessions: u64,
+    pub payload_bytes: u64,
+    /// Length of the archive written.
+    pub body_bytes: u64,
+    /// CRC-32 (IEEE, as `crc32fast`) of the archive written.
+    pub body_crc32: u32,
+    pub id_seq: u64,
+    /// Smallest `max_ts` over profiles that have seen an event (`i64::MIN` if none has).
+    pub min_clock_ms: i64,
+    /// Smallest wheel cursor over profiles, in seconds.
+    pub wheel_cursor_s: i64,
+}
+
+/// Outcome of [`Engine::restore_from`] for one archive.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Top-level sessions imported.
+    pub sessions: u64,
+    pub sub_sessions: u64,
+    /// Records (and their sub-sessions) whose key another shard owns now.
+    pub other_shard: u64,
+    /// Records of a profile that changed or no longer exists.
+    pub profile_changed: u64,
+    /// Records that failed validation.
+    pub invalid: u64,
+    /// Records refused because the table or the arena is full.
+    pub no_room: u64,
+    /// Whether slots, free list, chains and wheel order were reproduced exactly.
+    pub exact: bool,
+    /// Names of archived profiles whose records were not imported.
+    pub changed_profiles: Vec<String>,
+}
+
+impl RestoreReport {
+    pub fn dropped(&self) -> u64 {
+        self.profile_changed + self.invalid + self.no_room
+    }
+}
+
+/// The archived root. Only its archived form is ever read; export writes it with a streaming
+/// serializer and tests may build one by hand.
+#[derive(Archive, Serialize, Debug, Default)]
+pub struct SnapshotBody {
+    pub format: u32,
+    pub shard: u32,
+    pub shards: u32,
+    pub table_capacity: u32,
+    pub slots_max: u32,
+    pub generation: u64,
+    pub log_seq: u64,
+    pub wall_ms: i64,
+    /// `IdGen::seq` at capture.
+    pub id_seq: u64,
+    /// One per record profile (top-level profiles, then sub-session kinds), by old index.
+    pub profiles: Vec<ProfileImage>,
+    /// The table's free list, in order, as runs of consecutive ascending slots.
+    pub free_runs: Vec<SlotRun>,
+    /// Every record's payload, concatenated in record order.
+    pub payload: Vec<u8>,
+    pub records: Vec<RecordImage>,
+}
+
+#[derive(Archive, Serialize, Debug, Clone, Default)]
+pub struct ProfileImage {
+    /// Profile name; `parent/sub` for a sub-session kind.
+    pub name: String,
+    /// Human-readable text the fingerprint hashes (shown by `inspect-snapshot`).
+    pub descriptor: String,
+    /// FNV-1a 64 of `descriptor`.
+    pub fingerprint: u64,
+    /// Record-profile index of the parent of a sub-session kind; `u32::MAX` for a top-level one.
+    pub parent: u32,
+    pub max_ts: i64,
+    pub wall_last: i64,
+    /// Wheel of a top-level profile: its cursor, then its non-empty buckets, each with the slots
+    /// linked in it in list order (`wheel_slots` holds the spans back to back).
+    pub wheel_cursor_s: i64,
+    pub wheel_spans: Vec<WheelSpan>,
+    pub wheel_slots: Vec<u32>,
+}
+
+#[derive(Archive, Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WheelSpan {
+    pub bucket: u32,
+    pub len: u32,
+}
+
+#[derive(Archive, Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotRun {
+    pub start: u32,
+    pub len: u32,
+}
+
+/// One session or sub-session: 56 bytes archived.
+#[derive(Archive, Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordImage {
+    pub id: u64,
+    pub start_ts: i64,
+    pub last_ts: i64,
+    /// Offset of the payload in `SnapshotBody::payload`.
+    pub payload_off: u64,
+    pub count: u32,
+    /// Table slot at capture.
+    pub slot: u32,
+    /// `Head::link` at capture: next older session of the key (top-level), parent slot (sub).
+    pub link: u32,
+    /// Index of the parent record for a sub-session, `u32::MAX` for a top-level one.
+    pub parent: u32,
+    pub payload_len: u32,
+    pub key_len: u16,
+    /// Old record-profile index (into `SnapshotBody::profiles`).
+    pub profile: u8,
+    /// Engine-owned head flags (`FLAG_SUB`).
+    pub flags: u8,
+}
+
+const _: () = assert!(std::mem::size_of::<ArchivedRecordImage>() == 56);
+
+/// FNV-1a, 64 bits: stable across builds (unlike the engine's seeded hasher).
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// (name, descriptor, parent record profile or `u32::MAX`) of every record profile, by index.
+pub fn profile_descriptors(rules: &Rules) -> Vec<(String, String, u32)> {
+    let field = |id: u16| rules.fields[id as usize].as_str();
+    let mut out: Vec<Option<(String, String, u32)>> = vec![None; rules.record_profile_count()];
+    for (pi, p) in rules.profiles.iter().enumerate() {
+        let subs: Vec<String> = p.subs.iter().map(|s| sub_descriptor(rules, p, s)).collect();
+        let l = &p.layout;
+        let descriptor = format!(
+            "profile {name}; key {key}; time {time:?}; layout {c} {a} {s} {u} {v} {f}; counters {counters:?}; \
+             aggregates {aggs:?}; split_on_change {split:?}; metadata {meta:?}; state {state:?}; lists {lists:?}; \
+             sub_sessions {subs:?}",
+            name = p.name,
+            key = field(p.key),
+            time = p.time,
+            c = l.counters_off,
+            a = l.aggregates_off,
+            s = l.split_off,
+            u = l.subs_off,
+            v = l.var_len_off,
+            f = l.fixed_bytes,
+            counters = p.counters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+            aggs = p.aggregates.iter().map(|a| (a.name.as_str(), field(a.field), a.op)).collect::<Vec<_>>(),
+            split = p.split_on_change.iter().map(|&f| field(f)).collect::<Vec<_>>(),
+            meta = p.metadata.iter().map(|&f| field(f)).collect::<Vec<_>>(),
+            state = p.state.iter().map(|&f| field(f)).collect::<Vec<_>>(),
+            lists = p.lists.iter().map(|x| (x.name.as_str(), field(x.field), x.max_len, x.unique)).collect::<Vec<_>>(),
+        );
+        out[pi] = Some((p.name.clone(), descriptor, u32::MAX));
+        for (s, d) in p.subs.iter().zip(subs) {
+            out[s.record_profile as usize] = Some((format!("{}/{}", p.name, s.name), d, pi as u32));
+        }
+    }
+    out.into_iter()
+        .map(|d| d.expect("every record profile is a profile or a sub-session kind"))
+        .collect()
+}
+
+fn sub_descriptor(rules: &Rules, p: &ProfileRule, s: &super::rules::SubRule) -> String {
+    format!(
+        "sub_session {}/{}; key {:?}; counters {:?}",
+        p.name,
+        s.name,
+        s.key.map(|f| rules.fields[f as usize].as_str()),
+        s.counters
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Export.
+// ---------------------------------------------------------------------------------------------
+
+/// What export computes from one sweep of the table before writing anything.
+struct Plan {
+    /// Slots in record order.
+    order: Vec<u32>,
+    /// Payload length of each record.
+    lens: Vec<u32>,
+    payload_bytes: u64,
+    sessions: u64,
+    sub_sessions: u64,
+    profiles: Vec<ProfileImage>,
+    free_runs: Vec<SlotRun>,
+}
+
+/// The streaming source whose archived form is [`ArchivedSnapshotBody`].
+struct BodySource<'e> {
+    st: &'e State,
+    meta: SnapshotMeta,
+    plan: Plan,
+}
+
+struct BodyResolver {
+    profiles: VecResolver,
+    free_runs: VecResolver,
+    payload: VecResolver,
+    records: VecResolver,
+}
+
+impl Archive for BodySource<'_> {
+    type Archived = ArchivedSnapshotBody;
+    type Resolver = BodyResolver;
+
+    fn resolve(&self, resolver: BodyResolver, out: Place<ArchivedSnapshotBody>) {
+        munge!(let ArchivedSnapshotBody {
+            format, shard, shards, table_capacity, slots_max, generation, log_seq, wall_ms, id_seq,
+            profiles, free_runs, payload, records,
+        } = out);
+        let st = self.st;
+        BODY_FORMAT.resolve((), format);
+        self.meta.shard.resolve((), shard);
+        self.meta.shards.resolve((), shards);
+        st.table.capacity().resolve((), table_capacity);
+        st.wheels
+            .first()
+            .map_or(0, Wheel::slots_max)
+            .resolve((), slots_max);
+        self.meta.generation.resolve((), generation);
+        self.meta.log_seq.resolve((), log_seq);
+        self.meta.wall_ms.resolve((), wall_ms);
+        st.ids.seq().resolve((), id_seq);
+        ArchivedVec::resolve_from_len(self.plan.profiles.len(), resolver.profiles, profiles);
+        ArchivedVec::resolve_from_len(self.plan.free_runs.len(), resolver.free_runs, free_runs);
+        ArchivedVec::resolve_from_len(self.plan.payload_bytes as usize, resolver.payload, payload);
+        ArchivedVec::resolve_from_len(self.plan.order.len(), resolver.records, records);
+    }
+}
+
+impl<S> Serialize<S> for BodySource<'_>
+where
+    S: Fallible + Writer + Allocator + ?Sized,
+    S::Error: Source,
+{
+    fn serialize(&self, s: &mut S) -> Result<BodyResolver, S::Error> {
+        let profiles = ArchivedVec::serialize_from_slice(&self.plan.profiles, s)?;
+        let free_runs = ArchivedVec::serialize_from_slice(&self.plan.free_runs, s)?;
+        // Payloads straight from the arena: a contiguous view when the record fits in one block,
+        // else a copy through one scratch buffer.
+        let payload_pos = s.pos();
+        let mut scratch = Vec::with_capacity(RECORD_BYTES_MAX);
+        for (&slot, &len) in self.plan.order.iter().zip(&self.plan.lens) {
+            let data = self.st.table.get(slot).data;
+            let len = len as usize;
+            match self.st.arena.slice(data, 0, len) {
+                Some(bytes) => s.write(bytes)?,
+                None => {
+                    scratch.resize(len, 0);
+                    self.st.arena.read(data, 0, &mut scratch);
+                    s.write(&scratch)?;
+                }
+            }
+        }
+        debug_assert_eq!((s.pos() - payload_pos) as u64, self.plan.payload_bytes);
+        let mut records = RecordIter {
+            st: self.st,
+            plan: &self.plan,
+            at: 0,
+            top: u32::MAX,
+            payload_off: 0,
+        };
+        let records = ArchivedVec::<ArchivedRecordImage>::serialize_from_unknown_length_iter::<
+            RecordImage,
+            _,
+            _,
+        >(&mut records, s)?;
+        s.align_for::<ArchivedSnapshotBody>()?;
+        Ok(BodyResolver {
+            profiles,
+            free_runs,
+            payload: VecResolver::from_pos(payload_pos),
+            records,
+        })
+    }
+}
+
+struct RecordIter<'p> {
+    st: &'p State,
+    plan: &'p Plan,
+    at: usize,
+    /// Index of the last top-level record yielded.
+    top: u32,
+    payload_off: u64,
+}
+
+impl Iterator for RecordIter<'_> {
+    type Item = RecordImage;
+
+    fn next(&mut self) -> Option<RecordImage> {
+        let slot = *self.plan.order.get(self.at)?;
+        let h = self.st.table.get(slot);
+        let is_sub = h.flags & FLAG_SUB != 0;
+        if !is_sub {
+            self.top = self.at as u32;
+        }
+        let len = self.plan.lens[self.at];
+        let rec = RecordImage {
+            id: h.id,
+            start_ts: h.start_ts,
+            last_ts: h.last_ts,
+            payload_off: self.payload_off,
+            count: h.count,
+            slot,
+            link: h.link,
+            parent: if is_sub { self.top } else { u32::MAX },
+            payload_len: len,
+            key_len: h.key_len,
+            profile: h.profile,
+            flags: h.flags & FLAGS_ENGINE,
+        };
+        debug_assert!(!is_sub || self.top != u32::MAX);
+        self.payload_off += u64::from(len);
+        self.at += 1;
+        Some(rec)
+    }
+}
+
+/// Counts bytes and checksums them on their way to the inner writer; keeps the first I/O error so
+/// its kind (e.g. `StorageFull`) survives rkyv's error type.
+struct CrcWriter<W> {
+    inner: W,
+    crc: crc32fast::Hasher,
+    bytes: u64,
+    error: Option<io::Error>,
+}
+
+impl<W: Write> Write for CrcWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.inner.write(buf) {
+            Ok(n) => {
+                self.crc.update(&buf[..n]);
+                self.bytes += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                if e.kind() != io::ErrorKind::Interrupted && self.error.is_none() {
+                    self.error = Some(io::Error::new(e.kind(), e.to_string()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl State {
+    /// One sweep of the table: record order and lengths, free-list runs, wheel buckets.
+    fn plan(&self, rules: &Rules) -> Plan {
+        let cap = self.table.capacity();
+        let heads = self.table.heads();
+        let live = self.table.live() as usize;
+        let mut order = Vec::with_capacity(live);
+        let mut lens = Vec::with_capacity(live);
+        let mut payload_bytes = 0u64;
+        let mut sessions = 0u64;
+        let mut sub_sessions = 0u64;
+        let mut profiles: Vec<ProfileImage> = profile_descriptors(rules)
+            .into_iter()
+            .map(|(name, descriptor, parent)| ProfileImage {
+                fingerprint: fnv1a64(descriptor.as_bytes()),
+                name,
+                descriptor,
+                parent,
+                max_ts: NONE_TS,
+                wall_last: NONE_TS,
+                wheel_cursor_s: 0,
+                wheel_spans: Vec::new(),
+                wheel_slots: Vec::new(),
+            })
+            .collect();
+        for (p, image) in profiles.iter_mut().enumerate().take(self.wheels.len()) {
+            image.max_ts = self.clocks[p].max_ts;
+            image.wall_last = self.clocks[p].wall_last;
+            image.wheel_cursor_s = self.wheels[p].cursor_s();
+        }
+        // Free slots referenced by another free slot's link: the one that is not is the head.
+        let mut referenced = Bitmap::new(cap as usize);
+        let mut subs = [0u8; 4 * 64];
+        for slot in 0..cap {
+            let h = &heads[slot as usize];
+            if h.flags & FLAG_FREE != 0 {
+                if h.link != NIL {
+                    referenced.set(h.link as usize);
+                }
+                continue;
+            }
+            if h.flags & FLAG_WHEEL_LINKED != 0 && h.wheel_prev & WHEEL_BUCKET_BIT != 0 {
+                let wheel = self.wheel_of(h);
+                let image = &mut profiles[wheel];
+                let start = image.wheel_slots.len();
+                let mut s = slot;
+                while s != NIL {
+                    image.wheel_slots.push(s);
+                    s = heads[s as usize].wheel_next;
+                }
+                let len = (image.wheel_slots.len() - start) as u32;
+                image.wheel_spans.push(WheelSpan {
+                    bucket: h.wheel_prev & !WHEEL_BUCKET_BIT,
+                    len,
+                });
+            }
+            if h.flags & FLAG_SUB != 0 {
+                continue;
+            }
+            let len = self.payload_len(h);
+            order.push(slot);
+            lens.push(len);
+            payload_bytes += u64::from(len);
+            sessions += 1;
+            let layout = &self.layouts[h.profile as usize];
+            let n = payload::sub_slots(layout);
+            if n > 0 {
+                let bytes = &mut subs[..4 * n];
+                self.arena
+                    .read(h.data, h.key_len as usize + layout.subs_off, bytes);
+                for i in 0..n {
+                    let sub = payload::get_u32(bytes, 4 * i);
+                    if sub == NIL {
+                        continue;
+                    }
+                    let sh = self.table.get(sub);
+                    assert!(
+                        sh.flags & FLAG_SUB != 0 && sh.link == slot,
+                        "sub-session {sub} of {slot} is not linked to it"
+                    );
+                    let len = self.payload_len(sh);
+                    order.push(sub);
+                    lens.push(len);
+                    payload_bytes += u64::from(len);
+                    sub_sessions += 1;
+                }
+            }
+        }
+        assert_eq!(
+            order.len(),
+            live,
+            "every live sub-session is listed by its parent"
+        );
+        let mut free_runs: Vec<SlotRun> = Vec::new();
+        let free = cap as usize - live;
+        if free > 0 {
+            let head = (0..cap)
+                .find(|&s| heads[s as usize].flags & FLAG_FREE != 0 && !referenced.get(s as usize))
+                .expect("a non-empty free list has a head");
+            let mut s = head;
+            let mut walked = 0usize;
+            while s != NIL {
+                walked += 1;
+                assert!(
+                    walked <= free,
+                    "the free list is longer than the free slots"
+                );
+                match free_runs.last_mut() {
+                    Some(run) if run.start + run.len == s => run.len += 1,
+                    _ => free_runs.push(SlotRun { start: s, len: 1 }),
+                }
+                s = heads[s as usize].link;
+            }
+            assert_eq!(walked, free, "the free list holds every free slot");
+        }
+        Plan {
+            order,
+            lens,
+            payload_bytes,
+            sessions,
+            sub_sessions,
+            profiles,
+            free_runs,
+        }
+    }
+
+    /// Index of the wheel a live record is linked in: its profile's, or its parent profile's.
+    fn wheel_of(&self, h: &Head) -> usize {
+        if h.flags & FLAG_SUB != 0 {
+            self.sub_of[h.profile as usize].0 as usize
+        } else {
+            h.profile as usize
+        }
+    }
+
+    fn payload_len(&self, h: &Head) -> u32 {
+        let (fixed, var_len_off) = self.fixed_of(h.profile, h.flags);
+        let mut b = [0u8; 2];
+        self.arena
+            .read(h.data, h.key_len as usize + var_len_off, &mut b);
+        (h.key_len as usize + fixed + usize::from(u16::from_le_bytes(b))) as u32
+    }
+}
+
+impl Engine {
+    /// An upper estimate of the snapshot body's size, for sizing a capture buffer.
+    pub fn snapshot_bytes_hint(&self) -> usize {
+        let st = &self.st;
+        let blocks_used = (st.arena.blocks_total() - st.arena.blocks_free()) as usize;
+        blocks_used * st.arena.block_bytes() as usize
+            + st.table.live() as usize * (std::mem::size_of::<ArchivedRecordImage>() + 4)
+            + 8 * st.table.capacity() as usize / 64
+            + (1 << 16)
+    }
+
+    /// Stream the snapshot body (an rkyv archive of [`SnapshotBody`]) into `w`, computing its
+    /// length and CRC-32 on the way. The engine is only read. Fails with `InvalidInput` (before
+    /// writing anything) when the body would exceed what 32-bit relative pointers reach (2 GiB).
+    pub fn write_snapshot<W: Write>(
+        &self,
+        w: W,
+        meta: SnapshotMeta,
+    ) -> io::Result<SnapshotSummary> {
+        let st = &self.st;
+        let plan = st.plan(&self.rules);
+        let records = plan.order.len() as u64;
+        let estimate = plan.payload_bytes
+            + records * std::mem::size_of::<ArchivedRecordImage>() as u64
+            + plan
+                .profiles
+                .iter()
+                .map(|p| 256 + p.descriptor.len() as u64 + 8 * p.wheel_slots.len() as u64)
+                .sum::<u64>()
+            + 8 * plan.free_runs.len() as u64;
+        if estimate > i32::MAX as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("snapshot body of ~{estimate} bytes exceeds the 2 GiB reach of rkyv's 32-bit offsets; enable rkyv's `pointer_width_64` feature or split the shard"),
+            ));
+        }
+        let min_clock_ms = st
+            .clocks
+            .iter()
+            .map(|c| c.max_ts)
+            .filter(|&t| t != NONE_TS)
+            .min()
+            .unwrap_or(NONE_TS);
+        let wheel_cursor_s = st.wheels.iter().map(Wheel::cursor_s).min().unwrap_or(0);
+        let (sessions, sub_sessions, payload_bytes) =
+            (plan.sessions, plan.sub_sessions, plan.payload_bytes);
+        let source = BodySource { st, meta, plan };
+        let mut writer = CrcWriter {
+            inner: w,
+            crc: crc32fast::Hasher::new(),
+            bytes: 0,
+            error: None,
+        };
+        let result = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::BoxedError>(
+            &source,
+            rkyv::ser::writer::IoWriter::new(&mut writer),
+        );
+        if let Err(e) = result {
+            return Err(writer
+                .error
+                .take()
+                .unwrap_or_else(|| io::Error::other(e.to_string())));
+        }
+        writer.flush()?;
+        Ok(SnapshotSummary {
+            sessions,
+            sub_sessions,
+            payload_bytes,
+            body_bytes: writer.bytes,
+            body_crc32: writer.crc.finalize(),
+            id_seq: st.ids.seq(),
+            min_clock_ms,
+            wheel_cursor_s,
+        })
+    }
+
+    /// Import the sessions of `body` that shard `shard` of `shards` owns. Call it once per
+    /// archive of the previous run (only this shard's when the shard count is unchanged; every
+    /// old shard's when it changed) on an engine nobody has fed yet. See the module doc.
+    pub fn restore_from(
+        &mut self,
+        body: &ArchivedSnapshotBody,
+        shards: u32,
+        shard: u32,
+    ) -> RestoreReport {
+        assert!(shards > 0 && shard < shards, "shard {shard} of {shards}");
+        let rules = &*self.rules;
+        let st = &mut self.st;
+        let mut report = RestoreReport::default();
+        let map = profile_map(rules, body, &mut report);
+        let exact = st.exact_plan(rules, body, &map, shards, shard);
+        report.exact = exact.is_some();
+        if body.format.to_native() != BODY_FORMAT {
+            report.invalid = body.records.len() as u64;
+            log::warn!(
+                "snapshot body format {} is not {BODY_FORMAT}; nothing imported",
+                body.format.to_native()
+            );
+            return report;
+        }
+
+        // Clocks: the latest over every archive restored.
+        for (old, image) in body.profiles.iter().enumerate() {
+            let Some(p) = map[old] else { continue };
+            if (p as usize) < st.clocks.len() {
+                let c = &mut st.clocks[p as usize];
+                c.max_ts = c.max_ts.max(image.max_ts.to_native());
+                c.wall_last = c.wall_last.max(image.wall_last.to_native());
+                // A wheel starting near the archived cursor avoids re-linking every session at
+                // the first drain (far deadlines would otherwise sit clamped at the horizon).
+                let cursor = image.wheel_cursor_s.to_native();
+                let w = &mut st.wheels[p as usize];
+                if exact.is_some() || (w.is_empty() && cursor_ok(cursor) && cursor > w.cursor_s()) {
+                    *w = Wheel::new(w.slots_max(), cursor);
+                }
+            }
+        }
+        st.ids.resume_after(body.id_seq.to_native());
+
+        if exact.is_some() {
+            // Every slot live, records in place, then free the rest in reverse free-list order.
+            while st.table.alloc().is_some() {}
+        }
+        let records = body.records.as_slice();
+        let payload = body.payload.as_slice();
+        // Fate of the last top-level record, which its sub-sessions share.
+        enum Top {
+            None,
+            Imported { index: u32, slot: u32 },
+            OtherShard,
+            Dropped,
+        }
+        let mut top = Top::None;
+        for (i, r) in records.iter().enumerate() {
+            let is_sub = r.flags & FLAG_SUB != 0;
+            if !is_sub {
+                top = Top::None;
+            } else {
+                match top {
+                    Top::Imported { index, .. } if r.parent.to_native() == index => {}
+                    Top::OtherShard => {
+                        report.other_shard += 1;
+                        continue;
+                    }
+                    Top::Dropped => {
+                        report.profile_changed += 1;
+                        continue;
+                    }
+                    _ => {
+                        report.invalid += 1;
+                        continue;
+                    }
+                }
+            }
+            let checked = match st.check_record(rules, body, &map, r) {
+                Ok(c) => c,
+                Err(Reject::ProfileChanged) => {
+                    report.profile_changed += 1;
+                    if !is_sub {
+                        top = Top::Dropped;
+                    }
+                    continue;
+                }
+                Err(Reject::Invalid(why)) => {
+                    report.invalid += 1;
+                    if report.invalid <= 8 {
+                        log::warn!(
+                            "snapshot record {i} (slot {}) is invalid: {why}; not imported",
+                            r.slot.to_native()
+                        );
+                    }
+                    if !is_sub {
+                        top = Top::Dropped;
+                    }
+                    continue;
+                }
+            };
+            let bytes = &payload[checked.off..checked.off + checked.len];
+            let key = &bytes[..r.key_len.to_native() as usize];
+            if !is_sub && exact.is_none() && fnv1a32(key) % shards != shard {
+                report.other_shard += 1;
+                top = Top::OtherShard;
+                continue;
+            }
+            // Where the parent keeps this sub-session: the position of its old slot.
+            let parent = match top {
+                Top::Imported { index, slot } if is_sub => {
+                    let parent_rec = &records[index as usize];
+                    let layout = st.layouts[st.table.get(slot).profile as usize];
+                    let position = sub_position(body, parent_rec, &layout, r.slot.to_native());
+                    match position.filter(|_| key[..8] == parent_rec.id.to_native().to_le_bytes()) {
+                        Some(pos) => Some((slot, pos)),
+                        None => {
+                            report.invalid += 1;
+                            continue;
+                        }
+                    }
+                }
+                _ => None,
+            };
+            let slot = match &exact {
+                Some(_) => r.slot.to_native(),
+                None => match st.table.alloc() {
+                    Some(s) => s,
+                    None => {
+                        report.no_room += 1;
+                        if !is_sub {
+                            top = Top::Dropped;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let Some(data) = st.arena.alloc(bytes.len()) else {
+                debug_assert!(exact.is_none(), "exact mode checked the arena has room");
+                st.table.free(slot);
+                report.no_room += 1;
+                if !is_sub {
+                    top = Top::Dropped;
+                }
+                continue;
+            };
+            st.arena.write(data, 0, bytes);
+            let p = checked.profile;
+            let base = key.len();
+            if !is_sub {
+                // Sub-session slots start empty; imported sub-sessions fill their old positions.
+                let layout = st.layouts[p as usize];
+                for k in 0..payload::sub_slots(&layout) {
+                    st.arena
+                        .write(data, base + layout.subs_off + 4 * k, &NIL.to_le_bytes());
+                }
+            }
+            let link = match (&exact, parent) {
+                (_, Some((parent_slot, _))) => parent_slot,
+                (Some(_), None) => r.link.to_native(),
+                (None, None) => NIL,
+            };
+            *st.table.get_mut(slot) = Head {
+                id: r.id.to_native(),
+                start_ts: r.start_ts.to_native(),
+                last_ts: r.last_ts.to_native(),
+                count: r.count.to_native(),
+                data,
+                link,
+                profile: p,
+                flags: r.flags & FLAGS_ENGINE,
+                key_len: key.len() as u16,
+                ..*st.table.get(slot)
+            };
+            st.stats.active_by_profile[p as usize] += 1;
+            if let Some((parent_slot, pos)) = parent {
+                let ph = *st.table.get(parent_slot);
+                let layout = st.layouts[ph.profile as usize];
+                st.arena.write(
+                    ph.data,
+                    ph.key_len as usize + layout.subs_off + 4 * pos,
+                    &slot.to_le_bytes(),
+                );
+                let hash = st.hasher.hash_one((p, key));
+                st.index.insert(hash, slot);
+                if exact.is_none() {
+                    let due = due_s(st.deadline(rules, slot));
+                    let wheel = ph.profile as usize;
+                    st.wheels[wheel].link(st.table.heads_mut(), slot, due);
+                }
+                report.sub_sessions += 1;
+            } else {
+                let hash = st.key_hash(p, key);
+                match &exact {
+                    Some(plan) => {
+                        if !plan.referenced.get(slot as usize) {
+                            st.index.insert(hash, slot);
+                        }
+                    }
+                    None => {
+                        st.chain_insert(p, slot, hash, key);
+                        let due = due_s(st.deadline(rules, slot));
+                        st.wheels[p as usize].link(st.table.heads_mut(), slot, due);
+                    }
+                }
+                top = Top::Imported {
+                    index: i as u32,
+                    slot,
+                };
+                report.sessions += 1;
+            }
+        }
+
+        if let Some(plan) = &exact {
+            for run in body.free_runs.iter().rev() {
+                let (start, len) = (run.start.to_native(), run.len.to_native());
+                for s in (start..start + len).rev() {
+                    st.table.free(s);
+                }
+            }
+            debug_assert_eq!(st.table.live() as usize, records.len());
+            st.relink_exact(rules, body, &map, plan);
+        }
+        st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
+        if report.dropped() > 0 || !report.changed_profiles.is_empty() {
+            log::warn!(
+                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; {} of changed profiles {:?}, {} invalid, {} without room not restored",
+                body.shard.to_native(),
+                body.generation.to_native(),
+                report.sessions,
+                report.sub_sessions,
+                report.profile_changed,
+                report.changed_profiles,
+                report.invalid,
+                report.no_room
+            );
+        }
+        report
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Import helpers.
+// ---------------------------------------------------------------------------------------------
+
+enum Reject {
+    ProfileChanged,
+    Invalid(&'static str),
+}
+
+/// A record that passed validation: its new record profile and its payload range.
+struct Checked {
+    profile: u8,
+    off: usize,
+    len: usize,
+}
+
+/// What exact mode needs beyond the archive: which slots some older chain member links to (so
+/// the others are chain heads, reachable from the index).
+struct ExactPlan {
+    referenced: Bitmap,
+}
+
+struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    fn new(bits: usize) -> Bitmap {
+        Bitmap(vec![0; bits.div_ceil(64)])
+    }
+    fn get(&self, i: usize) -> bool {
+        self.0[i / 64] & (1 << (i % 64)) != 0
+    }
+    fn set(&mut self, i: usize) {
+        self.0[i / 64] |= 1 << (i % 64);
+    }
+}
+
+fn cursor_ok(cursor_s: i64) -> bool {
+    cursor_s > i64::MIN / 2 && cursor_s < i64::MAX / 2
+}
+
+/// Old record-profile index -> new one, for profiles whose name and fingerprint are unchanged.
+fn profile_map(
+    rules: &Rules,
+    body: &ArchivedSnapshotBody,
+    report: &mut RestoreReport,
+) -> Vec<Option<u8>> {
+    let current = profile_descriptors(rules);
+    body.profiles
+        .iter()
+        .map(|image| {
+            let found = current
+                .iter()
+                .position(|(name, _, _)| name.as_str() == image.name.as_str());
+            match found {
+                Some(p)
+                    if fnv1a64(current[p].1.as_bytes()) == image.fingerprint.to_native()
+                        && p <= u8::MAX as usize =>
+                {
+                    Some(p as u8)
+                }
+                _ => {
+                    report
+                        .changed_profiles
+                        .push(image.name.as_str().to_string());
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Position in the parent's sub-session slots (as archived) that names `old_slot`.
+fn sub_position(
+    body: &ArchivedSnapshotBody,
+    parent: &ArchivedRecordImage,
+    layout: &Layout,
+    old_slot: u32,
+) -> Option<usize> {
+    let off = usize::try_from(parent.payload_off.to_native()).ok()?;
+    let bytes = body
+        .payload
+        .as_slice()
+        .get(off..off + parent.payload_len.to_native() as usize)?;
+    let base = parent.key_len.to_native() as usize + layout.subs_off;
+    (0..payload::sub_slots(layout)).find(|&i| {
+        bytes
+            .get(base + 4 * i..base + 4 * i + 4)
+            .is_some_and(|b| payload::get_u32(b, 0) == old_slot)
+    })
+}
+
+/// Walks a var area: `values` captured values then `lists` lists; true iff it is exactly consumed.
+fn var_area_ok(area: &[u8], values: usize, lists: usize) -> bool {
+    let mut pos = 0usize;
+    let value = |pos: &mut usize| -> bool {
+        if *pos + 2 > area.len() {
+            return false;
+        }
+        *pos += 2 + payload::get_u16(area, *pos) as usize;
+        *pos <= area.len()
+    };
+    for _ in 0..values {
+        if !value(&mut pos) {
+            return false;
+        }
+    }
+    for _ in 0..lists {
+        let Some(&n) = area.get(pos) else {
+            return false;
+        };
+        pos += 1;
+        for _ in 0..n {
+            if !value(&mut pos) {
+                return false;
+            }
+        }
+    }
+    pos == area.len()
+}
+
+impl State {
+    fn check_record(
+        &self,
+        rules: &Rules,
+        body: &ArchivedSnapshotBody,
+        map: &[Option<u8>],
+        r: &ArchivedRecordImage,
+    ) -> Result<Checked, Reject> {
+        let old = r.profile as usize;
+        let Some(&mapped) = map.get(old) else {
+            return Err(Reject::Invalid("profile index out of range"));
+        };
+        let Some(p) = mapped else {
+            return Err(Reject::ProfileChanged);
+        };
+        let is_sub = r.flags & FLAG_SUB != 0;
+        let top = self.layouts.len();
+        if is_sub != (p as usize >= top) {
+            return Err(Reject::Invalid(
+                "sub-session flag disagrees with the profile kind",
+            ));
+        }
+        let payload = body.payload.as_slice();
+        let off = usize::try_from(r.payload_off.to_native())
+            .map_err(|_| Reject::Invalid("payload offset"))?;
+        let len = r.payload_len.to_native() as usize;
+        if off.checked_add(len).is_none_or(|end| end > payload.len()) {
+            return Err(Reject::Invalid("payload range outside the archive"));
+        }
+        if len > RECORD_BYTES_MAX {
+            return Err(Reject::Invalid("payload longer than a record may be"));
+        }
+        let (start_ts, last_ts) = (r.start_ts.to_native(), r.last_ts.to_native());
+        if !(-TS_ABS_MAX..=TS_ABS_MAX).contains(&start_ts)
+            || !(start_ts..=TS_ABS_MAX).contains(&last_ts)
+        {
+            return Err(Reject::Invalid("timestamps out of range"));
+        }
+        let bytes = &payload[off..off + len];
+        let key_len = r.key_len.to_native() as usize;
+        if is_sub {
+            let n = self.sub_counters[p as usize];
+            if key_len < 8
+                || key_len > self.key_bytes_max + 8
+                || len != key_len + 4 * n + 2
+                || payload::get_u16(bytes, key_len + 4 * n) != 0
+            {
+                return Err(Reject::Invalid(
+                    "sub-session payload does not match its kind",
+                ));
+            }
+        } else {
+            let l = &self.layouts[p as usize];
+            if key_len > self.key_bytes_max || len < key_len + l.fixed_bytes {
+                return Err(Reject::Invalid(
+                    "payload shorter than its key and fixed part",
+                ));
+            }
+            let var_len = payload::get_u16(bytes, key_len + l.var_len_off) as usize;
+            if len != key_len + l.fixed_bytes + var_len {
+                return Err(Reject::Invalid("payload length disagrees with its var_len"));
+            }
+            let rule = &rules.profiles[p as usize];
+            if !var_area_ok(
+                &bytes[key_len + l.fixed_bytes..],
+                rule.metadata.len() + rule.state.len(),
+                rule.lists.len(),
+            ) {
+                return Err(Reject::Invalid("malformed captured values"));
+            }
+        }
+        Ok(Checked {
+            profile: p,
+            off,
+            len,
+        })
+    }
+
+    /// Whether `body` can be restored exactly (see the module doc), checking every structural
+    /// reference exact mode would follow.
+    fn exact_plan(
+        &self,
+        rules: &Rules,
+        body: &ArchivedSnapshotBody,
+        map: &[Option<u8>],
+        shards: u32,
+        shard: u32,
+    ) -> Option<ExactPlan> {
+        let cap = self.table.capacity();
+        let eligible = self.table.live() == 0
+            && body.format.to_native() == BODY_FORMAT
+            && body.shard.to_native() == shard
+            && body.shards.to_native() == shards
+            && body.table_capacity.to_native() == cap
+            && self
+                .wheels
+                .first()
+                .is_some_and(|w| w.slots_max() == body.slots_max.to_native())
+            && map.iter().all(Option::is_some);
+        if !eligible {
+            return None;
+        }
+        let why = |reason: &str| {
+            log::warn!("snapshot of shard {shard} cannot be restored slot for slot ({reason}); restoring compactly");
+        };
+        let records = body.records.as_slice();
+        if records.len() > cap as usize {
+            why("more records than slots");
+            return None;
+        }
+        let payload = body.payload.as_slice();
+        let key_of = |r: &ArchivedRecordImage| {
+            let off = r.payload_off.to_native() as usize;
+            &payload[off..off + r.key_len.to_native() as usize]
+        };
+        let mut live = Bitmap::new(cap as usize);
+        let mut slot_rec = vec![NIL; cap as usize];
+        let mut blocks = 0u64;
+        let mut top = u32::MAX;
+        let mut tops = 0u64;
+        for (i, r) in records.iter().enumerate() {
+            let c = match self.check_record(rules, body, map, r) {
+                Ok(c) => c,
+                Err(Reject::Invalid(reason)) => {
+                    why(reason);
+                    return None;
+                }
+                Err(Reject::ProfileChanged) => return None,
+            };
+            let slot = r.slot.to_native();
+            if slot >= cap || live.get(slot as usize) {
+                why("a slot out of range or used twice");
+                return None;
+            }
+            live.set(slot as usize);
+            slot_rec[slot as usize] = i as u32;
+            blocks += u64::from(self.arena.blocks_for(c.len));
+            if r.flags & FLAG_SUB != 0 {
+                let Some(parent) = records.get(top as usize) else {
+                    why("a sub-session without a parent");
+                    return None;
+                };
+                let layout = &self.layouts[map[parent.profile as usize]? as usize];
+                let ok = r.parent.to_native() == top
+                    && r.link.to_native() == parent.slot.to_native()
+                    && key_of(r)[..8] == parent.id.to_native().to_le_bytes()
+                    && sub_position(body, parent, layout, slot).is_some();
+                if !ok {
+                    why("a sub-session disagrees with its parent");
+                    return None;
+                }
+            } else {
+                top = i as u32;
+                tops += 1;
+                if fnv1a32(key_of(r)) % shards != shard {
+                    why("a key another shard owns");
+                    return None;
+                }
+            }
+        }
+        if blocks > u64::from(self.arena.blocks_free()) {
+            why("the arena is smaller");
+            return None;
+        }
+        // Chains: each link names a live, older session of the same profile and key, each slot
+        // is linked to at most once, and walking from the heads reaches every session (no cycle).
+        let mut referenced = Bitmap::new(cap as usize);
+        for r in records.iter().filter(|r| r.flags & FLAG_SUB == 0) {
+            let link = r.link.to_native();
+            if link == NIL {
+                continue;
+            }
+            let Some(&t) = slot_rec.get(link as usize).filter(|&&t| t != NIL) else {
+                why("a chain link to a free slot");
+                return None;
+            };
+            let tr = &records[t as usize];
+            if tr.flags & FLAG_SUB != 0
+                || tr.profile != r.profile
+                || key_of(tr) != key_of(r)
+                || tr.start_ts.to_native() > r.start_ts.to_native()
+                || referenced.get(link as usize)
+            {
+                why("a malformed key chain");
+                return None;
+            }
+            referenced.set(link as usize);
+        }
+        let mut reached = 0u64;
+        for r in records
+            .iter()
+            .filter(|r| r.flags & FLAG_SUB == 0 && !referenced.get(r.slot.to_native() as usize))
+        {
+            reached += 1;
+            let mut s = r.link.to_native();
+            while s != NIL && reached <= tops {
+                reached += 1;
+                s = records[slot_rec[s as usize] as usize].link.to_native();
+            }
+        }
+        if reached != tops {
+            why("a cycle in a key chain");
+            return None;
+        }
+        // Free list: the complement of the live slots, each free slot once.
+        let mut total = records.len() as u64;
+        for run in body.free_runs.iter() {
+            let (start, len) = (run.start.to_native(), run.len.to_native());
+            if start.checked_add(len).is_none_or(|end| end > cap) {
+                why("a free run out of range");
+                return None;
+            }
+            for s in start..start + len {
+                if live.get(s as usize) {
+                    why("a slot both free and live");
+                    return None;
+                }
+                live.set(s as usize);
+            }
+            total += u64::from(len);
+        }
+        if total != u64::from(cap) {
+            why("the free list does not cover the free slots");
+            return None;
+        }
+        // Wheels: every record in exactly one bucket of its own wheel.
+        let slots_max = body.slots_max.to_native();
+        let mut in_wheel = Bitmap::new(cap as usize);
+        let mut linked = 0u64;
+        for (old, image) in body.profiles.iter().enumerate() {
+            let spans = image.wheel_spans.as_slice();
+            let slots = image.wheel_slots.as_slice();
+            if image.parent.to_native() != u32::MAX {
+                if !spans.is_empty() || !slots.is_empty() {
+                    why("a wheel on a sub-session kind");
+                    return None;
+                }
+                continue;
+            }
+            if !cursor_ok(image.wheel_cursor_s.to_native())
+                || spans
+                    .iter()
+                    .map(|s| u64::from(s.len.to_native()))
+                    .sum::<u64>()
+                    != slots.len() as u64
+            {
+                why("a malformed wheel");
+                return None;
+            }
+            let mut buckets = Bitmap::new(slots_max as usize);
+            for span in spans {
+                let b = span.bucket.to_native();
+                if b >= slots_max || buckets.get(b as usize) {
+                    why("a wheel bucket out of range or listed twice");
+                    return None;
+                }
+                buckets.set(b as usize);
+            }
+            for &s in slots {
+                let s = s.to_native();
+                let Some(&ri) = slot_rec.get(s as usize).filter(|&&ri| ri != NIL) else {
+                    why("a wheel entry for a free slot");
+                    return None;
+                };
+                let r = &records[ri as usize];
+                let wheel = if r.flags & FLAG_SUB != 0 {
+                    body.profiles[r.profile as usize].parent.to_native() as usize
+                } else {
+                    r.profile as usize
+                };
+                if wheel != old || in_wheel.get(s as usize) {
+                    why("a wheel entry in the wrong wheel or listed twice");
+                    return None;
+                }
+                in_wheel.set(s as usize);
+                linked += 1;
+            }
+        }
+        if linked != records.len() as u64 {
+            why("a session in no wheel");
+            return None;
+        }
+        Some(ExactPlan { referenced })
+    }
+
+    /// Exact mode: relink every wheel bucket as archived, list order included (links push to the
+    /// front, so each bucket is linked back to front). A session whose bucket is later than its
+    /// deadline under the current rules (a shortened timeout) is moved to its deadline second.
+    fn relink_exact(
+        &mut self,
+        rules: &Rules,
+        body: &ArchivedSnapshotBody,
+        map: &[Option<u8>],
+        _plan: &ExactPlan,
+    ) {
+        let mut early = Vec::new();
+        for (old, image) in body.profiles.iter().enumerate() {
+            if image.parent.to_native() != u32::MAX {
+                continue;
+            }
+            let p = map[old].expect("exact mode maps every profile") as usize;
+            let cursor = self.wheels[p].cursor_s();
+            let m = i64::from(self.wheels[p].slots_max());
+            let slots = image.wheel_slots.as_slice();
+            let mut end = slots.len();
+            for span in image.wheel_spans.iter().rev() {
+                let start = end - span.len.to_native() as usize;
+                let second = cursor + (i64::from(span.bucket.to_native()) - cursor).rem_euclid(m);
+                for s in slots[start..end].iter().rev() {
+                    let s = s.to_native();
+                    self.wheels[p].link(self.table.heads_mut(), s, second);
+                    let due = due_s(self.deadline(rules, s));
+                    if due < second {
+                        early.push((p, s, due));
+                    }
+                }
+                end = start;
+            }
+        }
+        for (p, s, due) in early {
+            self.wheels[p].relink(self.table.heads_mut(), s, due);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_bit_matches_the_wheel() {
+        let mut heads = vec![Head::FRESH; 4];
+        let mut wheel = Wheel::new(8, 0);
+        wheel.link(&mut heads, 2, 5);
+        wheel.link(&mut heads, 3, 5);
+        assert_eq!(heads[3].wheel_prev, WHEEL_BUCKET_BIT | 5);
+        assert_eq!(heads[2].wheel_prev, 3);
+        assert_eq!(heads[3].flags & FLAG_WHEEL_LINKED, FLAG_WHEEL_LINKED);
+    }
+
+    /// The byte offsets `docs/storage-format.md` documents.
+    #[test]
+    fn archived_layout_matches_the_document() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(size_of::<ArchivedSnapshotBody>(), 88);
+        assert_eq!(offset_of!(ArchivedSnapshotBody, generation), 24);
+        assert_eq!(offset_of!(ArchivedSnapshotBody, id_seq), 48);
+        assert_eq!(offset_of!(ArchivedSnapshotBody, profiles), 56);
+        assert_eq!(offset_of!(ArchivedSnapshotBody, records), 80);
+        assert_eq!(size_of::<ArchivedProfileImage>(), 72);
+        assert_eq!(offset_of!(ArchivedProfileImage, parent), 24);
+        assert_eq!(offset_of!(ArchivedProfileImage, max_ts), 32);
+        assert_eq!(offset_of!(ArchivedProfileImage, wheel_spans), 56);
+        assert_eq!(offset_of!(ArchivedProfileImage, wheel_slots), 64);
+        assert_eq!(size_of::<ArchivedSlotRun>(), 8);
+        assert_eq!(offset_of!(ArchivedRecordImage, payload_off), 24);
+        assert_eq!(offset_of!(ArchivedRecordImage, slot), 36);
+        assert_eq!(offset_of!(ArchivedRecordImage, payload_len), 48);
+        assert_eq!(offset_of!(ArchivedRecordImage, key_len), 52);
+        assert_eq!(offset_of!(ArchivedRecordImage, flags), 55);
+    }
+
+    #[test]
+    fn var_area_walk() {
+        // Two values ("a", unset) and one list of one item.
+        let area = [1u8, 0, b'a', 0, 0, 1, 1, 0, b'x'];
+        assert!(var_area_ok(&area, 2, 1));
+        assert!(!var_area_ok(&area[..8], 2, 1));
+        assert!(!var_area_ok(&area, 3, 1));
+        assert!(!var_area_ok(&[5, 0, b'a'], 1, 0));
+    }
+
+    #[test]
+    fn fnv64_reference_values() {
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
