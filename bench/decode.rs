@@ -7,6 +7,15 @@
 //!
 //! Run: `cargo bench --bench decode -- --warm-up-time 1 --measurement-time 3`
 //! Record results (median events/s, with date, machine and commit) in bench/RESULTS.md.
+//!
+//! Last measured 2025-11-25, 2-vCPU AMD EPYC (Zen 4) VM, rustc 1.95, shared with concurrent
+//! builds (load 6-10, so absolute numbers are low and noisy; compare within one run).
+//! Corpus: 193 bytes/event mean. Criterion medians, events/s:
+//!   memchr_split_floor 62.8M, sessionizer_decoder 1.86M, sonic_rs_get_many_pointer_tree 0.89M,
+//!   sonic_rs_get_per_field 0.67M.
+//! Thread-CPU-time best-of-40, interleaved (less sensitive to the load): ours 330 ns/event,
+//! sonic get_many 433 ns, sonic get per field 734 ns. Of ours, stage 1 (structural index) is
+//! ~100 ns; key lookups ~40 ns.
 
 use std::hint::black_box;
 
@@ -15,7 +24,14 @@ use sessionizer::decode::{Decoder, FieldId, FieldTable};
 
 const EVENTS: usize = 10_000;
 const FIELDS: [&str; 6] = ["user", "ts", "type", "page", "campaign", "ctx.device.id"];
-const SONIC_PATHS: [&[&str]; 6] = [&["user"], &["ts"], &["type"], &["page"], &["campaign"], &["ctx", "device", "id"]];
+const SONIC_PATHS: [&[&str]; 6] = [
+    &["user"],
+    &["ts"],
+    &["type"],
+    &["page"],
+    &["campaign"],
+    &["ctx", "device", "id"],
+];
 
 struct Rng(u64);
 impl Rng {
@@ -33,16 +49,23 @@ impl Rng {
 /// One clickstream event of roughly 150-200 bytes. Producers differ in member order, so three
 /// orders are mixed; a few values carry escapes or non-ASCII text, as real pages and agents do.
 fn event(rng: &mut Rng, i: usize) -> String {
-    let user = format!("u{:07}", rng.next() % 5_000_000);
+    let user = format!("u{:06}", rng.next() % 1_000_000);
     let ts = 1_732_500_000_000u64 + i as u64 * 37 + rng.next() % 1000;
-    let kind = rng.pick(&["page_view", "click", "add_to_cart", "purchase", "scroll"]);
-    let page = rng.pick(&["/", "/products/shoes", "/cart", "/checkout/payment", "/search?q=red%20boots", "/p/caf\\u00e9"]);
-    let ip = format!("10.{}.{}.{}", rng.next() % 256, rng.next() % 256, rng.next() % 256);
-    let ua = rng.pick(&["Mozilla/5.0 (X11; Linux x86_64)", "okhttp/4.12.0", "Mozilla/5.0 (iPhone)", "curl/8.5.0"]);
-    let referrer = rng.pick(&["https://google.com/", "", "https://t.co/x9", "android-app://m"]);
-    let campaign = rng.pick(&["spring_sale", "none", "bf24", "newsletter_\"vip\"", "été"]);
+    let kind = rng.pick(&["view", "click", "cart", "buy", "scroll"]);
+    let page = rng.pick(&[
+        "/",
+        "/p/shoes",
+        "/cart",
+        "/checkout",
+        "/s?q=red%20boots",
+        "/p/caf\\u00e9",
+    ]);
+    let ip = format!("10.0.{}.{}", rng.next() % 256, rng.next() % 256);
+    let ua = rng.pick(&["Mozilla/5.0", "okhttp/4", "Safari/17", "curl/8"]);
+    let referrer = rng.pick(&["https://g.co/", "", "https://t.co/x9", "app://m"]);
+    let campaign = rng.pick(&["spring_sale", "none", "bf24", "vip_\"x\"", "été"]);
     let price = format!("{}.{:02}", rng.next() % 500, rng.next() % 100);
-    let device = format!("d-{:08x}", rng.next() as u32);
+    let device = format!("d{:06x}", rng.next() as u32 >> 8);
     match rng.next() % 3 {
         0 => format!(
             r#"{{"user":"{user}","ts":{ts},"type":"{kind}","page":"{page}","ip":"{ip}","ua":"{ua}","ref":"{referrer}","campaign":"{}","price":{price},"ctx":{{"device":{{"id":"{device}"}}}}}}"#,

@@ -60,10 +60,20 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn decode_get_and_enrich_do_not_allocate() {
-    let paths: Vec<String> = ["user", "ts", "type", "ctx.device.id", "ctx", "tags", "price", "missing", "_session"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let paths: Vec<String> = [
+        "user",
+        "ts",
+        "type",
+        "ctx.device.id",
+        "ctx",
+        "tags",
+        "price",
+        "missing",
+        "_session",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let table = FieldTable::new(&paths).expect("valid paths");
     let mut decoder = Decoder::new(table, 32, 4096);
     let long = format!("{{\"user\":\"{}\"}}", "x".repeat(5000));
@@ -102,7 +112,13 @@ fn decode_get_and_enrich_do_not_allocate() {
                     accepted += 1;
                     for id in 0..paths.len() as FieldId {
                         let f = event.get(id);
-                        black_box((f.is_missing(), f.as_f64(), f.as_i64(), f.raw_json(), f.key_bytes()));
+                        black_box((
+                            f.is_missing(),
+                            f.as_f64(),
+                            f.as_i64(),
+                            f.raw_json(),
+                            f.key_bytes(),
+                        ));
                     }
                     out.clear();
                     event.write_enriched(member, &mut out);
@@ -116,7 +132,12 @@ fn decode_get_and_enrich_do_not_allocate() {
         }
     }
     let after = allocations();
-    assert_eq!(after - before, 0, "the decoder allocated {} times", after - before);
+    assert_eq!(
+        after - before,
+        0,
+        "the decoder allocated {} times",
+        after - before
+    );
     assert_eq!(accepted, 500);
     assert_eq!(rejected, 900);
     // The counter works at all (guards against a vacuous pass).

@@ -1,89 +1,11 @@
-//! String bodies: finding the closing quote while validating, unescaping into caller-owned
-//! scratch, and the reverse direction (escaping arbitrary bytes as a JSON string literal).
+//! String escapes both ways: unescaping a body into caller-owned scratch (validating every
+//! escape on the way), and escaping arbitrary bytes as a JSON string literal.
 //!
-//! Invariants: `skip_string` accepts only bodies without raw control characters and reports
-//! whether the body holds a backslash or a byte >= 0x80; the caller must then run `unescape`
-//! (which validates every escape) and `std::str::from_utf8` respectively, so a body reported
-//! clean by both flags is valid JSON string text with no further checks. `unescape` never writes
-//! more bytes than it reads, so scratch the size of the line always suffices.
+//! Invariants: `unescape` accepts exactly RFC 8259 escapes, with `\u` surrogates only as a high
+//! then low pair, and never writes more bytes than it reads, so scratch the size of the line
+//! always suffices; `write_json_string` always emits a valid JSON string literal.
 
 use super::DecodeError;
-
-const ONES: u64 = 0x0101_0101_0101_0101;
-const HIGHS: u64 = 0x8080_8080_8080_8080;
-
-/// Bit 7 of each lane whose byte is '"', '\\', < 0x20, or (when `high` is `HIGHS`) >= 0x80.
-///
-/// The borrow tricks can set false bits only in lanes above a true hit of the same term, so
-/// the lowest set bit is always exact; callers only ever use the lowest one.
-#[inline(always)]
-fn special_lanes(w: u64, high: u64) -> u64 {
-    let q = w ^ (ONES * u64::from(b'"'));
-    let s = w ^ (ONES * u64::from(b'\\'));
-    let quote = q.wrapping_sub(ONES) & !q;
-    let backslash = s.wrapping_sub(ONES) & !s;
-    let control = w.wrapping_sub(ONES * 0x20) & !w;
-    ((quote | backslash | control) & HIGHS) | (w & high)
-}
-
-#[inline(always)]
-fn is_special(c: u8, high: u64) -> bool {
-    c == b'"' || c == b'\\' || c < 0x20 || (c >= 0x80 && high != 0)
-}
-
-/// What `skip_string` learnt about a body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct StringScan {
-    /// Index of the closing quote.
-    pub(super) end: usize,
-    pub(super) escaped: bool,
-    pub(super) non_ascii: bool,
-}
-
-/// `i` is the index just after an opening quote. Finds the closing quote, rejecting raw control
-/// characters and an unterminated string (both `Syntax`).
-///
-/// Measured on the clickstream bench: eight-byte SWAR words beat `memchr2` + a separate
-/// control-byte pass for the short keys and values (mostly < 24 bytes) that dominate events,
-/// because every byte has to be looked at anyway for the control-character rule.
-#[inline(always)]
-pub(super) fn skip_string(b: &[u8], mut i: usize) -> Result<StringScan, DecodeError> {
-    let mut escaped = false;
-    let mut high = HIGHS;
-    loop {
-        loop {
-            if let Some(word) = b.get(i..).and_then(|rest| rest.first_chunk::<8>()) {
-                let lanes = special_lanes(u64::from_le_bytes(*word), high);
-                if lanes == 0 {
-                    i += 8;
-                    continue;
-                }
-                i += (lanes.trailing_zeros() / 8) as usize;
-                break;
-            }
-            match b.get(i) {
-                None => return Err(DecodeError::Syntax),
-                Some(&c) if is_special(c, high) => break,
-                Some(_) => i += 1,
-            }
-        }
-        match b[i] {
-            b'"' => return Ok(StringScan { end: i, escaped, non_ascii: high == 0 }),
-            // The escaped byte is skipped here (it may be a quote) and checked by `unescape`.
-            b'\\' => {
-                escaped = true;
-                i += 2;
-            }
-            0x00..=0x1f => return Err(DecodeError::Syntax),
-            _ => {
-                // One non-ASCII byte means the whole body goes through `from_utf8`; stop
-                // stopping on the others.
-                high = 0;
-                i += 1;
-            }
-        }
-    }
-}
 
 #[inline(always)]
 fn hex4(body: &[u8], at: usize) -> Result<u32, DecodeError> {
@@ -101,7 +23,7 @@ fn hex4(body: &[u8], at: usize) -> Result<u32, DecodeError> {
     Ok(v)
 }
 
-/// Unescapes a string body (between the quotes, already through `skip_string`) into `out` and
+/// Unescapes a string body (between the quotes, free of raw control bytes) into `out` and
 /// returns the number of bytes written. Rejects unknown escapes, bad hex and lone surrogates.
 pub(super) fn unescape(body: &[u8], out: &mut [u8]) -> Result<usize, DecodeError> {
     let mut r = 0;

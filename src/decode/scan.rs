@@ -1,17 +1,18 @@
-//! The validating scanner: one left-to-right pass with an explicit frame stack (no recursion,
-//! so nesting is bounded by `depth_max`, not by the thread's stack), walking the path trie in
-//! step with the objects it enters.
+//! Stage 2 of decoding: walks the token offsets from `index` with an explicit frame stack (no
+//! recursion, so nesting is bounded by `depth_max`, not by the thread's stack), checking the
+//! grammar token by token and walking the path trie in step with the objects it enters.
 //!
-//! Invariants: `frames[..depth]` are the open containers, outermost first; a frame's `node` is
-//! the trie node of the path that led to it, or `NODE_NONE` when nothing below it is extracted
-//! (then keys are validated but not looked up). A slot is written at most once per decode (the
-//! `seen` bit guards it: a second write is `DuplicateField`). `scratch[..scratch_len]` holds the
-//! text of extracted escaped strings; keys are unescaped past `scratch_len` and never committed.
-//! Reading past the end of the line yields byte 0, which no grammar rule accepts, so every
-//! truncated construct ends as `Syntax` without a separate bounds check.
+//! Invariants: `frames[..depth - 1]` hold the ancestors of the innermost open container `cur`;
+//! a frame's `node` is the trie node of the path that led to it, or `NODE_NONE` when nothing at
+//! or below it is extracted (then keys are not looked up). A slot is written at most once per
+//! decode (the `seen` bit guards it: a second write is `DuplicateField`).
+//! `scratch[..scratch_len]` holds the text of extracted escaped strings; other strings are
+//! unescaped past `scratch_len` only to validate them and never committed. Token offsets end
+//! with a sentinel equal to the line length, where `at` yields byte 0, which no rule accepts.
 
-use super::escape::{skip_string, unescape};
-use super::table::{FieldTable, NODE_NONE, NODE_ROOT, SLOT_NONE};
+use super::escape::unescape;
+use super::index;
+use super::table::{key_prefix, FieldTable, NODE_NONE, NODE_ROOT, SLOT_NONE};
 use super::{DecodeError, Decoder, Event};
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -46,13 +47,12 @@ pub(super) struct Slot {
     pub(super) text_end: u32,
 }
 
-/// Where the top-level `"_session"` member sits, for `write_enriched` to cut it out.
+/// Where the top-level `"_session"` member sits, for `write_enriched` to cut it out. Its end
+/// is found there (a cold path) rather than tracked after every value here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct SessionSpan {
     /// Offset of the key's opening quote.
     pub(super) start: u32,
-    /// Offset just past the member's value.
-    pub(super) end: u32,
     /// Offset of the comma before the member, or `COMMA_NONE` when it is the first member.
     pub(super) comma: u32,
 }
@@ -82,7 +82,10 @@ pub(super) fn skip_ws(b: &[u8], mut i: usize) -> usize {
 /// other ASCII whitespace are not JSON whitespace and stay, to be rejected.
 fn trim(line: &[u8]) -> &[u8] {
     let start = line.iter().position(|&c| !is_ws(c)).unwrap_or(line.len());
-    let end = line.iter().rposition(|&c| !is_ws(c)).map_or(start, |p| p + 1);
+    let end = line
+        .iter()
+        .rposition(|&c| !is_ws(c))
+        .map_or(start, |p| p + 1);
     &line[start..end]
 }
 
@@ -131,11 +134,12 @@ struct Scanner<'s> {
     scratch: &'s mut [u8],
     slots: &'s mut [Slot],
     depth_max: usize,
+    any_backslash: bool,
+    /// Per 64-byte block, the backslashes inside strings (from `index::build`).
+    escapes: &'s [u64],
     seen: u64,
     scratch_len: usize,
     session: Option<SessionSpan>,
-    /// The value of a top-level "_session" member is being scanned; its end is still open.
-    session_open: bool,
     root_members: u32,
 }
 
@@ -152,21 +156,27 @@ impl Decoder {
             Some(b'{') => {}
             Some(_) => return Err(DecodeError::NotObject),
         }
+        let index = index::build(self.isa, b, &mut self.tokens, &mut self.escapes)?;
         let mut s = Scanner {
             table: &self.table,
             frames: &mut self.frames,
             scratch: &mut self.scratch,
             slots: &mut self.slots,
             depth_max: self.depth_max as usize,
+            any_backslash: index.any_backslash,
+            escapes: &self.escapes,
             seen: 0,
             scratch_len: 0,
             session: None,
-            session_open: false,
             root_members: 0,
         };
-        s.run(b)?;
-        debug_assert!(!s.session_open);
+        s.run(b, &self.tokens[..=index.count])?;
         let (seen, session, root_members) = (s.seen, s.session, s.root_members);
+        // Only string bodies can hold non-ASCII bytes once the grammar held (anywhere else they
+        // were rejected as garbage), so one pass over the line checks exactly them.
+        if index.any_non_ascii && std::str::from_utf8(b).is_err() {
+            return Err(DecodeError::InvalidUtf8);
+        }
         Ok(Event {
             raw: b,
             table: &self.table,
@@ -180,77 +190,100 @@ impl Decoder {
 }
 
 impl Scanner<'_> {
-    fn run(&mut self, b: &[u8]) -> Result<(), DecodeError> {
+    /// `toks` are the token offsets plus the sentinel.
+    fn run(&mut self, b: &[u8], toks: &[u32]) -> Result<(), DecodeError> {
         debug_assert_eq!(b.first(), Some(&b'{'));
+        debug_assert_eq!(toks.first(), Some(&0));
+        let count = toks.len() - 1;
+        let tok = |k: usize| toks[k] as usize;
+        // `cur` is the innermost open container, kept in registers; `frames[..depth - 1]` hold
+        // its ancestors and are touched only on open and close.
+        let mut cur = Frame::default();
         let mut depth = 0usize;
-        let mut i = 0usize;
+        let mut k = 0usize;
         let mut target = NODE_ROOT;
         'value: loop {
-            // A value starts at `i`; `target` is its trie node (or NODE_NONE).
-            match at(b, i) {
+            // A value starts at token `k`; `target` is its trie node (or NODE_NONE).
+            let p = tok(k);
+            match at(b, p) {
                 c @ (b'{' | b'[') => {
                     if depth == self.depth_max {
                         return Err(DecodeError::TooDeep);
                     }
+                    if depth > 0 {
+                        self.frames[depth - 1] = cur;
+                    }
                     let is_array = c == b'[';
-                    let node = self.container_node(target, is_array);
-                    self.frames[depth] = Frame { node, start: i as u32, is_array };
+                    cur = Frame {
+                        node: self.container_node(target, is_array),
+                        start: p as u32,
+                        is_array,
+                    };
                     depth += 1;
-                    i = skip_ws(b, i + 1);
-                    if at(b, i) == if is_array { b']' } else { b'}' } {
-                        i += 1;
-                        depth -= 1;
-                        self.close(self.frames[depth], i)?;
-                        if depth == 0 {
-                            return finish(b, i);
+                    k += 1;
+                    let q = tok(k);
+                    if at(b, q) != if is_array { b']' } else { b'}' } {
+                        if is_array {
+                            target = NODE_NONE;
+                        } else {
+                            (k, target) = self.key(b, toks, k, cur.node, depth, COMMA_NONE)?;
                         }
-                    } else if is_array {
-                        target = NODE_NONE;
-                        continue 'value;
-                    } else {
-                        (i, target) = self.key(b, i, depth, COMMA_NONE)?;
                         continue 'value;
                     }
+                    k += 1;
+                    self.close(cur, q + 1)?;
+                    depth -= 1;
+                    if depth == 0 {
+                        return finish(k, count);
+                    }
+                    cur = self.frames[depth - 1];
                 }
-                b'"' => i = self.string_value(b, i, target)?,
-                b't' => i = self.literal(b, i, target, b"true", SlotKind::True)?,
-                b'f' => i = self.literal(b, i, target, b"false", SlotKind::False)?,
-                b'n' => i = self.literal(b, i, target, b"null", SlotKind::Null)?,
-                b'-' | b'0'..=b'9' => {
-                    let end = skip_number(b, i)?;
-                    self.scalar(target, SlotKind::Number, i, end)?;
-                    i = end;
+                b'"' => {
+                    let close = tok(k + 1);
+                    self.string_value(b, p, close, target)?;
+                    k += 2;
                 }
-                _ => return Err(DecodeError::Syntax),
+                c => {
+                    let end = match c {
+                        b't' => self.literal(b, p, target, b"true", SlotKind::True)?,
+                        b'f' => self.literal(b, p, target, b"false", SlotKind::False)?,
+                        b'n' => self.literal(b, p, target, b"null", SlotKind::Null)?,
+                        b'-' | b'0'..=b'9' => {
+                            let end = skip_number(b, p)?;
+                            self.scalar(target, SlotKind::Number, p, end)?;
+                            end
+                        }
+                        _ => return Err(DecodeError::Syntax),
+                    };
+                    k += 1;
+                    // The run this token starts must be exactly the scalar: "truex", "1.2.3".
+                    if end != tok(k) && !is_ws(at(b, end)) {
+                        return Err(DecodeError::Syntax);
+                    }
+                }
             }
-            // A value ended at `i`: a separator or the enclosing container's close must follow.
+            // A value ended: a separator or the enclosing container's close must follow as
+            // token `k`.
             loop {
-                if self.session_open && depth == 1 {
-                    self.session_open = false;
-                    if let Some(s) = self.session.as_mut() {
-                        s.end = i as u32;
-                    }
-                }
-                i = skip_ws(b, i);
-                let frame = self.frames[depth - 1];
-                let c = at(b, i);
+                let p = tok(k);
+                let c = at(b, p);
                 if c == b',' {
-                    let comma = i;
-                    i = skip_ws(b, i + 1);
-                    if frame.is_array {
+                    k += 1;
+                    if cur.is_array {
                         target = NODE_NONE;
                     } else {
-                        (i, target) = self.key(b, i, depth, comma as u32)?;
+                        (k, target) = self.key(b, toks, k, cur.node, depth, p as u32)?;
                     }
                     continue 'value;
                 }
-                if c == if frame.is_array { b']' } else { b'}' } {
-                    i += 1;
+                if c == if cur.is_array { b']' } else { b'}' } {
+                    k += 1;
+                    self.close(cur, p + 1)?;
                     depth -= 1;
-                    self.close(frame, i)?;
                     if depth == 0 {
-                        return finish(b, i);
+                        return finish(k, count);
                     }
+                    cur = self.frames[depth - 1];
                     continue;
                 }
                 return Err(DecodeError::Syntax);
@@ -278,13 +311,23 @@ impl Scanner<'_> {
         if frame.node == NODE_NONE {
             return Ok(());
         }
-        let kind = if frame.is_array { SlotKind::Array } else { SlotKind::Object };
+        let kind = if frame.is_array {
+            SlotKind::Array
+        } else {
+            SlotKind::Object
+        };
         self.scalar(frame.node, kind, frame.start as usize, end)
     }
 
     /// Records a value whose text is `line[start..end]` if `target` is an extracted path.
     #[inline(always)]
-    fn scalar(&mut self, target: u32, kind: SlotKind, start: usize, end: usize) -> Result<(), DecodeError> {
+    fn scalar(
+        &mut self,
+        target: u32,
+        kind: SlotKind,
+        start: usize,
+        end: usize,
+    ) -> Result<(), DecodeError> {
         if target == NODE_NONE {
             return Ok(());
         }
@@ -292,7 +335,16 @@ impl Scanner<'_> {
         if slot == SLOT_NONE {
             return Ok(());
         }
-        self.record(slot, Slot { kind, raw_start: start as u32, raw_end: end as u32, text_start: 0, text_end: 0 })
+        self.record(
+            slot,
+            Slot {
+                kind,
+                raw_start: start as u32,
+                raw_end: end as u32,
+                text_start: 0,
+                text_end: 0,
+            },
+        )
     }
 
     #[inline(always)]
@@ -323,16 +375,43 @@ impl Scanner<'_> {
         Ok(end)
     }
 
+    /// Does the string body `b[open + 1..close]` need unescaping? Only lines that hold a
+    /// backslash at all look at the per-block masks.
     #[inline(always)]
-    fn string_value(&mut self, b: &[u8], i: usize, target: u32) -> Result<usize, DecodeError> {
-        let scan = skip_string(b, i + 1)?;
-        let body = &b[i + 1..scan.end];
-        if scan.non_ascii && std::str::from_utf8(body).is_err() {
-            return Err(DecodeError::InvalidUtf8);
+    fn has_escape(&self, open: usize, close: usize) -> bool {
+        if !self.any_backslash {
+            return false;
         }
-        let slot = if target == NODE_NONE { SLOT_NONE } else { self.table.node(target).slot };
-        let (raw_start, raw_end) = (i as u32, (scan.end + 1) as u32);
-        if scan.escaped {
+        let (first, last) = (open + 1, close); // bits first..last
+        let mut word = first / 64;
+        let mut mask = self.escapes[word] & (!0u64 << (first % 64));
+        while word < last / 64 {
+            if mask != 0 {
+                return true;
+            }
+            word += 1;
+            mask = self.escapes[word];
+        }
+        mask & !(!0u64 << (last % 64)) != 0
+    }
+
+    #[inline(always)]
+    fn string_value(
+        &mut self,
+        b: &[u8],
+        open: usize,
+        close: usize,
+        target: u32,
+    ) -> Result<(), DecodeError> {
+        debug_assert!(b[open] == b'"' && b[close] == b'"' && open < close);
+        let body = &b[open + 1..close];
+        let slot = if target == NODE_NONE {
+            SLOT_NONE
+        } else {
+            self.table.node(target).slot
+        };
+        let (raw_start, raw_end) = (open as u32, (close + 1) as u32);
+        if self.has_escape(open, close) {
             let n = unescape(body, &mut self.scratch[self.scratch_len..])?;
             if slot != SLOT_NONE {
                 let text_start = self.scratch_len;
@@ -360,51 +439,71 @@ impl Scanner<'_> {
                 },
             )?;
         }
-        Ok(scan.end + 1)
+        Ok(())
     }
 
-    /// Scans `"key" :` at `i` inside the object `frames[depth - 1]` and returns the offset of
-    /// the value and its trie node. `comma` is the separator before the key, for `_session`.
+    /// Takes `"key" :` at token `k` inside an object whose trie node is `node`, at nesting
+    /// `depth`, and returns the token of the value and its trie node. `comma` is the offset of
+    /// the separator before the key, for `_session`.
     #[inline(always)]
-    fn key(&mut self, b: &[u8], i: usize, depth: usize, comma: u32) -> Result<(usize, u32), DecodeError> {
-        if at(b, i) != b'"' {
+    fn key(
+        &mut self,
+        b: &[u8],
+        toks: &[u32],
+        k: usize,
+        node: u32,
+        depth: usize,
+        comma: u32,
+    ) -> Result<(usize, u32), DecodeError> {
+        let open = toks[k] as usize;
+        if at(b, open) != b'"' {
             return Err(DecodeError::Syntax);
         }
-        let scan = skip_string(b, i + 1)?;
-        let body = &b[i + 1..scan.end];
-        if scan.non_ascii && std::str::from_utf8(body).is_err() {
-            return Err(DecodeError::InvalidUtf8);
+        let close = toks[k + 1] as usize;
+        if at(b, toks[k + 2] as usize) != b':' {
+            return Err(DecodeError::Syntax);
         }
-        let key: &[u8] = if scan.escaped {
-            let n = unescape(body, &mut self.scratch[self.scratch_len..])?;
-            &self.scratch[self.scratch_len..self.scratch_len + n]
-        } else {
-            body
-        };
-        let node = self.frames[depth - 1].node;
-        let target = if node == NODE_NONE { NODE_NONE } else { self.table.child(node, key) };
-        if depth == 1 {
-            self.root_members += 1;
-            if key == b"_session" {
-                if self.session.is_some() {
-                    return Err(DecodeError::DuplicateField);
-                }
-                self.session = Some(SessionSpan { start: i as u32, end: 0, comma });
-                self.session_open = true;
+        let body = &b[open + 1..close];
+        let escaped = self.has_escape(open, close);
+        let mut target = NODE_NONE;
+        if node != NODE_NONE || depth == 1 {
+            let (key, prefix) = if escaped {
+                let at = self.scratch_len;
+                let n = unescape(body, &mut self.scratch[at..])?;
+                (&self.scratch[at..at + n], key_prefix(self.scratch, at, n))
+            } else {
+                (body, key_prefix(b, open + 1, body.len()))
+            };
+            if node != NODE_NONE {
+                target = self.table.child(node, key, prefix);
             }
+            if depth == 1 {
+                self.root_members += 1;
+                if key.len() == SESSION_KEY.len() && prefix == SESSION_PREFIX {
+                    if self.session.is_some() {
+                        return Err(DecodeError::DuplicateField);
+                    }
+                    self.session = Some(SessionSpan {
+                        start: open as u32,
+                        comma,
+                    });
+                }
+            }
+        } else if escaped {
+            // Nothing to match: unescape only to validate, into scratch that is not committed.
+            unescape(body, &mut self.scratch[self.scratch_len..])?;
         }
-        let j = skip_ws(b, scan.end + 1);
-        if at(b, j) != b':' {
-            return Err(DecodeError::Syntax);
-        }
-        Ok((skip_ws(b, j + 1), target))
+        Ok((k + 3, target))
     }
 }
 
-/// The top-level object closed at `i`; `b` is trimmed, so anything left is not whitespace.
+const SESSION_KEY: &[u8; 8] = b"_session";
+const SESSION_PREFIX: u64 = u64::from_le_bytes(*SESSION_KEY);
+
+/// The top-level object closed just before token `k`; anything after it is trailing.
 #[inline(always)]
-fn finish(b: &[u8], i: usize) -> Result<(), DecodeError> {
-    if i == b.len() {
+fn finish(k: usize, count: usize) -> Result<(), DecodeError> {
+    if k == count {
         Ok(())
     } else {
         Err(DecodeError::TrailingBytes)

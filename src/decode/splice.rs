@@ -23,7 +23,8 @@ impl Event<'_> {
             None => out.extend_from_slice(&raw[..close]),
             Some(s) => {
                 others -= 1;
-                let (start, end) = (s.start as usize, s.end as usize);
+                let start = s.start as usize;
+                let end = member_end(raw, start);
                 debug_assert!(start < end && end <= close);
                 let (cut_start, cut_end) = if s.comma != COMMA_NONE {
                     (s.comma as usize, end)
@@ -45,5 +46,59 @@ impl Event<'_> {
         }
         out.extend_from_slice(member);
         out.push(b'}');
+    }
+}
+
+/// Offset just past the value of the member whose key starts at `key` (its opening quote).
+/// `raw` is a validated object, so this only has to skip, not check.
+fn member_end(raw: &[u8], key: usize) -> usize {
+    let colon = skip_ws(raw, string_end(raw, key));
+    debug_assert_eq!(raw[colon], b':');
+    let value = skip_ws(raw, colon + 1);
+    match raw[value] {
+        b'"' => string_end(raw, value),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut i = value;
+            loop {
+                match raw[i] {
+                    b'"' => i = string_end(raw, i),
+                    b'{' | b'[' => {
+                        depth += 1;
+                        i += 1;
+                    }
+                    b'}' | b']' => {
+                        depth -= 1;
+                        i += 1;
+                        if depth == 0 {
+                            return i;
+                        }
+                    }
+                    _ => i += 1,
+                }
+            }
+        }
+        _ => {
+            let mut i = value;
+            while !matches!(
+                at(raw, i),
+                b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'
+            ) {
+                i += 1;
+            }
+            i
+        }
+    }
+}
+
+/// Offset just past the string whose opening quote is at `open`.
+fn string_end(raw: &[u8], open: usize) -> usize {
+    let mut i = open + 1;
+    loop {
+        match raw[i] {
+            b'"' => return i + 1,
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
     }
 }

@@ -1,21 +1,22 @@
 //! The compiled field-path table: dotted paths turned into a trie of key segments that the
-//! scanner walks while it reads the line, so matching a key costs one length-bitmask test and,
-//! only on a length hit, a few short byte compares.
+//! scanner walks while it reads the line. Every trie edge (parent node, segment) lives in one
+//! open-addressed hash table, so matching a key costs one multiply and, almost always, one
+//! bucket compare, whatever the number of paths.
 //!
-//! Invariants: node 0 is the root (the top-level object) and never carries a slot; each node's
-//! outgoing edges are contiguous in `edges`; every segment is 1..=`SEGMENT_BYTES_MAX` bytes, so
-//! bit `len - 1` of `len_mask` fits in a `u128`; identical paths share one node and one result
-//! slot, so there are at most `PATHS_MAX` slots and a `u64` bitmask covers them.
+//! Invariants: node 0 is the root (the top-level object) and never carries a slot; every
+//! segment is 1..=`SEGMENT_BYTES_MAX` bytes; the edge table is at most a quarter full, so
+//! probing always reaches an empty bucket; identical paths share one node and one result slot,
+//! so there are at most `PATHS_MAX` slots and a `u64` bitmask covers them.
 
 use super::FieldId;
 
 /// Most paths one table holds; the scanner's "seen" set is a `u64`, one bit per slot.
 pub const PATHS_MAX: usize = 64;
-/// Longest key segment; lets the per-node length filter be a single `u128`.
+/// Longest key segment: keys are short in practice, and a bound keeps config mistakes (a
+/// value pasted as a path) visible.
 pub const SEGMENT_BYTES_MAX: usize = 128;
 
 const _: () = assert!(PATHS_MAX <= u64::BITS as usize);
-const _: () = assert!(SEGMENT_BYTES_MAX <= u128::BITS as usize);
 
 pub(super) const NODE_NONE: u32 = u32::MAX;
 pub(super) const NODE_ROOT: u32 = 0;
@@ -26,17 +27,57 @@ const _: () = assert!(PATHS_MAX < SLOT_NONE as usize);
 pub(super) struct Node {
     /// Result slot when a path ends here, else `SLOT_NONE`.
     pub(super) slot: u8,
-    edges_start: u32,
-    edges_end: u32,
-    /// Bit `len - 1` is set when some child segment is `len` bytes long.
-    len_mask: u128,
+    has_children: bool,
 }
 
+/// One trie edge in the hash table; an empty bucket has `parent == NODE_NONE`.
 #[derive(Clone, Debug)]
 struct Edge {
-    segment_start: u32,
+    /// The segment's first eight bytes, zero-padded (see `key_prefix`): for the usual short
+    /// keys this compare is the whole match, with no call into `memcmp`.
+    prefix: u64,
+    parent: u32,
     segment_len: u32,
+    segment_start: u32,
     child: u32,
+}
+
+const EMPTY_EDGE: Edge = Edge {
+    prefix: 0,
+    parent: NODE_NONE,
+    segment_len: 0,
+    segment_start: 0,
+    child: NODE_NONE,
+};
+
+/// One multiply: keys are short and few, and a collision only costs a probe. The top bits of
+/// the product are the well-mixed ones, so they index the table.
+#[inline(always)]
+fn edge_hash(parent: u32, len: usize, prefix: u64, shift: u32) -> usize {
+    let h = prefix ^ ((len as u64) << 56) ^ (u64::from(parent) << 44);
+    (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> shift) as usize
+}
+
+/// The first `min(len, 8)` bytes of `bytes[start..start + len]` as a little-endian integer,
+/// zero-padded. Reads past the key when the slice allows, which is the common case since a key
+/// is followed by at least `":` and a value.
+#[inline(always)]
+pub(super) fn key_prefix(bytes: &[u8], start: usize, len: usize) -> u64 {
+    debug_assert!(start + len <= bytes.len());
+    let word = match bytes.get(start..start + 8) {
+        Some(w) => u64::from_le_bytes(w.try_into().expect("eight bytes")),
+        None => {
+            let mut buf = [0u8; 8];
+            let n = len.min(8);
+            buf[..n].copy_from_slice(&bytes[start..start + n]);
+            u64::from_le_bytes(buf)
+        }
+    };
+    if len >= 8 {
+        word
+    } else {
+        word & ((1u64 << (len * 8)) - 1)
+    }
 }
 
 /// Compiled set of dotted field paths, e.g. `["user", "ts", "ctx.device.id"]`.
@@ -48,7 +89,10 @@ pub struct FieldTable {
     id_slot: Vec<u8>,
     slot_count: usize,
     nodes: Vec<Node>,
+    /// Power-of-two open-addressed table of trie edges.
     edges: Vec<Edge>,
+    /// `u64::BITS - log2(edges.len())`: the hash's top bits index the table.
+    edge_shift: u32,
     segments: Vec<u8>,
 }
 
@@ -70,12 +114,18 @@ impl FieldTable {
             slot: u8,
             children: Vec<(Vec<u8>, u32)>,
         }
-        let mut building = vec![Building { slot: SLOT_NONE, children: Vec::new() }];
+        let mut building = vec![Building {
+            slot: SLOT_NONE,
+            children: Vec::new(),
+        }];
         let mut id_slot = Vec::with_capacity(paths.len());
         let mut slot_count = 0usize;
         for path in paths {
             if path.is_empty() {
-                return Err("field path \"\" is empty; name a key such as \"user\" or \"ctx.device.id\"".into());
+                return Err(
+                    "field path \"\" is empty; name a key such as \"user\" or \"ctx.device.id\""
+                        .into(),
+                );
             }
             let mut node = NODE_ROOT as usize;
             for segment in path.as_bytes().split(|&c| c == b'.') {
@@ -90,13 +140,21 @@ impl FieldTable {
                         segment.len()
                     ));
                 }
-                let existing = building[node].children.iter().find(|(s, _)| s.as_slice() == segment);
+                let existing = building[node]
+                    .children
+                    .iter()
+                    .find(|(s, _)| s.as_slice() == segment);
                 node = match existing {
                     Some(&(_, child)) => child as usize,
                     None => {
                         let child = building.len();
-                        building.push(Building { slot: SLOT_NONE, children: Vec::new() });
-                        building[node].children.push((segment.to_vec(), child as u32));
+                        building.push(Building {
+                            slot: SLOT_NONE,
+                            children: Vec::new(),
+                        });
+                        building[node]
+                            .children
+                            .push((segment.to_vec(), child as u32));
                         child
                     }
                 };
@@ -110,25 +168,44 @@ impl FieldTable {
         assert!(slot_count <= PATHS_MAX);
         assert!(building.len() < NODE_NONE as usize);
 
-        let mut nodes = Vec::with_capacity(building.len());
-        let mut edges = Vec::new();
+        let edge_count = building.len() - 1;
+        let buckets = (edge_count * 4).next_power_of_two().max(16);
+        let edge_shift = u64::BITS - buckets.trailing_zeros();
+        let mut edges = vec![EMPTY_EDGE; buckets];
         let mut segments = Vec::new();
-        for b in &building {
-            let edges_start = edges.len() as u32;
-            let mut len_mask = 0u128;
+        let mut nodes = Vec::with_capacity(building.len());
+        for (parent, b) in building.iter().enumerate() {
             for (segment, child) in &b.children {
-                len_mask |= 1u128 << (segment.len() - 1);
-                edges.push(Edge {
-                    segment_start: segments.len() as u32,
+                let prefix = key_prefix(segment, 0, segment.len());
+                let mut i = edge_hash(parent as u32, segment.len(), prefix, edge_shift);
+                while edges[i].parent != NODE_NONE {
+                    i = (i + 1) & (buckets - 1);
+                }
+                edges[i] = Edge {
+                    prefix,
+                    parent: parent as u32,
                     segment_len: segment.len() as u32,
+                    segment_start: segments.len() as u32,
                     child: *child,
-                });
+                };
                 segments.extend_from_slice(segment);
             }
-            nodes.push(Node { slot: b.slot, edges_start, edges_end: edges.len() as u32, len_mask });
+            nodes.push(Node {
+                slot: b.slot,
+                has_children: !b.children.is_empty(),
+            });
         }
         assert_eq!(nodes[NODE_ROOT as usize].slot, SLOT_NONE);
-        Ok(FieldTable { paths: paths.to_vec(), id_slot, slot_count, nodes, edges, segments })
+        assert!(edges.iter().filter(|e| e.parent != NODE_NONE).count() * 4 <= buckets);
+        Ok(FieldTable {
+            paths: paths.to_vec(),
+            id_slot,
+            slot_count,
+            nodes,
+            edges,
+            edge_shift,
+            segments,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -158,23 +235,29 @@ impl FieldTable {
 
     #[inline(always)]
     pub(super) fn has_children(&self, node: u32) -> bool {
-        let n = self.node(node);
-        n.edges_end > n.edges_start
+        self.node(node).has_children
     }
 
-    /// The child of `node` reached by the (unescaped) key, or `NODE_NONE`.
+    /// The child of `node` reached by the (unescaped) key, or `NODE_NONE`; `prefix` is
+    /// `key_prefix` of the key.
     #[inline(always)]
-    pub(super) fn child(&self, node: u32, key: &[u8]) -> u32 {
-        let n = self.node(node);
+    pub(super) fn child(&self, node: u32, key: &[u8], prefix: u64) -> u32 {
         let len = key.len();
-        if len == 0 || len > SEGMENT_BYTES_MAX || n.len_mask & (1u128 << (len - 1)) == 0 {
-            return NODE_NONE;
-        }
-        for e in &self.edges[n.edges_start as usize..n.edges_end as usize] {
-            if e.segment_len as usize == len && self.segments[e.segment_start as usize..][..len] == *key {
+        let mask = self.edges.len() - 1;
+        let mut i = edge_hash(node, len, prefix, self.edge_shift);
+        loop {
+            let e = &self.edges[i];
+            if e.prefix == prefix
+                && e.parent == node
+                && e.segment_len as usize == len
+                && (len <= 8 || self.segments[e.segment_start as usize..][..len] == *key)
+            {
                 return e.child;
             }
+            if e.parent == NODE_NONE {
+                return NODE_NONE;
+            }
+            i = (i + 1) & mask;
         }
-        NODE_NONE
     }
 }
