@@ -21,13 +21,13 @@ pub struct Summary {
 
 pub fn session_member(buf: &mut Vec<u8>, profile: &str, id: u64, seq: u32, start_ts: i64) {
     buf.extend_from_slice(b"\"_session\":{\"id\":");
-    write_id(buf, id);
+    buf.extend_from_slice(&super::out::id_text(id));
     buf.extend_from_slice(b",\"profile\":\"");
     buf.extend_from_slice(profile.as_bytes());
     buf.extend_from_slice(b"\",\"seq\":");
-    write_u64(buf, u64::from(seq));
+    buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
     buf.extend_from_slice(b",\"start_ts\":");
-    write_i64(buf, start_ts);
+    buf.extend_from_slice(itoa::Buffer::new().format(start_ts).as_bytes());
     buf.push(b'}');
 }
 

@@ -120,12 +120,17 @@ pub fn write_f64(out: &mut Vec<u8>, v: f64) {
 
 /// Session ids render as 16 lowercase hex digits.
 pub fn write_id(out: &mut Vec<u8>, id: u64) {
+    out.extend_from_slice(&id_text(id));
+}
+
+/// `"<16 hex digits>"`, quotes included, built on the stack (this is on every enriched event).
+pub fn id_text(id: u64) -> [u8; 18] {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    for i in (0..16).rev() {
-        out.push(HEX[((id >> (i * 4)) & 0xf) as usize]);
+    let mut t = [b'"'; 18];
+    for (i, d) in t[1..17].iter_mut().enumerate() {
+        *d = HEX[((id >> ((15 - i) * 4)) & 0xf) as usize];
     }
-    out.push(b'"');
+    t
 }
 
 pub fn id_string(id: u64) -> String {
