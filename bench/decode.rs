@@ -8,14 +8,23 @@
 //! Run: `cargo bench --bench decode -- --warm-up-time 1 --measurement-time 3`
 //! Record results (median events/s, with date, machine and commit) in bench/RESULTS.md.
 //!
-//! Last measured 2025-11-25, 2-vCPU AMD EPYC (Zen 4) VM, rustc 1.95, shared with concurrent
-//! builds (load 6-10, so absolute numbers are low and noisy; compare within one run).
-//! Corpus: 193 bytes/event mean. Criterion medians, events/s:
+//! Instructions per event (valgrind --tool=callgrind counts the same whatever the load on the
+//! shared box): 100k events from this generator through `decode` plus the six `get`s, minus the
+//! memchr line split alone (111/event). Harness: a scratch crate outside the repo depending on
+//! this one by path (same release profile), timing an `#[inline(never)]` loop with
+//! `--toggle-collect`. Measured 2026-11-25, rustc 1.95:
+//!   two-pass decoder (SIMD structural index, then token walk): 4,940 instructions/event;
+//!   one-pass decoder (SSE2 16-byte string skip, SWAR digits, key filter): 3,264/event (1.5x);
+//!   the same code compiled into the harness crate (decode inlined into the loop): 2,952.
+//! No criterion run: the box was at load 5-9 throughout.
+//!
+//! Earlier wall-clock figures (2025-11-25, 2-vCPU AMD EPYC (Zen 4) VM, shared with concurrent
+//! builds, load 6-10, so absolute numbers are low and noisy; compare within one run), for the
+//! two-pass decoder. Corpus: 193 bytes/event mean. Criterion medians, events/s:
 //!   memchr_split_floor 62.8M, sessionizer_decoder 1.86M, sonic_rs_get_many_pointer_tree 0.89M,
 //!   sonic_rs_get_per_field 0.67M.
 //! Thread-CPU-time best-of-40, interleaved (less sensitive to the load): ours 330 ns/event,
-//! sonic get_many 433 ns, sonic get per field 734 ns. Of ours, stage 1 (structural index) is
-//! ~100 ns; key lookups ~40 ns.
+//! sonic get_many 433 ns, sonic get per field 734 ns.
 
 use std::hint::black_box;
 

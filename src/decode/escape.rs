@@ -26,12 +26,18 @@ fn hex4(body: &[u8], at: usize) -> Result<u32, DecodeError> {
 /// Unescapes a string body (between the quotes, free of raw control bytes) into `out` and
 /// returns the number of bytes written. Rejects unknown escapes, bad hex and lone surrogates.
 pub(super) fn unescape(body: &[u8], out: &mut [u8]) -> Result<usize, DecodeError> {
+    // Bodies are short (a page path, a campaign name): a byte loop costs about a third of the
+    // instructions that `memchr` plus `copy_from_slice` per run of plain bytes did.
+    let out = &mut out[..body.len()];
     let mut r = 0;
     let mut w = 0;
-    while let Some(off) = memchr::memchr(b'\\', &body[r..]) {
-        out[w..w + off].copy_from_slice(&body[r..r + off]);
-        w += off;
-        r += off + 1;
+    while let Some(&c) = body.get(r) {
+        r += 1;
+        if c != b'\\' {
+            out[w] = c;
+            w += 1;
+            continue;
+        }
         let e = *body.get(r).ok_or(DecodeError::InvalidEscape)?;
         r += 1;
         let byte = match e {
@@ -68,9 +74,6 @@ pub(super) fn unescape(body: &[u8], out: &mut [u8]) -> Result<usize, DecodeError
         out[w] = byte;
         w += 1;
     }
-    let rest = body.len() - r;
-    out[w..w + rest].copy_from_slice(&body[r..]);
-    w += rest;
     debug_assert!(w <= body.len());
     Ok(w)
 }

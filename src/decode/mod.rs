@@ -1,22 +1,21 @@
 //! The hot-path JSON decoder: validates a whole event line as an RFC 8259 object and picks out
-//! the few fields a profile needs, without building a document tree, in two passes: a SIMD
-//! structural index of the line (`index`), then a walk over its tokens (`scan`). It also
-//! re-emits the line with one top-level member spliced in.
+//! the few fields a profile needs, without building a document tree, in one pass over the line
+//! (`scan`). It also re-emits the line with one top-level member spliced in.
 //!
 //! Invariants: a [`Decoder`] owns all scratch memory, sized at construction from
-//! `line_bytes_max` (about 5.2 bytes per line byte: token offsets, unescape scratch, escape
-//! masks) and `depth_max`, so `decode`, `Event::get` and `Event::write_enriched` never
+//! `line_bytes_max` (about 2 bytes per line byte: a padded copy of the line and unescape
+//! scratch) and `depth_max`, so `decode`, `Event::get` and `Event::write_enriched` never
 //! allocate (the last needs `out` to have capacity). An [`Event`] exists only for a line that
 //! validated completely; every `Field` it hands out is valid JSON token text (`raw_json`) and,
 //! for strings, valid UTF-8 text. A top-level `"_session"` member is tracked like an extracted
 //! field (a second one is `DuplicateField`) because `write_enriched` replaces it.
 //!
-//! Submodules: `table` (compiled paths), `index` (stage 1: SIMD structural index), `scan`
-//! (stage 2: grammar and field extraction over the index), `escape` (string bodies both ways),
+//! Submodules: `table` (compiled paths), `scan` (grammar and field extraction), `chunk` (the
+//! SIMD string-body classifier `scan` skips strings with), `escape` (string bodies both ways),
 //! `splice` (`write_enriched`).
 
+mod chunk;
 mod escape;
-mod index;
 mod scan;
 mod splice;
 mod table;
@@ -36,12 +35,9 @@ pub struct Decoder {
     table: FieldTable,
     depth_max: u32,
     line_bytes_max: usize,
-    /// Which stage-1 classifier this CPU allows.
-    isa: index::Isa,
-    /// Stage-1 token offsets: at most one per byte, plus the sentinel and write slack.
-    tokens: Box<[u32]>,
-    /// Stage-1 backslashes inside strings, one word per 64-byte block.
-    escapes: Box<[u64]>,
+    /// The line being decoded followed by `scan::LINE_PAD` zero bytes, so the scanner reads
+    /// past its end without bounds arithmetic and meets a byte no rule accepts.
+    line: Box<[u8]>,
     /// One frame per open container; `min(depth_max, line_bytes_max)` long, since nesting can
     /// exceed neither the limit nor the number of bytes.
     frames: Box<[Frame]>,
@@ -60,9 +56,7 @@ impl Decoder {
         assert!(line_bytes_max < u32::MAX as usize);
         let frames_len = (depth_max as usize).min(line_bytes_max);
         Decoder {
-            isa: index::Isa::detect(),
-            tokens: vec![0u32; line_bytes_max + 1 + index::TOKENS_SLACK].into_boxed_slice(),
-            escapes: vec![0u64; line_bytes_max.div_ceil(64)].into_boxed_slice(),
+            line: vec![0u8; line_bytes_max + scan::LINE_PAD].into_boxed_slice(),
             frames: vec![Frame::default(); frames_len].into_boxed_slice(),
             scratch: vec![0u8; line_bytes_max].into_boxed_slice(),
             slots: vec![Slot::default(); table.slot_count()].into_boxed_slice(),
@@ -96,6 +90,9 @@ impl<'a> Event<'a> {
         self.raw
     }
 
+    /// `#[inline]`: callers ask for a handful of constant ids per event, and inlined across the
+    /// crate boundary the call and the `Field` copy-out mostly disappear.
+    #[inline]
     pub fn get(&self, id: FieldId) -> Field<'a> {
         let slot = self.table.slot_of(id);
         if self.seen & (1u64 << slot) == 0 {

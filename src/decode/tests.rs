@@ -565,80 +565,33 @@ fn empty_table_still_validates() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Stage 1 (structural index)
+// String bodies (16-byte chunks)
 
 #[test]
-fn simd_classifiers_match_scalar() {
+fn simd_string_classifier_matches_scalar() {
     let mut rng = Rng(0x1234_5678_9abc_def1);
-    let alphabet = b"{}[]:,\"\\ \t\n\r\x00\x1f\x7f\x80\xff\xc3\xa9az09-+.eE/ ";
+    let alphabet = b"{}[]:,\"\\ \t\n\r\x00\x1f\x20\x7f\x80\xff\xc3\xa9az09-+.eE/ ";
     for round in 0..20_000 {
-        let mut block = [0u8; 64];
-        for c in block.iter_mut() {
+        let mut chunk = [0u8; 16];
+        for c in chunk.iter_mut() {
             *c = if round % 2 == 0 {
                 alphabet[(rng.next() % alphabet.len() as u64) as usize]
             } else {
                 rng.next() as u8
             };
         }
-        let want = index::classify_scalar(&block);
-        assert_eq!(index::classify(&block), want, "{block:?}");
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 was detected on this CPU just above.
-            assert_eq!(unsafe { index::classify_avx2(&block) }, want, "{block:?}");
-        }
-    }
-}
-
-/// Which bytes are escaped, the slow obvious way, for the whole line at once.
-fn escaped_reference(line: &[u8]) -> Vec<bool> {
-    let mut escaped = vec![false; line.len()];
-    let mut i = 0;
-    while i < line.len() {
-        if line[i] == b'\\' && i + 1 < line.len() {
-            escaped[i + 1] = true;
-            i += 2;
-        } else {
-            i += 1;
-        }
-    }
-    escaped
-}
-
-#[test]
-fn escaped_bits_match_reference_across_blocks() {
-    let mut rng = Rng(0xfeed_beef_cafe_f00d);
-    for _ in 0..5_000 {
-        let len = (rng.next() % 300) as usize;
-        let line: Vec<u8> = (0..len)
-            .map(|_| if rng.one_in(2) { b'\\' } else { b'x' })
-            .collect();
-        let want = escaped_reference(&line);
-        let mut carry = false;
-        for (block_no, block) in line.chunks(64).enumerate() {
-            let mut backslash = 0u64;
-            for (j, &c) in block.iter().enumerate() {
-                if c == b'\\' {
-                    backslash |= 1 << j;
-                }
-            }
-            let got = index::escaped_bits(backslash, &mut carry);
-            for j in 0..block.len() {
-                assert_eq!(
-                    got >> j & 1 == 1,
-                    want[block_no * 64 + j],
-                    "line {line:?} at {}",
-                    block_no * 64 + j
-                );
-            }
-        }
+        assert_eq!(
+            chunk::classify16(&chunk),
+            chunk::classify16_scalar(&chunk),
+            "{chunk:?}"
+        );
     }
 }
 
 #[test]
 fn strings_across_block_boundaries() {
-    // Put every kind of string content, and backslash runs of every parity, across the 64-byte
-    // block boundaries stage 1 works in.
+    // Put every kind of string content, and backslash runs of every parity, across the 16-byte
+    // chunk boundaries the string skip works in.
     let mut d = decoder(&["v", "w"]);
     for pad in 0..140 {
         for special in [
