@@ -7,7 +7,8 @@
 //! reason must be one the doc allows (a set only where the doc leaves timing open). The harness
 //! (`model/harness.rs`) checks the structural promises on every run: one start and one end per
 //! id, enriched events inside their session's lifetime, sub-sessions ending before their parent,
-//! the table bound, and `Stats` agreeing with the records.
+//! the table bound, and `Stats` agreeing with the records; and after every `advance`, sessions
+//! more than the wheel's one-second slack past their deadline must have ended.
 //!
 //! A failing case panics with the config and the event lines; proptest then shrinks it, prints
 //! the minimal input, and saves its seed in `tests/model/proptest-regressions.txt`, which later
@@ -40,12 +41,13 @@ enum Gap {
     Idle,
     IdlePlus1,
     Large,
-    /// Before the latest arrival (processing time only: exercises the monotone replay clock).
+    /// Before the latest event, placed as `Back` says (a step back for the monotone replay clock,
+    /// or far-late for event time).
     Back,
 }
 
 /// A generated event before it is laid on a timeline (shrinks well: every part is independent).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 struct Raw {
     key: u8,
     gap: Gap,
@@ -56,6 +58,25 @@ struct Raw {
     page: Option<u8>,
     tab: u8,
     ip: u8,
+}
+
+/// One line per event in proptest's "minimal failing input".
+impl std::fmt::Debug for Raw {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "k{} {:?}/{} ty{} camp{:?} v{:?} page{:?} tab{} ip{}",
+            self.key,
+            self.gap,
+            self.jitter,
+            self.ty,
+            self.camp,
+            self.v,
+            self.page,
+            self.tab,
+            self.ip
+        )
+    }
 }
 
 fn gap() -> impl Strategy<Value = Gap> {
@@ -100,12 +121,46 @@ fn raws(max_len: usize) -> impl Strategy<Value = Vec<Raw>> {
     proptest::collection::vec(raw(), 1..max_len)
 }
 
-/// Lay raw events on a timeline in arrival order: `ts` never goes back unless `back` allows
-/// `Gap::Back`. `types` is sampled by `Raw::ty` (repeat an entry to weight it).
-fn timeline(raws: &[Raw], keys: u8, idle: i64, types: &[&'static str], back: bool) -> Vec<Ev> {
+/// How `Gap::Back` events are placed.
+#[derive(Clone, Copy, PartialEq)]
+enum Back {
+    /// Like `Gap::Zero`.
+    None,
+    /// Up to 0.7 s before the latest event (processing time: the replay clock holds).
+    Step,
+    /// This far (plus up to 1 s) before the latest event, arriving in generation order: with
+    /// event time, late whatever the reordering.
+    FarLate(i64),
+}
+
+/// Lay raw events on a timeline in generation order; `ts` never goes back except for
+/// `Gap::Back` (see `Back`). Returns the events and, per event, the time it is "sent" (its `ts`,
+/// or for a far-late event the latest time so far) for `arrive`. `types` is sampled by `Raw::ty`
+/// (repeat an entry to weight it).
+fn timeline(
+    raws: &[Raw],
+    keys: u8,
+    idle: i64,
+    types: &[&'static str],
+    back: Back,
+) -> (Vec<Ev>, Vec<i64>) {
+    timeline_with(raws, keys, idle, types, back, false)
+}
+
+/// `timeline`; with `strict`, each key's times strictly increase (no ties within a key, so
+/// "first" and "last" mean the same in arrival and in time order).
+fn timeline_with(
+    raws: &[Raw],
+    keys: u8,
+    idle: i64,
+    types: &[&'static str],
+    back: Back,
+    strict: bool,
+) -> (Vec<Ev>, Vec<i64>) {
     let mut latest = BASE_MS;
     let mut key_last: BTreeMap<u8, i64> = BTreeMap::new();
     let mut evs = Vec::with_capacity(raws.len());
+    let mut sent = Vec::with_capacity(raws.len());
     for (n, r) in raws.iter().enumerate() {
         let key = r.key % keys;
         let prev = key_last.get(&key).copied().unwrap_or(latest);
@@ -118,12 +173,26 @@ fn timeline(raws: &[Raw], keys: u8, idle: i64, types: &[&'static str], back: boo
             Gap::Idle => prev + idle,
             Gap::IdlePlus1 => prev + idle + 1,
             Gap::Large => prev + idle + j % (2 * idle),
-            Gap::Back if back => latest - j % 700,
-            Gap::Back => prev,
+            Gap::Back => match back {
+                Back::None => prev,
+                Back::Step => latest - j % 700,
+                Back::FarLate(ms) => latest - ms - j % 1000,
+            },
         };
-        let ts = if want >= latest || (back && matches!(r.gap, Gap::Back)) { want } else { latest + j % 50 };
+        let backwards = matches!(r.gap, Gap::Back) && back != Back::None;
+        let mut ts = if want >= latest || backwards {
+            want
+        } else {
+            latest + j % 50
+        };
+        if strict && !backwards && key_last.contains_key(&key) {
+            ts = ts.max(prev + 1);
+        }
+        sent.push(if backwards { latest } else { ts });
         latest = latest.max(ts);
-        key_last.insert(key, ts);
+        if !backwards {
+            key_last.insert(key, ts);
+        }
         evs.push(Ev {
             n: n as u32,
             key,
@@ -136,25 +205,36 @@ fn timeline(raws: &[Raw], keys: u8, idle: i64, types: &[&'static str], back: boo
             ip: r.ip,
         });
     }
-    evs
+    (evs, sent)
 }
 
-/// Reorder events into an arrival order: each arrives at `ts + delay`, where the delay is drawn
-/// per event (`per_event`) or per key (keeps each key in order). Arrival indices are renumbered.
-fn arrive(mut evs: Vec<Ev>, delays: &[u16], per_key_delays: &[u16], scale_ms: i64, per_event: bool) -> Vec<Ev> {
-    let delay = |e: &Ev| {
-        let d = if per_event {
-            delays[e.n as usize % delays.len()]
-        } else {
-            per_key_delays[usize::from(e.key) % per_key_delays.len()]
-        };
-        i64::from(d) * scale_ms / i64::from(u16::MAX)
-    };
-    evs.sort_by_key(|e| (e.ts + delay(e), e.n));
-    for (n, e) in evs.iter_mut().enumerate() {
-        e.n = n as u32;
-    }
-    evs
+/// Reorder events into an arrival order: each arrives at `sent + delay`, where the delay is
+/// drawn per event (`per_event`) or per key (keeps each key in order). Arrival indices are
+/// renumbered.
+fn arrive(evs: Vec<Ev>, sent: &[i64], delays: &[u16], scale_ms: i64, per_event: bool) -> Vec<Ev> {
+    let mut timed: Vec<(i64, Ev)> = evs
+        .into_iter()
+        .map(|e| {
+            let d = if per_event {
+                delays[e.n as usize % delays.len()]
+            } else {
+                delays[usize::from(e.key) % delays.len()]
+            };
+            (
+                sent[e.n as usize] + i64::from(d) * scale_ms / i64::from(u16::MAX),
+                e,
+            )
+        })
+        .collect();
+    timed.sort_by_key(|(at, e)| (*at, e.n));
+    timed
+        .into_iter()
+        .enumerate()
+        .map(|(n, (_, mut e))| {
+            e.n = n as u32;
+            e
+        })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -179,8 +259,10 @@ fn with_case<T>(toml: &str, evs: &[Ev], advance: &[bool], f: impl FnOnce() -> T)
                 .cloned()
                 .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
-            let adv: Vec<usize> = (0..evs.len()).filter(|&i| advance.get(i).copied().unwrap_or(false)).collect();
-            panic!("{msg}\n--- config:\n{toml}--- advance after events: {adv:?}\n--- events (arrival order):\n{}", lines(evs));
+            let adv: Vec<usize> = (0..evs.len())
+                .filter(|&i| advance.get(i).copied().unwrap_or(false))
+                .collect();
+            panic!("{msg}\n# --- config:\n{toml}# --- advance after events: {adv:?}\n# --- events (arrival order):\n{}", lines(evs));
         }
     }
 }
@@ -188,27 +270,92 @@ fn with_case<T>(toml: &str, evs: &[Ev], advance: &[bool], f: impl FnOnce() -> T)
 fn num_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| num_eq(v, w))),
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(v, w)| num_eq(v, w)),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| num_eq(v, w)))
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| num_eq(v, w))
+        }
         _ => a == b,
     }
 }
 
 /// Compare the engine's ended sessions of `profile` with the reference, exactly.
-fn compare(profile: &str, spec: &Spec, evs: &[Ev], refs: &[RefSession], late: &BTreeSet<u32>, o: &Observed) {
+fn compare(
+    profile: &str,
+    spec: &Spec,
+    evs: &[Ev],
+    refs: &[RefSession],
+    late: &BTreeSet<u32>,
+    o: &Observed,
+) {
     let by_n: BTreeMap<u32, &Ev> = evs.iter().map(|e| (e.n, e)).collect();
     // Every non-late event is enriched exactly once; late ones never.
     let mut seen = BTreeSet::new();
     for e in o.enriched.iter().filter(|e| e.profile == profile) {
-        assert!(seen.insert(e.n), "event n={} enriched twice by {profile}", e.n);
+        assert!(
+            seen.insert(e.n),
+            "event n={} enriched twice by {profile}",
+            e.n
+        );
         assert!(!late.contains(&e.n), "late event n={} was enriched", e.n);
         assert_eq!(by_n[&e.n].ts, e.ts, "the enriched copy keeps ts");
     }
-    let want: BTreeSet<u32> = evs.iter().map(|e| e.n).filter(|n| !late.contains(n)).collect();
-    assert_eq!(seen, want, "enriched events (left) vs accepted events (right)");
-    assert_eq!(o.late_set(), *late, "late events: engine (left) vs reference (right)");
+    let want: BTreeSet<u32> = evs
+        .iter()
+        .map(|e| e.n)
+        .filter(|n| !late.contains(n))
+        .collect();
+    assert_eq!(
+        seen, want,
+        "enriched events (left) vs accepted events (right)"
+    );
+    let late_here: BTreeSet<u32> = o
+        .late_records
+        .iter()
+        .filter(|(p, _)| p == profile)
+        .map(|(_, n)| *n)
+        .collect();
+    assert_eq!(
+        late_here, *late,
+        "late events of {profile}: engine (left) vs reference (right)"
+    );
+
+    // Sessions never span an idle gap (times as the profile saw them: the replay clock is the
+    // running maximum of `ts` in processing time).
+    let mut clock = i64::MIN;
+    let time_of: BTreeMap<u32, i64> = evs
+        .iter()
+        .map(|e| {
+            clock = clock.max(e.ts);
+            (
+                e.n,
+                if spec.time == Time::Processing {
+                    clock
+                } else {
+                    e.ts
+                },
+            )
+        })
+        .collect();
 
     let finals = o.finals(profile);
+    for (id, es) in &finals {
+        let mut ts: Vec<i64> = es.iter().map(|e| time_of[&e.n]).collect();
+        ts.sort_unstable();
+        let end = o.end(id);
+        let (first, last) = (end["start_ts"].as_i64(), end["last_ts"].as_i64());
+        assert!(
+            first <= ts.first().copied() && ts.last().copied() <= last,
+            "events at {ts:?} resolve to session {id} spanning [{first:?}, {last:?}]"
+        );
+        assert!(
+            ts.windows(2).all(|w| w[1] - w[0] <= spec.idle_ms),
+            "session {id} spans an idle gap: {ts:?}"
+        );
+    }
     let got: BTreeMap<Vec<u32>, &str> = finals
         .iter()
         .map(|(id, es)| (es.iter().map(|e| e.n).collect(), id.as_str()))
@@ -232,18 +379,68 @@ fn compare(profile: &str, spec: &Spec, evs: &[Ev], refs: &[RefSession], late: &B
         assert_eq!(end["last_ts"], r.last_ts, "last_ts; {what}");
         assert_eq!(end["count"], events.len(), "count; {what}");
         let reason = end["reason"].as_str().unwrap_or("");
-        assert!(r.reasons.contains(&reason), "reason `{reason}` is not one of {:?}; {what}", r.reasons);
+        assert!(
+            r.reasons.contains(&reason),
+            "reason `{reason}` is not one of {:?}; {what}",
+            r.reasons
+        );
         let members: Vec<&Ev> = events.iter().map(|n| by_n[n]).collect();
         for (k, v) in expected_stats(spec, &members) {
-            assert!(num_eq(&end[&k], &v), "{k}: engine {} vs reference {v}; {what}", end[&k]);
+            assert!(
+                num_eq(&end[&k], &v),
+                "{k}: engine {} vs reference {v}; {what}",
+                end[&k]
+            );
         }
         if !o.merged(id) {
             let seqs: Vec<u64> = finals[id].iter().map(|e| e.seq).collect();
             let one_to_n: Vec<u64> = (1..=events.len() as u64).collect();
-            assert_eq!(seqs, one_to_n, "seq of an unmerged session is 1..=count in arrival order; {what}");
+            assert_eq!(
+                seqs, one_to_n,
+                "seq of an unmerged session is 1..=count in arrival order; {what}"
+            );
         }
         if spec.sub.is_some() {
             compare_subs(id, &r.subs, o);
+        }
+    }
+    check_timely(spec, evs, refs, late, o, &got);
+}
+
+/// After each `advance`, every session more than the wheel's one-second slack past its deadline
+/// (by the profile's clock then: the replay clock, or the watermark) has ended.
+fn check_timely(
+    spec: &Spec,
+    evs: &[Ev],
+    refs: &[RefSession],
+    late: &BTreeSet<u32>,
+    o: &Observed,
+    got: &BTreeMap<Vec<u32>, &str>,
+) {
+    for &(at, written) in &o.advances {
+        let seen = evs
+            .iter()
+            .filter(|e| e.n as usize <= at && !late.contains(&e.n));
+        let clock = match spec.time {
+            Time::Processing => seen.map(|e| e.ts).max(),
+            Time::Event => seen.map(|e| e.ts).max().map(|m| m - spec.lateness_ms),
+        };
+        let Some(clock) = clock else { continue };
+        for r in refs
+            .iter()
+            .filter(|r| r.events.iter().all(|&n| n as usize <= at))
+        {
+            let deadline =
+                (r.last_ts + spec.idle_ms).min(spec.max_ms.map_or(i64::MAX, |m| r.start_ts + m));
+            if deadline < clock - reference::WHEEL_SLACK_MS {
+                let id = got[&r.events];
+                let end_pos = o.sessions[id].end_pos.expect("final sessions end");
+                assert!(
+                    end_pos < written,
+                    "session {id} (events {:?}, deadline {deadline}) still open after advance at clock {clock} (after event {at})",
+                    r.events
+                );
+            }
         }
     }
 }
@@ -269,7 +466,18 @@ fn compare_subs(parent: &str, refs: &[RefSub], o: &Observed) {
     got.sort_by(|a, b| a.0.cmp(&b.0));
     let mut exp: Vec<(Row, &RefSub)> = refs
         .iter()
-        .map(|r| ((format!("t{}", r.tab), r.start_ts, r.last_ts, r.events.len() as u64, r.clicks), r))
+        .map(|r| {
+            (
+                (
+                    format!("t{}", r.tab),
+                    r.start_ts,
+                    r.last_ts,
+                    r.events.len() as u64,
+                    r.clicks,
+                ),
+                r,
+            )
+        })
         .collect();
     exp.sort_by(|a, b| a.0.cmp(&b.0));
     let got_rows: Vec<&Row> = got.iter().map(|g| &g.0).collect();
@@ -279,7 +487,11 @@ fn compare_subs(parent: &str, refs: &[RefSub], o: &Observed) {
         "sub-sessions of {parent} (tab, start, last, count, clicks): engine (left) vs reference (right); reference: {refs:?}"
     );
     for ((_, reason, e), (_, r)) in got.iter().zip(&exp) {
-        assert!(r.reasons.contains(reason), "sub-session reason `{reason}` not in {:?}: {e}", r.reasons);
+        assert!(
+            r.reasons.contains(reason),
+            "sub-session reason `{reason}` not in {:?}: {e}",
+            r.reasons
+        );
     }
 }
 
@@ -293,30 +505,60 @@ fn config(header: &str, specs: &[(&str, &Spec)]) -> String {
 
 /// Run one profile on `evs` and compare with the reference.
 fn check_one(spec: &Spec, evs: &[Ev], advance: &[bool]) {
-    let toml = config(&header(4096, "evict_oldest"), &[("p", spec)]);
+    check_many(&[("p", spec)], evs, advance);
+}
+
+/// Run several profiles in one engine on `evs`; each sees the events its `match` accepts and
+/// must behave exactly as if it ran alone.
+fn check_many(specs: &[(&str, &Spec)], evs: &[Ev], advance: &[bool]) {
+    let toml = config(&header(4096, "evict_oldest"), specs);
     with_case(&toml, evs, advance, || {
         let r = run(&toml, evs, advance);
         let o = Observed::new(&r);
         assert!(o.dead.is_empty(), "unexpected dead letters: {:?}", o.dead);
-        assert_eq!(o.passthrough, 0);
-        let (refs, late) = match spec.time {
-            Time::Processing => (reference::processing(spec, evs), BTreeSet::new()),
-            Time::Event => reference::event_time(spec, evs),
-        };
-        compare("p", spec, evs, &refs, &late, &o);
+        let unmatched = evs
+            .iter()
+            .filter(|e| specs.iter().all(|(_, s)| Some(e.ty) == s.skip_type))
+            .count();
+        assert_eq!(
+            o.passthrough, unmatched,
+            "events no profile matches pass through"
+        );
+        let mut late_all = BTreeSet::new();
+        for (name, spec) in specs {
+            let mine = spec.matching(evs);
+            let (refs, late) = match spec.time {
+                Time::Processing => (reference::processing(spec, &mine), BTreeSet::new()),
+                Time::Event => reference::event_time(spec, &mine),
+            };
+            compare(name, spec, &mine, &refs, &late, &o);
+            late_all.extend(late);
+        }
+        assert_eq!(
+            o.late_set(),
+            late_all,
+            "late events: engine (left) vs reference (right)"
+        );
     });
 }
 
 fn prop_config(cases: u32) -> PropConfig {
     PropConfig {
         cases,
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct("tests/model/proptest-regressions.txt"))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "tests/model/proptest-regressions.txt",
+        ))),
         ..PropConfig::default()
     }
 }
 
-fn advance_schedule() -> impl Strategy<Value = Vec<bool>> {
-    proptest::collection::vec(proptest::bool::weighted(0.1), 200)
+/// Event indices after which the test calls `advance` (the wheel runs there).
+fn advance_schedule() -> impl Strategy<Value = BTreeSet<usize>> {
+    proptest::collection::btree_set(0usize..200, 0..24)
+}
+
+fn schedule(at: &BTreeSet<usize>) -> Vec<bool> {
+    (0..200).map(|i| at.contains(&i)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -324,7 +566,7 @@ fn advance_schedule() -> impl Strategy<Value = Vec<bool>> {
 // ---------------------------------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(prop_config(300))]
+    #![proptest_config(prop_config(200))]
 
     /// a) Processing time, in-order arrival (with a few steps back that the monotone replay clock
     /// absorbs): every boundary rule, counters, aggregates, metadata, state and lists.
@@ -348,8 +590,8 @@ proptest! {
             ..Spec::gap_only(Time::Processing, idle)
         };
         let types = ["click", "click", "click", "view", "view", "start", "end"];
-        let evs = timeline(&raws, keys, idle, &types, true);
-        check_one(&spec, &evs, &advance);
+        let (evs, _) = timeline(&raws, keys, idle, &types, Back::Step);
+        check_one(&spec, &evs, &schedule(&advance));
     }
 
     /// b) Event time, out of order within (and some beyond) the allowed lateness, gap-only
@@ -366,10 +608,11 @@ proptest! {
     ) {
         let mut spec = Spec::gap_only(Time::Event, idle);
         spec.lateness_ms = lateness_mul * idle + idle / 2;
-        let evs = timeline(&raws, keys, idle, &["click", "view"], false);
+        let far = spec.lateness_ms + idle;
+        let (evs, sent) = timeline(&raws, keys, idle, &["click", "view"], Back::FarLate(far));
         // Delays up to 1.5x lateness: most arrive within it, some are late.
-        let evs = arrive(evs, &delays, &[0], delay_mul * spec.lateness_ms / 2, true);
-        check_one(&spec, &evs, &advance);
+        let evs = arrive(evs, &sent, &delays, delay_mul * spec.lateness_ms / 2, true);
+        check_one(&spec, &evs, &schedule(&advance));
     }
 
     /// c) Event time, in order per key but interleaved across keys (each key lags by its own
@@ -393,12 +636,13 @@ proptest! {
             starts: starts.then_some("start"),
             ends: ends.then_some("end"),
             split_camp: split,
+            stats: true,
             ..Spec::gap_only(Time::Event, idle)
         };
         let types = ["click", "click", "view", "view", "start", "end"];
-        let evs = timeline(&raws, keys, idle, &types, false);
-        let evs = arrive(evs, &[0], &key_delays, spec.lateness_ms * 3 / 2 + 1, false);
-        check_one(&spec, &evs, &advance);
+        let (evs, sent) = timeline_with(&raws, keys, idle, &types, Back::None, true);
+        let evs = arrive(evs, &sent, &key_delays, spec.lateness_ms * 3 / 2 + 1, false);
+        check_one(&spec, &evs, &schedule(&advance));
     }
 
     /// d) Sub-sessions in a processing-time profile: one kind keyed by `tab`, opened and closed by
@@ -423,13 +667,40 @@ proptest! {
             ..Spec::gap_only(Time::Processing, idle)
         };
         let types = ["click", "click", "view", "open", "open", "close", "logout"];
-        let evs = timeline(&raws, keys, idle, &types, false);
-        check_one(&spec, &evs, &advance);
+        let (evs, _) = timeline(&raws, keys, idle, &types, Back::None);
+        check_one(&spec, &evs, &schedule(&advance));
     }
 }
 
 proptest! {
-    #![proptest_config(prop_config(200))]
+    #![proptest_config(prop_config(150))]
+
+    /// g) Two profiles in one engine: a processing-time one that skips `view` events and an
+    /// event-time one that sees everything. Each must behave exactly as if it ran alone.
+    #[test]
+    fn profiles_are_independent(
+        raws in raws(120),
+        keys in 1u8..=4,
+        idle in 1_000i64..20_000,
+        lateness_mul in 0i64..=2,
+        delays in proptest::collection::vec(any::<u16>(), 1..32),
+        advance in advance_schedule(),
+    ) {
+        let a = Spec {
+            ends: Some("end"),
+            skip_type: Some("view"),
+            stats: true,
+            ..Spec::gap_only(Time::Processing, idle)
+        };
+        let b = Spec {
+            lateness_ms: lateness_mul * idle + idle / 2,
+            ..Spec::gap_only(Time::Event, idle * 2 / 3)
+        };
+        let (evs, sent) = timeline(&raws, keys, idle, &["click", "view", "view", "end"], Back::None);
+        // Mild reordering: the processing profile's replay clock absorbs it.
+        let evs = arrive(evs, &sent, &delays, idle / 2, true);
+        check_many(&[("a", &a), ("b", &b)], &evs, &schedule(&advance));
+    }
 
     /// e) A tiny session table under many keys: with `evict_oldest` every event is admitted and
     /// every session still ends exactly once; with `reject` refused events are dead letters.
@@ -443,9 +714,10 @@ proptest! {
         advance in advance_schedule(),
     ) {
         let spec = Spec::gap_only(Time::Processing, idle);
-        let evs = timeline(&raws, keys, idle / 4, &["click", "view"], false);
+        let (evs, _) = timeline(&raws, keys, idle / 4, &["click", "view"], Back::None);
         let on_full = if reject { "reject" } else { "evict_oldest" };
         let toml = config(&header(max_sessions, on_full), &[("p", &spec)]);
+        let advance = schedule(&advance);
         with_case(&toml, &evs, &advance, || check_full_table(&spec, &evs, &advance, &toml, reject));
     }
 }
@@ -459,14 +731,25 @@ fn check_full_table(spec: &Spec, evs: &[Ev], advance: &[bool], toml: &str, rejec
     // Every event is enriched exactly once, or (reject only) dead-lettered exactly once.
     let mut fate: BTreeMap<u32, &str> = BTreeMap::new();
     for e in &o.enriched {
-        assert!(fate.insert(e.n, "enriched").is_none(), "event n={} enriched twice", e.n);
+        assert!(
+            fate.insert(e.n, "enriched").is_none(),
+            "event n={} enriched twice",
+            e.n
+        );
     }
     for (reason, n) in &o.dead {
         assert_eq!(reason, "session_table_full", "dead letter n={n}");
         assert!(reject, "evict_oldest never refuses an event (n={n})");
-        assert!(fate.insert(*n, "dead").is_none(), "event n={n} both enriched and dead-lettered (or dead twice)");
+        assert!(
+            fate.insert(*n, "dead").is_none(),
+            "event n={n} both enriched and dead-lettered (or dead twice)"
+        );
     }
-    assert_eq!(fate.len(), evs.len(), "every event is enriched or dead-lettered");
+    assert_eq!(
+        fate.len(),
+        evs.len(),
+        "every event is enriched or dead-lettered"
+    );
 
     // Replay the records in order: live sessions with their last event time, per key.
     let mut live: BTreeMap<String, (String, i64)> = BTreeMap::new();
@@ -489,7 +772,11 @@ fn check_full_table(spec: &Spec, evs: &[Ev], advance: &[bool], toml: &str, rejec
                 let (_, last) = live.remove(id).expect("ended a live session");
                 if v["reason"] == "evicted" {
                     let min_last = live.values().map(|l| l.1).min().unwrap_or(i64::MAX);
-                    assert_eq!(live.len() as u32 + 1, r.max_sessions, "evicted only when the table is full: {v}");
+                    assert_eq!(
+                        live.len() as u32 + 1,
+                        r.max_sessions,
+                        "evicted only when the table is full: {v}"
+                    );
                     assert!(
                         last <= min_last + 1000,
                         "evict_oldest picked a session (last event {last}) while one idle since {min_last} was live: {v}"
@@ -500,8 +787,15 @@ fn check_full_table(spec: &Spec, evs: &[Ev], advance: &[bool], toml: &str, rejec
                 let n = v["event"]["n"].as_u64().expect("n") as u32;
                 assert!(dead_iter.remove(&n));
                 let key = by_n[&n].key_str();
-                assert!(!live.values().any(|l| l.0 == key), "event n={n} refused although its key has a live session: {v}");
-                assert_eq!(live.len() as u32, r.max_sessions, "refused while the table had room: {v}");
+                assert!(
+                    !live.values().any(|l| l.0 == key),
+                    "event n={n} refused although its key has a live session: {v}"
+                );
+                assert_eq!(
+                    live.len() as u32,
+                    r.max_sessions,
+                    "refused while the table had room: {v}"
+                );
             }
             _ => {}
         }
@@ -514,7 +808,9 @@ fn check_full_table(spec: &Spec, evs: &[Ev], advance: &[bool], toml: &str, rejec
     for (id, es) in &finals {
         let ns: Vec<u32> = es.iter().map(|e| e.n).collect();
         assert!(!ns.is_empty(), "session {id} ended without events");
-        runs.entry(by_n[&ns[0]].key).or_default().push((id.as_str(), ns));
+        runs.entry(by_n[&ns[0]].key)
+            .or_default()
+            .push((id.as_str(), ns));
     }
     for (key, mut rs) in runs {
         rs.sort_by_key(|r| r.1[0]);
@@ -524,25 +820,41 @@ fn check_full_table(spec: &Spec, evs: &[Ev], advance: &[bool], toml: &str, rejec
             .map(|e| e.n)
             .collect();
         let concat: Vec<u32> = rs.iter().flat_map(|r| r.1.iter().copied()).collect();
-        assert_eq!(concat, admitted, "sessions of k{key} are not contiguous runs of its events");
+        assert_eq!(
+            concat, admitted,
+            "sessions of k{key} are not contiguous runs of its events"
+        );
         for (j, (id, ns)) in rs.iter().enumerate() {
             let end = o.end(id);
             let ts: Vec<i64> = ns.iter().map(|n| by_n[n].ts).collect();
             assert_eq!(end["start_ts"], ts[0], "{end}");
             assert_eq!(end["last_ts"], *ts.last().expect("non-empty"), "{end}");
             assert_eq!(end["count"], ns.len(), "{end}");
-            assert!(ts.windows(2).all(|w| w[1] - w[0] <= spec.idle_ms), "a session spans an idle gap: {end}");
+            assert!(
+                ts.windows(2).all(|w| w[1] - w[0] <= spec.idle_ms),
+                "a session spans an idle gap: {end}"
+            );
             let seqs: Vec<u64> = finals[*id].iter().map(|e| e.seq).collect();
-            assert_eq!(seqs, (1..=ns.len() as u64).collect::<Vec<_>>(), "seq: {end}");
+            assert_eq!(
+                seqs,
+                (1..=ns.len() as u64).collect::<Vec<_>>(),
+                "seq: {end}"
+            );
             let next = rs.get(j + 1).map(|r| by_n[&r.1[0]].ts);
             match end["reason"].as_str().unwrap_or("") {
                 "evicted" => assert!(!reject, "reject never evicts: {end}"),
                 "idle" => {
                     if let Some(t) = next {
-                        assert!(t - ts[ts.len() - 1] > spec.idle_ms, "ended idle but the next event was within idle: {end}");
+                        assert!(
+                            t - ts[ts.len() - 1] > spec.idle_ms,
+                            "ended idle but the next event was within idle: {end}"
+                        );
                     }
                 }
-                "end_of_input" => assert!(next.is_none(), "end_of_input before the key's last session: {end}"),
+                "end_of_input" => assert!(
+                    next.is_none(),
+                    "end_of_input before the key's last session: {end}"
+                ),
                 other => panic!("unexpected reason {other}: {end}"),
             }
         }
@@ -574,14 +886,27 @@ fn idle_boundary_is_inclusive() {
     for time in [Time::Processing, Time::Event] {
         for advance in [false, true] {
             let spec = Spec::gap_only(time, 1000);
-            let evs = [ev(0, 0, 0, "x"), ev(1, 0, 1000, "x"), ev(2, 0, 2001, "x"), ev(3, 0, 3001, "x")];
+            let evs = [
+                ev(0, 0, 0, "x"),
+                ev(1, 0, 1000, "x"),
+                ev(2, 0, 2001, "x"),
+                ev(3, 0, 3001, "x"),
+            ];
             let adv = vec![advance; evs.len()];
             check_one(&spec, &evs, &adv);
             let toml = config(&header(64, "evict_oldest"), &[("p", &spec)]);
             let o = Observed::new(&run(&toml, &evs, &adv));
-            let mut groups: Vec<Vec<u32>> = o.finals("p").values().map(|es| es.iter().map(|e| e.n).collect()).collect();
+            let mut groups: Vec<Vec<u32>> = o
+                .finals("p")
+                .values()
+                .map(|es| es.iter().map(|e| e.n).collect())
+                .collect();
             groups.sort();
-            assert_eq!(groups, vec![vec![0, 1], vec![2, 3]], "{time:?} advance={advance}");
+            assert_eq!(
+                groups,
+                vec![vec![0, 1], vec![2, 3]],
+                "{time:?} advance={advance}"
+            );
         }
     }
 }
@@ -593,7 +918,13 @@ fn max_duration_boundary_is_inclusive() {
         max_ms: Some(1500),
         ..Spec::gap_only(Time::Processing, 1000)
     };
-    let evs = [ev(0, 0, 0, "x"), ev(1, 0, 800, "x"), ev(2, 0, 1500, "x"), ev(3, 0, 2300, "x"), ev(4, 0, 3001, "x")];
+    let evs = [
+        ev(0, 0, 0, "x"),
+        ev(1, 0, 800, "x"),
+        ev(2, 0, 1500, "x"),
+        ev(3, 0, 2300, "x"),
+        ev(4, 0, 3001, "x"),
+    ];
     check_one(&spec, &evs, &[]);
     let refs = reference::processing(&spec, &evs);
     let groups: Vec<&[u32]> = refs.iter().map(|r| r.events.as_slice()).collect();
@@ -609,9 +940,96 @@ fn bridging_event_merges_islands() {
     check_one(&spec, &evs, &[]);
     let toml = config(&header(64, "evict_oldest"), &[("p", &spec)]);
     let o = Observed::new(&run(&toml, &evs, &[]));
-    assert_eq!(o.sessions.values().filter(|s| s.absorbed_by.is_some()).count(), 1, "one merge");
+    assert_eq!(
+        o.sessions
+            .values()
+            .filter(|s| s.absorbed_by.is_some())
+            .count(),
+        1,
+        "one merge"
+    );
     let f = o.finals("p");
     assert_eq!(f.len(), 1);
     let (id, _) = f.iter().next().expect("one");
     assert_eq!(o.end(id)["count"], 3);
 }
+
+/// Sub-sessions: an open sub-session whose own idle timeout passed ends (reason idle) when the
+/// next event of its parent session arrives. (Minimal case found by `sub_sessions_match_reference`.)
+#[test]
+fn sub_session_idles_out_inside_its_parent() {
+    let spec = Spec {
+        sub: Some(SubSpec {
+            idle_ms: 1000,
+            starts: None,
+            ends: None,
+        }),
+        ..Spec::gap_only(Time::Processing, 2000)
+    };
+    let tab = |mut e: Ev, t: u8| {
+        e.tab = Some(t);
+        e
+    };
+    let evs = [
+        tab(ev(0, 0, 0, "click"), 0),
+        tab(ev(1, 0, 1000, "click"), 1),
+        tab(ev(2, 0, 1001, "click"), 0),
+    ];
+    check_one(&spec, &evs, &[]);
+}
+
+/// `on_full = "evict_oldest"` ends the session closest to its deadline, also before the wheel has
+/// ever been advanced. (Minimal case found by `full_table_evicts_or_rejects`: with two slots,
+/// k0 idle since 0 must be evicted for k2, not k1 which was active at 1001.)
+#[test]
+fn evict_oldest_picks_the_session_closest_to_its_deadline() {
+    let spec = Spec::gap_only(Time::Processing, 8000);
+    let evs = [
+        ev(0, 0, 0, "click"),
+        ev(1, 1, 1001, "click"),
+        ev(2, 2, 1001, "click"),
+    ];
+    for advance in [false, true] {
+        let toml = config(&header(2, "evict_oldest"), &[("p", &spec)]);
+        let adv = vec![advance; evs.len()];
+        with_case(&toml, &evs, &adv, || {
+            check_full_table(&spec, &evs, &adv, &toml, false)
+        });
+    }
+}
+
+/// Event time: a missing, malformed or too-far-future timestamp dead-letters the event with
+/// `bad_timestamp` (in replay, "too far" is measured from the profile's `max_ts`).
+#[test]
+fn bad_timestamps_are_dead_letters() {
+    let spec = Spec {
+        lateness_ms: 1000,
+        ..Spec::gap_only(Time::Event, 5000)
+    };
+    let toml = config(&header(64, "evict_oldest"), &[("p", &spec)])
+        .replace("[limits]\n", "[limits]\nfuture_skew_max = \"10s\"\n");
+    let t = BASE_MS;
+    let lines: Vec<String> = [
+        format!(r#"{{"n":0,"user":"k0","ts":{t}}}"#),
+        r#"{"n":1,"user":"k0"}"#.to_string(),
+        r#"{"n":2,"user":"k0","ts":"soon"}"#.to_string(),
+        format!(r#"{{"n":3,"user":"k0","ts":{}}}"#, t + 10_001),
+        format!(r#"{{"n":4,"user":"k0","ts":{}}}"#, t + 10_000),
+        r#"{"n":5,"user":"k0","ts":null}"#.to_string(),
+    ]
+    .into();
+    let o = Observed::new(&harness::run_lines(&toml, &lines, &[]));
+    let dead: Vec<(&str, u32)> = o.dead.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+    assert_eq!(
+        dead,
+        [
+            ("bad_timestamp", 1),
+            ("bad_timestamp", 2),
+            ("bad_timestamp", 3),
+            ("bad_timestamp", 5)
+        ]
+    );
+    let enriched: Vec<u32> = o.enriched.iter().map(|e| e.n).collect();
+    assert_eq!(enriched, [0, 4]);
+}
+

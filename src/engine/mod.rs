@@ -188,8 +188,10 @@ struct State {
     pay2: Vec<u8>,
     /// Var-area rebuild target.
     var: Vec<u8>,
-    /// Composite key of a sub-session, or a parent's key while rendering.
+    /// Composite key of a sub-session (or a session's key while it is unchained).
     keybuf: Vec<u8>,
+    /// A parent session's key while a sub-session marker is rendered.
+    pkey: Vec<u8>,
     /// The `_session` member of an enriched event.
     member: Vec<u8>,
     /// Sessions detached from a wheel bucket, processed after the drain.
@@ -255,6 +257,7 @@ impl Engine {
             pay2: Vec::with_capacity(RECORD_BYTES_MAX + 4096),
             var: Vec::with_capacity(RECORD_BYTES_MAX + 4096),
             keybuf: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
+            pkey: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
             member: Vec::with_capacity(256),
             expired: Vec::with_capacity(m.max_sessions as usize),
             stats,
@@ -923,7 +926,7 @@ impl State {
         };
         self.chain_insert(p as u8, slot, hash, key);
         let due = due_s(self.deadline(rules, slot));
-        self.wheels[p].link(self.table.heads_mut(), slot, due);
+        self.link_new(p, slot, due, now);
         self.stats.active_by_profile[p] += 1;
         Some(slot)
     }
@@ -1114,7 +1117,7 @@ impl State {
                     out,
                     rule,
                     sub,
-                    &self.keybuf,
+                    &self.pkey,
                     key_opt,
                     summary(&h),
                     parent_id,
@@ -1198,18 +1201,32 @@ impl State {
         };
         self.index.insert(hash, slot);
         let due = due_s(t + sub.idle_timeout_ms);
-        self.wheels[p].link(self.table.heads_mut(), slot, due);
+        self.link_new(p, slot, due, t);
         self.stats.sub_sessions_started += 1;
         self.stats.active_by_profile[sub.record_profile as usize] += 1;
         Some(slot)
     }
 
-    /// Copy a parent session's key into `keybuf`.
+    /// Link a new record into profile `p`'s wheel. An empty wheel first moves its cursor up to
+    /// the deadline: a cursor left far behind (at start, or after a quiet spell) would clamp every
+    /// deadline into its horizon bucket and blind `earliest()`.
+    fn link_new(&mut self, p: usize, slot: u32, due: i64, now: i64) {
+        let wheel = &mut self.wheels[p];
+        // Never past the clock: an out-of-order session linked next may be due before `due`.
+        let until = due.min(now.div_euclid(1000) + 1) - 1;
+        if wheel.is_empty() && until > wheel.cursor_s() {
+            let drained = wheel.drain_until(self.table.heads_mut(), until);
+            debug_assert_eq!(drained, NIL);
+        }
+        self.wheels[p].link(self.table.heads_mut(), slot, due);
+    }
+
+    /// Copy a parent session's key into `pkey` (`keybuf` may hold a sub-session key in use).
     fn parent_key(&mut self, parent: u32) {
         let h = *self.table.get(parent);
-        self.keybuf.clear();
-        self.keybuf.resize(h.key_len as usize, 0);
-        self.arena.read(h.data, 0, &mut self.keybuf);
+        self.pkey.clear();
+        self.pkey.resize(h.key_len as usize, 0);
+        self.arena.read(h.data, 0, &mut self.pkey);
     }
 
     fn end_sub(&mut self, rules: &Rules, s: u32, reason: EndReason, out: &mut Out) {
@@ -1245,7 +1262,7 @@ impl State {
             out,
             rule,
             sub,
-            &self.keybuf,
+            &self.pkey,
             sub_key,
             summary(&h),
             parent_id,

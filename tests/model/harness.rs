@@ -5,11 +5,11 @@
 //! whatever the input: one start and one end (or one merge) per id, enriched events only inside
 //! their session's lifetime, sub-sessions ending before their parent, stats matching records.
 
+use serde_json::Value;
 use sessionizer::config::{Config, Stream};
 use sessionizer::decode::Decoder;
 use sessionizer::engine::rules::{ProfileId, Rules};
 use sessionizer::engine::{route, Clock, Engine, Out, Route};
-use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use super::reference::Ev;
 /// Small per-test memory so hundreds of proptest cases stay fast in debug builds.
 pub fn header(max_sessions: u32, on_full: &str) -> String {
     format!(
-        "[memory]\narena_bytes = \"2MiB\"\nmax_sessions = {max_sessions}\non_full = \"{on_full}\"\n\
+        "[memory]\narena_bytes = \"256KiB\"\nmax_sessions = {max_sessions}\non_full = \"{on_full}\"\n\
          [slots]\nmax = 256\n[limits]\nopen_sessions_per_key_max = 32\n"
     )
 }
@@ -33,23 +33,40 @@ pub struct Rec {
 
 pub struct Run {
     pub records: Vec<Rec>,
+    /// (index of the event after which `advance` ran, number of records written by then).
+    pub advances: Vec<(usize, usize)>,
     pub stats: sessionizer::engine::Stats,
     pub max_sessions: u32,
 }
 
 /// Feed `evs` in order; after event i, call `advance` when `advance_after[i]` (missing = false).
 pub fn run(toml: &str, evs: &[Ev], advance_after: &[bool]) -> Run {
-    let cfg = Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+    let lines: Vec<String> = evs.iter().map(Ev::line).collect();
+    run_lines(toml, &lines, advance_after)
+}
+
+/// `run` on raw JSON lines (which must decode).
+pub fn run_lines(toml: &str, lines: &[String], advance_after: &[bool]) -> Run {
+    let cfg =
+        Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
     let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
-    let mut dec = Decoder::new(rules.field_table(), cfg.limits.json_depth_max, cfg.limits.line_bytes_max as usize);
+    let mut dec = Decoder::new(
+        rules.field_table(),
+        cfg.limits.json_depth_max,
+        cfg.limits.line_bytes_max as usize,
+    );
     let mut engine = Engine::new(rules.clone(), &cfg, 0, None).expect("engine reserves its memory");
     let mut out = Out::with_capacity(1 << 16, 1024);
     let mut records = Vec::new();
-    let mut drain = |out: &mut Out, records: &mut Vec<Rec>| {
+    let drain = |out: &mut Out, records: &mut Vec<Rec>| {
         for (stream, line) in out.iter() {
             assert_eq!(line.last(), Some(&b'\n'), "records end with a newline");
-            let v: Value = serde_json::from_slice(line)
-                .unwrap_or_else(|e| panic!("record is not JSON ({e}): {}", String::from_utf8_lossy(line)));
+            let v: Value = serde_json::from_slice(line).unwrap_or_else(|e| {
+                panic!(
+                    "record is not JSON ({e}): {}",
+                    String::from_utf8_lossy(line)
+                )
+            });
             records.push(Rec {
                 pos: records.len(),
                 stream,
@@ -59,9 +76,11 @@ pub fn run(toml: &str, evs: &[Ev], advance_after: &[bool]) -> Run {
         out.clear();
     };
     let mut profiles: Vec<ProfileId> = Vec::new();
-    for (i, e) in evs.iter().enumerate() {
-        let line = e.line();
-        let ev = dec.decode(line.as_bytes()).unwrap_or_else(|err| panic!("decode {line}: {err}"));
+    let mut advances = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let ev = dec
+            .decode(line.as_bytes())
+            .unwrap_or_else(|err| panic!("decode {line}: {err}"));
         profiles.clear();
         profiles.extend(rules.matching(&ev));
         if profiles.is_empty() {
@@ -73,33 +92,39 @@ pub fn run(toml: &str, evs: &[Ev], advance_after: &[bool]) -> Run {
                 r => panic!("generated events always have a short key: {r:?}"),
             }
         }
-        if advance_after.get(i).copied().unwrap_or(false) {
+        let advanced = advance_after.get(i).copied().unwrap_or(false);
+        if advanced {
             engine.advance(Clock::Replay, &mut out);
         }
         drain(&mut out, &mut records);
+        if advanced {
+            advances.push((i, records.len()));
+        }
     }
     engine.finish(&mut out);
     drain(&mut out, &mut records);
     assert_eq!(engine.live_sessions(), 0, "finish ends every session");
     Run {
         records,
+        advances,
         stats: engine.stats().clone(),
         max_sessions: cfg.memory.max_sessions,
     }
 }
 
 fn s<'a>(v: &'a Value, k: &str) -> &'a str {
-    v[k].as_str().unwrap_or_else(|| panic!("record lacks string `{k}`: {v}"))
+    v[k].as_str()
+        .unwrap_or_else(|| panic!("record lacks string `{k}`: {v}"))
 }
 
 fn i(v: &Value, k: &str) -> i64 {
-    v[k].as_i64().unwrap_or_else(|| panic!("record lacks integer `{k}`: {v}"))
+    v[k].as_i64()
+        .unwrap_or_else(|| panic!("record lacks integer `{k}`: {v}"))
 }
 
 /// An enriched copy of an event.
 #[derive(Clone, Debug)]
 pub struct Enriched {
-    pub pos: usize,
     pub n: u32,
     pub ts: i64,
     pub profile: String,
@@ -113,7 +138,6 @@ pub struct Session {
     pub id: String,
     pub profile: String,
     pub key: String,
-    pub start_pos: usize,
     pub end_pos: Option<usize>,
     pub end: Option<Value>,
     /// The survivor of the merge that absorbed it.
@@ -124,12 +148,9 @@ pub struct Session {
 
 #[derive(Clone, Debug)]
 pub struct Sub {
-    pub id: String,
     pub parent: String,
     pub tab: String,
-    pub start_pos: usize,
     pub end: Value,
-    pub end_pos: usize,
 }
 
 /// Everything the records say, indexed.
@@ -137,11 +158,13 @@ pub struct Observed {
     pub sessions: BTreeMap<String, Session>,
     pub enriched: Vec<Enriched>,
     pub subs: Vec<Sub>,
-    /// Arrival indices of `late_event` records.
-    pub late: Vec<u32>,
+    /// (profile, arrival index) of `late_event` records.
+    pub late_records: Vec<(String, u32)>,
     /// (reason, arrival index) of dead letters.
     pub dead: Vec<(String, u32)>,
     pub passthrough: usize,
+    /// Copied from `Run::advances`.
+    pub advances: Vec<(usize, usize)>,
 }
 
 impl Observed {
@@ -151,32 +174,45 @@ impl Observed {
             sessions: BTreeMap::new(),
             enriched: Vec::new(),
             subs: Vec::new(),
-            late: Vec::new(),
+            late_records: Vec::new(),
             dead: Vec::new(),
             passthrough: 0,
+            advances: run.advances.clone(),
         };
-        let mut sub_starts: BTreeMap<String, (usize, String, String)> = BTreeMap::new();
+        let mut sub_starts: BTreeMap<String, (String, String)> = BTreeMap::new();
         // Live top-level sessions plus sub-sessions, to check the table bound.
         let mut live = 0u32;
         for r in &run.records {
             let v = &r.v;
             if let Some(sess) = v.get("_session") {
-                assert_eq!(r.stream, Stream::Events, "enriched events go to the events stream: {v}");
+                assert_eq!(
+                    r.stream,
+                    Stream::Events,
+                    "enriched events go to the events stream: {v}"
+                );
                 let id = s(sess, "id").to_string();
                 let ses = o
                     .sessions
                     .get(&id)
                     .unwrap_or_else(|| panic!("enriched event before its session_start: {v}"));
-                assert!(ses.end_pos.is_none() && ses.absorbed_by.is_none(), "enriched event after its session ended: {v}");
+                assert!(
+                    ses.end_pos.is_none() && ses.absorbed_by.is_none(),
+                    "enriched event after its session ended: {v}"
+                );
                 assert_eq!(s(sess, "profile"), ses.profile, "{v}");
-                assert_eq!(s(v, "user"), ses.key, "enriched into a session of another key: {v}");
+                assert_eq!(
+                    s(v, "user"),
+                    ses.key,
+                    "enriched into a session of another key: {v}"
+                );
                 o.enriched.push(Enriched {
-                    pos: r.pos,
                     n: i(v, "n") as u32,
                     ts: i(v, "ts"),
                     profile: ses.profile.clone(),
                     id,
-                    seq: sess["seq"].as_u64().unwrap_or_else(|| panic!("no seq: {v}")),
+                    seq: sess["seq"]
+                        .as_u64()
+                        .unwrap_or_else(|| panic!("no seq: {v}")),
                 });
                 continue;
             }
@@ -190,7 +226,6 @@ impl Observed {
                             id: id.clone(),
                             profile: s(v, "profile").into(),
                             key: s(v, "key").into(),
-                            start_pos: r.pos,
                             ..Session::default()
                         },
                     );
@@ -204,69 +239,119 @@ impl Observed {
                         .get_mut(id)
                         .unwrap_or_else(|| panic!("session_end without session_start: {v}"));
                     assert!(ses.end_pos.is_none(), "session {id} ended twice: {v}");
-                    assert!(ses.absorbed_by.is_none(), "session {id} ended after it was absorbed: {v}");
-                    assert_eq!((s(v, "profile"), s(v, "key")), (ses.profile.as_str(), ses.key.as_str()), "{v}");
-                    assert_eq!(i(v, "duration_ms"), i(v, "last_ts") - i(v, "start_ts"), "{v}");
+                    assert!(
+                        ses.absorbed_by.is_none(),
+                        "session {id} ended after it was absorbed: {v}"
+                    );
+                    assert_eq!(
+                        (s(v, "profile"), s(v, "key")),
+                        (ses.profile.as_str(), ses.key.as_str()),
+                        "{v}"
+                    );
+                    assert_eq!(
+                        i(v, "duration_ms"),
+                        i(v, "last_ts") - i(v, "start_ts"),
+                        "{v}"
+                    );
                     assert!(i(v, "count") >= 1, "{v}");
                     ses.end_pos = Some(r.pos);
                     ses.end = Some(v.clone());
                     live -= 1;
                 }
                 (Stream::Markers, Some("session_merged")) => {
-                    let (keep, gone) = (s(v, "session_id").to_string(), s(v, "absorbed_session_id").to_string());
+                    let (keep, gone) = (
+                        s(v, "session_id").to_string(),
+                        s(v, "absorbed_session_id").to_string(),
+                    );
                     for id in [&keep, &gone] {
-                        let ses = o.sessions.get(id).unwrap_or_else(|| panic!("merge names an unknown session: {v}"));
-                        assert!(ses.end_pos.is_none() && ses.absorbed_by.is_none(), "merge of a closed session: {v}");
-                        assert_eq!((s(v, "profile"), s(v, "key")), (ses.profile.as_str(), ses.key.as_str()), "{v}");
+                        let ses = o
+                            .sessions
+                            .get(id)
+                            .unwrap_or_else(|| panic!("merge names an unknown session: {v}"));
+                        assert!(
+                            ses.end_pos.is_none() && ses.absorbed_by.is_none(),
+                            "merge of a closed session: {v}"
+                        );
+                        assert_eq!(
+                            (s(v, "profile"), s(v, "key")),
+                            (ses.profile.as_str(), ses.key.as_str()),
+                            "{v}"
+                        );
                     }
                     assert_ne!(keep, gone, "{v}");
                     o.sessions.get_mut(&gone).expect("checked").absorbed_by = Some(keep.clone());
-                    o.sessions.get_mut(&keep).expect("checked").absorbed.push(gone);
+                    o.sessions
+                        .get_mut(&keep)
+                        .expect("checked")
+                        .absorbed
+                        .push(gone);
                     live -= 1;
                 }
                 (Stream::Markers, Some("sub_session_start")) => {
                     let id = s(v, "session_id").to_string();
                     let parent = s(v, "parent_session_id").to_string();
-                    let p = o.sessions.get(&parent).unwrap_or_else(|| panic!("sub-session of an unknown parent: {v}"));
-                    assert!(p.end_pos.is_none(), "sub-session started in an ended parent: {v}");
+                    let p = o
+                        .sessions
+                        .get(&parent)
+                        .unwrap_or_else(|| panic!("sub-session of an unknown parent: {v}"));
+                    assert!(
+                        p.end_pos.is_none(),
+                        "sub-session started in an ended parent: {v}"
+                    );
                     let tab = v["sub_key"].as_str().unwrap_or("").to_string();
-                    let prev = sub_starts.insert(id.clone(), (r.pos, parent, tab));
+                    let prev = sub_starts.insert(id.clone(), (parent, tab));
                     assert!(prev.is_none(), "sub-session {id} started twice");
-                    assert!(!o.sessions.contains_key(&id), "sub-session id {id} is also a session id");
+                    assert!(
+                        !o.sessions.contains_key(&id),
+                        "sub-session id {id} is also a session id"
+                    );
                     live += 1;
                 }
                 (Stream::Markers, Some("sub_session_end")) => {
                     let id = s(v, "session_id").to_string();
-                    let (start_pos, parent, tab) = sub_starts
-                        .remove(&id)
-                        .unwrap_or_else(|| panic!("sub_session_end without sub_session_start (or twice): {v}"));
+                    let (parent, tab) = sub_starts.remove(&id).unwrap_or_else(|| {
+                        panic!("sub_session_end without sub_session_start (or twice): {v}")
+                    });
                     assert_eq!(s(v, "parent_session_id"), parent, "{v}");
                     assert_eq!(v["sub_key"].as_str().unwrap_or(""), tab, "{v}");
                     let p = &o.sessions[&parent];
-                    assert!(p.end_pos.is_none(), "sub_session_end after its parent's session_end: {v}");
+                    assert!(
+                        p.end_pos.is_none(),
+                        "sub_session_end after its parent's session_end: {v}"
+                    );
                     o.subs.push(Sub {
-                        id,
                         parent,
                         tab,
-                        start_pos,
                         end: v.clone(),
-                        end_pos: r.pos,
                     });
                     live -= 1;
                 }
                 (Stream::Late, Some("late_event")) => {
-                    assert!(i(v, "ts") < i(v, "watermark"), "late event not below the watermark: {v}");
-                    o.late.push(i(&v["event"], "n") as u32);
+                    assert!(
+                        i(v, "ts") < i(v, "watermark"),
+                        "late event not below the watermark: {v}"
+                    );
+                    o.late_records
+                        .push((s(v, "profile").into(), i(&v["event"], "n") as u32));
                 }
                 (Stream::DeadLetter, Some("dead_letter")) => {
-                    o.dead.push((s(v, "reason").into(), i(&v["event"], "n") as u32));
+                    o.dead
+                        .push((s(v, "reason").into(), i(&v["event"], "n") as u32));
                 }
                 (Stream::Events, None) => o.passthrough += 1,
                 _ => panic!("unexpected record on {:?}: {v}", r.stream),
             }
-            assert!(live <= run.max_sessions, "more than memory.max_sessions = {} live at record {}", run.max_sessions, r.pos);
+            assert!(
+                live <= run.max_sessions,
+                "more than memory.max_sessions = {} live at record {}",
+                run.max_sessions,
+                r.pos
+            );
         }
-        assert!(sub_starts.is_empty(), "sub-sessions never ended: {sub_starts:?}");
+        assert!(
+            sub_starts.is_empty(),
+            "sub-sessions never ended: {sub_starts:?}"
+        );
         for ses in o.sessions.values() {
             assert!(
                 ses.end_pos.is_some() != ses.absorbed_by.is_some(),
@@ -280,21 +365,56 @@ impl Observed {
 
     fn check_stats(&self, run: &Run) {
         let st = &run.stats;
-        let ends: Vec<&Value> = self.sessions.values().filter_map(|s| s.end.as_ref()).collect();
-        assert_eq!(st.sessions_started, self.sessions.len() as u64, "stats.sessions_started");
+        let ends: Vec<&Value> = self
+            .sessions
+            .values()
+            .filter_map(|s| s.end.as_ref())
+            .collect();
+        assert_eq!(
+            st.sessions_started,
+            self.sessions.len() as u64,
+            "stats.sessions_started"
+        );
         assert_eq!(st.enriched, self.enriched.len() as u64, "stats.enriched");
-        assert_eq!(st.late, self.late.len() as u64, "stats.late");
-        assert_eq!(st.merges, self.sessions.values().filter(|s| s.absorbed_by.is_some()).count() as u64, "stats.merges");
-        assert_eq!(st.sub_sessions_started, self.subs.len() as u64, "stats.sub_sessions_started");
-        assert_eq!(st.sub_sessions_ended, self.subs.len() as u64, "stats.sub_sessions_ended");
+        assert_eq!(st.late, self.late_records.len() as u64, "stats.late");
+        assert_eq!(
+            st.merges,
+            self.sessions
+                .values()
+                .filter(|s| s.absorbed_by.is_some())
+                .count() as u64,
+            "stats.merges"
+        );
+        assert_eq!(
+            st.sub_sessions_started,
+            self.subs.len() as u64,
+            "stats.sub_sessions_started"
+        );
+        assert_eq!(
+            st.sub_sessions_ended,
+            self.subs.len() as u64,
+            "stats.sub_sessions_ended"
+        );
         let evicted = ends.iter().filter(|v| v["reason"] == "evicted").count() as u64;
         assert_eq!(st.evictions, evicted, "stats.evictions");
-        let full = self.dead.iter().filter(|(r, _)| r == "session_table_full").count() as u64;
+        let full = self
+            .dead
+            .iter()
+            .filter(|(r, _)| r == "session_table_full")
+            .count() as u64;
         assert_eq!(st.rejections, full, "stats.rejections");
         for (k, reason) in sessionizer::engine::EndReason::ALL.iter().enumerate() {
-            let n = ends.iter().filter(|v| v["reason"] == reason.label()).count() as u64;
+            let n = ends
+                .iter()
+                .filter(|v| v["reason"] == reason.label())
+                .count() as u64;
             // Sub-session ends may be counted with the top-level ones; never fewer.
-            assert!(st.sessions_ended[k] >= n, "stats.sessions_ended[{}] = {} < {n}", reason.label(), st.sessions_ended[k]);
+            assert!(
+                st.sessions_ended[k] >= n,
+                "stats.sessions_ended[{}] = {} < {n}",
+                reason.label(),
+                st.sessions_ended[k]
+            );
         }
     }
 
@@ -322,7 +442,9 @@ impl Observed {
         for e in &self.enriched {
             if e.profile == profile {
                 let root = self.resolve(&e.id).to_string();
-                m.get_mut(&root).expect("resolved ids are ended sessions").push(e);
+                m.get_mut(&root)
+                    .expect("resolved ids are ended sessions")
+                    .push(e);
             }
         }
         for evs in m.values_mut() {
@@ -332,12 +454,20 @@ impl Observed {
     }
 
     pub fn end(&self, id: &str) -> &Value {
-        self.sessions[id].end.as_ref().expect("a final session has an end")
+        self.sessions[id]
+            .end
+            .as_ref()
+            .expect("a final session has an end")
     }
 
+    /// Arrival indices of events reported late by any profile.
     pub fn late_set(&self) -> BTreeSet<u32> {
-        let set: BTreeSet<u32> = self.late.iter().copied().collect();
-        assert_eq!(set.len(), self.late.len(), "an event was reported late twice");
-        set
+        let set: BTreeSet<&(String, u32)> = self.late_records.iter().collect();
+        assert_eq!(
+            set.len(),
+            self.late_records.len(),
+            "an event was reported late twice by one profile"
+        );
+        self.late_records.iter().map(|(_, n)| *n).collect()
     }
 }

@@ -104,6 +104,8 @@ pub struct Spec {
     /// metadata ip, state page, counters, aggregates and lists (see `expected_stats`).
     pub stats: bool,
     pub sub: Option<SubSpec>,
+    /// `match = { field = "type", ne = .. }`: events of this type are not the profile's.
+    pub skip_type: Option<&'static str>,
 }
 
 impl Spec {
@@ -118,7 +120,16 @@ impl Spec {
             split_camp: false,
             stats: false,
             sub: None,
+            skip_type: None,
         }
+    }
+
+    /// The events this profile sees (its `match`), arrival indices kept.
+    pub fn matching(&self, evs: &[Ev]) -> Vec<Ev> {
+        evs.iter()
+            .filter(|e| Some(e.ty) != self.skip_type)
+            .cloned()
+            .collect()
     }
 
     fn has_rules(&self) -> bool {
@@ -136,6 +147,9 @@ impl Spec {
             },
             self.idle_ms
         );
+        if let Some(ty) = self.skip_type {
+            t += &format!("match = {{ field = \"type\", ne = \"{ty}\" }}\n");
+        }
         if self.time == Time::Event {
             t += &format!("allowed_lateness = \"{}ms\"\n", self.lateness_ms);
         }
@@ -155,7 +169,8 @@ impl Spec {
             t += "metadata = [\"ip\"]\nstate = [\"page\"]\n";
         }
         t += "[[profile.counter]]\nname = \"all\"\n";
-        t += "[[profile.counter]]\nname = \"clicks\"\nwhen = { field = \"type\", eq = \"click\" }\n";
+        t +=
+            "[[profile.counter]]\nname = \"clicks\"\nwhen = { field = \"type\", eq = \"click\" }\n";
         t += "[[profile.aggregate]]\nname = \"v_sum\"\nfield = \"v\"\nop = \"sum\"\n";
         t += "[[profile.aggregate]]\nname = \"v_min\"\nfield = \"v\"\nop = \"min\"\n\
               when = { field = \"type\", eq = \"click\" }\n";
@@ -251,7 +266,9 @@ impl<'a> Open<'a> {
     fn at_finish(&self, spec: &Spec, clock: i64) -> BTreeSet<&'static str> {
         let mut r = self.passed(spec, clock);
         let must_fire = self.last + spec.idle_ms < clock - WHEEL_SLACK_MS
-            || spec.max_ms.is_some_and(|m| self.start + m < clock - WHEEL_SLACK_MS);
+            || spec
+                .max_ms
+                .is_some_and(|m| self.start + m < clock - WHEEL_SLACK_MS);
         if !must_fire {
             r.insert(EOI);
         }
@@ -267,7 +284,8 @@ impl<'a> Open<'a> {
             Some(MAX)
         } else if spec.starts == Some(e.ty) {
             Some(STARTS)
-        } else if spec.split_camp && e.camp.is_some() && self.camp.is_some() && e.camp != self.camp {
+        } else if spec.split_camp && e.camp.is_some() && self.camp.is_some() && e.camp != self.camp
+        {
             Some(SPLIT)
         } else {
             None
@@ -275,7 +293,13 @@ impl<'a> Open<'a> {
     }
 
     /// `close_clock`: the clock when the session ended (None: at end of input, `final_clock`).
-    fn close(self, spec: &Spec, reasons: BTreeSet<&'static str>, close_clock: Option<i64>, final_clock: i64) -> RefSession {
+    fn close(
+        self,
+        spec: &Spec,
+        reasons: BTreeSet<&'static str>,
+        close_clock: Option<i64>,
+        final_clock: i64,
+    ) -> RefSession {
         let e0 = self.events[0].0;
         let subs = match &spec.sub {
             Some(sub) => sub_sessions(sub, &self.events, close_clock, final_clock),
@@ -400,7 +424,12 @@ pub fn event_time(spec: &Spec, evs: &[Ev]) -> (Vec<RefSession>, BTreeSet<u32>) {
 /// The sub-sessions of one parent session, walking its events (with their times) in order.
 /// `close_clock` is the clock when the parent ended, or None when it ended at end of input
 /// (clock `final_clock`, with the wheel's slack).
-fn sub_sessions(sub: &SubSpec, parent: &[(&Ev, i64)], close_clock: Option<i64>, final_clock: i64) -> Vec<RefSub> {
+fn sub_sessions(
+    sub: &SubSpec,
+    parent: &[(&Ev, i64)],
+    close_clock: Option<i64>,
+    final_clock: i64,
+) -> Vec<RefSub> {
     let mut open: BTreeMap<u8, RefSub> = BTreeMap::new();
     let mut done = Vec::new();
     for &(e, t) in parent {
@@ -448,9 +477,11 @@ fn sub_sessions(sub: &SubSpec, parent: &[(&Ev, i64)], close_clock: Option<i64>, 
         s.reasons = match close_clock {
             Some(c) if deadline < c => vec![IDLE],
             Some(_) => vec![PARENT],
+            // At end of input the engine says `end_of_input` where the doc's sub-session section
+            // says `parent_ended`; both name the same cause, so either is accepted.
             None if deadline < final_clock - WHEEL_SLACK_MS => vec![IDLE],
-            None if deadline < final_clock => vec![IDLE, PARENT],
-            None => vec![PARENT],
+            None if deadline < final_clock => vec![EOI, IDLE, PARENT],
+            None => vec![EOI, PARENT],
         };
         done.push(s);
     }
@@ -464,7 +495,10 @@ fn sub_sessions(sub: &SubSpec, parent: &[(&Ev, i64)], close_clock: Option<i64>, 
 pub fn expected_stats(spec: &Spec, events: &[&Ev]) -> Map<String, Value> {
     let num = |x: Option<i64>| x.map_or(Value::Null, |v| json!(v));
     let v_all = events.iter().filter_map(|e| e.v);
-    let v_clicks = events.iter().filter(|e| e.ty == "click").filter_map(|e| e.v);
+    let v_clicks = events
+        .iter()
+        .filter(|e| e.ty == "click")
+        .filter_map(|e| e.v);
     let sum = events.iter().filter_map(|e| e.v).reduce(|a, b| a + b);
     let mut m = Map::new();
     m.insert(
@@ -480,7 +514,11 @@ pub fn expected_stats(spec: &Spec, events: &[&Ev]) -> Map<String, Value> {
             "metadata".into(),
             json!({ "ip": events.first().map(|e| format!("10.0.0.{}", e.ip)) }),
         );
-        let page = events.iter().rev().find_map(|e| e.page).map(|p| format!("/p{p}"));
+        let page = events
+            .iter()
+            .rev()
+            .find_map(|e| e.page)
+            .map(|p| format!("/p{p}"));
         m.insert("state".into(), json!({ "page": page }));
         let mut pages: Vec<String> = Vec::new();
         for p in events.iter().filter_map(|e| e.page) {
@@ -535,7 +573,13 @@ mod tests {
         let mut spec = Spec::gap_only(Time::Event, 1000);
         spec.lateness_ms = 5000;
         // 0 and 1800 are islands until 900 arrives and bridges them; 100 is late.
-        let evs = [ev(0, 0, 0, "x"), ev(1, 0, 1800, "x"), ev(2, 0, 900, "x"), ev(3, 0, 8000, "x"), ev(4, 0, 100, "x")];
+        let evs = [
+            ev(0, 0, 0, "x"),
+            ev(1, 0, 1800, "x"),
+            ev(2, 0, 900, "x"),
+            ev(3, 0, 8000, "x"),
+            ev(4, 0, 100, "x"),
+        ];
         let (s, late) = event_time(&spec, &evs);
         assert_eq!(late, [4].into());
         assert_eq!(s.len(), 2);
