@@ -33,6 +33,8 @@ const UDP_RECV_BUFFER_BYTES: usize = 16 << 20;
 const POLL: Duration = Duration::from_millis(100);
 const ECHO_BATCHES: usize = 64;
 const ECHO_BATCH_BYTES: usize = 256 * 1024;
+const ECHO_SUBMIT_BYTES: usize = 64 * 1024;
+const ECHO_SUBMIT_NS: u64 = 1_000_000;
 const ECHO_SUFFIX: &[u8] = b",\"_session\":{\"id\":\"echo\"}}\n";
 
 /// Counters shared by the receiving threads.
@@ -101,8 +103,12 @@ struct Echo {
 }
 
 impl Echo {
-    fn start(address: SocketAddr, counters: Arc<BaselineCounters>) -> Result<(Echo, JoinHandle<()>), String> {
-        let listener = TcpListener::bind(address).map_err(|e| format!("binding the echo output {address}: {e}"))?;
+    fn start(
+        address: SocketAddr,
+        counters: Arc<BaselineCounters>,
+    ) -> Result<(Echo, JoinHandle<()>), String> {
+        let listener = TcpListener::bind(address)
+            .map_err(|e| format!("binding the echo output {address}: {e}"))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("echo output: {e}"))?;
@@ -147,14 +153,23 @@ impl Echo {
     }
 
     fn submit(&self, batch: Vec<u8>, events: u64) {
-        if let Err(TrySendError::Full(batch) | TrySendError::Disconnected(batch)) = self.full.try_send(batch) {
-            self.counters.echo_dropped.fetch_add(events, Ordering::Relaxed);
+        if let Err(TrySendError::Full(batch) | TrySendError::Disconnected(batch)) =
+            self.full.try_send(batch)
+        {
+            self.counters
+                .echo_dropped
+                .fetch_add(events, Ordering::Relaxed);
             drop(batch); // Lost from the pool: the pool shrinks rather than blocks.
         }
     }
 }
 
-fn echo_writer(listener: TcpListener, full: Receiver<Vec<u8>>, empty: Sender<Vec<u8>>, counters: Arc<BaselineCounters>) {
+fn echo_writer(
+    listener: TcpListener,
+    full: Receiver<Vec<u8>>,
+    empty: Sender<Vec<u8>>,
+    counters: Arc<BaselineCounters>,
+) {
     let mut client: Option<TcpStream> = None;
     while !counters.stop.load(Ordering::Relaxed) {
         if let Ok((stream, _)) = listener.accept() {
@@ -181,7 +196,12 @@ fn echo_writer(listener: TcpListener, full: Receiver<Vec<u8>>, empty: Sender<Vec
 
 impl Baseline {
     /// Binds and starts the receiving threads (and the echo output when asked).
-    pub fn start(transport: Transport, listen: SocketAddr, threads: u32, echo: Option<SocketAddr>) -> Result<Baseline, String> {
+    pub fn start(
+        transport: Transport,
+        listen: SocketAddr,
+        threads: u32,
+        echo: Option<SocketAddr>,
+    ) -> Result<Baseline, String> {
         assert!(threads > 0);
         let counters = Arc::new(BaselineCounters::default());
         let mut handles = Vec::new();
@@ -224,14 +244,24 @@ fn start_udp(
     let mut address = listen;
     let mut sockets = Vec::with_capacity(threads as usize);
     for _ in 0..threads {
-        let socket = Socket::new(Domain::for_address(address), Type::DGRAM, Some(Protocol::UDP))
-            .map_err(|e| format!("UDP socket: {e}"))?;
+        let socket = Socket::new(
+            Domain::for_address(address),
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )
+        .map_err(|e| format!("UDP socket: {e}"))?;
         socket
             .set_reuse_port(true)
             .map_err(|e| format!("SO_REUSEPORT: {e}"))?;
         set_receive_buffer(&socket, UDP_RECV_BUFFER_BYTES);
+        // With an echo, a quiet socket must still hand over its partial batch within 1 ms.
+        let timeout = if echo.is_some() {
+            Duration::from_nanos(ECHO_SUBMIT_NS)
+        } else {
+            POLL
+        };
         socket
-            .set_read_timeout(Some(POLL))
+            .set_read_timeout(Some(timeout))
             .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
         socket
             .bind(&address.into())
@@ -295,6 +325,7 @@ fn udp_loop(socket: Socket, counters: &BaselineCounters, echo: Option<&Echo>) {
         .collect();
     let mut batch = echo.and_then(Echo::take);
     let mut batch_events = 0u64;
+    let mut batch_since_ns: Option<u64> = None;
     while !counters.stop.load(Ordering::Relaxed) {
         // SAFETY: the messages point at iovecs over the live arena with their full slot lengths;
         // MSG_WAITFORONE blocks (up to SO_RCVTIMEO) for the first datagram only.
@@ -308,7 +339,16 @@ fn udp_loop(socket: Socket, counters: &BaselineCounters, echo: Option<&Echo>) {
             )
         };
         if rc <= 0 {
-            continue; // Timeout (EAGAIN) or EINTR: look at the stop flag.
+            // Timeout (EAGAIN) or EINTR: hand over what waits, then look at the stop flag.
+            if let (Some(echo), true) = (echo, batch_events > 0) {
+                if let Some(buffer) = batch.take() {
+                    echo.submit(buffer, batch_events);
+                }
+                batch_events = 0;
+                batch_since_ns = None;
+                batch = echo.take();
+            }
+            continue;
         }
         let received = rc as usize;
         let (mut events, mut bytes) = (0u64, 0u64);
@@ -317,19 +357,29 @@ fn udp_loop(socket: Socket, counters: &BaselineCounters, echo: Option<&Echo>) {
             let payload = &arena[slot * DATAGRAM_BYTES..slot * DATAGRAM_BYTES + len];
             events += count_events(payload);
             bytes += len as u64;
-            if let (Some(echo), Some(buffer)) = (echo, batch.as_mut()) {
+            if let (Some(_), Some(buffer)) = (echo, batch.as_mut()) {
                 batch_events += Echo::enrich(buffer, payload);
             }
         }
         counters.events.fetch_add(events, Ordering::Relaxed);
-        counters.datagrams.fetch_add(received as u64, Ordering::Relaxed);
+        counters
+            .datagrams
+            .fetch_add(received as u64, Ordering::Relaxed);
         counters.bytes.fetch_add(bytes, Ordering::Relaxed);
-        if let Some(echo) = echo {
-            match batch.take() {
-                Some(buffer) => echo.submit(buffer, batch_events),
-                None => {
-                    counters.echo_dropped.fetch_add(events, Ordering::Relaxed);
-                }
+        let Some(echo) = echo else { continue };
+        if batch.is_none() {
+            counters.echo_dropped.fetch_add(events, Ordering::Relaxed);
+            batch = echo.take();
+            continue;
+        }
+        // Batches leave when large or 1 ms old, so the writer makes few, large writes.
+        let now = crate::clock::mono_ns();
+        let since = *batch_since_ns.get_or_insert(now);
+        let len = batch.as_ref().map_or(0, Vec::len);
+        if len >= ECHO_SUBMIT_BYTES || now - since >= ECHO_SUBMIT_NS {
+            batch_since_ns = None;
+            if let Some(buffer) = batch.take() {
+                echo.submit(buffer, batch_events);
             }
             batch_events = 0;
             batch = echo.take();
@@ -397,7 +447,16 @@ fn tcp_loop(mut stream: TcpStream, counters: &BaselineCounters, echo: Option<&Ec
         let n = match stream.read(&mut buffer[carry..]) {
             Ok(0) => break,
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
             Err(_) => break,
         };
         let chunk = &buffer[carry..carry + n];
@@ -442,13 +501,21 @@ pub struct BaselineCommand {
 
 /// Runs `baseline-recv` until the duration ends or Ctrl-C, printing a line per second.
 pub fn command(options: &BaselineCommand) -> Result<BaselineTotals, String> {
-    let baseline = Baseline::start(options.transport, options.listen, options.threads, options.echo)?;
+    let baseline = Baseline::start(
+        options.transport,
+        options.listen,
+        options.threads,
+        options.echo,
+    )?;
     eprintln!(
         "baseline-recv: {:?} on {} with {} thread(s){}",
         options.transport,
         baseline.local_address,
         options.threads,
-        options.echo.map(|a| format!(", echo output on {a}")).unwrap_or_default()
+        options
+            .echo
+            .map(|a| format!(", echo output on {a}"))
+            .unwrap_or_default()
     );
     let started = Instant::now();
     let mut last = baseline.counters.totals();
@@ -530,32 +597,50 @@ mod tests {
         let echo_listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let echo_address = echo_listener.local_addr().unwrap();
         drop(echo_listener);
-        let baseline = Baseline::start(Transport::Udp, "127.0.0.1:0".parse().unwrap(), 2, Some(echo_address)).unwrap();
+        let baseline = Baseline::start(
+            Transport::Udp,
+            "127.0.0.1:0".parse().unwrap(),
+            2,
+            Some(echo_address),
+        )
+        .unwrap();
         let mut client = TcpStream::connect(echo_address).unwrap();
-        client.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         // The writer thread picks the client up on its next turn; it is ready once a probe
         // datagram's echo arrives.
         let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut text = Vec::new();
         let mut buffer = [0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(10);
         while text.is_empty() {
-            sender.send_to(b"{\"probe\":1}", baseline.local_address).unwrap();
+            assert!(Instant::now() < deadline, "the echo output never answered");
+            sender
+                .send_to(b"{\"probe\":1}", baseline.local_address)
+                .unwrap();
             match client.read(&mut buffer) {
                 Ok(n) => text.extend_from_slice(&buffer[..n]),
                 Err(_) => continue,
             }
         }
         let probes = baseline.counters.events.load(Ordering::Relaxed);
+        let dropped_probes = baseline.counters.echo_dropped.load(Ordering::Relaxed);
         for _ in 0..100 {
             sender
-                .send_to(b"SZH1\x00\x00\x00\x01{\"a\":1}\n{\"a\":2}", baseline.local_address)
+                .send_to(
+                    b"SZH1\x00\x00\x00\x01{\"a\":1}\n{\"a\":2}",
+                    baseline.local_address,
+                )
                 .unwrap();
         }
         wait_for(&baseline.counters, probes + 200);
         let totals = baseline.stop();
         assert_eq!(totals.events, probes + 200);
         assert_eq!(totals.datagrams, probes + 100);
-        client.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
         while let Ok(n) = client.read(&mut buffer) {
             if n == 0 {
                 break;
@@ -564,7 +649,7 @@ mod tests {
         }
         let text = String::from_utf8(text).unwrap();
         let echoed = text.lines().filter(|l| l.starts_with("{\"a\"")).count() as u64;
-        assert_eq!(echoed + totals.echo_dropped, 200);
+        assert_eq!(echoed + totals.echo_dropped - dropped_probes, 200);
         for line in text.lines() {
             let value: serde_json::Value = serde_json::from_str(line).unwrap();
             assert!(value.get("_session").is_some());
@@ -573,7 +658,8 @@ mod tests {
 
     #[test]
     fn tcp_baseline_counts_lines() {
-        let baseline = Baseline::start(Transport::Tcp, "127.0.0.1:0".parse().unwrap(), 1, None).unwrap();
+        let baseline =
+            Baseline::start(Transport::Tcp, "127.0.0.1:0".parse().unwrap(), 1, None).unwrap();
         let mut stream = TcpStream::connect(baseline.local_address).unwrap();
         for _ in 0..1000 {
             stream.write_all(b"{\"user\":\"u1\"}\n").unwrap();

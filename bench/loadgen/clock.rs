@@ -71,7 +71,10 @@ pub fn set_timer_slack_ns(slack_ns: u64) {
     // SAFETY: PR_SET_TIMERSLACK takes one unsigned long by value and only affects this thread.
     let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, slack_ns as libc::c_ulong, 0, 0, 0) };
     if rc != 0 {
-        log::debug!("PR_SET_TIMERSLACK failed: {}", std::io::Error::last_os_error());
+        log::debug!(
+            "PR_SET_TIMERSLACK failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 

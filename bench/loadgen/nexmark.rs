@@ -23,6 +23,11 @@ pub const PAUSE_MS_DEFAULT: u64 = 12_000;
 pub const BURST_MEAN_DEFAULT: f64 = 20.0;
 pub const BIDDERS_DEFAULT: u64 = 200_000;
 
+// The defaults keep sessions apart: the longest in-session gap stays under the session gap and
+// every pause exceeds it.
+const _: () = assert!(GAP_MEAN_MS_DEFAULT * traffic::GAP_CAP_FACTOR < SESSION_GAP_MS);
+const _: () = assert!(PAUSE_MS_DEFAULT > SESSION_GAP_MS);
+
 const FIRST_AUCTION_ID: u64 = 1000;
 const HOT_AUCTIONS: u64 = 100;
 const OPEN_AUCTIONS: u64 = 10_000;
@@ -61,8 +66,14 @@ impl BidEncoder {
         let hash = wire::fnv1a32(bidder);
         out.extend_from_slice(b"{\"bidder\":");
         out.extend_from_slice(bidder);
-        let opened = (u128::from(model_ns) * u128::from(self.params.auctions_per_s) / 1_000_000_000) as u64 + 1;
-        let window = if rng.below(2) == 0 { HOT_AUCTIONS } else { OPEN_AUCTIONS };
+        let opened = (u128::from(model_ns) * u128::from(self.params.auctions_per_s) / 1_000_000_000)
+            as u64
+            + 1;
+        let window = if rng.below(2) == 0 {
+            HOT_AUCTIONS
+        } else {
+            OPEN_AUCTIONS
+        };
         let auction = FIRST_AUCTION_ID + opened - 1 - rng.below(window.min(opened));
         out.extend_from_slice(b",\"auction\":");
         wire::write_u64(out, auction);
@@ -82,7 +93,7 @@ impl BidEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::traffic::{Encoder, Generator, SessionModel, GAP_CAP_FACTOR};
+    use crate::traffic::{Encoder, Generator, SessionModel};
 
     #[test]
     fn bids_are_json_keyed_by_bidder() {
@@ -108,11 +119,5 @@ mod tests {
             assert!(bid["price"].as_u64().unwrap() >= 100);
             assert_eq!(bid["date_time"].as_u64(), Some(1_732_500_000_000 + i));
         }
-    }
-
-    #[test]
-    fn defaults_respect_the_session_gap() {
-        assert!(GAP_MEAN_MS_DEFAULT * GAP_CAP_FACTOR < SESSION_GAP_MS);
-        assert!(PAUSE_MS_DEFAULT > SESSION_GAP_MS);
     }
 }

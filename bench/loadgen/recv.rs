@@ -44,7 +44,8 @@ const LATENCY_NS_HIGH: u64 = 3_600_000_000_000;
 
 /// A histogram for latencies in nanoseconds.
 pub fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(LATENCY_NS_LOW, LATENCY_NS_HIGH, 3).expect("static histogram bounds are valid")
+    Histogram::new_with_bounds(LATENCY_NS_LOW, LATENCY_NS_HIGH, 3)
+        .expect("static histogram bounds are valid")
 }
 
 /// Counters the progress line reads while the receiver runs.
@@ -117,7 +118,10 @@ impl Receiver {
             .name("recv".to_string())
             .spawn(move || {
                 let mut state = State::new(thread_shared);
-                let error = state.read_loop(stream, &clock_rx).err().map(|e| e.to_string());
+                let error = state
+                    .read_loop(stream, &clock_rx)
+                    .err()
+                    .map(|e| e.to_string());
                 state.finish(error)
             })
             .map_err(|e| format!("spawning the receiver: {e}"))?;
@@ -189,21 +193,41 @@ impl State {
         }
     }
 
-    fn read_loop(&mut self, mut stream: TcpStream, clock_rx: &crossbeam_channel::Receiver<Clock>) -> io::Result<()> {
+    fn read_loop(
+        &mut self,
+        mut stream: TcpStream,
+        clock_rx: &crossbeam_channel::Receiver<Clock>,
+    ) -> io::Result<()> {
         let mut buffer = vec![0u8; READ_BUFFER_BYTES];
         let mut filled = 0usize;
         let mut discarding = false;
         while !self.shared.stop.load(Ordering::Relaxed) {
-            if self.clock.is_none() {
-                self.clock = clock_rx.try_recv().ok();
-            }
             let read = match stream.read(&mut buffer[filled..]) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the output closed the connection")),
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the output closed the connection",
+                    ))
+                }
                 Ok(n) => n,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => 0,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    0
+                }
                 Err(e) => return Err(e),
             };
             let now = clock::mono_ns();
+            // After the read: the clock is sent before the first event leaves, so any record
+            // of this run that a read returns finds it here.
+            if self.clock.is_none() {
+                self.clock = clock_rx.try_recv().ok();
+            }
             if read > 0 {
                 self.shared.bytes.fetch_add(read as u64, Ordering::Relaxed);
                 self.shared.last_data_ns.store(now, Ordering::Relaxed);
@@ -248,7 +272,9 @@ impl State {
             counts.other += 1;
             return;
         }
-        let Some(sent_ns) = wire::member_value(line, &self.sent_ns).and_then(wire::parse_u64_prefix) else {
+        let Some(sent_ns) =
+            wire::member_value(line, &self.sent_ns).and_then(wire::parse_u64_prefix)
+        else {
             counts.enriched += 1;
             self.untimed += 1;
             return;
@@ -266,13 +292,17 @@ impl State {
 
     fn publish(&self, counts: &Counts) {
         let shared = &self.shared;
-        shared.enriched.fetch_add(counts.enriched, Ordering::Relaxed);
+        shared
+            .enriched
+            .fetch_add(counts.enriched, Ordering::Relaxed);
         for (total, count) in shared.markers.iter().zip(counts.markers) {
             if count > 0 {
                 total.fetch_add(count, Ordering::Relaxed);
             }
         }
-        shared.markers_other.fetch_add(counts.markers_other, Ordering::Relaxed);
+        shared
+            .markers_other
+            .fetch_add(counts.markers_other, Ordering::Relaxed);
         shared.other.fetch_add(counts.other, Ordering::Relaxed);
         shared.stale.fetch_add(counts.stale, Ordering::Relaxed);
     }
@@ -292,11 +322,21 @@ impl State {
         let row = LatencySecond {
             second: self.second,
             count: h.len(),
-            p50_ns: if h.is_empty() { 0 } else { h.value_at_quantile(0.5) },
-            p99_ns: if h.is_empty() { 0 } else { h.value_at_quantile(0.99) },
+            p50_ns: if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(0.5)
+            },
+            p99_ns: if h.is_empty() {
+                0
+            } else {
+                h.value_at_quantile(0.99)
+            },
             max_ns: if h.is_empty() { 0 } else { h.max() },
         };
-        self.shared.last_second_p99_ns.store(row.p99_ns, Ordering::Relaxed);
+        self.shared
+            .last_second_p99_ns
+            .store(row.p99_ns, Ordering::Relaxed);
         if row.count > 0 && self.seconds.len() < TIMELINE_ROWS_MAX {
             self.seconds.push(row);
         }
@@ -323,14 +363,17 @@ pub mod tests {
     use std::io::Write;
     use std::net::TcpListener;
 
-    /// A stand-in for the appliance's output: serves `lines` to the first client, in pieces that
-    /// split records across writes, then waits for `release` before closing.
-    pub fn fake_output(lines: Vec<String>) -> (SocketAddr, crossbeam_channel::Sender<()>, JoinHandle<()>) {
+    /// A stand-in for the appliance's output: once told to go, serves `lines` to the first
+    /// client in pieces that split records across writes, then waits to be told again to close.
+    pub fn fake_output(
+        lines: Vec<String>,
+    ) -> (SocketAddr, crossbeam_channel::Sender<()>, JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let (release_tx, release_rx) = bounded::<()>(1);
         let handle = std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
+            let _ = release_rx.recv();
             let text: Vec<u8> = lines.concat().into_bytes();
             for piece in text.chunks(97) {
                 stream.write_all(piece).unwrap();
@@ -353,7 +396,9 @@ pub mod tests {
             ));
         }
         for kind in MARKER_KINDS {
-            lines.push(format!("{{\"kind\":\"{kind}\",\"key\":\"u1\",\"session\":{{}}}}\n"));
+            lines.push(format!(
+                "{{\"kind\":\"{kind}\",\"key\":\"u1\",\"session\":{{}}}}\n"
+            ));
         }
         lines.push("{\"kind\":\"session_end\",\"event\":{\"sent_ns\":1}}\n".to_string());
         lines.push("{\"user\":\"old\",\"sent_ns\":1,\"_session\":{}}\n".to_string());
@@ -362,6 +407,7 @@ pub mod tests {
         let (address, release, server) = fake_output(lines);
         let receiver = Receiver::connect(address, Duration::from_secs(2)).unwrap();
         receiver.begin(clock);
+        release.send(()).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while receiver.shared.other.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
@@ -381,7 +427,11 @@ pub mod tests {
         }
         assert_eq!(shared.other.load(Ordering::Relaxed), 1);
         assert_eq!(report.latency.len(), 1000);
-        assert!(report.latency.min() >= 1_000_000, "latency {}", report.latency.min());
+        assert!(
+            report.latency.min() >= 1_000_000,
+            "latency {}",
+            report.latency.min()
+        );
         assert!(report.error.is_none(), "{:?}", report.error);
         assert_eq!(report.seconds.iter().map(|s| s.count).sum::<u64>(), 1000);
     }

@@ -17,7 +17,11 @@ pub const DROP_PATTERNS: [&str; 3] = ["drop", "dead_letter", "parse_error"];
 
 /// Whether the series `name{labels}` counts drops (matched on the name, case-insensitively).
 pub fn is_drop_metric(series: &str) -> bool {
-    let name = series.split('{').next().unwrap_or(series).to_ascii_lowercase();
+    let name = series
+        .split('{')
+        .next()
+        .unwrap_or(series)
+        .to_ascii_lowercase();
     DROP_PATTERNS.iter().any(|p| name.contains(p))
 }
 
@@ -30,11 +34,44 @@ pub fn scrape_drops(url: &str) -> Result<BTreeMap<String, f64>, String> {
         .collect())
 }
 
+/// The events the deltas say were dropped. Parse errors are dead-lettered too (the appliance
+/// counts a bad line under both), so `parse_error` series count only when no `dead_letter`
+/// series exists; everything else that matches is added up.
+pub fn counted(deltas: &BTreeMap<String, f64>) -> f64 {
+    let name = |series: &str| {
+        series
+            .split('{')
+            .next()
+            .unwrap_or(series)
+            .to_ascii_lowercase()
+    };
+    let has_dead_letter = deltas.keys().any(|s| name(s).contains("dead_letter"));
+    deltas
+        .iter()
+        .filter(|(series, _)| {
+            let name = name(series);
+            let parse_error_only = name.contains("parse_error")
+                && !name.contains("drop")
+                && !name.contains("dead_letter");
+            !(has_dead_letter && parse_error_only)
+        })
+        .map(|(_, delta)| delta)
+        .sum()
+}
+
 /// `after - before` per series (a series absent before counts from 0).
-pub fn deltas(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+pub fn deltas(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
     after
         .iter()
-        .map(|(series, value)| (series.clone(), value - before.get(series).copied().unwrap_or(0.0)))
+        .map(|(series, value)| {
+            (
+                series.clone(),
+                value - before.get(series).copied().unwrap_or(0.0),
+            )
+        })
         .collect()
 }
 
@@ -51,7 +88,8 @@ fn http_get(url: &str) -> Result<String, String> {
         .map_err(|e| format!("metrics address {authority:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("metrics address {authority:?} resolves to nothing"))?;
-    let mut stream = TcpStream::connect_timeout(&address, TIMEOUT).map_err(|e| format!("metrics {address}: {e}"))?;
+    let mut stream = TcpStream::connect_timeout(&address, TIMEOUT)
+        .map_err(|e| format!("metrics {address}: {e}"))?;
     stream
         .set_read_timeout(Some(TIMEOUT))
         .and_then(|()| stream.set_write_timeout(Some(TIMEOUT)))
@@ -73,10 +111,15 @@ fn http_get(url: &str) -> Result<String, String> {
     if status.split_whitespace().nth(1) != Some("200") {
         return Err(format!("metrics {url}: {status}"));
     }
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.to_ascii_lowercase().contains("chunked"));
-    Ok(if chunked { dechunk(body) } else { body.to_string() })
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    Ok(if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    })
 }
 
 /// Decodes an HTTP/1.1 chunked body (for servers that chunk even an HTTP/1.0 reply).
@@ -84,7 +127,8 @@ fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     while let Some((size_line, after)) = rest.split_once("\r\n") {
-        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or(0);
         if size == 0 || after.len() < size {
             break;
         }
@@ -108,7 +152,11 @@ pub fn parse_prometheus(body: &str) -> Vec<(String, f64)> {
             None => line.find(char::is_whitespace).unwrap_or(line.len()),
         };
         let (name, rest) = line.split_at(split_at);
-        let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else {
+        let Some(value) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
             continue;
         };
         series.push((name.trim().to_string(), value));
@@ -136,10 +184,18 @@ fn parse_snmp_udp(text: &str) -> Option<BTreeMap<String, u64>> {
 }
 
 /// `after - before` of the kernel counters.
-pub fn kernel_deltas(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+pub fn kernel_deltas(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
     after
         .iter()
-        .map(|(name, value)| (name.clone(), value.saturating_sub(before.get(name).copied().unwrap_or(0))))
+        .map(|(name, value)| {
+            (
+                name.clone(),
+                value.saturating_sub(before.get(name).copied().unwrap_or(0)),
+            )
+        })
         .collect()
 }
 
@@ -160,8 +216,30 @@ mod tests {
         assert_eq!(series.len(), 4);
         let drops: Vec<_> = series.iter().filter(|(s, _)| is_drop_metric(s)).collect();
         assert_eq!(drops.len(), 3, "{drops:?}");
-        assert_eq!(series[0].0, "sessionizer_events_dropped_total{reason=\"queue full\",shard=\"0\"}");
+        assert_eq!(
+            series[0].0,
+            "sessionizer_events_dropped_total{reason=\"queue full\",shard=\"0\"}"
+        );
         assert_eq!(series[0].1, 12.0);
+    }
+
+    #[test]
+    fn parse_errors_count_once() {
+        let mut deltas = BTreeMap::new();
+        deltas.insert(
+            "sessionizer_parse_errors_total{reason=\"invalid_json\"}".to_string(),
+            3.0,
+        );
+        assert_eq!(counted(&deltas), 3.0);
+        deltas.insert(
+            "sessionizer_dead_letters_total{source=\"ingest\"}".to_string(),
+            3.0,
+        );
+        deltas.insert(
+            "sessionizer_udp_kernel_drops_total{shard=\"0\"}".to_string(),
+            5.0,
+        );
+        assert_eq!(counted(&deltas), 8.0);
     }
 
     #[test]
@@ -177,7 +255,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let address = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
-            for body in ["x_dropped_total 1\n", "x_dropped_total 5\ny_dead_letter_total 2\n"] {
+            for body in [
+                "x_dropped_total 1\n",
+                "x_dropped_total 5\ny_dead_letter_total 2\n",
+            ] {
                 let (mut stream, _) = listener.accept().unwrap();
                 let mut request = [0u8; 1024];
                 let _ = stream.read(&mut request).unwrap();
@@ -192,12 +273,16 @@ mod tests {
         let delta = deltas(&before, &after);
         assert_eq!(delta["x_dropped_total"], 4.0);
         assert_eq!(delta["y_dead_letter_total"], 2.0);
+        assert_eq!(counted(&delta), 6.0);
         assert!(scrape_drops("http://127.0.0.1:1/metrics").is_err());
     }
 
     #[test]
     fn chunked_bodies_and_snmp() {
-        assert_eq!(dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
+        assert_eq!(
+            dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+            "hello world"
+        );
         let snmp = "Udp: InDatagrams NoPorts InErrors RcvbufErrors\nUdp: 10 1 2 3\nUdpLite: A\nUdpLite: 0\n";
         let counters = parse_snmp_udp(snmp).unwrap();
         assert_eq!(counters["RcvbufErrors"], 3);

@@ -13,8 +13,9 @@
 //! counted (`pause_violations`, `early_emits`) and reported, since they mean `--keys` is too
 //! small for the rate.
 //!
-//! Memory is allocated once in [`Scheduler::new`] (per key: next link, remaining count and a FIFO
-//! slot; per time bucket: head and tail); emitting an event allocates nothing. Every decision
+//! Memory is bounded by the key count: a FIFO slot per key, and a ring of time buckets holding
+//! at most one entry per key; buckets reach their working size in the first gaps of a run and
+//! keep it, so emitting an event allocates nothing after that warm-up. Every decision
 //! draws from one [`Rng`], so the same seed, key range and clock give the same bytes.
 
 use std::collections::VecDeque;
@@ -27,17 +28,18 @@ use crate::wire;
 
 /// The longest in-session gap, as a multiple of its mean (e^-10 of the draws are capped).
 pub const GAP_CAP_FACTOR: u64 = 10;
-/// Time buckets per mean gap: the scheduler may emit an event up to one bucket early.
+/// Time buckets per mean gap (about): the scheduler may emit an event up to one bucket early.
 const BUCKETS_PER_GAP: u64 = 32;
-const BUCKET_NS_MIN: u64 = 1_000;
-const BUCKET_NS_MAX: u64 = 1_000_000;
+/// Buckets are 2^10 ns (≈1 µs) to 2^20 ns (≈1 ms) wide, and their number a power of two, so
+/// that finding one is a shift and a mask.
+const BUCKET_SHIFT_MIN: u32 = 10;
+const BUCKET_SHIFT_MAX: u32 = 20;
 /// Longest session, in events.
 pub const BURST_EVENTS_MAX: u32 = 1_000_000;
 /// Keys one generator can hold (≈24 bytes each).
 pub const KEYS_MAX: u64 = 50_000_000;
 /// Longest generated event, padding included.
 pub const PAYLOAD_BYTES_MAX: usize = 16 * 1024;
-const NIL: u32 = u32::MAX;
 
 /// wyrand: a small, fast, statistically sound generator; not for cryptography.
 #[derive(Clone, Debug)]
@@ -136,6 +138,8 @@ pub struct TrafficStats {
     pub pause_violations: u64,
     /// An active key was emitted before it was due because every key was busy.
     pub early_emits: u64,
+    /// Replayed lines without the key member (hash 0: steered to one core, one connection).
+    pub replay_lines_without_key: u64,
 }
 
 impl TrafficStats {
@@ -143,7 +147,15 @@ impl TrafficStats {
         self.sessions_started += other.sessions_started;
         self.pause_violations += other.pause_violations;
         self.early_emits += other.early_emits;
+        self.replay_lines_without_key += other.replay_lines_without_key;
     }
+}
+
+/// A key in a session: who, and how many events it still has to emit after the pending one.
+#[derive(Clone, Copy, Debug)]
+struct Active {
+    key: u32,
+    left: u32,
 }
 
 /// Picks which key emits at each send slot (see the module documentation).
@@ -152,16 +164,14 @@ pub struct Scheduler {
     rng: Rng,
     key_base: u64,
     key_stride: u64,
+    keys: usize,
     gap_cap_ns: u64,
-    bucket_ns: u64,
+    bucket_shift: u32,
     /// Absolute index of the oldest bucket that may hold entries.
     cursor: u64,
-    heads: Vec<u32>,
-    tails: Vec<u32>,
-    /// Per local key: the next key in its bucket list.
-    next: Vec<u32>,
-    /// Per local key: events its session still has to emit after the one pending.
-    left: Vec<u32>,
+    /// A ring of time buckets, each a stack of the keys due in it. The state of an active key
+    /// lives in its entry, so emitting reads memory in order rather than chasing keys.
+    buckets: Vec<Vec<Active>>,
     active: usize,
     /// Keys not in a session, with the time their pause ends, oldest first.
     resting: VecDeque<(u32, u64)>,
@@ -177,13 +187,19 @@ impl Scheduler {
         key_stride: u64,
         seed: u64,
     ) -> Scheduler {
-        assert!(keys > 0 && keys <= KEYS_MAX, "keys {keys} not in 1..={KEYS_MAX}");
+        assert!(
+            keys > 0 && keys <= KEYS_MAX,
+            "keys {keys} not in 1..={KEYS_MAX}"
+        );
         assert!(key_stride > 0);
         let keys = keys as usize;
         let mut rng = Rng::new(seed);
         let gap_cap_ns = model.gap_mean_ns.saturating_mul(GAP_CAP_FACTOR);
-        let bucket_ns = (model.gap_mean_ns / BUCKETS_PER_GAP).clamp(BUCKET_NS_MIN, BUCKET_NS_MAX);
-        let ring = (gap_cap_ns / bucket_ns + 2) as usize;
+        let bucket_shift = (model.gap_mean_ns / BUCKETS_PER_GAP)
+            .max(1)
+            .ilog2()
+            .clamp(BUCKET_SHIFT_MIN, BUCKET_SHIFT_MAX);
+        let ring = ((gap_cap_ns >> bucket_shift) as usize + 2).next_power_of_two();
         let mut order: Vec<u32> = (0..keys as u32).collect();
         for i in (1..keys).rev() {
             let j = rng.below(i as u64 + 1) as usize;
@@ -191,18 +207,21 @@ impl Scheduler {
         }
         let mut resting = VecDeque::with_capacity(keys);
         resting.extend(order.into_iter().map(|key| (key, 0u64)));
+        // Buckets grow to their working size in the first gaps and keep it; together they never
+        // hold more than `keys` entries.
+        let bucket_capacity = (keys / ring).clamp(1, 1024);
         Scheduler {
             model,
             rng,
             key_base,
             key_stride,
+            keys,
             gap_cap_ns,
-            bucket_ns,
+            bucket_shift,
             cursor: 0,
-            heads: vec![NIL; ring],
-            tails: vec![NIL; ring],
-            next: vec![NIL; keys],
-            left: vec![0; keys],
+            buckets: (0..ring)
+                .map(|_| Vec::with_capacity(bucket_capacity))
+                .collect(),
             active: 0,
             resting,
             stats: TrafficStats::default(),
@@ -214,66 +233,73 @@ impl Scheduler {
     }
 
     /// Sessions in progress.
+    #[cfg(test)]
     pub fn active(&self) -> usize {
         self.active
     }
 
     /// The key that emits at model time `now_ns` (non-decreasing from call to call).
     pub fn next(&mut self, now_ns: u64) -> Pick {
-        if let Some(local) = self.pop_due(now_ns) {
-            return self.continue_session(local, now_ns);
+        if let Some(entry) = self.pop_due(now_ns) {
+            return self.continue_session(entry, now_ns);
         }
         match self.resting.pop_front() {
-            Some((local, rest_until_ns)) => {
+            Some((key, rest_until_ns)) => {
                 if rest_until_ns > now_ns {
                     self.stats.pause_violations += 1;
                 }
-                self.start_session(local, now_ns)
+                self.stats.sessions_started += 1;
+                let burst = self.rng.geometric(self.model.burst_mean, BURST_EVENTS_MAX);
+                let last = self.after_emit(
+                    Active {
+                        key,
+                        left: burst - 1,
+                    },
+                    now_ns,
+                );
+                Pick {
+                    key: self.global(key),
+                    first: true,
+                    last,
+                }
             }
             None => {
                 // Every key is in a session: emit the earliest one ahead of its time.
                 self.stats.early_emits += 1;
-                let local = self.pop_earliest();
-                self.continue_session(local, now_ns)
+                let entry = self.pop_earliest();
+                self.continue_session(entry, now_ns)
             }
         }
     }
 
-    fn start_session(&mut self, local: u32, now_ns: u64) -> Pick {
-        self.stats.sessions_started += 1;
-        let burst = self.rng.geometric(self.model.burst_mean, BURST_EVENTS_MAX);
-        self.left[local as usize] = burst - 1;
-        let last = self.after_emit(local, now_ns);
-        Pick {
-            key: self.global(local),
-            first: true,
-            last,
-        }
-    }
-
-    fn continue_session(&mut self, local: u32, now_ns: u64) -> Pick {
-        assert!(self.left[local as usize] > 0);
+    fn continue_session(&mut self, entry: Active, now_ns: u64) -> Pick {
+        assert!(entry.left > 0);
         self.active -= 1;
-        self.left[local as usize] -= 1;
-        let last = self.after_emit(local, now_ns);
+        let last = self.after_emit(
+            Active {
+                key: entry.key,
+                left: entry.left - 1,
+            },
+            now_ns,
+        );
         Pick {
-            key: self.global(local),
+            key: self.global(entry.key),
             first: false,
             last,
         }
     }
 
-    /// Files `local` after it emitted at `now_ns`: into a bucket if its session goes on,
-    /// else into the resting FIFO. Returns whether that was the session's last event.
-    fn after_emit(&mut self, local: u32, now_ns: u64) -> bool {
-        if self.left[local as usize] == 0 {
-            assert!(self.resting.len() < self.next.len());
+    /// Files a key after it emitted at `now_ns`: into a bucket if its session goes on, else
+    /// into the resting FIFO. Returns whether that was the session's last event.
+    fn after_emit(&mut self, entry: Active, now_ns: u64) -> bool {
+        if entry.left == 0 {
+            assert!(self.resting.len() < self.keys);
             self.resting
-                .push_back((local, now_ns.saturating_add(self.model.pause_ns)));
+                .push_back((entry.key, now_ns.saturating_add(self.model.pause_ns)));
             return true;
         }
         let gap_ns = self.rng.exp_ns(self.model.gap_mean_ns, self.gap_cap_ns);
-        self.insert(local, now_ns.saturating_add(gap_ns), now_ns);
+        self.insert(entry, now_ns.saturating_add(gap_ns), now_ns);
         false
     }
 
@@ -282,61 +308,50 @@ impl Scheduler {
     }
 
     fn ring(&self) -> u64 {
-        self.heads.len() as u64
+        self.buckets.len() as u64
     }
 
-    fn insert(&mut self, local: u32, due_ns: u64, now_ns: u64) {
+    fn slot(&self, index: u64) -> usize {
+        (index & (self.ring() - 1)) as usize
+    }
+
+    fn insert(&mut self, entry: Active, due_ns: u64, now_ns: u64) {
         if self.active == 0 {
-            self.cursor = now_ns / self.bucket_ns;
+            self.cursor = now_ns >> self.bucket_shift;
         }
-        let index = (due_ns / self.bucket_ns).clamp(self.cursor, self.cursor + self.ring() - 1);
-        let slot = (index % self.ring()) as usize;
-        self.next[local as usize] = NIL;
-        match self.tails[slot] {
-            NIL => self.heads[slot] = local,
-            tail => self.next[tail as usize] = local,
-        }
-        self.tails[slot] = local;
+        let index = (due_ns >> self.bucket_shift).clamp(self.cursor, self.cursor + self.ring() - 1);
+        let slot = self.slot(index);
+        // Order within one bucket (1/32 of a mean gap) does not matter: a stack will do.
+        self.buckets[slot].push(entry);
         self.active += 1;
+        assert!(self.active <= self.keys);
     }
 
-    fn pop_slot(&mut self, slot: usize) -> u32 {
-        let local = self.heads[slot];
-        assert_ne!(local, NIL);
-        self.heads[slot] = self.next[local as usize];
-        if self.heads[slot] == NIL {
-            self.tails[slot] = NIL;
-        }
-        local
-    }
-
-    fn pop_due(&mut self, now_ns: u64) -> Option<u32> {
+    fn pop_due(&mut self, now_ns: u64) -> Option<Active> {
         if self.active == 0 {
             return None;
         }
         // Entries lie in [cursor, cursor + ring): at most `ring` empty buckets are skipped.
-        loop {
-            let slot = (self.cursor % self.ring()) as usize;
-            let start_ns = self.cursor * self.bucket_ns;
-            if start_ns > now_ns {
-                return None;
+        let now_index = now_ns >> self.bucket_shift;
+        while self.cursor <= now_index {
+            let slot = self.slot(self.cursor);
+            if let Some(entry) = self.buckets[slot].pop() {
+                return Some(entry);
             }
-            if self.heads[slot] != NIL {
-                return Some(self.pop_slot(slot));
-            }
-            if start_ns + self.bucket_ns > now_ns {
+            if self.cursor == now_index {
                 return None;
             }
             self.cursor += 1;
         }
+        None
     }
 
-    fn pop_earliest(&mut self) -> u32 {
+    fn pop_earliest(&mut self) -> Active {
         assert!(self.active > 0);
         for offset in 0..self.ring() {
-            let slot = ((self.cursor + offset) % self.ring()) as usize;
-            if self.heads[slot] != NIL {
-                return self.pop_slot(slot);
+            let slot = self.slot(self.cursor + offset);
+            if let Some(entry) = self.buckets[slot].pop() {
+                return entry;
             }
         }
         unreachable!("{} active keys but every bucket is empty", self.active);
@@ -406,7 +421,8 @@ impl ClickEncoder {
         out.extend_from_slice(key_digits);
         out.extend_from_slice(b"\",\"tenant\":\"t");
         // The tenant is a property of the user: a mix of the key, not of the thread.
-        let tenant = (pick.key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % u64::from(self.params.tenants);
+        let tenant =
+            (pick.key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % u64::from(self.params.tenants);
         wire::write_u64(out, tenant);
         out.extend_from_slice(b"\",\"type\":\"");
         let kind = if pick.last && rng.below(100) < u64::from(self.params.logout_pct) {
@@ -462,11 +478,21 @@ impl Generator {
         threads: u32,
     ) -> Generator {
         assert!(thread < threads);
-        let owned = keys / u64::from(threads) + u64::from(u64::from(thread) < keys % u64::from(threads));
-        assert!(owned > 0, "fewer keys ({keys}) than sender threads ({threads})");
+        let owned =
+            keys / u64::from(threads) + u64::from(u64::from(thread) < keys % u64::from(threads));
+        assert!(
+            owned > 0,
+            "fewer keys ({keys}) than sender threads ({threads})"
+        );
         let thread_seed = seed ^ u64::from(thread).wrapping_mul(0xd6e8_feb8_6659_fd93);
         Generator {
-            scheduler: Scheduler::new(model, owned, u64::from(thread), u64::from(threads), thread_seed),
+            scheduler: Scheduler::new(
+                model,
+                owned,
+                u64::from(thread),
+                u64::from(threads),
+                thread_seed,
+            ),
             rng: Rng::new(thread_seed ^ 0x5555_5555_5555_5555),
             encoder,
         }
@@ -474,16 +500,23 @@ impl Generator {
 
     /// Appends the event of model time `model_ns` to `out` (which must hold only complete
     /// events: the encoder pads what it appends).
-    pub fn next(&mut self, model_ns: u64, ts_ms: u64, sent_ns: Option<u64>, out: &mut Vec<u8>) -> Emitted {
+    pub fn next(
+        &mut self,
+        model_ns: u64,
+        ts_ms: u64,
+        sent_ns: Option<u64>,
+        out: &mut Vec<u8>,
+    ) -> Emitted {
         let pick = self.scheduler.next(model_ns);
         let hash = match &self.encoder {
             Encoder::Click(encoder) => encoder.encode(out, pick, ts_ms, sent_ns, &mut self.rng),
-            Encoder::Bid(encoder) => encoder.encode(out, pick, model_ns, ts_ms, sent_ns, &mut self.rng),
+            Encoder::Bid(encoder) => {
+                encoder.encode(out, pick, model_ns, ts_ms, sent_ns, &mut self.rng)
+            }
         };
         Emitted {
             key: pick.key,
             hash,
-            pick: Some(pick),
         }
     }
 
@@ -499,8 +532,6 @@ pub struct Emitted {
     pub key: u64,
     /// FNV-1a 32 of the key, for the steering header.
     pub hash: u32,
-    /// The scheduling decision, for generated events.
-    pub pick: Option<Pick>,
 }
 
 /// A JSON-lines file sent line by line.
@@ -550,7 +581,6 @@ impl Replay {
             return Ok(Some(Emitted {
                 key: u64::from(hash),
                 hash,
-                pick: None,
             }));
         }
     }
@@ -584,7 +614,10 @@ impl Source {
     pub fn stats(&self) -> TrafficStats {
         match self {
             Source::Generated(generator) => generator.stats(),
-            Source::Replay(_) => TrafficStats::default(),
+            Source::Replay(replay) => TrafficStats {
+                replay_lines_without_key: replay.lines_without_key(),
+                ..TrafficStats::default()
+            },
         }
     }
 }
@@ -638,7 +671,8 @@ mod tests {
             let user = value["user"].as_str().expect("user");
             assert!(user.starts_with('u'));
             assert!(value["ts"].as_u64().is_some() && value["sent_ns"].as_u64().is_some());
-            assert!(["page", "click", "cart", "buy", "logout"].contains(&value["type"].as_str().unwrap()));
+            assert!(["page", "click", "cart", "buy", "logout"]
+                .contains(&value["type"].as_str().unwrap()));
         }
     }
 
@@ -648,7 +682,10 @@ mod tests {
         let mut out = Vec::new();
         let emitted = generator.next(0, 0, None, &mut out);
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(emitted.hash, wire::fnv1a32(value["user"].as_str().unwrap().as_bytes()));
+        assert_eq!(
+            emitted.hash,
+            wire::fnv1a32(value["user"].as_str().unwrap().as_bytes())
+        );
     }
 
     /// Gap, pause and burst statistics over 3M events (300 s of model time at 10k/s).
@@ -684,16 +721,28 @@ mod tests {
             assert_eq!(stats.pause_violations, 0, "seed {seed}");
             assert_eq!(stats.early_emits, 0, "seed {seed}");
             assert!(pauses > 1000, "seed {seed}: {pauses} pauses");
-            assert!(pause_min >= model.pause_ns, "seed {seed}: pause {pause_min}");
+            assert!(
+                pause_min >= model.pause_ns,
+                "seed {seed}: pause {pause_min}"
+            );
             let gap_mean = gap_sum as f64 / gaps as f64;
             let expected = model.gap_mean_ns as f64;
-            assert!((gap_mean / expected - 1.0).abs() < 0.05, "seed {seed}: gap mean {gap_mean}");
+            assert!(
+                (gap_mean / expected - 1.0).abs() < 0.05,
+                "seed {seed}: gap mean {gap_mean}"
+            );
             let burst_mean = events as f64 / sessions as f64;
-            assert!((burst_mean / model.burst_mean - 1.0).abs() < 0.05, "seed {seed}: burst {burst_mean}");
+            assert!(
+                (burst_mean / model.burst_mean - 1.0).abs() < 0.05,
+                "seed {seed}: burst {burst_mean}"
+            );
             // Little's law: about rate × gap × (burst-1)/burst sessions are active.
             let active = scheduler.active() as f64;
             let little = rate as f64 * 0.05 * 19.0 / 20.0;
-            assert!((active / little - 1.0).abs() < 0.25, "seed {seed}: active {active} vs {little}");
+            assert!(
+                (active / little - 1.0).abs() < 0.25,
+                "seed {seed}: active {active} vs {little}"
+            );
         }
     }
 
@@ -709,7 +758,10 @@ mod tests {
 
     #[test]
     fn threads_own_disjoint_keys() {
-        let mut seen = [std::collections::HashSet::new(), std::collections::HashSet::new()];
+        let mut seen = [
+            std::collections::HashSet::new(),
+            std::collections::HashSet::new(),
+        ];
         for (thread, keys) in seen.iter_mut().enumerate() {
             let mut scheduler = Scheduler::new(model(), 50, thread as u64, 2, 9);
             for i in 0..10_000u64 {
@@ -742,7 +794,9 @@ mod tests {
     fn geometric_and_exponential_means() {
         let mut rng = Rng::new(11);
         let n = 200_000;
-        let geo: u64 = (0..n).map(|_| u64::from(rng.geometric(20.0, BURST_EVENTS_MAX))).sum();
+        let geo: u64 = (0..n)
+            .map(|_| u64::from(rng.geometric(20.0, BURST_EVENTS_MAX)))
+            .sum();
         assert!((geo as f64 / n as f64 / 20.0 - 1.0).abs() < 0.03);
         let exp: u64 = (0..n).map(|_| rng.exp_ns(1_000_000, u64::MAX)).sum();
         assert!((exp as f64 / n as f64 / 1e6 - 1.0).abs() < 0.03);

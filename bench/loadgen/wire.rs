@@ -44,17 +44,35 @@ pub fn write_steer_header(out: &mut [u8], key_hash: u32) {
 /// Longest decimal u64 (18446744073709551615).
 pub const U64_DIGITS_MAX: usize = 20;
 
+/// "00" to "99", two digits per division in [`format_u64`].
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut pairs = [0u8; 200];
+    let mut i = 0;
+    while i < 100 {
+        pairs[2 * i] = b'0' + (i / 10) as u8;
+        pairs[2 * i + 1] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    pairs
+};
+
 /// Formats `value` in decimal into `digits` and returns the used tail of it.
 pub fn format_u64(value: u64, digits: &mut [u8; U64_DIGITS_MAX]) -> &[u8] {
     let mut at = U64_DIGITS_MAX;
     let mut rest = value;
-    loop {
+    while rest >= 100 {
+        let pair = (rest % 100) as usize * 2;
+        rest /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    }
+    if rest >= 10 {
+        let pair = rest as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&DIGIT_PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
+        digits[at] = b'0' + rest as u8;
     }
     &digits[at..]
 }
@@ -166,7 +184,19 @@ mod tests {
 
     #[test]
     fn u64_formatting() {
-        for value in [0, 7, 10, 99, 1_732_500_000_123, u64::MAX] {
+        for value in [
+            0,
+            7,
+            10,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            1_732_500_000_123,
+            u64::MAX - 1,
+            u64::MAX,
+        ] {
             let mut out = Vec::new();
             write_u64(&mut out, value);
             assert_eq!(out, value.to_string().as_bytes());
