@@ -56,6 +56,9 @@ const WHEEL_BUCKET_BIT: u32 = 1 << 31;
 /// Bit of [`RecordImage::flags`] marking a sub-session (the engine's own flag, stored as is).
 pub const RECORD_FLAG_SUB: u8 = FLAG_SUB;
 
+/// How many records ahead restore hashes keys and prefetches index buckets and heads.
+const PREFETCH_AHEAD: usize = 16;
+
 /// Timestamps outside +-this many milliseconds (about year 33658) are rejected on import, so
 /// deadline arithmetic cannot overflow.
 const TS_ABS_MAX: i64 = 1_000_000_000_000_000;
@@ -711,6 +714,19 @@ impl Engine {
             Dropped,
         }
         let mut top = Top::None;
+        // Compact mode inserts into the index (and walks chains) as it goes: keys are hashed a
+        // few records ahead and their buckets prefetched. Exact mode collects (hash, slot) and
+        // inserts in bucket order at the end, turning random index writes into a sweep.
+        let mut ring = [None; PREFETCH_AHEAD];
+        if exact.is_none() {
+            for (i, r) in records.iter().enumerate().take(PREFETCH_AHEAD) {
+                ring[i] = st.prefetch_index(body, &map, r);
+            }
+        }
+        let mut pending = PendingIndex::default();
+        if exact.is_some() {
+            pending.reserve(records.len());
+        }
         for (i, r) in records.iter().enumerate() {
             let is_sub = r.flags & FLAG_SUB != 0;
             if !is_sub {
@@ -732,7 +748,16 @@ impl Engine {
                     }
                 }
             }
-            let checked = match st.check_record(rules, body, &map, r) {
+            // Hash the key of a record a few ahead and prefetch its index bucket, so the index
+            // inserts below overlap their cache misses.
+            // (The slot of record i in the ring is reused for record i + PREFETCH_AHEAD.)
+            let ahead_hash = ring[i % PREFETCH_AHEAD];
+            if exact.is_none() {
+                if let Some(ahead) = records.get(i + PREFETCH_AHEAD) {
+                    ring[i % PREFETCH_AHEAD] = st.prefetch_index(body, &map, ahead);
+                }
+            }
+            let checked = match st.check_record(rules, body, &map, r, exact.is_none()) {
                 Ok(c) => c,
                 Err(Reject::ProfileChanged) => {
                     report.profile_changed += 1;
@@ -838,19 +863,25 @@ impl Engine {
                     &slot.to_le_bytes(),
                 );
                 let hash = st.hasher.hash_one((p, key));
-                st.index.insert(hash, slot);
-                if exact.is_none() {
+                if exact.is_some() {
+                    pending.push(hash, slot);
+                } else {
+                    st.index.insert(hash, slot);
                     let due = due_s(st.deadline(rules, slot));
                     let wheel = ph.profile as usize;
                     st.wheels[wheel].link(st.table.heads_mut(), slot, due);
                 }
                 report.sub_sessions += 1;
             } else {
-                let hash = st.key_hash(p, key);
+                let hash = match ahead_hash {
+                    Some((q, h)) if q == p => h,
+                    _ => st.key_hash(p, key),
+                };
+                debug_assert_eq!(hash, st.key_hash(p, key));
                 match &exact {
                     Some(plan) => {
                         if !plan.referenced.get(slot as usize) {
-                            st.index.insert(hash, slot);
+                            pending.push(hash, slot);
                         }
                     }
                     None => {
@@ -875,6 +906,7 @@ impl Engine {
                 }
             }
             debug_assert_eq!(st.table.live() as usize, records.len());
+            pending.insert_all(&mut st.index);
             st.relink_exact(rules, body, &map, plan);
         }
         st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
@@ -917,6 +949,51 @@ struct ExactPlan {
     referenced: Bitmap,
 }
 
+/// Index entries collected during an exact restore, inserted sorted by their hash's top bits:
+/// the index's home bucket is a monotone function of those bits, so the inserts sweep the index
+/// instead of missing the cache on every one. The index keeps only a hash's high 32 bits (its
+/// tag), so an entry packs into one u64: tag << 32 | slot.
+#[derive(Default)]
+struct PendingIndex {
+    packed: Vec<u64>,
+}
+
+impl PendingIndex {
+    const BUCKET_BITS: u32 = 10;
+    const TAG_MASK: u64 = 0xffff_ffff_0000_0000;
+
+    fn reserve(&mut self, n: usize) {
+        self.packed.reserve_exact(n);
+    }
+
+    fn push(&mut self, hash: u64, slot: u32) {
+        self.packed.push((hash & Self::TAG_MASK) | u64::from(slot));
+    }
+
+    /// Counting sort on the top `BUCKET_BITS` bits (within a bucket the order is free: its
+    /// entries' homes lie within a few tens of kilobytes of each other), then insert.
+    fn insert_all(self, index: &mut super::index::Index) {
+        let shift = 64 - Self::BUCKET_BITS;
+        let mut starts = vec![0usize; (1 << Self::BUCKET_BITS) + 1];
+        for &e in &self.packed {
+            starts[(e >> shift) as usize + 1] += 1;
+        }
+        for b in 1..starts.len() {
+            starts[b] += starts[b - 1];
+        }
+        let mut sorted = vec![0u64; self.packed.len()];
+        for &e in &self.packed {
+            let b = (e >> shift) as usize;
+            sorted[starts[b]] = e;
+            starts[b] += 1;
+        }
+        drop(self);
+        for e in sorted {
+            index.insert(e & Self::TAG_MASK, e as u32);
+        }
+    }
+}
+
 struct Bitmap(Vec<u64>);
 
 impl Bitmap {
@@ -929,6 +1006,19 @@ impl Bitmap {
     fn set(&mut self, i: usize) {
         self.0[i / 64] |= 1 << (i % 64);
     }
+}
+
+/// A cache hint: no effect on state, never faults (any address).
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is a hint that never faults, whatever the address; SSE is part of the
+    // x86_64 baseline.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 fn cursor_ok(cursor_s: i64) -> bool {
@@ -1016,12 +1106,38 @@ fn var_area_ok(area: &[u8], values: usize, lists: usize) -> bool {
 }
 
 impl State {
+    /// For a top-level record whose profile maps: its new profile and key hash, with the index
+    /// bucket prefetched. Reads only in-bounds bytes; validation comes later.
+    #[inline]
+    fn prefetch_index(
+        &self,
+        body: &ArchivedSnapshotBody,
+        map: &[Option<u8>],
+        r: &ArchivedRecordImage,
+    ) -> Option<(u8, u64)> {
+        if r.flags & FLAG_SUB != 0 {
+            return None;
+        }
+        let p = (*map.get(r.profile as usize)?)?;
+        let off = usize::try_from(r.payload_off.to_native()).ok()?;
+        let key = body
+            .payload
+            .as_slice()
+            .get(off..off.checked_add(r.key_len.to_native() as usize)?)?;
+        let hash = self.key_hash(p, key);
+        self.index.prefetch(hash);
+        Some((p, hash))
+    }
+
+    /// Validates one record; `full` also walks the captured values (skipped when exact mode
+    /// validated the whole archive already).
     fn check_record(
         &self,
         rules: &Rules,
         body: &ArchivedSnapshotBody,
         map: &[Option<u8>],
         r: &ArchivedRecordImage,
+        full: bool,
     ) -> Result<Checked, Reject> {
         let old = r.profile as usize;
         let Some(&mapped) = map.get(old) else {
@@ -1078,11 +1194,13 @@ impl State {
                 return Err(Reject::Invalid("payload length disagrees with its var_len"));
             }
             let rule = &rules.profiles[p as usize];
-            if !var_area_ok(
-                &bytes[key_len + l.fixed_bytes..],
-                rule.metadata.len() + rule.state.len(),
-                rule.lists.len(),
-            ) {
+            if full
+                && !var_area_ok(
+                    &bytes[key_len + l.fixed_bytes..],
+                    rule.metadata.len() + rule.state.len(),
+                    rule.lists.len(),
+                )
+            {
                 return Err(Reject::Invalid("malformed captured values"));
             }
         }
@@ -1094,7 +1212,8 @@ impl State {
     }
 
     /// Whether `body` can be restored exactly (see the module doc), checking every structural
-    /// reference exact mode would follow.
+    /// reference exact mode would follow. Its random accesses go to a byte per slot (wheel
+    /// membership) rather than to the archive, so it stays cheap at ten million sessions.
     fn exact_plan(
         &self,
         rules: &Rules,
@@ -1130,13 +1249,15 @@ impl State {
             let off = r.payload_off.to_native() as usize;
             &payload[off..off + r.key_len.to_native() as usize]
         };
-        let mut live = Bitmap::new(cap as usize);
-        let mut slot_rec = vec![NIL; cap as usize];
+        // Per slot: 0 free, 1 + wheel index while live, SEEN once found in a wheel list.
+        const SEEN: u8 = u8::MAX;
+        let mut slot_state = vec![0u8; cap as usize];
         let mut blocks = 0u64;
         let mut top = u32::MAX;
         let mut tops = 0u64;
+        let mut links = 0u64;
         for (i, r) in records.iter().enumerate() {
-            let c = match self.check_record(rules, body, map, r) {
+            let c = match self.check_record(rules, body, map, r, true) {
                 Ok(c) => c,
                 Err(Reject::Invalid(reason)) => {
                     why(reason);
@@ -1145,14 +1266,12 @@ impl State {
                 Err(Reject::ProfileChanged) => return None,
             };
             let slot = r.slot.to_native();
-            if slot >= cap || live.get(slot as usize) {
+            if slot >= cap || slot_state[slot as usize] != 0 {
                 why("a slot out of range or used twice");
                 return None;
             }
-            live.set(slot as usize);
-            slot_rec[slot as usize] = i as u32;
             blocks += u64::from(self.arena.blocks_for(c.len));
-            if r.flags & FLAG_SUB != 0 {
+            let wheel = if r.flags & FLAG_SUB != 0 {
                 let Some(parent) = records.get(top as usize) else {
                     why("a sub-session without a parent");
                     return None;
@@ -1166,14 +1285,22 @@ impl State {
                     why("a sub-session disagrees with its parent");
                     return None;
                 }
+                body.profiles[r.profile as usize].parent.to_native()
             } else {
                 top = i as u32;
                 tops += 1;
+                links += u64::from(r.link.to_native() != NIL);
                 if fnv1a32(key_of(r)) % shards != shard {
                     why("a key another shard owns");
                     return None;
                 }
+                u32::from(r.profile)
+            };
+            if wheel >= u32::from(SEEN) - 1 {
+                why("a wheel index out of range");
+                return None;
             }
+            slot_state[slot as usize] = wheel as u8 + 1;
         }
         if blocks > u64::from(self.arena.blocks_free()) {
             why("the arena is smaller");
@@ -1182,42 +1309,48 @@ impl State {
         // Chains: each link names a live, older session of the same profile and key, each slot
         // is linked to at most once, and walking from the heads reaches every session (no cycle).
         let mut referenced = Bitmap::new(cap as usize);
-        for r in records.iter().filter(|r| r.flags & FLAG_SUB == 0) {
-            let link = r.link.to_native();
-            if link == NIL {
-                continue;
+        if links > 0 {
+            let mut slot_rec = vec![NIL; cap as usize];
+            for (i, r) in records.iter().enumerate() {
+                slot_rec[r.slot.to_native() as usize] = i as u32;
             }
-            let Some(&t) = slot_rec.get(link as usize).filter(|&&t| t != NIL) else {
-                why("a chain link to a free slot");
-                return None;
-            };
-            let tr = &records[t as usize];
-            if tr.flags & FLAG_SUB != 0
-                || tr.profile != r.profile
-                || key_of(tr) != key_of(r)
-                || tr.start_ts.to_native() > r.start_ts.to_native()
-                || referenced.get(link as usize)
+            for r in records.iter().filter(|r| r.flags & FLAG_SUB == 0) {
+                let link = r.link.to_native();
+                if link == NIL {
+                    continue;
+                }
+                let Some(&t) = slot_rec.get(link as usize).filter(|&&t| t != NIL) else {
+                    why("a chain link to a free slot");
+                    return None;
+                };
+                let tr = &records[t as usize];
+                if tr.flags & FLAG_SUB != 0
+                    || tr.profile != r.profile
+                    || key_of(tr) != key_of(r)
+                    || tr.start_ts.to_native() > r.start_ts.to_native()
+                    || referenced.get(link as usize)
+                {
+                    why("a malformed key chain");
+                    return None;
+                }
+                referenced.set(link as usize);
+            }
+            let mut reached = 0u64;
+            for r in records
+                .iter()
+                .filter(|r| r.flags & FLAG_SUB == 0 && !referenced.get(r.slot.to_native() as usize))
             {
-                why("a malformed key chain");
+                reached += 1;
+                let mut s = r.link.to_native();
+                while s != NIL && reached <= tops {
+                    reached += 1;
+                    s = records[slot_rec[s as usize] as usize].link.to_native();
+                }
+            }
+            if reached != tops {
+                why("a cycle in a key chain");
                 return None;
             }
-            referenced.set(link as usize);
-        }
-        let mut reached = 0u64;
-        for r in records
-            .iter()
-            .filter(|r| r.flags & FLAG_SUB == 0 && !referenced.get(r.slot.to_native() as usize))
-        {
-            reached += 1;
-            let mut s = r.link.to_native();
-            while s != NIL && reached <= tops {
-                reached += 1;
-                s = records[slot_rec[s as usize] as usize].link.to_native();
-            }
-        }
-        if reached != tops {
-            why("a cycle in a key chain");
-            return None;
         }
         // Free list: the complement of the live slots, each free slot once.
         let mut total = records.len() as u64;
@@ -1227,12 +1360,12 @@ impl State {
                 why("a free run out of range");
                 return None;
             }
-            for s in start..start + len {
-                if live.get(s as usize) {
-                    why("a slot both free and live");
+            for s in &mut slot_state[start as usize..(start + len) as usize] {
+                if *s != 0 {
+                    why("a slot both free and live, or free twice");
                     return None;
                 }
-                live.set(s as usize);
+                *s = SEEN;
             }
             total += u64::from(len);
         }
@@ -1242,7 +1375,6 @@ impl State {
         }
         // Wheels: every record in exactly one bucket of its own wheel.
         let slots_max = body.slots_max.to_native();
-        let mut in_wheel = Bitmap::new(cap as usize);
         let mut linked = 0u64;
         for (old, image) in body.profiles.iter().enumerate() {
             let spans = image.wheel_spans.as_slice();
@@ -1273,23 +1405,22 @@ impl State {
                 }
                 buckets.set(b as usize);
             }
-            for &s in slots {
-                let s = s.to_native();
-                let Some(&ri) = slot_rec.get(s as usize).filter(|&&ri| ri != NIL) else {
-                    why("a wheel entry for a free slot");
-                    return None;
-                };
-                let r = &records[ri as usize];
-                let wheel = if r.flags & FLAG_SUB != 0 {
-                    body.profiles[r.profile as usize].parent.to_native() as usize
-                } else {
-                    r.profile as usize
-                };
-                if wheel != old || in_wheel.get(s as usize) {
-                    why("a wheel entry in the wrong wheel or listed twice");
-                    return None;
+            for (k, &s) in slots.iter().enumerate() {
+                if let Some(&ahead) = slots.get(k + PREFETCH_AHEAD) {
+                    prefetch(slot_state.as_ptr().wrapping_add(ahead.to_native() as usize));
                 }
-                in_wheel.set(s as usize);
+                let state = slot_state.get_mut(s.to_native() as usize);
+                match state {
+                    Some(state)
+                        if *state != 0 && *state != SEEN && usize::from(*state - 1) == old =>
+                    {
+                        *state = SEEN
+                    }
+                    _ => {
+                        why("a wheel entry for a free slot, in the wrong wheel, or listed twice");
+                        return None;
+                    }
+                }
                 linked += 1;
             }
         }
@@ -1323,8 +1454,16 @@ impl State {
             for span in image.wheel_spans.iter().rev() {
                 let start = end - span.len.to_native() as usize;
                 let second = cursor + (i64::from(span.bucket.to_native()) - cursor).rem_euclid(m);
-                for s in slots[start..end].iter().rev() {
-                    let s = s.to_native();
+                for k in (start..end).rev() {
+                    if let Some(ahead) = k.checked_sub(PREFETCH_AHEAD) {
+                        prefetch(
+                            self.table
+                                .heads()
+                                .as_ptr()
+                                .wrapping_add(slots[ahead].to_native() as usize),
+                        );
+                    }
+                    let s = slots[k].to_native();
                     self.wheels[p].link(self.table.heads_mut(), s, second);
                     let due = due_s(self.deadline(rules, s));
                     if due < second {

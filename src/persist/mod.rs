@@ -1,0 +1,71 @@
+//! Durability: snapshot files, the event log, and the `inspect-snapshot` printer.
+//!
+//! The engine knows how to export and import its state (`engine::snapshot`); this module owns
+//! the files: their byte formats (`docs/storage-format.md`), the write protocol (temp file, fsync,
+//! rename, directory fsync, two generations kept), validation on load with fallback to the
+//! previous generation, and the append-only log of accepted events with group commit. Nothing
+//! here panics on an I/O error: every failure is a typed value the runtime counts and retries.
+
+pub mod bench;
+pub mod inspect;
+pub mod log;
+pub mod snapshot_file;
+
+pub use crate::engine::snapshot::{
+    ArchivedSnapshotBody, RestoreReport, SnapshotMeta, SnapshotSummary,
+};
+pub use log::{LogConfig, LogError, LogReadReport, LogReader, LogRecord, LogWriter};
+pub use snapshot_file::{
+    open_latest, LoadedSnapshot, SnapshotError, SnapshotHeader, SnapshotWriter,
+};
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// fsync a directory, so a rename or an unlink in it is durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Milliseconds since the epoch by the system clock (only for header fields; the engine gets its
+/// time from the runtime).
+pub fn wall_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Parses `<prefix><shard>-<generation><suffix>`, e.g. `snap-3-17.szs`.
+pub(crate) fn parse_name(name: &str, prefix: &str, suffix: &str) -> Option<(u32, u64)> {
+    let rest = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    let (shard, generation) = rest.split_once('-')?;
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(shard) || !all_digits(generation) {
+        return None;
+    }
+    Some((shard.parse().ok()?, generation.parse().ok()?))
+}
+
+/// `(generation, path)` of every `<prefix><shard>-<generation><suffix>` file in `dir`, ascending.
+pub(crate) fn list_files(
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+    shard: u32,
+) -> io::Result<Vec<(u64, std::path::PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some((s, g)) = parse_name(name, prefix, suffix) {
+            if s == shard {
+                out.push((g, entry.path()));
+            }
+        }
+    }
+    out.sort_unstable_by_key(|(g, _)| *g);
+    Ok(out)
+}
