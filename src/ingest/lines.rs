@@ -170,7 +170,10 @@ mod tests {
     #[test]
     fn splits_skips_oversized_and_keeps_going() {
         let mut lb = LineBuf::new(10, 4);
-        let got = feed(&mut lb, b"abc\r\n\nde\n0123456789ABCDEF\nok\n0123456789\ntail");
+        let got = feed(
+            &mut lb,
+            b"abc\r\n\nde\n0123456789ABCDEF\nok\n0123456789\ntail",
+        );
         assert_eq!(
             got,
             vec!["abc", "de", "TOO_LONG", "ok", "0123456789", "LAST:tail"]

@@ -176,10 +176,7 @@ fn bind_one(kind: Transport, addr: SocketAddr) -> io::Result<Socket> {
             )
         };
         if rc != 0 {
-            log::debug!(
-                "SO_RXQ_OVFL not available: {}",
-                io::Error::last_os_error()
-            );
+            log::debug!("SO_RXQ_OVFL not available: {}", io::Error::last_os_error());
         }
     }
     s.bind(&SockAddr::from(addr))?;

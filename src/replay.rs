@@ -1,0 +1,254 @@
+//! `sessionizer replay FILE...`: the live engine, driven by the events' own time.
+//!
+//! One `Engine` per configured shard, all in this thread (`numa_node` None); every event is
+//! routed to its owner exactly as in the live run (`route`), so a replay produces the sessions
+//! the appliance would have produced. Files are read in order through a fixed buffer
+//! (`ingest::lines::LineBuf`, memchr splitting); every engine's timers run (`advance` with
+//! `Clock::Replay`) every [`ADVANCE_EVERY_EVENTS`] events and at the end, then every engine
+//! `finish`es. Records of every stream are written in processing order, so the same input gives
+//! byte-identical output. Undecodable lines become dead-letter records with transport "replay".
+
+use crate::config::Config;
+use crate::decode::Decoder;
+use crate::engine::rules::Rules;
+use crate::engine::{route, Clock, Engine, Out, Route};
+use crate::ingest::lines::{Chunk, LineBuf, TOO_LONG_PREFIX_BYTES};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Engines' timers run after this many events.
+pub const ADVANCE_EVERY_EVENTS: u64 = 10_000;
+/// Bytes read from a file at a time.
+const READ_CHUNK_BYTES: usize = 4 << 20;
+/// Output records are written once they hold this many bytes.
+const OUT_WRITE_BYTES: usize = 1 << 20;
+const TRANSPORT: &str = "replay";
+
+#[derive(Debug)]
+pub enum ReplayError {
+    Config(crate::config::ConfigError),
+    Io { what: String, source: io::Error },
+}
+
+impl std::fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplayError::Config(e) => write!(f, "{e}"),
+            ReplayError::Io { what, source } => write!(f, "{what}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for ReplayError {}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ReplayError {
+    let what = what.into();
+    move |source| ReplayError::Io { what, source }
+}
+
+/// What a replay did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub lines: u64,
+    pub events: u64,
+    pub undecodable: u64,
+    pub records: u64,
+    pub bytes_in: u64,
+}
+
+/// Replay `files` in order and write every record to `output` (`-` = stdout).
+pub fn run(cfg: &Config, files: &[PathBuf], output: &str) -> Result<ReplaySummary, ReplayError> {
+    if output == "-" {
+        let stdout = io::stdout();
+        let lock = stdout.lock();
+        replay_to(cfg, files, lock, "stdout")
+    } else {
+        let f = File::create(output).map_err(io_err(format!("creating {output}")))?;
+        replay_to(cfg, files, f, output)
+    }
+}
+
+/// Replay into any writer (buffered here).
+pub fn replay_to<W: Write>(
+    cfg: &Config,
+    files: &[PathBuf],
+    sink: W,
+    sink_name: &str,
+) -> Result<ReplaySummary, ReplayError> {
+    let mut r = Replayer::new(cfg)?;
+    let mut w = io::BufWriter::with_capacity(OUT_WRITE_BYTES, sink);
+    let write_err = io_err(format!("writing {sink_name}"));
+    for path in files {
+        r.feed_file(path, &mut w)?;
+    }
+    r.finish(&mut w)
+        .map_err(io_err(format!("writing {sink_name}")))?;
+    w.flush().map_err(write_err)?;
+    Ok(r.summary)
+}
+
+struct Replayer {
+    rules: Arc<Rules>,
+    engines: Vec<Engine>,
+    dec: Decoder,
+    out: Out,
+    shards: u32,
+    line_bytes_max: usize,
+    since_advance: u64,
+    summary: ReplaySummary,
+}
+
+impl Replayer {
+    fn new(cfg: &Config) -> Result<Replayer, ReplayError> {
+        let rules = Arc::new(Rules::compile(cfg).map_err(ReplayError::Config)?);
+        let shards = cfg.core_list().len() as u32;
+        assert!(shards >= 1);
+        let engines = (0..shards)
+            .map(|i| {
+                Engine::new(rules.clone(), cfg, i as u8, None)
+                    .map_err(io_err(format!("reserving memory for shard {i}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let line_bytes_max = cfg.limits.line_bytes_max as usize;
+        let dec = Decoder::new(
+            rules.field_table(),
+            cfg.limits.json_depth_max,
+            line_bytes_max,
+        );
+        Ok(Replayer {
+            rules,
+            engines,
+            dec,
+            out: Out::with_capacity(2 * OUT_WRITE_BYTES + 4 * line_bytes_max, 1 << 16),
+            shards,
+            line_bytes_max,
+            since_advance: 0,
+            summary: ReplaySummary::default(),
+        })
+    }
+
+    fn feed_file<W: Write>(&mut self, path: &Path, w: &mut W) -> Result<(), ReplayError> {
+        let name = path.display().to_string();
+        let mut f = File::open(path).map_err(io_err(format!("opening {name}")))?;
+        let mut lb = LineBuf::new(self.line_bytes_max, READ_CHUNK_BYTES);
+        loop {
+            let n = match f.read(lb.spare_mut()) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err(format!("reading {name}"))(e)),
+            };
+            lb.commit(n);
+            self.summary.bytes_in += n as u64;
+            while let Some(chunk) = lb.next_chunk() {
+                match chunk {
+                    Chunk::Lines(r) => self.lines(lb.bytes(r), w),
+                    Chunk::TooLong(r) => self.too_long(lb.bytes(r)),
+                }
+                .map_err(io_err("writing output"))?;
+            }
+        }
+        if let Some(r) = lb.finish() {
+            self.lines(lb.bytes(r), w)
+                .map_err(io_err("writing output"))?;
+        }
+        Ok(())
+    }
+
+    fn too_long(&mut self, prefix: &[u8]) -> io::Result<()> {
+        self.summary.lines += 1;
+        self.summary.undecodable += 1;
+        self.out.dead_letter("line_too_long", TRANSPORT, prefix);
+        Ok(())
+    }
+
+    fn lines<W: Write>(&mut self, data: &[u8], w: &mut W) -> io::Result<()> {
+        let mut pos = 0;
+        while pos < data.len() {
+            let end = memchr::memchr(b'\n', &data[pos..]).map_or(data.len(), |i| pos + i);
+            let mut line = &data[pos..end];
+            pos = end + 1;
+            if let [rest @ .., b'\r'] = line {
+                line = rest;
+            }
+            if line.is_empty() {
+                continue;
+            }
+            self.line(line);
+            if self.out.buf.len() >= OUT_WRITE_BYTES {
+                self.write_out(w)?;
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn line(&mut self, line: &[u8]) {
+        self.summary.lines += 1;
+        if line.len() > self.line_bytes_max {
+            self.summary.undecodable += 1;
+            let prefix = &line[..TOO_LONG_PREFIX_BYTES.min(line.len())];
+            self.out.dead_letter("line_too_long", TRANSPORT, prefix);
+            return;
+        }
+        let ev = match self.dec.decode(line) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.summary.undecodable += 1;
+                self.out.dead_letter(e.label(), TRANSPORT, line);
+                return;
+            }
+        };
+        self.summary.events += 1;
+        let mut matched = false;
+        for p in self.rules.matching(&ev) {
+            matched = true;
+            match route(&self.rules, p, &ev, self.shards) {
+                Route::Owner(o) => {
+                    self.engines[o as usize].on_event(p, &ev, Clock::Replay, &mut self.out)
+                }
+                Route::MissingKey => self.out.dead_letter_event(
+                    "missing_key",
+                    &self.rules.profiles[p as usize].name,
+                    ev.raw(),
+                ),
+                Route::KeyTooLong => self.out.dead_letter_event(
+                    "key_too_long",
+                    &self.rules.profiles[p as usize].name,
+                    ev.raw(),
+                ),
+            }
+        }
+        if !matched {
+            self.out.passthrough(ev.raw());
+        }
+        self.since_advance += 1;
+        if self.since_advance >= ADVANCE_EVERY_EVENTS {
+            self.since_advance = 0;
+            for e in &mut self.engines {
+                e.advance(Clock::Replay, &mut self.out);
+            }
+        }
+    }
+
+    fn write_out<W: Write>(&mut self, w: &mut W) -> io::Result<()> {
+        // Records are whole lines laid end to end in production order: the buffer is the output.
+        self.summary.records += self.out.len() as u64;
+        let end = self.out.recs.last().map_or(0, |r| r.end as usize);
+        w.write_all(&self.out.buf[..end])?;
+        self.out.clear();
+        Ok(())
+    }
+
+    fn finish<W: Write>(&mut self, w: &mut W) -> io::Result<()> {
+        for e in &mut self.engines {
+            e.advance(Clock::Replay, &mut self.out);
+        }
+        for e in &mut self.engines {
+            e.finish(&mut self.out);
+        }
+        self.write_out(w)
+    }
+}

@@ -1,0 +1,669 @@
+//! The live appliance: one pinned glommio executor per configured core, each a shard.
+//!
+//! Start-up order (the parent thread): signal handling, then every listener socket (bound in
+//! shard order, see `ingest`), then the outputs, then the hand-off queues for every (from, to)
+//! pair, then the executors. Each shard creates its engine on its own pinned thread (so the
+//! arena is first touched on the shard's NUMA node), connects its queues, wraps its sockets,
+//! starts its tasks and reports ready; when all have, the parent prints the single
+//! `READY {json}` line on stderr.
+//!
+//! Shutdown (SIGTERM/SIGINT): the parent raises the stop flag; each shard stops ingest (tasks
+//! read what the kernel already holds, then end), seals and sends its last hand-off batches,
+//! closes its senders, drains its receivers until every peer has closed, flushes its output and
+//! reports. The parent then shuts the outputs down (5 s), logs each shard's counters and
+//! returns. A watchdog ends the process with exit code 1 if all that takes more than 10 s.
+
+pub mod counters;
+pub mod handoff;
+pub mod shard;
+
+use crate::config::{Config, Transport};
+use crate::decode::Decoder;
+use crate::engine::rules::Rules;
+use crate::engine::{numa, Engine};
+use crate::ingest::{self, Listeners, ShardSocket};
+use crate::output::{Outputs, ShardOutput};
+use counters::ShardCounters;
+use glommio::channels::shared_channel::{self, ConnectedReceiver, SharedReceiver, SharedSender};
+use glommio::{LocalExecutorBuilder, Placement};
+use handoff::{Batch, HandoffOut};
+use shard::{now_ms, Ctx, IngestLimits, Shard};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// Engine timers run at least this often.
+const ADVANCE_INTERVAL_MS: i64 = 50;
+/// Output is flushed at least this often while some is pending (the tick period).
+const TICK: Duration = Duration::from_millis(1);
+/// Counters are published this often.
+const PUBLISH_INTERVAL_MS: i64 = 1000;
+/// A shard's share of the shutdown: stop ingest, drain hand-offs, flush.
+const SHARD_DRAIN_BUDGET: Duration = Duration::from_secs(3);
+/// How long the outputs get to drain at shutdown.
+const OUTPUT_SHUTDOWN: Duration = Duration::from_secs(5);
+/// From the stop signal to process exit, whatever happens.
+const SHUTDOWN_HARD_CAP: Duration = Duration::from_secs(10);
+/// Shards must be ready within this long (engine reservation, queue connection).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// glommio's preemption tick: how long a busy task may run before `yield_if_needed` yields,
+/// and so how often a busy executor polls its timers and I/O.
+const PREEMPT: Duration = Duration::from_millis(5);
+/// How often the kicker checks that every shard's ticker still advances (see [`Beat`]).
+const KICK_CHECK: Duration = Duration::from_millis(10);
+
+#[derive(Debug)]
+pub enum RunError {
+    /// The configuration could not be compiled (exit code 2).
+    Config(crate::config::ConfigError),
+    /// Anything at run time (exit code 1).
+    Runtime(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Config(e) => write!(f, "{e}"),
+            RunError::Runtime(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+/// Liveness of one shard's executor, watched by the parent's kicker thread.
+///
+/// Why: glommio 0.9.0 can park an executor that still has runnable tasks. `run_task_queues`
+/// returns "nothing ran" when the preemption timer fires between its I/O poll and its first
+/// check, and the run loop then parks; if no timer or I/O completion is pending (every task is
+/// runnable, e.g. connections with data waiting), it sleeps in `io_uring_enter` for ever. Seen
+/// here under load (a shard asleep with full socket buffers); fixed upstream in glommio/glommio
+/// PR #53 ("do not park the executor while a task queue is still runnable"). Any foreign wake
+/// gets it going again, so the ticker bumps `ticks` every millisecond and the kicker wakes the
+/// ticker's task from outside when a shard's `ticks` stood still for a whole check period while
+/// its thread sleeps (a shard that is merely busy, or waiting for a CPU, is runnable, not
+/// sleeping, and is left alone). Healthy shards cost the kicker one atomic load per period.
+#[derive(Default)]
+pub struct Beat {
+    ticks: AtomicU64,
+    kicks: AtomicU64,
+    /// The shard thread's kernel thread id, to read its scheduler state.
+    tid: std::sync::atomic::AtomicI32,
+    /// The ticker task's waker; taken back (and dropped) on the shard's own thread at exit.
+    waker: Mutex<Option<Waker>>,
+}
+
+fn spawn_kicker(beats: Arc<[Beat]>, done: Arc<AtomicBool>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("shard-kicker".into())
+        .spawn(move || {
+            let mut last: Vec<u64> = beats
+                .iter()
+                .map(|b| b.ticks.load(Ordering::Relaxed))
+                .collect();
+            while !done.load(Ordering::Acquire) {
+                std::thread::sleep(KICK_CHECK);
+                for (b, seen) in beats.iter().zip(last.iter_mut()) {
+                    let now = b.ticks.load(Ordering::Relaxed);
+                    if now == *seen && thread_sleeping(b.tid.load(Ordering::Relaxed)) {
+                        if let Ok(w) = b.waker.lock() {
+                            if let Some(w) = w.as_ref() {
+                                w.wake_by_ref();
+                                b.kicks.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    *seen = now;
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// Whether thread `tid` of this process is in an interruptible sleep (state `S`).
+fn thread_sleeping(tid: i32) -> bool {
+    if tid <= 0 {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name, which may itself contain spaces.
+    stat.rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('S'))
+}
+
+fn rt(context: &str) -> impl Fn(&dyn std::fmt::Display) -> RunError + '_ {
+    move |e| RunError::Runtime(format!("{context}: {e}"))
+}
+
+/// Messages from shards and the signal thread to the parent.
+enum Msg {
+    Ready(u32),
+    Failed(u32, String),
+    Exited(u32),
+    Signal(i32),
+}
+
+/// Everything a shard thread starts with (all `Send`).
+struct ShardArgs {
+    id: u32,
+    cpu: usize,
+    cfg: Arc<Config>,
+    rules: Arc<Rules>,
+    output: ShardOutput,
+    sockets: Vec<ShardSocket>,
+    /// Data queues to each peer / from each peer (`None` at own index).
+    data_tx: Vec<Option<SharedSender<Batch>>>,
+    data_rx: Vec<Option<SharedReceiver<Batch>>>,
+    /// Where this shard returns emptied buffers to each peer.
+    ret_tx: Vec<Option<crossbeam_channel::Sender<Batch>>>,
+    /// Where this shard's buffers to each peer come back.
+    ret_rx: Vec<Option<crossbeam_channel::Receiver<Batch>>>,
+    counters: Arc<[ShardCounters]>,
+    beats: Arc<[Beat]>,
+    stop: Arc<AtomicBool>,
+    msgs: mpsc::Sender<Msg>,
+}
+
+/// Run the appliance until SIGTERM/SIGINT.
+pub fn run(cfg: Config) -> Result<(), RunError> {
+    let cores = cfg.core_list();
+    assert!(!cores.is_empty() && cores.len() <= crate::config::SHARDS_MAX);
+    let shards = cores.len() as u32;
+    let rules = Arc::new(Rules::compile(&cfg).map_err(RunError::Config)?);
+    let cfg = Arc::new(cfg);
+    let (msg_tx, msg_rx) = mpsc::channel::<Msg>();
+
+    // Signals first, so a SIGTERM during start-up is a clean stop, not a kill.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| rt("installing signal handlers")(&e))?;
+    {
+        let tx = msg_tx.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for s in signals.forever() {
+                    if tx.send(Msg::Signal(s)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| rt("starting the signal thread")(&e))?;
+    }
+
+    let listeners = Listeners::bind(&cfg, shards).map_err(|e| rt("binding listeners")(&e))?;
+    for g in &listeners.groups {
+        log::info!(
+            "listening on {} {} ({} sockets{})",
+            ingest::transport_label(g.kind),
+            g.address,
+            shards,
+            if g.steering {
+                ", steering attached"
+            } else {
+                ""
+            }
+        );
+    }
+    let (outputs, shard_outputs) =
+        Outputs::start(&cfg, shards as usize).map_err(|e| rt("starting outputs")(&e))?;
+    if shard_outputs.len() != shards as usize {
+        return Err(RunError::Runtime(format!(
+            "outputs returned {} shard handles for {shards} shards",
+            shard_outputs.len()
+        )));
+    }
+
+    // Hand-off queues: one data queue and one return queue per ordered pair.
+    let n = shards as usize;
+    let q = cfg.limits.handoff_queue_batches as usize;
+    let pool = q + 2;
+    let mut data_tx: Vec<Vec<Option<SharedSender<Batch>>>> = (0..n).map(|_| none_vec(n)).collect();
+    let mut data_rx: Vec<Vec<Option<SharedReceiver<Batch>>>> =
+        (0..n).map(|_| none_vec(n)).collect();
+    let mut ret_tx: Vec<Vec<Option<crossbeam_channel::Sender<Batch>>>> =
+        (0..n).map(|_| none_vec(n)).collect();
+    let mut ret_rx: Vec<Vec<Option<crossbeam_channel::Receiver<Batch>>>> =
+        (0..n).map(|_| none_vec(n)).collect();
+    for from in 0..n {
+        for to in 0..n {
+            if from == to {
+                continue;
+            }
+            let (tx, rx) = shared_channel::new_bounded(q);
+            data_tx[from][to] = Some(tx);
+            data_rx[to][from] = Some(rx);
+            let (rtx, rrx) = crossbeam_channel::bounded(pool);
+            ret_tx[to][from] = Some(rtx);
+            ret_rx[from][to] = Some(rrx);
+        }
+    }
+
+    let counters: Arc<[ShardCounters]> = (0..n).map(|_| ShardCounters::default()).collect();
+    let beats: Arc<[Beat]> = (0..n).map(|_| Beat::default()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let kicker_done = Arc::new(AtomicBool::new(false));
+    spawn_kicker(beats.clone(), kicker_done.clone())
+        .map_err(|e| rt("starting the shard kicker")(&e))?;
+    let mut handles = Vec::with_capacity(n);
+    let mut shard_outputs = shard_outputs.into_iter();
+    for (i, &cpu) in cores.iter().enumerate() {
+        let args = ShardArgs {
+            id: i as u32,
+            cpu,
+            cfg: cfg.clone(),
+            rules: rules.clone(),
+            output: shard_outputs.next().expect("one output per shard"),
+            sockets: listeners
+                .for_shard(i as u32)
+                .map_err(|e| rt("duplicating listener sockets")(&e))?,
+            data_tx: std::mem::take(&mut data_tx[i]),
+            data_rx: std::mem::take(&mut data_rx[i]),
+            ret_tx: std::mem::take(&mut ret_tx[i]),
+            ret_rx: std::mem::take(&mut ret_rx[i]),
+            counters: counters.clone(),
+            beats: beats.clone(),
+            stop: stop.clone(),
+            msgs: msg_tx.clone(),
+        };
+        let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+            .name(&format!("shard{i}"))
+            .preempt_timer(PREEMPT)
+            .spawn(move || shard_main(args))
+            .map_err(|e| rt(&format!("starting shard {i} on cpu {cpu}"))(&e))?;
+        handles.push(h);
+    }
+    drop(msg_tx);
+
+    // Wait for every shard (or the first failure, or a signal).
+    let started = Instant::now();
+    let mut ready = 0;
+    let mut failure: Option<String> = None;
+    while ready < n && failure.is_none() {
+        let left = START_TIMEOUT.saturating_sub(started.elapsed());
+        match msg_rx.recv_timeout(left) {
+            Ok(Msg::Ready(i)) => {
+                log::debug!("shard {i} ready");
+                ready += 1;
+            }
+            Ok(Msg::Failed(i, e)) => failure = Some(format!("shard {i}: {e}")),
+            Ok(Msg::Exited(i)) => failure = Some(format!("shard {i} exited during start-up")),
+            Ok(Msg::Signal(s)) => {
+                log::info!("signal {s} during start-up: stopping");
+                break;
+            }
+            Err(_) => failure = Some(format!("shards not ready after {START_TIMEOUT:?}")),
+        }
+    }
+    if ready == n && failure.is_none() {
+        println_ready(&listeners, &outputs, shards);
+        // systemd Type=notify (a no-op outside systemd).
+        if let Err(e) = crate::notify::ready() {
+            log::warn!("sd_notify READY=1: {e}");
+        }
+        log::info!("running {shards} shards on cpus {cores:?}");
+        // Run until a signal or a shard failure.
+        loop {
+            match msg_rx.recv() {
+                Ok(Msg::Signal(s)) => {
+                    log::info!("signal {s}: shutting down");
+                    break;
+                }
+                Ok(Msg::Failed(i, e)) => {
+                    failure = Some(format!("shard {i}: {e}"));
+                    break;
+                }
+                Ok(Msg::Exited(i)) => {
+                    failure = Some(format!("shard {i} stopped unexpectedly"));
+                    break;
+                }
+                Ok(Msg::Ready(_)) => {}
+                Err(_) => {
+                    failure = Some("every shard is gone".into());
+                    break;
+                }
+            }
+        }
+    }
+
+    // Shutdown, bounded by the watchdog.
+    let t0 = Instant::now();
+    let _ = crate::notify::stopping();
+    stop.store(true, Ordering::Release);
+    std::thread::Builder::new()
+        .name("shutdown-watchdog".into())
+        .spawn(|| {
+            std::thread::sleep(SHUTDOWN_HARD_CAP);
+            log::error!(
+                "shutdown took longer than {SHUTDOWN_HARD_CAP:?}: exiting without a full flush"
+            );
+            std::process::exit(1);
+        })
+        .map_err(|e| rt("starting the shutdown watchdog")(&e))?;
+    let mut exited = 0;
+    let shard_deadline = t0 + SHARD_DRAIN_BUDGET + Duration::from_secs(1);
+    while exited < n {
+        let left = shard_deadline.saturating_duration_since(Instant::now());
+        match msg_rx.recv_timeout(left) {
+            Ok(Msg::Exited(_)) => exited += 1,
+            Ok(Msg::Failed(i, e)) => {
+                exited += 1;
+                failure.get_or_insert(format!("shard {i}: {e}"));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                log::error!(
+                    "{} shards did not finish within {:?}",
+                    n - exited,
+                    SHARD_DRAIN_BUDGET
+                );
+                failure.get_or_insert("shards did not stop in time".into());
+                break;
+            }
+        }
+    }
+    if exited == n {
+        for (i, h) in handles.into_iter().enumerate() {
+            if let Err(e) = h.join() {
+                failure.get_or_insert(format!("shard {i} thread: {e}"));
+            }
+        }
+    }
+    kicker_done.store(true, Ordering::Release);
+    outputs.shutdown(OUTPUT_SHUTDOWN);
+    for (i, c) in counters.iter().enumerate() {
+        log::info!("shard stats: {}", c.load().to_json(i as u32));
+        let kicks = beats[i].kicks.load(Ordering::Relaxed);
+        if kicks > 0 {
+            log::warn!("shard {i}: executor found parked with work and woken {kicks} times (glommio park race, see runtime::Beat)");
+        }
+    }
+    // The sockets stay open until here: a closed member would reshuffle the reuseport group.
+    drop(listeners);
+    log::info!("stopped in {:?}", t0.elapsed());
+    match failure {
+        None => Ok(()),
+        Some(f) => Err(RunError::Runtime(f)),
+    }
+}
+
+fn none_vec<T>(n: usize) -> Vec<Option<T>> {
+    (0..n).map(|_| None).collect()
+}
+
+/// The one readiness line tests and service managers wait for:
+/// `READY {"shards":N,"listeners":[{"kind":..,"address":..}],"outputs":[..]}` (keys in this order).
+fn println_ready(listeners: &Listeners, outputs: &Outputs, shards: u32) {
+    let entry = |kind: &str, address: &str| {
+        format!(
+            "{{\"kind\":{},\"address\":{}}}",
+            serde_json::Value::from(kind),
+            serde_json::Value::from(address)
+        )
+    };
+    let ls: Vec<String> = listeners
+        .groups
+        .iter()
+        .map(|g| entry(ingest::transport_label(g.kind), &g.address.to_string()))
+        .collect();
+    let os: Vec<String> = outputs
+        .bound()
+        .into_iter()
+        .map(|(kind, address)| entry(kind, &address))
+        .collect();
+    eprintln!(
+        "READY {{\"shards\":{shards},\"listeners\":[{}],\"outputs\":[{}]}}",
+        ls.join(","),
+        os.join(",")
+    );
+}
+
+/// A shard's executor: set up, report ready, run until stopped, drain, report exit.
+async fn shard_main(a: ShardArgs) {
+    let id = a.id;
+    let msgs = a.msgs.clone();
+    match shard_run(a).await {
+        Ok(()) => {
+            let _ = msgs.send(Msg::Exited(id));
+        }
+        Err(e) => {
+            log::error!("shard {id}: {e}");
+            let _ = msgs.send(Msg::Failed(id, e));
+        }
+    }
+}
+
+async fn shard_run(a: ShardArgs) -> Result<(), String> {
+    let id = a.id;
+    let shards = a.data_tx.len() as u32;
+    let cfg = &a.cfg;
+    let node = numa::node_of_cpu(a.cpu);
+    log::info!("shard {id}: cpu {} numa node {node:?}", a.cpu);
+    let engine = Engine::new(a.rules.clone(), cfg, id as u8, node)
+        .map_err(|e| format!("reserving engine memory: {e}"))?;
+    let line_bytes_max = cfg.limits.line_bytes_max as usize;
+    let dec = Decoder::new(
+        a.rules.field_table(),
+        cfg.limits.json_depth_max,
+        line_bytes_max,
+    );
+    let batch_bytes = (cfg.limits.handoff_batch_bytes as usize).max(line_bytes_max + 1);
+    let handoff = HandoffOut::new(
+        id,
+        a.ret_rx,
+        cfg.limits.handoff_batch_events,
+        batch_bytes,
+        cfg.limits.handoff_queue_batches,
+    );
+    // Room for a round's records: several enriched copies of the longest line, at least 1 MiB.
+    let out_bytes = (1usize << 20).max(4 * (line_bytes_max + 4096) * (a.rules.profiles.len() + 1));
+    let st = Shard::new(
+        id,
+        shards,
+        a.rules.clone(),
+        engine,
+        dec,
+        out_bytes,
+        a.output,
+        handoff,
+        line_bytes_max,
+    );
+
+    // Connect every queue end concurrently: a connect waits for its peer's.
+    let tx_tasks: Vec<_> = a
+        .data_tx
+        .into_iter()
+        .map(|s| s.map(|s| glommio::spawn_local(s.connect())))
+        .collect();
+    let rx_tasks: Vec<_> = a
+        .data_rx
+        .into_iter()
+        .map(|r| r.map(|r| glommio::spawn_local(r.connect())))
+        .collect();
+    let mut tx = Vec::with_capacity(shards as usize);
+    for t in tx_tasks {
+        tx.push(match t {
+            Some(t) => Some(t.await),
+            None => None,
+        });
+    }
+    let mut rx: Vec<Option<ConnectedReceiver<Batch>>> = Vec::with_capacity(shards as usize);
+    for t in rx_tasks {
+        rx.push(match t {
+            Some(t) => Some(t.await),
+            None => None,
+        });
+    }
+
+    let limits = IngestLimits {
+        line_bytes_max,
+        datagram_bytes_max: cfg.limits.datagram_bytes_max as usize,
+        tcp_idle_timeout: cfg.limits.tcp_idle_timeout.0,
+        tcp_connections_per_shard: (cfg.limits.tcp_connections_max / shards).max(1),
+    };
+    let ctx = Rc::new(Ctx::new(st, limits, tx));
+
+    let mut receivers = Vec::new();
+    for ((from, r), ret) in rx.into_iter().enumerate().zip(a.ret_tx) {
+        if let (Some(r), Some(ret)) = (r, ret) {
+            receivers.push(glommio::spawn_local(handoff_receiver(
+                ctx.clone(),
+                r,
+                ret,
+                from as u32,
+            )));
+        }
+    }
+    for s in a.sockets {
+        match s.kind {
+            Transport::Udp => glommio::spawn_local(ingest::udp::run(ctx.clone(), s)).detach(),
+            Transport::Tcp => {
+                glommio::spawn_local(ingest::tcp::run_listener(ctx.clone(), s)).detach()
+            }
+        };
+    }
+    let _ = a.msgs.send(Msg::Ready(id));
+
+    // The ticker: engine timers, output flushes, counter publication, the stop flag, and the
+    // heartbeat the kicker watches.
+    let beat = &a.beats[id as usize];
+    // SAFETY: gettid has no preconditions.
+    beat.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+    std::future::poll_fn(|cx| {
+        if let Ok(mut w) = beat.waker.lock() {
+            *w = Some(cx.waker().clone());
+        }
+        Poll::Ready(())
+    })
+    .await;
+    let mut last_advance = now_ms();
+    let mut last_publish = last_advance;
+    while !a.stop.load(Ordering::Acquire) {
+        glommio::timer::sleep(TICK).await;
+        beat.ticks.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let mut st = ctx.st.borrow_mut();
+        if now - last_advance >= ADVANCE_INTERVAL_MS {
+            st.advance(now);
+            last_advance = now;
+        }
+        if (!st.out.is_empty() || !st.output.is_idle() || ctx.blocked.get())
+            && st.deliver_and_flush()
+        {
+            ctx.blocked.set(false);
+        }
+        if now - last_publish >= PUBLISH_INTERVAL_MS {
+            st.c.cpu_us = counters::thread_cpu_us();
+            st.c.publish(&a.counters[id as usize]);
+            last_publish = now;
+            if log::log_enabled!(log::Level::Debug) {
+                log::debug!("shard counters: {}", st.c.to_json(id));
+            }
+        }
+    }
+
+    // Shutdown.
+    let deadline = Instant::now() + SHARD_DRAIN_BUDGET;
+    ctx.stop_ingest();
+    while ctx.ingest_tasks.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(TICK).await;
+    }
+    if ctx.ingest_tasks.get() > 0 {
+        log::warn!(
+            "shard {id}: {} ingest tasks still running at the deadline",
+            ctx.ingest_tasks.get()
+        );
+    }
+    ctx.st.borrow_mut().handoff.seal_all();
+    let left = deadline.saturating_duration_since(Instant::now());
+    if glommio::timer::timeout(left, async {
+        shard::send_ready(&ctx).await;
+        Ok(())
+    })
+    .await
+    .is_err()
+    {
+        log::warn!("shard {id}: hand-off queues still full at the deadline");
+    }
+    for t in ctx.tx.iter().flatten() {
+        t.close();
+    }
+    for r in receivers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if glommio::timer::timeout(left, async {
+            r.await;
+            Ok(())
+        })
+        .await
+        .is_err()
+        {
+            log::warn!("shard {id}: a peer did not finish its hand-offs in time");
+            break;
+        }
+    }
+    loop {
+        let done = {
+            let mut st = ctx.st.borrow_mut();
+            st.deliver_and_flush() && st.output.is_idle()
+        };
+        if done || Instant::now() >= deadline {
+            if !done {
+                log::warn!("shard {id}: output still pending at the deadline");
+            }
+            break;
+        }
+        glommio::timer::sleep(TICK).await;
+    }
+    // The waker must be dropped on this thread, before the task it points to ends.
+    let waker = beat.waker.lock().ok().and_then(|mut w| w.take());
+    drop(waker);
+    let mut st = ctx.st.borrow_mut();
+    st.c.cpu_us = counters::thread_cpu_us();
+    st.c.publish(&a.counters[id as usize]);
+    log::debug!(
+        "shard {id}: {} live sessions at exit",
+        st.engine.live_sessions()
+    );
+    Ok(())
+}
+
+/// Receives the batches one peer hands to this shard, until that peer closes its sender.
+async fn handoff_receiver(
+    ctx: Rc<Ctx>,
+    rx: ConnectedReceiver<Batch>,
+    ret: crossbeam_channel::Sender<Batch>,
+    from: u32,
+) {
+    while let Some(b) = rx.recv().await {
+        // A full `block` sink stops this shard's processing, which fills the queue, which
+        // stops the sender's reading: backpressure end to end.
+        while ctx.blocked.get() {
+            glommio::timer::sleep(TICK).await;
+            if ctx.st.borrow_mut().output.flush() {
+                ctx.blocked.set(false);
+            }
+        }
+        let ok = {
+            let mut st = ctx.st.borrow_mut();
+            st.process_handoff(&b, now_ms());
+            st.deliver_and_flush()
+        };
+        if !ok {
+            ctx.blocked.set(true);
+        }
+        // Capacity equals the pair's buffer count, so this fails only once the peer is gone.
+        if ret.try_send(b).is_err() {
+            log::debug!(
+                "shard {}: buffer from shard {from} not returned (peer gone)",
+                ctx.id
+            );
+        }
+        glommio::yield_if_needed().await;
+    }
+}

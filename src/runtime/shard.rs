@@ -1,0 +1,461 @@
+//! One shard: the state a pinned executor owns (engine, decoder, output batch, sink handle,
+//! outgoing hand-offs, counters) and the synchronous data path over it.
+//!
+//! Every task of a shard (UDP loops, TCP connections, hand-off receivers, the ticker) reaches
+//! this state through `Ctx::st`, a `RefCell` borrowed only between awaits, never across one.
+//! What must be awaited (a full hand-off queue, a full `block` sink) is decided here and done by
+//! the async helpers at the bottom, so a task that waits never blocks the others.
+//!
+//! Routing invariant: an event is processed by a profile only on the shard that owns the
+//! profile's key (`route`); an event is handed to each other owner at most once, and the receiver
+//! runs only the profiles it owns. Unmatched events pass through on the receiving shard.
+
+use super::counters::LocalCounters;
+use super::handoff::{batch_lines, Batch, HandoffOut};
+use crate::config::Transport;
+use crate::decode::Decoder;
+use crate::engine::rules::{ProfileId, Rules};
+use crate::engine::{route, Clock, Engine, Out, Route};
+use crate::ingest::lines::TOO_LONG_PREFIX_BYTES;
+use crate::ingest::transport_label;
+use crate::output::ShardOutput;
+use glommio::channels::shared_channel::ConnectedSender;
+use glommio::sync::Semaphore;
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+/// Where one matching profile sends an event.
+#[derive(Clone, Copy)]
+enum Dest {
+    Here,
+    Peer,
+    MissingKey,
+    KeyTooLong,
+}
+
+/// Outcome of feeding a run of lines to the shard.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Progress {
+    /// Bytes of the input consumed (whole lines).
+    pub consumed: usize,
+    /// Stopped before a line that needs a hand-off buffer: send ready batches, then resume.
+    pub stalled: bool,
+    /// Events that needed at least one hand-off.
+    pub handed_off: u32,
+}
+
+pub struct Shard {
+    pub id: u32,
+    pub shards: u32,
+    rules: Arc<Rules>,
+    pub engine: Engine,
+    dec: Decoder,
+    pub out: Out,
+    pub output: ShardOutput,
+    pub handoff: HandoffOut,
+    pub c: LocalCounters,
+    /// Scratch: (profile, destination) of the event being routed; capacity = profile count.
+    routes: Vec<(ProfileId, Dest, u32)>,
+    line_bytes_max: usize,
+    /// Deliver the output batch to the sinks once it holds this many bytes.
+    deliver_bytes: usize,
+}
+
+impl Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: u32,
+        shards: u32,
+        rules: Arc<Rules>,
+        engine: Engine,
+        dec: Decoder,
+        out_bytes: usize,
+        output: ShardOutput,
+        handoff: HandoffOut,
+        line_bytes_max: usize,
+    ) -> Shard {
+        assert!(id < shards && shards as usize <= crate::config::SHARDS_MAX);
+        let profiles = rules.profiles.len();
+        Shard {
+            id,
+            shards,
+            rules,
+            engine,
+            dec,
+            out: Out::with_capacity(out_bytes, 8192),
+            output,
+            handoff,
+            c: LocalCounters::default(),
+            routes: Vec::with_capacity(profiles),
+            line_bytes_max,
+            deliver_bytes: out_bytes / 2,
+        }
+    }
+
+    /// Feed the '\n'-separated lines of `data` (a last line without '\n' counts; empty lines
+    /// and a trailing '\r' are ignored).
+    pub fn process_lines(&mut self, data: &[u8], t: Transport, now_ms: i64) -> Progress {
+        let mut p = Progress::default();
+        let mut pos = 0;
+        while pos < data.len() {
+            let end = memchr::memchr(b'\n', &data[pos..]).map_or(data.len(), |i| pos + i);
+            let mut line = &data[pos..end];
+            if let [rest @ .., b'\r'] = line {
+                line = rest;
+            }
+            if !line.is_empty() {
+                match self.process_line(line, t, now_ms) {
+                    None => {
+                        p.stalled = true;
+                        break;
+                    }
+                    Some(handed) => p.handed_off += u32::from(handed),
+                }
+            }
+            pos = (end + 1).min(data.len());
+        }
+        p.consumed = pos;
+        p
+    }
+
+    /// One received line. `None`: a hand-off buffer is needed first (nothing was done).
+    /// `Some(true)`: the event was handed to at least one other shard.
+    fn process_line(&mut self, line: &[u8], t: Transport, now_ms: i64) -> Option<bool> {
+        if line.len() > self.line_bytes_max {
+            self.c.lines_too_long += 1;
+            self.count_event(t);
+            let prefix = &line[..TOO_LONG_PREFIX_BYTES.min(line.len())];
+            self.out
+                .dead_letter("line_too_long", transport_label(t), prefix);
+            self.deliver_if_large();
+            return Some(false);
+        }
+        let ev = match self.dec.decode(line) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.c.count_decode_error(e);
+                self.count_event(t);
+                self.out.dead_letter(e.label(), transport_label(t), line);
+                self.deliver_if_large();
+                return Some(false);
+            }
+        };
+        self.routes.clear();
+        let mut peers = 0u64;
+        for p in self.rules.matching(&ev) {
+            let (d, o) = match route(&self.rules, p, &ev, self.shards) {
+                Route::Owner(o) if o == self.id => (Dest::Here, o),
+                Route::Owner(o) => {
+                    debug_assert!(o < self.shards);
+                    peers |= 1u64 << o;
+                    (Dest::Peer, o)
+                }
+                Route::MissingKey => (Dest::MissingKey, 0),
+                Route::KeyTooLong => (Dest::KeyTooLong, 0),
+            };
+            self.routes.push((p, d, o));
+        }
+        if peers != 0 && !self.handoff.reserve(peers, ev.raw().len() + 1) {
+            self.c.handoff_stalls += 1;
+            return None;
+        }
+        match t {
+            Transport::Udp => self.c.udp_events += 1,
+            Transport::Tcp => self.c.tcp_events += 1,
+        }
+        if self.routes.is_empty() {
+            self.c.passthrough += 1;
+            self.out.passthrough(ev.raw());
+        }
+        for &(p, d, _) in &self.routes {
+            match d {
+                Dest::Here => self
+                    .engine
+                    .on_event(p, &ev, Clock::Wall(now_ms), &mut self.out),
+                Dest::Peer => {}
+                Dest::MissingKey | Dest::KeyTooLong => {
+                    let reason = if matches!(d, Dest::MissingKey) {
+                        "missing_key"
+                    } else {
+                        "key_too_long"
+                    };
+                    self.c.route_dead_letters += 1;
+                    let name = &self.rules.profiles[p as usize].name;
+                    self.out.dead_letter_event(reason, name, ev.raw());
+                }
+            }
+        }
+        let mut m = peers;
+        while m != 0 {
+            let o = m.trailing_zeros();
+            m &= m - 1;
+            self.handoff.push(o, ev.raw());
+            self.c.handoff_events_out += 1;
+        }
+        self.deliver_if_large();
+        Some(peers != 0)
+    }
+
+    fn count_event(&mut self, t: Transport) {
+        match t {
+            Transport::Udp => self.c.udp_events += 1,
+            Transport::Tcp => self.c.tcp_events += 1,
+        }
+    }
+
+    /// A batch handed over by another shard: run the profiles this shard owns.
+    pub fn process_handoff(&mut self, b: &Batch, now_ms: i64) {
+        for line in batch_lines(b) {
+            let ev = match self.dec.decode(line) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    // The sender decoded these exact bytes with the same field table: this is
+                    // a bug. Keep the event (dead letter) and the evidence (counter).
+                    debug_assert!(false, "hand-off line failed to decode: {e}");
+                    self.c.count_decode_error(e);
+                    self.out.dead_letter(e.label(), "handoff", line);
+                    continue;
+                }
+            };
+            for p in self.rules.matching(&ev) {
+                if let Route::Owner(o) = route(&self.rules, p, &ev, self.shards) {
+                    if o == self.id {
+                        self.engine
+                            .on_event(p, &ev, Clock::Wall(now_ms), &mut self.out);
+                    }
+                }
+            }
+            self.c.handoff_events_in += 1;
+            self.deliver_if_large();
+        }
+        self.c.handoff_batches_in += 1;
+    }
+
+    /// A record that never reached the decoder (an oversized datagram or stream line).
+    pub fn dead_letter_raw(&mut self, reason: &str, t: Transport, raw: &[u8]) {
+        self.out.dead_letter(reason, transport_label(t), raw);
+        self.deliver_if_large();
+    }
+
+    #[inline]
+    fn deliver_if_large(&mut self) {
+        if self.out.buf.len() >= self.deliver_bytes {
+            self.output.deliver(&self.out);
+            self.out.clear();
+        }
+    }
+
+    /// Hand the output batch to the sinks. False: a `block` sink is full.
+    pub fn deliver_and_flush(&mut self) -> bool {
+        if !self.out.is_empty() {
+            self.output.deliver(&self.out);
+            self.out.clear();
+        }
+        self.output.flush()
+    }
+
+    pub fn advance(&mut self, now_ms: i64) {
+        self.engine.advance(Clock::Wall(now_ms), &mut self.out);
+    }
+}
+
+/// Wall clock in epoch milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Limits the async side needs without borrowing the shard.
+#[derive(Clone, Copy, Debug)]
+pub struct IngestLimits {
+    pub line_bytes_max: usize,
+    pub datagram_bytes_max: usize,
+    pub tcp_idle_timeout: Duration,
+    pub tcp_connections_per_shard: u32,
+}
+
+/// What every task of a shard shares.
+pub struct Ctx {
+    pub id: u32,
+    pub shards: u32,
+    pub st: RefCell<Shard>,
+    pub limits: IngestLimits,
+    /// Senders to each peer (`None` at this shard's own index).
+    pub tx: Vec<Option<ConnectedSender<Batch>>>,
+    /// One permit per peer: whoever holds it sends that peer's ready batches, in order.
+    tx_lock: Vec<Semaphore>,
+    /// Zero permits; closed when ingest must stop, which wakes every waiter.
+    stop: Semaphore,
+    pub stopping: Cell<bool>,
+    /// A `block` sink is full: ingest must not read until a flush succeeds.
+    pub blocked: Cell<bool>,
+    /// Live ingest tasks (listeners and connections); shutdown waits for zero.
+    pub ingest_tasks: Cell<u32>,
+}
+
+impl Ctx {
+    pub fn new(st: Shard, limits: IngestLimits, tx: Vec<Option<ConnectedSender<Batch>>>) -> Ctx {
+        let (id, shards) = (st.id, st.shards);
+        let tx_lock = (0..tx.len()).map(|_| Semaphore::new(1)).collect();
+        Ctx {
+            id,
+            shards,
+            st: RefCell::new(st),
+            limits,
+            tx,
+            tx_lock,
+            stop: Semaphore::new(0),
+            stopping: Cell::new(false),
+            blocked: Cell::new(false),
+            ingest_tasks: Cell::new(0),
+        }
+    }
+
+    /// Ask every ingest task to finish.
+    pub fn stop_ingest(&self) {
+        self.stopping.set(true);
+        self.stop.close();
+    }
+
+    /// Resolves once `stop_ingest` was called.
+    pub async fn stopped(&self) {
+        // Nobody ever signals this semaphore: an acquire returns only when `close` fails it.
+        let _ = self.stop.acquire(1).await;
+    }
+
+    /// Registers an ingest task until the guard drops.
+    pub fn ingest_guard(self: &Rc<Self>) -> IngestGuard {
+        self.ingest_tasks.set(self.ingest_tasks.get() + 1);
+        IngestGuard(self.clone())
+    }
+}
+
+pub struct IngestGuard(Rc<Ctx>);
+
+impl Drop for IngestGuard {
+    fn drop(&mut self) {
+        let n = self.0.ingest_tasks.get();
+        debug_assert!(n > 0);
+        self.0.ingest_tasks.set(n.saturating_sub(1));
+    }
+}
+
+pub enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+/// Polls both futures; resolves with whichever finishes first (the other is dropped).
+pub async fn first<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = a.as_mut().poll(cx) {
+            return Poll::Ready(Either::Left(v));
+        }
+        if let Poll::Ready(v) = b.as_mut().poll(cx) {
+            return Poll::Ready(Either::Right(v));
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Send every ready hand-off batch, in order per peer, waiting for queue room (backpressure).
+pub async fn send_ready(ctx: &Rc<Ctx>) {
+    loop {
+        let mask = ctx.st.borrow().handoff.ready_mask;
+        if mask == 0 {
+            return;
+        }
+        let o = mask.trailing_zeros();
+        let Ok(_permit) = ctx.tx_lock[o as usize].acquire_permit(1).await else {
+            return;
+        };
+        loop {
+            let Some(b) = ctx.st.borrow_mut().handoff.pop_ready(o) else {
+                break;
+            };
+            let events = u64::from(b.events);
+            let Some(tx) = ctx.tx[o as usize].as_ref() else {
+                debug_assert!(false, "a batch for shard {o} without a sender");
+                continue;
+            };
+            match tx.send(b).await {
+                Ok(()) => ctx.st.borrow_mut().c.handoff_batches_out += 1,
+                Err(_) => {
+                    // The peer is gone: only during a shutdown past its deadline.
+                    let mut st = ctx.st.borrow_mut();
+                    st.c.handoff_events_lost += events;
+                }
+            }
+        }
+    }
+}
+
+/// Feed lines to the shard, handling hand-off stalls (send, wait for buffers, resume).
+/// Returns how many events needed a hand-off.
+pub async fn run_lines(ctx: &Rc<Ctx>, data: &[u8], t: Transport, now_ms: i64) -> u32 {
+    let mut pos = 0;
+    let mut handed = 0;
+    loop {
+        let p = ctx.st.borrow_mut().process_lines(&data[pos..], t, now_ms);
+        pos += p.consumed;
+        handed += p.handed_off;
+        if !p.stalled {
+            return handed;
+        }
+        send_ready(ctx).await;
+        // Every buffer to some peer may still be in flight; wait for one to come back.
+        let mut waited = 0u32;
+        while !ctx.st.borrow_mut().handoff.collect_returns() {
+            glommio::timer::sleep(Duration::from_micros(100)).await;
+            waited += 1;
+            if waited % 10_000 == 0 {
+                log::warn!(
+                    "shard {}: waiting {} s for hand-off buffers to come back",
+                    ctx.id,
+                    waited / 10_000
+                );
+            }
+        }
+    }
+}
+
+/// End of a receive round: queue partial hand-off batches, send them, deliver output.
+pub async fn end_round(ctx: &Rc<Ctx>) {
+    let ok = {
+        let mut st = ctx.st.borrow_mut();
+        st.handoff.seal_all();
+        st.deliver_and_flush()
+    };
+    if !ok {
+        ctx.blocked.set(true);
+    }
+    send_ready(ctx).await;
+}
+
+/// Before reading input: wait while a `block` sink is full. False when ingest is stopping.
+pub async fn wait_unblocked(ctx: &Rc<Ctx>) -> bool {
+    if !ctx.blocked.get() {
+        return !ctx.stopping.get();
+    }
+    ctx.st.borrow_mut().c.output_blocked += 1;
+    loop {
+        if ctx.stopping.get() {
+            return false;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+        if !ctx.blocked.get() || ctx.st.borrow_mut().output.flush() {
+            ctx.blocked.set(false);
+            return true;
+        }
+    }
+}
