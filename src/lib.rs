@@ -7,11 +7,11 @@
 pub mod config;
 pub mod decode;
 pub mod engine;
-pub mod netfilter;
-pub mod output;
-pub mod runtime;
 pub mod ingest;
-pub mod replay;
-pub mod persist;
 pub mod metrics;
+pub mod netfilter;
 pub mod notify;
+pub mod output;
+pub mod persist;
+pub mod replay;
+pub mod runtime;

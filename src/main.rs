@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "sessionizer", version, about = "Turns raw event streams into sessions in real time")]
+#[command(
+    name = "sessionizer",
+    version,
+    about = "Turns raw event streams into sessions in real time"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,7 +63,11 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Replay { files, config, output } => {
+        Command::Replay {
+            files,
+            config,
+            output,
+        } => {
             let Some(cfg) = load(config.as_deref()) else {
                 return ExitCode::from(2);
             };
@@ -104,7 +112,9 @@ fn load(path: Option<&Path>) -> Option<Config> {
     match result {
         Ok(cfg) => Some(cfg),
         Err(e) => {
-            let source = path.map(|p| p.display().to_string()).unwrap_or_else(|| "embedded default".into());
+            let source = path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "embedded default".into());
             eprintln!("sessionizer: invalid configuration ({source}): {e}");
             None
         }
@@ -113,7 +123,9 @@ fn load(path: Option<&Path>) -> Option<Config> {
 
 fn init_logging(cfg: &Config) {
     let env = env_logger::Env::default().default_filter_or(cfg.log.level.as_str());
-    let _ = env_logger::Builder::from_env(env).format_timestamp_millis().try_init();
+    let _ = env_logger::Builder::from_env(env)
+        .format_timestamp_millis()
+        .try_init();
 }
 
 fn print_plan(cfg: &Config, path: Option<&Path>) {
@@ -123,33 +135,57 @@ fn print_plan(cfg: &Config, path: Option<&Path>) {
     let table = u64::from(m.max_sessions) * 48;
     let index = (u64::from(m.max_sessions) * 8).div_ceil(7) * 8;
     let per_shard = m.arena_bytes.0 + table + index;
-    println!("config: {}", path.map(|p| p.display().to_string()).unwrap_or_else(|| "embedded default".into()));
+    println!(
+        "config: {}",
+        path.map(|p| p.display().to_string())
+            .unwrap_or_else(|| "embedded default".into())
+    );
     println!("node_id: {}", cfg.node_id);
     println!("shards: {} on cores {:?}", cores.len(), cores);
     println!("memory per shard:");
-    println!("  arena:   {} bytes = {blocks} blocks of {} bytes", m.arena_bytes.0, m.block_bytes);
-    println!("  table:   {table} bytes ({} sessions x 48 bytes)", m.max_sessions);
+    println!(
+        "  arena:   {} bytes = {blocks} blocks of {} bytes",
+        m.arena_bytes.0, m.block_bytes
+    );
+    println!(
+        "  table:   {table} bytes ({} sessions x 48 bytes)",
+        m.max_sessions
+    );
     println!("  index:   {index} bytes");
-    println!("  total:   {per_shard} bytes per shard, {} bytes in all", per_shard * cores.len() as u64);
+    println!(
+        "  total:   {per_shard} bytes per shard, {} bytes in all",
+        per_shard * cores.len() as u64
+    );
     println!("  on_full: {:?}", m.on_full);
     println!("slot wheel: {} one-second slots", cfg.slots.max);
     for l in &cfg.listeners {
-        println!("listener: {:?} {} allow={:?} ack={}", l.kind, l.address, l.allow, l.ack);
+        println!(
+            "listener: {:?} {} allow={:?} ack={}",
+            l.kind, l.address, l.allow, l.ack
+        );
     }
     for o in &cfg.outputs {
         let target = match o.kind {
             OutputKind::File => o.path.clone().unwrap_or_default(),
-            OutputKind::Tcp | OutputKind::Udp => o.address.map(|a| a.to_string()).unwrap_or_default(),
+            OutputKind::Tcp | OutputKind::Udp => {
+                o.address.map(|a| a.to_string()).unwrap_or_default()
+            }
             OutputKind::Stdout => "-".into(),
         };
-        println!("output: {:?} {target} streams={:?} when_full={:?}", o.kind, o.streams, o.when_full);
+        println!(
+            "output: {:?} {target} streams={:?} when_full={:?}",
+            o.kind, o.streams, o.when_full
+        );
     }
     match &cfg.metrics.address {
         Some(a) => println!("metrics: http://{a}/metrics"),
         None => println!("metrics: off"),
     }
     match &cfg.persist.dir {
-        Some(d) => println!("persist: {d} (snapshot every {:?}, fsync {:?})", cfg.persist.snapshot_interval.0, cfg.persist.fsync),
+        Some(d) => println!(
+            "persist: {d} (snapshot every {:?}, fsync {:?})",
+            cfg.persist.snapshot_interval.0, cfg.persist.fsync
+        ),
         None => println!("persist: off"),
     }
     for p in &cfg.profiles {

@@ -1032,4 +1032,3 @@ fn bad_timestamps_are_dead_letters() {
     let enriched: Vec<u32> = o.enriched.iter().map(|e| e.n).collect();
     assert_eq!(enriched, [0, 4]);
 }
-
