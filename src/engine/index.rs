@@ -52,7 +52,10 @@ impl Index {
         );
         let capacity = capacity as u32;
         assert!(capacity > max_entries);
-        let entries = vec![EMPTY; capacity as usize].into_boxed_slice();
+        let mut entries = Vec::with_capacity(capacity as usize);
+        super::prefetch::advise_huge_pages(entries.as_mut_ptr(), entries.capacity());
+        entries.resize(capacity as usize, EMPTY);
+        let entries = entries.into_boxed_slice();
         Index {
             entries,
             len: 0,

@@ -82,13 +82,14 @@ impl Table {
     pub fn new(capacity: u32) -> Table {
         assert!(capacity > 0);
         assert!(capacity < NIL);
-        let heads: Box<[Head]> = (0..capacity)
-            .map(|slot| Head {
-                flags: FLAG_FREE,
-                link: if slot + 1 == capacity { NIL } else { slot + 1 },
-                ..Head::FRESH
-            })
-            .collect();
+        let mut heads: Vec<Head> = Vec::with_capacity(capacity as usize);
+        super::prefetch::advise_huge_pages(heads.as_mut_ptr(), heads.capacity());
+        heads.extend((0..capacity).map(|slot| Head {
+            flags: FLAG_FREE,
+            link: if slot + 1 == capacity { NIL } else { slot + 1 },
+            ..Head::FRESH
+        }));
+        let heads = heads.into_boxed_slice();
         assert_eq!(heads.len(), capacity as usize);
         Table {
             heads,
