@@ -579,7 +579,9 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Check every limit and relation (also used on a reloaded config merged with the running
+    /// one, see `runtime::ops`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if let Cores::List(l) = &self.cores {
             if l.is_empty() || l.len() > SHARDS_MAX {
                 return Err(err(

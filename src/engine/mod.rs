@@ -742,8 +742,9 @@ impl State {
     }
 }
 
-/// Why `new` cannot replace `old` under live sessions, if it cannot.
-fn check_compatible(old: &Rules, new: &Rules) -> Result<(), String> {
+/// Why `new` cannot replace `old` under live sessions, if it cannot. Public so that the
+/// runtime can check a reload once, before any shard applies it (every shard would decide alike).
+pub fn check_compatible(old: &Rules, new: &Rules) -> Result<(), String> {
     if new.profiles.len() < old.profiles.len() {
         return Err(format!(
             "{} profiles were removed; removing a profile needs a restart",

@@ -475,6 +475,19 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         line_bytes_max,
     );
 
+    // The park race (see `Beat`) can also strike while the queue ends connect below, before
+    // the ticker runs: let the kicker wake this task from the start.
+    let beat = &a.beats[id as usize];
+    // SAFETY: gettid has no preconditions.
+    beat.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+    std::future::poll_fn(|cx| {
+        if let Ok(mut w) = beat.waker.lock() {
+            *w = Some(cx.waker().clone());
+        }
+        Poll::Ready(())
+    })
+    .await;
+
     // Connect every queue end concurrently: a connect waits for its peer's.
     let tx_tasks: Vec<_> = a
         .data_tx
