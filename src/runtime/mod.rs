@@ -181,6 +181,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| rt("installing signal handlers")(&e))?;
     {
@@ -189,6 +190,12 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             .name("signals".into())
             .spawn(move || {
                 for s in signals.forever() {
+                    // The unit's ExecReload sends SIGHUP; live reload of the rules is not wired
+                    // into the runtime yet (Engine::set_rules is), so say so instead of dying.
+                    if s == signal_hook::consts::SIGHUP {
+                        log::warn!("SIGHUP: live reload is not available in this build; restart to apply a changed config");
+                        continue;
+                    }
                     if tx.send(Msg::Signal(s)).is_err() {
                         break;
                     }
