@@ -379,6 +379,9 @@ impl Default for Persist {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Metrics {
+    /// The endpoint's address; unset = no endpoint. Not defaulted: the endpoint binds without
+    /// `SO_REUSEPORT`, so a default port would make every config without `[metrics]` collide with
+    /// any other instance (the shipped `conf/sessionizer.toml` sets `127.0.0.1:9999`).
     pub address: Option<SocketAddr>,
     pub publish_interval: HumanDuration,
 }
@@ -386,7 +389,7 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics {
-            address: Some(SocketAddr::from(([127, 0, 0, 1], 9999))),
+            address: None,
             publish_interval: HumanDuration(Duration::from_secs(1)),
         }
     }

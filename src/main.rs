@@ -54,7 +54,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             };
             init_logging(&cfg);
-            match sessionizer::runtime::run(cfg) {
+            match sessionizer::runtime::run_with(cfg, config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");

@@ -15,6 +15,7 @@
 
 pub mod counters;
 pub mod handoff;
+pub mod ops;
 pub mod shard;
 
 use crate::config::{Config, Transport};
@@ -166,10 +167,17 @@ struct ShardArgs {
     beats: Arc<[Beat]>,
     stop: Arc<AtomicBool>,
     msgs: mpsc::Sender<Msg>,
+    /// Metrics, health, heartbeats, reloads (`ops`).
+    ops: Arc<ops::Ops>,
 }
 
-/// Run the appliance until SIGTERM/SIGINT.
+/// Run the appliance until SIGTERM/SIGINT, without a config file to reload on SIGHUP.
 pub fn run(cfg: Config) -> Result<(), RunError> {
+    run_with(cfg, None)
+}
+
+/// Run the appliance until SIGTERM/SIGINT; SIGHUP re-reads `config_path` (see `ops`).
+pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<(), RunError> {
     let cores = cfg.core_list();
     assert!(!cores.is_empty() && cores.len() <= crate::config::SHARDS_MAX);
     let shards = cores.len() as u32;
@@ -190,12 +198,6 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             .name("signals".into())
             .spawn(move || {
                 for s in signals.forever() {
-                    // The unit's ExecReload sends SIGHUP; live reload of the rules is not wired
-                    // into the runtime yet (Engine::set_rules is), so say so instead of dying.
-                    if s == signal_hook::consts::SIGHUP {
-                        log::warn!("SIGHUP: live reload is not available in this build; restart to apply a changed config");
-                        continue;
-                    }
                     if tx.send(Msg::Signal(s)).is_err() {
                         break;
                     }
@@ -205,6 +207,9 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
     }
 
     let listeners = Listeners::bind(&cfg, shards).map_err(|e| rt("binding listeners")(&e))?;
+    // The metrics endpoint next: a busy port fails start-up before any shard runs.
+    let ops = Arc::new(ops::Ops::start(&cfg, shards as usize).map_err(RunError::Runtime)?);
+    let mut coord = ops::Coordinator::new(config_path, (*cfg).clone(), rules.clone());
     for g in &listeners.groups {
         log::info!(
             "listening on {} {} ({} sockets{})",
@@ -278,6 +283,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             beats: beats.clone(),
             stop: stop.clone(),
             msgs: msg_tx.clone(),
+            ops: ops.clone(),
         };
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{i}"))
@@ -301,6 +307,9 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
             }
             Ok(Msg::Failed(i, e)) => failure = Some(format!("shard {i}: {e}")),
             Ok(Msg::Exited(i)) => failure = Some(format!("shard {i} exited during start-up")),
+            Ok(Msg::Signal(signal_hook::consts::SIGHUP)) => {
+                log::warn!("SIGHUP during start-up: ignored (send it again once READY)");
+            }
             Ok(Msg::Signal(s)) => {
                 log::info!("signal {s} during start-up: stopping");
                 break;
@@ -309,15 +318,17 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         }
     }
     if ready == n && failure.is_none() {
-        println_ready(&listeners, &outputs, shards);
-        // systemd Type=notify (a no-op outside systemd).
-        if let Err(e) = crate::notify::ready() {
-            log::warn!("sd_notify READY=1: {e}");
-        }
+        // `/readyz` 200 and systemd READY=1 (a no-op outside systemd) with the READY line.
+        ops.set_ready();
+        println_ready(&listeners, &outputs, shards, ops.metrics_addr);
         log::info!("running {shards} shards on cpus {cores:?}");
         // Run until a signal or a shard failure.
         loop {
-            match msg_rx.recv() {
+            match msg_rx.recv_timeout(coord.until_next_publish()) {
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    coord.publish_outputs(&ops, &outputs, false)
+                }
+                Ok(Msg::Signal(signal_hook::consts::SIGHUP)) => coord.reload(&ops),
                 Ok(Msg::Signal(s)) => {
                     log::info!("signal {s}: shutting down");
                     break;
@@ -341,7 +352,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
 
     // Shutdown, bounded by the watchdog.
     let t0 = Instant::now();
-    let _ = crate::notify::stopping();
+    ops.set_stopping();
     stop.store(true, Ordering::Release);
     std::thread::Builder::new()
         .name("shutdown-watchdog".into())
@@ -383,6 +394,7 @@ pub fn run(cfg: Config) -> Result<(), RunError> {
         }
     }
     kicker_done.store(true, Ordering::Release);
+    coord.publish_outputs(&ops, &outputs, true);
     outputs.shutdown(OUTPUT_SHUTDOWN);
     for (i, c) in counters.iter().enumerate() {
         log::info!("shard stats: {}", c.load().to_json(i as u32));
@@ -405,8 +417,14 @@ fn none_vec<T>(n: usize) -> Vec<Option<T>> {
 }
 
 /// The one readiness line tests and service managers wait for:
-/// `READY {"shards":N,"listeners":[{"kind":..,"address":..}],"outputs":[..]}` (keys in this order).
-fn println_ready(listeners: &Listeners, outputs: &Outputs, shards: u32) {
+/// `READY {"shards":N,"listeners":[{"kind":..,"address":..}],"outputs":[..],"metrics":..}` (keys
+/// in this order; `metrics` is the endpoint's bound address, or null when it is off).
+fn println_ready(
+    listeners: &Listeners,
+    outputs: &Outputs,
+    shards: u32,
+    metrics: Option<std::net::SocketAddr>,
+) {
     let entry = |kind: &str, address: &str| {
         format!(
             "{{\"kind\":{},\"address\":{}}}",
@@ -424,8 +442,9 @@ fn println_ready(listeners: &Listeners, outputs: &Outputs, shards: u32) {
         .into_iter()
         .map(|(kind, address)| entry(kind, &address))
         .collect();
+    let metrics = metrics.map_or(serde_json::Value::Null, |a| a.to_string().into());
     eprintln!(
-        "READY {{\"shards\":{shards},\"listeners\":[{}],\"outputs\":[{}]}}",
+        "READY {{\"shards\":{shards},\"listeners\":[{}],\"outputs\":[{}],\"metrics\":{metrics}}}",
         ls.join(","),
         os.join(",")
     );
@@ -548,6 +567,9 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
             }
         };
     }
+    if id == 0 {
+        a.ops.spawn_shard0_tasks();
+    }
     let _ = a.msgs.send(Msg::Ready(id));
 
     // The ticker: engine timers, output flushes, counter publication, the stop flag, and the
@@ -564,9 +586,11 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
     .await;
     let mut last_advance = now_ms();
     let mut last_publish = last_advance;
+    let mut ops_tick = ops::ShardTick::new(last_advance);
     while !a.stop.load(Ordering::Acquire) {
         glommio::timer::sleep(TICK).await;
         beat.ticks.fetch_add(1, Ordering::Relaxed);
+        a.ops.beats.beat(id as usize);
         let now = now_ms();
         let mut st = ctx.st.borrow_mut();
         if now - last_advance >= ADVANCE_INTERVAL_MS {
@@ -586,6 +610,8 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
                 log::debug!("shard counters: {}", st.c.to_json(id));
             }
         }
+        a.ops.publish_shard(&mut st, &mut ops_tick, now, false);
+        a.ops.apply_rules_if_offered(&mut st, &mut ops_tick, cfg);
     }
 
     // Shutdown.
@@ -646,6 +672,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
     let mut st = ctx.st.borrow_mut();
     st.c.cpu_us = counters::thread_cpu_us();
     st.c.publish(&a.counters[id as usize]);
+    a.ops.publish_shard(&mut st, &mut ops_tick, now_ms(), true);
     log::debug!(
         "shard {id}: {} live sessions at exit",
         st.engine.live_sessions()

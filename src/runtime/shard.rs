@@ -12,6 +12,7 @@
 
 use super::counters::LocalCounters;
 use super::handoff::{batch_lines, Batch, HandoffOut};
+use super::ops::ShardMetrics;
 use crate::config::Transport;
 use crate::decode::Decoder;
 use crate::engine::rules::{ProfileId, Rules};
@@ -64,6 +65,8 @@ pub struct Shard {
     line_bytes_max: usize,
     /// Deliver the output batch to the sinks once it holds this many bytes.
     deliver_bytes: usize,
+    /// Latency histogram, records per stream, and the published sample (`runtime::ops`).
+    pub metrics: ShardMetrics,
 }
 
 impl Shard {
@@ -81,6 +84,7 @@ impl Shard {
     ) -> Shard {
         assert!(id < shards && shards as usize <= crate::config::SHARDS_MAX);
         let profiles = rules.profiles.len();
+        let metrics = ShardMetrics::new(&rules);
         Shard {
             id,
             shards,
@@ -94,6 +98,7 @@ impl Shard {
             routes: Vec::with_capacity(profiles),
             line_bytes_max,
             deliver_bytes: out_bytes / 2,
+            metrics,
         }
     }
 
@@ -101,6 +106,8 @@ impl Shard {
     /// and a trailing '\r' are ignored).
     pub fn process_lines(&mut self, data: &[u8], t: Transport, now_ms: i64) -> Progress {
         let mut p = Progress::default();
+        self.metrics
+            .round_begin(self.c.udp_events + self.c.tcp_events);
         let mut pos = 0;
         while pos < data.len() {
             let end = memchr::memchr(b'\n', &data[pos..]).map_or(data.len(), |i| pos + i);
@@ -246,6 +253,7 @@ impl Shard {
     fn deliver_if_large(&mut self) {
         if self.out.buf.len() >= self.deliver_bytes {
             self.output.deliver(&self.out);
+            self.metrics.count_out(&self.out);
             self.out.clear();
         }
     }
@@ -254,9 +262,20 @@ impl Shard {
     pub fn deliver_and_flush(&mut self) -> bool {
         if !self.out.is_empty() {
             self.output.deliver(&self.out);
+            self.metrics.count_out(&self.out);
             self.out.clear();
         }
         self.output.flush()
+    }
+
+    /// Swap in reloaded rules (already checked compatible) and the decoder for their fields.
+    pub fn set_rules(&mut self, rules: Arc<Rules>, dec: Decoder) -> Result<(), String> {
+        self.engine.set_rules(rules.clone())?;
+        self.dec = dec;
+        self.routes.reserve(rules.profiles.len());
+        self.metrics.set_rules(&rules);
+        self.rules = rules;
+        Ok(())
     }
 
     pub fn advance(&mut self, now_ms: i64) {
@@ -434,7 +453,10 @@ pub async fn end_round(ctx: &Rc<Ctx>) {
     let ok = {
         let mut st = ctx.st.borrow_mut();
         st.handoff.seal_all();
-        st.deliver_and_flush()
+        let ok = st.deliver_and_flush();
+        let events = st.c.udp_events + st.c.tcp_events;
+        st.metrics.round_end(events);
+        ok
     };
     if !ok {
         ctx.blocked.set(true);
