@@ -236,6 +236,9 @@ pub struct Limits {
     pub handoff_queue_batches: u32,
     /// An event timestamp further than this from the shard's clock is dead-lettered.
     pub future_skew_max: HumanDuration,
+    /// Producers (acknowledged connections' hello ids) whose high-water marks a shard keeps;
+    /// beyond it the least recently active is forgotten (`persist::producer`).
+    pub producers_max: u32,
 }
 
 impl Default for Limits {
@@ -254,6 +257,7 @@ impl Default for Limits {
             handoff_batch_bytes: 64 << 10,
             handoff_queue_batches: 64,
             future_skew_max: HumanDuration(Duration::from_secs(86_400)),
+            producers_max: 1024,
         }
     }
 }
@@ -363,6 +367,10 @@ pub struct Persist {
     pub snapshot_interval: HumanDuration,
     pub fsync: FsyncPolicy,
     pub fsync_interval: HumanDuration,
+    /// Per shard: log records not yet durable are buffered up to this many bytes; when it is
+    /// full the shard writes it out at once (and, if the disk refuses, applies events unlogged:
+    /// counted, and not acknowledged until the next snapshot).
+    pub log_buffer_bytes: ByteSize,
 }
 
 impl Default for Persist {
@@ -372,6 +380,7 @@ impl Default for Persist {
             snapshot_interval: HumanDuration(Duration::from_secs(60)),
             fsync: FsyncPolicy::Interval,
             fsync_interval: HumanDuration(Duration::from_millis(10)),
+            log_buffer_bytes: ByteSize(16 << 20),
         }
     }
 }
@@ -611,6 +620,9 @@ impl Config {
             if l.ack && l.kind == Transport::Udp {
                 return Err(err(format!("listener[{i}].ack"), "true on a UDP listener; acknowledgements exist only for TCP; remove `ack` or set kind = \"tcp\""));
             }
+            if l.ack && self.persist.dir.is_none() {
+                return Err(err(format!("listener[{i}].ack"), "true, but persist.dir is not set: an acknowledgement says an event is durable; set persist.dir or remove `ack`"));
+            }
             for a in &l.allow {
                 crate::netfilter::Cidr::parse(a)
                     .map_err(|m| err(format!("listener[{i}].allow"), format!("`{a}`: {m}")))?;
@@ -687,7 +699,8 @@ impl Config {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         let l = &self.limits;
-        let checks: [(&str, u64, u64, u64); 9] = [
+        let checks: [(&str, u64, u64, u64); 10] = [
+            ("limits.producers_max", l.producers_max.into(), 1, 1 << 20),
             (
                 "limits.datagram_bytes_max",
                 l.datagram_bytes_max.into(),
@@ -740,6 +753,11 @@ impl Config {
         }
         if l.handoff_batch_bytes < l.line_bytes_max {
             return Err(err("limits.handoff_batch_bytes", format!("{} is below limits.line_bytes_max = {}; a batch must hold at least one line; raise it", l.handoff_batch_bytes, l.line_bytes_max)));
+        }
+        let log_min = 2 * (u64::from(l.line_bytes_max) + 1024);
+        let log_bytes = self.persist.log_buffer_bytes.0;
+        if log_bytes < log_min || log_bytes > 1 << 30 {
+            return Err(err("persist.log_buffer_bytes", format!("{log_bytes} is outside {log_min}..={}; it must hold two of the longest lines (limits.line_bytes_max = {}) and stays below 1 GiB", 1u64 << 30, l.line_bytes_max)));
         }
         if l.sub_sessions_per_session_max > 64 {
             return Err(err(

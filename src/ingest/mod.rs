@@ -11,6 +11,7 @@
 //! `udp` and `tcp` hold the receive loops, `steering` the header and BPF program, `lines` the
 //! stream framing shared with `replay`.
 
+pub mod ack;
 pub mod lines;
 pub mod steering;
 pub mod tcp;
@@ -44,6 +45,8 @@ pub struct ListenerGroup {
     pub address: SocketAddr,
     pub allow: Allowlist,
     pub steering: bool,
+    /// TCP: acknowledge durable lines on the connection (`ingest::ack`).
+    pub ack: bool,
     sockets: Vec<Socket>,
 }
 
@@ -53,6 +56,7 @@ pub struct ShardSocket {
     pub kind: Transport,
     pub address: SocketAddr,
     pub allow: Allowlist,
+    pub ack: bool,
     pub fd: OwnedFd,
 }
 
@@ -97,6 +101,9 @@ impl Listeners {
                 )
             })?;
             let mut address = l.address;
+            if address.port() != 0 {
+                probe_unshared(l.kind, address).map_err(|e| fail(address, e))?;
+            }
             let mut sockets = Vec::with_capacity(shards as usize);
             for _ in 0..shards {
                 let s = bind_one(l.kind, address).map_err(|e| fail(address, e))?;
@@ -125,6 +132,7 @@ impl Listeners {
                 address,
                 allow,
                 steering,
+                ack: l.ack,
                 sockets,
             });
         }
@@ -142,11 +150,37 @@ impl Listeners {
                     kind: g.kind,
                     address: g.address,
                     allow: g.allow.clone(),
+                    ack: g.ack,
                     fd: g.sockets[shard as usize].as_fd().try_clone_to_owned()?,
                 })
             })
             .collect()
     }
+}
+
+/// Fail if anything is bound to `addr` already. Why: SO_REUSEPORT would let this process join
+/// another process's group on the same port (a second instance started by mistake, same user)
+/// and silently take a share of its traffic.
+fn probe_unshared(kind: Transport, addr: SocketAddr) -> io::Result<()> {
+    let domain = Domain::for_address(addr);
+    let s = match kind {
+        Transport::Udp => Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?,
+        Transport::Tcp => Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?,
+    };
+    if kind == Transport::Tcp {
+        // Connections of a previous run in TIME_WAIT must not count as "in use".
+        s.set_reuse_address(true)?;
+    }
+    s.bind(&SockAddr::from(addr)).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                e.kind(),
+                "address already in use (another process, perhaps a second sessionizer, is bound to it)",
+            )
+        } else {
+            e
+        }
+    })
 }
 
 fn bind_one(kind: Transport, addr: SocketAddr) -> io::Result<Socket> {

@@ -14,6 +14,7 @@
 //! slow or half-open peer holds only its own task.
 
 use crate::config::Transport;
+use crate::ingest::ack::{Acks, ACK_POLL};
 use crate::ingest::lines::{Chunk, LineBuf};
 use crate::ingest::ShardSocket;
 use crate::runtime::shard::{end_round, first, now_ms, run_lines, wait_unblocked, Ctx, Either};
@@ -21,12 +22,15 @@ use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bytes a connection reads at most per `recv`, on top of room for one partial line.
 pub const READ_CHUNK_BYTES: usize = 64 << 10;
 /// At shutdown, bytes already queued in the kernel are still read, up to this many rounds.
 const DRAIN_ROUNDS_MAX: u32 = 1024;
+/// After the client's end of stream, an acknowledged connection stays open this long at most
+/// for its last lines to become durable and be acknowledged.
+const ACK_LINGER: Duration = Duration::from_secs(5);
 
 /// Accept connections on one listener until the shard stops.
 pub async fn run_listener(ctx: Rc<Ctx>, sock: ShardSocket) {
@@ -70,7 +74,7 @@ pub async fn run_listener(ctx: Rc<Ctx>, sock: ShardSocket) {
             continue;
         }
         ctx.st.borrow_mut().c.tcp_accepted += 1;
-        glommio::spawn_local(connection(ctx.clone(), stream, open.clone())).detach();
+        glommio::spawn_local(connection(ctx.clone(), stream, open.clone(), sock.ack)).detach();
     }
 }
 
@@ -102,7 +106,7 @@ enum Wait {
     Idle,
 }
 
-async fn connection(ctx: Rc<Ctx>, stream: glommio::net::TcpStream, open: Rc<Cell<u32>>) {
+async fn connection(ctx: Rc<Ctx>, stream: glommio::net::TcpStream, open: Rc<Cell<u32>>, ack: bool) {
     let _guard = ctx.ingest_guard();
     let _open = Open::new(ctx.clone(), open);
     let fd = stream.as_raw_fd();
@@ -110,7 +114,9 @@ async fn connection(ctx: Rc<Ctx>, stream: glommio::net::TcpStream, open: Rc<Cell
     let idle = ctx.limits.tcp_idle_timeout;
     let mut draining = 0u32;
     let mut peek = [0u8; 1];
-    loop {
+    let mut acks = ack.then(Acks::new);
+    let mut last_input = Instant::now();
+    'conn: loop {
         if draining == 0 && !wait_unblocked(&ctx).await {
             if ctx.blocked.get() {
                 break;
@@ -133,20 +139,38 @@ async fn connection(ctx: Rc<Ctx>, stream: glommio::net::TcpStream, open: Rc<Cell
             lb.commit(n);
             ctx.st.borrow_mut().c.tcp_bytes += n as u64;
             let now = now_ms();
+            last_input = Instant::now();
             while let Some(chunk) = lb.next_chunk() {
                 match chunk {
-                    Chunk::Lines(r) => {
-                        run_lines(&ctx, lb.bytes(r), Transport::Tcp, now).await;
-                    }
+                    Chunk::Lines(r) => match acks.as_mut() {
+                        None => {
+                            run_lines(&ctx, lb.bytes(r), Transport::Tcp, now, None).await;
+                        }
+                        Some(a) => {
+                            if let Err(reason) = a.lines_in(&ctx, lb.bytes(r), now).await {
+                                refuse_hello(&ctx, fd, &reason);
+                                break 'conn;
+                            }
+                        }
+                    },
                     Chunk::TooLong(r) => {
                         let mut st = ctx.st.borrow_mut();
                         st.c.lines_too_long += 1;
                         st.c.tcp_events += 1;
                         st.dead_letter_raw("line_too_long", Transport::Tcp, lb.bytes(r));
+                        if let Some(a) = acks.as_mut() {
+                            a.skipped_line();
+                        }
                     }
                 }
             }
             end_round(&ctx).await;
+            if let Some(a) = acks.as_mut() {
+                a.record(&ctx).await;
+                if !a.flush(&ctx, fd) {
+                    break;
+                }
+            }
             if draining > 0 {
                 draining += 1;
                 if draining > DRAIN_ROUNDS_MAX {
@@ -159,8 +183,22 @@ async fn connection(ctx: Rc<Ctx>, stream: glommio::net::TcpStream, open: Rc<Cell
         if n == 0 {
             // End of stream: a last line without '\n' still counts.
             if let Some(r) = lb.finish() {
-                run_lines(&ctx, lb.bytes(r), Transport::Tcp, now_ms()).await;
+                match acks.as_mut() {
+                    None => {
+                        run_lines(&ctx, lb.bytes(r), Transport::Tcp, now_ms(), None).await;
+                    }
+                    Some(a) => {
+                        if let Err(reason) = a.lines_in(&ctx, lb.bytes(r), now_ms()).await {
+                            refuse_hello(&ctx, fd, &reason);
+                            break;
+                        }
+                    }
+                }
                 end_round(&ctx).await;
+            }
+            if let Some(a) = acks.as_mut() {
+                a.record(&ctx).await;
+                linger_for_acks(&ctx, fd, a).await;
             }
             break;
         }
@@ -176,8 +214,16 @@ async fn connection(ctx: Rc<Ctx>, stream: glommio::net::TcpStream, open: Rc<Cell
                 break;
             }
         }
+        // Unacknowledged lines: wake up often to acknowledge them as they become durable.
+        let ack_waiting = acks.as_ref().is_some_and(Acks::waiting);
+        let idle_left = idle.saturating_sub(last_input.elapsed());
+        let wait = if ack_waiting {
+            idle_left.min(ACK_POLL)
+        } else {
+            idle_left
+        };
         let readiness = async {
-            match first(stream.peek(&mut peek), glommio::timer::sleep(idle)).await {
+            match first(stream.peek(&mut peek), glommio::timer::sleep(wait)).await {
                 Either::Left(Ok(_)) => Wait::Ready,
                 Either::Left(Err(_)) => Wait::Failed,
                 Either::Right(()) => Wait::Idle,
@@ -187,10 +233,43 @@ async fn connection(ctx: Rc<Ctx>, stream: glommio::net::TcpStream, open: Rc<Cell
             Either::Left(Wait::Ready) => {}
             Either::Left(Wait::Failed) => break,
             Either::Left(Wait::Idle) => {
-                ctx.st.borrow_mut().c.tcp_idle_closed += 1;
-                break;
+                if let Some(a) = acks.as_mut() {
+                    if !a.flush(&ctx, fd) {
+                        break;
+                    }
+                }
+                if last_input.elapsed() >= idle {
+                    ctx.st.borrow_mut().c.tcp_idle_closed += 1;
+                    break;
+                }
             }
             Either::Right(()) => draining = 1,
         }
+    }
+}
+
+/// Tell the client why its hello was refused (best effort: the connection closes next).
+fn refuse_hello(ctx: &Ctx, fd: i32, reason: &str) {
+    log::debug!("shard {} tcp: hello refused: {reason}", ctx.id);
+    let line = Acks::error_line(reason);
+    // SAFETY: `line` is a live buffer; `fd` is the open connection.
+    unsafe {
+        libc::send(
+            fd,
+            line.as_ptr().cast(),
+            line.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
+/// The client ended its stream: acknowledge what becomes durable within [`ACK_LINGER`].
+async fn linger_for_acks(ctx: &Rc<Ctx>, fd: i32, acks: &mut Acks) {
+    let deadline = Instant::now() + ACK_LINGER;
+    while acks.waiting() && Instant::now() < deadline && !ctx.stopping.get() {
+        if !acks.flush(ctx, fd) {
+            return;
+        }
+        glommio::timer::sleep(ACK_POLL).await;
     }
 }

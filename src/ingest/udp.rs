@@ -233,7 +233,9 @@ pub async fn run(ctx: Rc<Ctx>, sock: ShardSocket) {
                 h
             };
             let payload = strip_header(d).1;
-            let handed = run_lines(&ctx, payload, Transport::Udp, now).await;
+            let handed = run_lines(&ctx, payload, Transport::Udp, now, None)
+                .await
+                .handed_off;
             if header.is_some() && handed > 0 {
                 ctx.st.borrow_mut().c.udp_steered_handoff += 1;
             }

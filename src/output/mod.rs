@@ -367,6 +367,14 @@ impl ShardOutput {
     pub fn is_idle(&self) -> bool {
         self.lanes.iter().all(|l| l.pending.buf.is_empty())
     }
+
+    /// True when nothing is pending here and every sink's queue is empty: what this shard
+    /// produced has been taken by the sink threads (the last batch may still be being written).
+    pub fn queues_drained(&self) -> bool {
+        self.lanes
+            .iter()
+            .all(|l| l.pending.buf.is_empty() && l.queue.is_empty())
+    }
 }
 
 impl Drop for ShardOutput {

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod inspect;
 pub mod log;
+pub mod producer;
 pub mod snapshot_file;
 
 pub use crate::engine::snapshot::{

@@ -112,6 +112,31 @@ counters! {
     /// Gauge: CPU time the shard's thread has used (user + system), in microseconds, as of the
     /// last publication. Load tests divide events by it to get events per CPU-second.
     cpu_us,
+    /// Durability (`runtime::durable`): records appended to the event log.
+    log_appended,
+    log_commits,
+    log_fsyncs,
+    log_bytes,
+    /// Log writes or syncs that failed (retried), e.g. a full disk.
+    log_errors,
+    /// Events applied without a log record (the log buffer was full: a failing disk).
+    log_unlogged,
+    /// Gauge: sequence of the last durable log record.
+    log_durable_seq,
+    /// Producer lines skipped because this shard had applied them already.
+    producer_duplicates,
+    /// Producers forgotten because `limits.producers_max` was reached.
+    producer_evictions,
+    snapshots,
+    snapshot_errors,
+    /// Gauge: duration of the last published snapshot, capture to log truncation.
+    snapshot_last_us,
+    /// Sessions restored from the snapshot at start.
+    recovered_sessions,
+    /// Logged events replayed at start.
+    replayed_events,
+    /// Acknowledgement lines written to acknowledged TCP connections.
+    acks_sent,
 }
 
 /// CPU time (user + system) of the calling thread, in microseconds.

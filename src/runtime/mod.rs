@@ -14,6 +14,7 @@
 //! returns. A watchdog ends the process with exit code 1 if all that takes more than 10 s.
 
 pub mod counters;
+pub mod durable;
 pub mod handoff;
 pub mod ops;
 pub mod shard;
@@ -49,6 +50,10 @@ const OUTPUT_SHUTDOWN: Duration = Duration::from_secs(5);
 const SHUTDOWN_HARD_CAP: Duration = Duration::from_secs(10);
 /// Shards must be ready within this long (engine reservation, queue connection).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// The same with persistence on: recovery restores the snapshot and replays the log first.
+const START_TIMEOUT_RECOVERING: Duration = Duration::from_secs(600);
+/// With persistence on, the shutdown's extra allowance for the final snapshot.
+const FINAL_SNAPSHOT_BUDGET: Duration = Duration::from_secs(60);
 /// glommio's preemption tick: how long a busy task may run before `yield_if_needed` yields,
 /// and so how often a busy executor polls its timers and I/O.
 const PREEMPT: Duration = Duration::from_millis(5);
@@ -169,6 +174,8 @@ struct ShardArgs {
     msgs: mpsc::Sender<Msg>,
     /// Metrics, health, heartbeats, reloads (`ops`).
     ops: Arc<ops::Ops>,
+    /// Which handed-off events each shard has made durable (`durable`).
+    handoffs: Arc<durable::Handoffs>,
 }
 
 /// Run the appliance until SIGTERM/SIGINT, without a config file to reload on SIGHUP.
@@ -206,6 +213,11 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
             .map_err(|e| rt("starting the signal thread")(&e))?;
     }
 
+    // Held until the process exits: one process per persist directory.
+    let _dir_lock = match cfg.persist.dir.as_deref() {
+        Some(dir) => Some(durable::lock_dir(std::path::Path::new(dir)).map_err(RunError::Runtime)?),
+        None => None,
+    };
     let listeners = Listeners::bind(&cfg, shards).map_err(|e| rt("binding listeners")(&e))?;
     // The metrics endpoint next: a busy port fails start-up before any shard runs.
     let ops = Arc::new(ops::Ops::start(&cfg, shards as usize).map_err(RunError::Runtime)?);
@@ -258,6 +270,8 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
     }
 
     let counters: Arc<[ShardCounters]> = (0..n).map(|_| ShardCounters::default()).collect();
+    let handoffs = Arc::new(durable::Handoffs::new(n));
+    let persist = cfg.persist.dir.is_some();
     let beats: Arc<[Beat]> = (0..n).map(|_| Beat::default()).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let kicker_done = Arc::new(AtomicBool::new(false));
@@ -284,6 +298,7 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
             stop: stop.clone(),
             msgs: msg_tx.clone(),
             ops: ops.clone(),
+            handoffs: handoffs.clone(),
         };
         let h = LocalExecutorBuilder::new(Placement::Fixed(cpu))
             .name(&format!("shard{i}"))
@@ -298,8 +313,14 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
     let started = Instant::now();
     let mut ready = 0;
     let mut failure: Option<String> = None;
+    // Recovery (restore, replay) happens before a shard reports ready.
+    let start_timeout = if persist {
+        START_TIMEOUT_RECOVERING
+    } else {
+        START_TIMEOUT
+    };
     while ready < n && failure.is_none() {
-        let left = START_TIMEOUT.saturating_sub(started.elapsed());
+        let left = start_timeout.saturating_sub(started.elapsed());
         match msg_rx.recv_timeout(left) {
             Ok(Msg::Ready(i)) => {
                 log::debug!("shard {i} ready");
@@ -314,7 +335,7 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
                 log::info!("signal {s} during start-up: stopping");
                 break;
             }
-            Err(_) => failure = Some(format!("shards not ready after {START_TIMEOUT:?}")),
+            Err(_) => failure = Some(format!("shards not ready after {start_timeout:?}")),
         }
     }
     if ready == n && failure.is_none() {
@@ -354,18 +375,23 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
     let t0 = Instant::now();
     ops.set_stopping();
     stop.store(true, Ordering::Release);
+    // The final snapshot gets its own share of the shutdown when persistence is on.
+    let snapshot_budget = if persist {
+        FINAL_SNAPSHOT_BUDGET
+    } else {
+        Duration::ZERO
+    };
+    let hard_cap = SHUTDOWN_HARD_CAP + snapshot_budget;
     std::thread::Builder::new()
         .name("shutdown-watchdog".into())
-        .spawn(|| {
-            std::thread::sleep(SHUTDOWN_HARD_CAP);
-            log::error!(
-                "shutdown took longer than {SHUTDOWN_HARD_CAP:?}: exiting without a full flush"
-            );
+        .spawn(move || {
+            std::thread::sleep(hard_cap);
+            log::error!("shutdown took longer than {hard_cap:?}: exiting without a full flush");
             std::process::exit(1);
         })
         .map_err(|e| rt("starting the shutdown watchdog")(&e))?;
     let mut exited = 0;
-    let shard_deadline = t0 + SHARD_DRAIN_BUDGET + Duration::from_secs(1);
+    let shard_deadline = t0 + SHARD_DRAIN_BUDGET + snapshot_budget + Duration::from_secs(1);
     while exited < n {
         let left = shard_deadline.saturating_duration_since(Instant::now());
         match msg_rx.recv_timeout(left) {
@@ -479,7 +505,9 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         cfg.limits.json_depth_max,
         line_bytes_max,
     );
-    let batch_bytes = (cfg.limits.handoff_batch_bytes as usize).max(line_bytes_max + 1);
+    // A batch holds at least one line of the longest kind: tagged, with its newline.
+    let batch_bytes = (cfg.limits.handoff_batch_bytes as usize)
+        .max(line_bytes_max + crate::persist::producer::TAG_BYTES_MAX + 1);
     let handoff = HandoffOut::new(
         id,
         a.ret_rx,
@@ -500,6 +528,24 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         handoff,
         line_bytes_max,
     );
+
+    let mut st = st;
+    if let Some(dir) = cfg.persist.dir.as_deref() {
+        let t0 = Instant::now();
+        let rec = durable::recover(&mut st, cfg, std::path::Path::new(dir), a.handoffs.clone())
+            .await
+            .map_err(|e| format!("recovering from {dir}: {e}"))?;
+        log::info!(
+            "shard {id}: recovered in {:?}: {} sessions from {}, {} logged events replayed ({} duplicates skipped)",
+            t0.elapsed(),
+            rec.sessions,
+            rec.snapshot
+                .as_ref()
+                .map_or("no snapshot".to_string(), |(p, g)| format!("{} (generation {g})", p.display())),
+            rec.replayed,
+            rec.duplicates
+        );
+    }
 
     // The park race (see `Beat`) can also strike while the queue ends connect below, before
     // the ticker runs: let the kicker wake this task from the start.
@@ -570,6 +616,10 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
     if id == 0 {
         a.ops.spawn_shard0_tasks();
     }
+    let snapshots =
+        cfg.persist.dir.is_some().then(|| {
+            glommio::spawn_local(snapshot_loop(ctx.clone(), cfg.persist.snapshot_interval.0))
+        });
     let _ = a.msgs.send(Msg::Ready(id));
 
     // The ticker: engine timers, output flushes, counter publication, the stop flag, and the
@@ -602,7 +652,12 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         {
             ctx.blocked.set(false);
         }
+        if let Some(d) = st.durable.as_mut() {
+            // Group commit for whatever the rounds left buffered (and interval fsyncs).
+            d.commit();
+        }
         if now - last_publish >= PUBLISH_INTERVAL_MS {
+            st.sync_durable_counters();
             st.c.cpu_us = counters::thread_cpu_us();
             st.c.publish(&a.counters[id as usize]);
             last_publish = now;
@@ -666,6 +721,23 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         }
         glommio::timer::sleep(TICK).await;
     }
+    if let Some(task) = snapshots {
+        // The periodic task ends at the stop; wait for a snapshot it is writing, then take the
+        // final one, so a restart resumes every open session without replaying a log.
+        task.await;
+        let t0 = Instant::now();
+        match durable::snapshot(&ctx).await {
+            Ok(()) => log::info!("shard {id}: final snapshot written in {:?}", t0.elapsed()),
+            Err(e) => log::error!(
+                "shard {id}: final snapshot failed (the log still covers everything): {e}"
+            ),
+        }
+        let mut st = ctx.st.borrow_mut();
+        if let Some(d) = st.durable.as_mut() {
+            d.commit();
+        }
+        st.sync_durable_counters();
+    }
     // The waker must be dropped on this thread, before the task it points to ends.
     let waker = beat.waker.lock().ok().and_then(|mut w| w.take());
     drop(waker);
@@ -678,6 +750,24 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         st.engine.live_sessions()
     );
     Ok(())
+}
+
+/// Snapshots every `interval` until the shard stops.
+async fn snapshot_loop(ctx: Rc<Ctx>, interval: Duration) {
+    loop {
+        match shard::first(glommio::timer::sleep(interval), ctx.stopped()).await {
+            shard::Either::Left(()) => {}
+            shard::Either::Right(()) => return,
+        }
+        let t0 = Instant::now();
+        match durable::snapshot(&ctx).await {
+            Ok(()) => log::debug!("shard {}: snapshot written in {:?}", ctx.id, t0.elapsed()),
+            Err(e) => log::warn!(
+                "shard {}: snapshot failed (retried at the next interval): {e}",
+                ctx.id
+            ),
+        }
+    }
 }
 
 /// Receives the batches one peer hands to this shard, until that peer closes its sender.
@@ -698,7 +788,7 @@ async fn handoff_receiver(
         }
         let ok = {
             let mut st = ctx.st.borrow_mut();
-            st.process_handoff(&b, now_ms());
+            st.process_handoff(&b, from, now_ms());
             st.deliver_and_flush()
         };
         if !ok {

@@ -11,6 +11,7 @@
 //! runs only the profiles it owns. Unmatched events pass through on the receiving shard.
 
 use super::counters::LocalCounters;
+use super::durable::Durable;
 use super::handoff::{batch_lines, Batch, HandoffOut};
 use super::ops::ShardMetrics;
 use crate::config::Transport;
@@ -20,6 +21,7 @@ use crate::engine::{route, Clock, Engine, Out, Route};
 use crate::ingest::lines::TOO_LONG_PREFIX_BYTES;
 use crate::ingest::transport_label;
 use crate::output::ShardOutput;
+use crate::persist::producer;
 use glommio::channels::shared_channel::ConnectedSender;
 use glommio::sync::Semaphore;
 use std::cell::{Cell, RefCell};
@@ -48,6 +50,16 @@ pub struct Progress {
     pub stalled: bool,
     /// Events that needed at least one hand-off.
     pub handed_off: u32,
+    /// Lines consumed (non-empty ones: each has a producer sequence number).
+    pub lines: u64,
+}
+
+/// The producer an acknowledged connection named in its hello line, and the sequence number
+/// its next line gets (`persist::producer`).
+#[derive(Debug, Clone)]
+pub struct ProducerCursor {
+    pub id: Vec<u8>,
+    pub next: u64,
 }
 
 pub struct Shard {
@@ -67,6 +79,10 @@ pub struct Shard {
     deliver_bytes: usize,
     /// Latency histogram, records per stream, and the published sample (`runtime::ops`).
     pub metrics: ShardMetrics,
+    /// The event log and its bookkeeping, when `persist.dir` is set (`runtime::durable`).
+    pub durable: Option<Durable>,
+    /// Scratch for the tagged form of a producer's line.
+    tagged: Vec<u8>,
 }
 
 impl Shard {
@@ -99,12 +115,21 @@ impl Shard {
             line_bytes_max,
             deliver_bytes: out_bytes / 2,
             metrics,
+            durable: None,
+            tagged: Vec::with_capacity(line_bytes_max + producer::TAG_BYTES_MAX),
         }
     }
 
     /// Feed the '\n'-separated lines of `data` (a last line without '\n' counts; empty lines
     /// and a trailing '\r' are ignored).
-    pub fn process_lines(&mut self, data: &[u8], t: Transport, now_ms: i64) -> Progress {
+    /// Lines of an acknowledged connection with a producer are numbered by `cursor`.
+    pub fn process_lines(
+        &mut self,
+        data: &[u8],
+        t: Transport,
+        now_ms: i64,
+        mut cursor: Option<&mut ProducerCursor>,
+    ) -> Progress {
         let mut p = Progress::default();
         self.metrics
             .round_begin(self.c.udp_events + self.c.tcp_events);
@@ -116,12 +141,17 @@ impl Shard {
                 line = rest;
             }
             if !line.is_empty() {
-                match self.process_line(line, t, now_ms) {
+                let tag = cursor.as_deref().map(|c| (&c.id[..], c.next));
+                match self.process_line(line, t, now_ms, tag) {
                     None => {
                         p.stalled = true;
                         break;
                     }
                     Some(handed) => p.handed_off += u32::from(handed),
+                }
+                p.lines += 1;
+                if let Some(c) = cursor.as_deref_mut() {
+                    c.next += 1;
                 }
             }
             pos = (end + 1).min(data.len());
@@ -132,7 +162,14 @@ impl Shard {
 
     /// One received line. `None`: a hand-off buffer is needed first (nothing was done).
     /// `Some(true)`: the event was handed to at least one other shard.
-    fn process_line(&mut self, line: &[u8], t: Transport, now_ms: i64) -> Option<bool> {
+    /// `tag`: the line's producer and sequence number (acknowledged connections only).
+    fn process_line(
+        &mut self,
+        line: &[u8],
+        t: Transport,
+        now_ms: i64,
+        tag: Option<(&[u8], u64)>,
+    ) -> Option<bool> {
         if line.len() > self.line_bytes_max {
             self.c.lines_too_long += 1;
             self.count_event(t);
@@ -167,7 +204,15 @@ impl Shard {
             };
             self.routes.push((p, d, o));
         }
-        if peers != 0 && !self.handoff.reserve(peers, ev.raw().len() + 1) {
+        // What is logged and handed off: the line, tagged with its producer if it has one.
+        let carried: &[u8] = match tag {
+            Some((id, seq)) => {
+                producer::tag(&mut self.tagged, id, seq, ev.raw());
+                &self.tagged
+            }
+            None => ev.raw(),
+        };
+        if peers != 0 && !self.handoff.reserve(peers, carried.len() + 1) {
             self.c.handoff_stalls += 1;
             return None;
         }
@@ -175,11 +220,22 @@ impl Shard {
             Transport::Udp => self.c.udp_events += 1,
             Transport::Tcp => self.c.tcp_events += 1,
         }
-        if self.routes.is_empty() {
+        let local = self.routes.is_empty() || self.routes.iter().any(|r| matches!(r.1, Dest::Here));
+        let mut apply = true;
+        if let (true, Some(d)) = (local, self.durable.as_mut()) {
+            apply = d.admit(tag);
+            if apply {
+                d.log_event(now_ms, carried);
+            }
+        }
+        if self.routes.is_empty() && apply {
             self.c.passthrough += 1;
             self.out.passthrough(ev.raw());
         }
         for &(p, d, _) in &self.routes {
+            if !apply {
+                break;
+            }
             match d {
                 Dest::Here => self
                     .engine
@@ -201,8 +257,11 @@ impl Shard {
         while m != 0 {
             let o = m.trailing_zeros();
             m &= m - 1;
-            self.handoff.push(o, ev.raw());
+            self.handoff.push(o, carried);
             self.c.handoff_events_out += 1;
+            if let Some(d) = self.durable.as_mut() {
+                d.sent[o as usize] += 1;
+            }
         }
         self.deliver_if_large();
         Some(peers != 0)
@@ -215,9 +274,11 @@ impl Shard {
         }
     }
 
-    /// A batch handed over by another shard: run the profiles this shard owns.
-    pub fn process_handoff(&mut self, b: &Batch, now_ms: i64) {
-        for line in batch_lines(b) {
+    /// A batch handed over by shard `from`: run the profiles this shard owns.
+    pub fn process_handoff(&mut self, b: &Batch, from: u32, now_ms: i64) {
+        for carried in batch_lines(b) {
+            let tagged = producer::untag(carried);
+            let line = tagged.line;
             let ev = match self.dec.decode(line) {
                 Ok(ev) => ev,
                 Err(e) => {
@@ -229,6 +290,13 @@ impl Shard {
                     continue;
                 }
             };
+            self.c.handoff_events_in += 1;
+            if let Some(d) = self.durable.as_mut() {
+                if !d.admit(tagged.producer) {
+                    continue;
+                }
+                d.log_event(now_ms, carried);
+            }
             for p in self.rules.matching(&ev) {
                 if let Route::Owner(o) = route(&self.rules, p, &ev, self.shards) {
                     if o == self.id {
@@ -237,10 +305,36 @@ impl Shard {
                     }
                 }
             }
-            self.c.handoff_events_in += 1;
             self.deliver_if_large();
         }
         self.c.handoff_batches_in += 1;
+        if let Some(d) = self.durable.as_mut() {
+            d.handoff_done(from, b.events);
+        }
+    }
+
+    /// A logged event, replayed at recovery with its recorded arrival time: the profiles this
+    /// shard owns, or the pass-through if none matches (what was done when it was logged).
+    pub fn replay_line(&mut self, line: &[u8], wall_ms: i64) {
+        let Ok(ev) = self.dec.decode(line) else {
+            // Logged lines decoded when they were accepted; only a rule change between runs
+            // (a field table that no longer extracts the same fields) can get here.
+            return;
+        };
+        let mut matched = false;
+        for p in self.rules.matching(&ev) {
+            matched = true;
+            if let Route::Owner(o) = route(&self.rules, p, &ev, self.shards) {
+                if o == self.id {
+                    self.engine
+                        .on_event(p, &ev, Clock::Wall(wall_ms), &mut self.out);
+                }
+            }
+        }
+        if !matched {
+            self.out.passthrough(ev.raw());
+        }
+        self.deliver_if_large();
     }
 
     /// A record that never reached the decoder (an oversized datagram or stream line).
@@ -276,6 +370,29 @@ impl Shard {
         self.metrics.set_rules(&rules);
         self.rules = rules;
         Ok(())
+    }
+
+    /// Copy the durability figures into the counters (before publishing them).
+    pub fn sync_durable_counters(&mut self) {
+        let Some(d) = self.durable.as_ref() else {
+            return;
+        };
+        let l = d.log.stats();
+        let c = &mut self.c;
+        c.log_appended = l.appended;
+        c.log_commits = l.commits;
+        c.log_fsyncs = l.fsyncs;
+        c.log_bytes = l.bytes_written;
+        c.log_errors = d.stats.log_errors;
+        c.log_unlogged = d.stats.unlogged;
+        c.log_durable_seq = d.log.durable_seq();
+        c.producer_duplicates = d.stats.duplicates;
+        c.producer_evictions = d.producers.evictions;
+        c.snapshots = d.stats.snapshots;
+        c.snapshot_errors = d.stats.snapshot_errors;
+        c.snapshot_last_us = d.stats.snapshot_last_us;
+        c.recovered_sessions = d.stats.recovered_sessions;
+        c.replayed_events = d.stats.replayed;
     }
 
     pub fn advance(&mut self, now_ms: i64) {
@@ -421,15 +538,26 @@ pub async fn send_ready(ctx: &Rc<Ctx>) {
 
 /// Feed lines to the shard, handling hand-off stalls (send, wait for buffers, resume).
 /// Returns how many events needed a hand-off.
-pub async fn run_lines(ctx: &Rc<Ctx>, data: &[u8], t: Transport, now_ms: i64) -> u32 {
+pub async fn run_lines(
+    ctx: &Rc<Ctx>,
+    data: &[u8],
+    t: Transport,
+    now_ms: i64,
+    mut cursor: Option<&mut ProducerCursor>,
+) -> Progress {
     let mut pos = 0;
-    let mut handed = 0;
+    let mut total = Progress::default();
     loop {
-        let p = ctx.st.borrow_mut().process_lines(&data[pos..], t, now_ms);
+        let p = ctx
+            .st
+            .borrow_mut()
+            .process_lines(&data[pos..], t, now_ms, cursor.as_deref_mut());
         pos += p.consumed;
-        handed += p.handed_off;
+        total.handed_off += p.handed_off;
+        total.lines += p.lines;
         if !p.stalled {
-            return handed;
+            total.consumed = pos;
+            return total;
         }
         send_ready(ctx).await;
         // Every buffer to some peer may still be in flight; wait for one to come back.
@@ -456,6 +584,9 @@ pub async fn end_round(ctx: &Rc<Ctx>) {
         let ok = st.deliver_and_flush();
         let events = st.c.udp_events + st.c.tcp_events;
         st.metrics.round_end(events);
+        if let Some(d) = st.durable.as_mut() {
+            d.commit();
+        }
         ok
     };
     if !ok {
