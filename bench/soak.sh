@@ -3,12 +3,35 @@
 # resident memory and drops every few seconds into a CSV, then printing a summary. Not run in CI.
 #
 #   bench/soak.sh [DURATION_S] [RATE] [INTERVAL_S]     defaults: 180 100k 5
+#   bench/soak.sh --summary SAMPLES_CSV                 the summary of an earlier run
 #
 # Environment: SOAK_DIR (where the config, log and samples.csv go; default a fresh mktemp -d),
 # SOAK_CORES (the config's `cores`, default "all"), SOAK_KEYS (distinct keys, default 200k).
 # Every address is loopback with port 0; the bound ports come from the READY line, so the run does
 # not collide with another appliance on the host.
 set -euo pipefail
+
+# The summary of a samples CSV. The last sample is taken after the generator stopped (a partial
+# interval, and the records of its final sessions meeting a closed output), so the rates and
+# "during load" figures stop one sample earlier.
+summary() {
+    awk -F, 'NR > 1 { n++; rss[n] = $4; d[n] = $5 + $6 + $7; r[n] = $3; ev = $2 }
+    END {
+        last = (n > 2) ? n - 1 : n
+        m = 0
+        for (i = 2; i <= last; i++) v[++m] = r[i]
+        for (i = 2; i <= m; i++) { x = v[i]; j = i - 1; while (j > 0 && v[j] > x) { v[j + 1] = v[j]; j-- } v[j + 1] = x }
+        med = (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
+        printf "RSS first %d KiB, last under load %d KiB (%+d KiB), after the load %d KiB\n", rss[1], rss[last], rss[last] - rss[1], rss[n]
+        printf "rate events/s over %d samples: min %d, median %d, max %d\n", m, v[1], med, v[m]
+        printf "events in %d; drops (udp kernel + output + hand-off lost): %d under load, %d in all\n", ev, d[last], d[n]
+    }' "$1"
+}
+
+if [[ ${1:-} == --summary ]]; then
+    summary "$2"
+    exit 0
+fi
 
 duration_s=${1:-180}
 rate=${2:-100k}
@@ -114,18 +137,6 @@ wait "$load_pid" || true
 load_pid=
 
 echo "soak: $duration_s s at $rate offered, samples every $interval_s s: $csv"
-# Samples after the first and before the generator stopped (a partial interval reads low).
-awk -F, 'NR == 2 { rss0 = $4; d0 = $5 + $6 + $7 }
-    NR > 2 { r[++n] = $3 }
-    NR > 1 { rss1 = $4; d1 = $5 + $6 + $7; ev = $2 }
-    END {
-        m = n - 1; if (m < 1) m = n
-        for (i = 1; i <= m; i++) v[i] = r[i]
-        for (i = 2; i <= m; i++) { x = v[i]; j = i - 1; while (j > 0 && v[j] > x) { v[j + 1] = v[j]; j-- } v[j + 1] = x }
-        med = (m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2
-        printf "RSS first %d KiB, last %d KiB (%+d KiB)\n", rss0, rss1, rss1 - rss0
-        printf "rate events/s over %d samples: min %d, median %d, max %d\n", m, v[1], med, v[m]
-        printf "events in %d; drops (udp kernel + output + hand-off lost) %d since the first sample, %d in all\n", ev, d1 - d0, d1
-    }' "$csv"
+summary "$csv"
 echo "loadgen summary:"
 sed -n '1,40p' "$dir/loadgen.txt"
