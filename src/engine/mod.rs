@@ -108,6 +108,11 @@ pub struct Stats {
     pub evictions: u64,
     pub rejections: u64,
     pub dead_letters: u64,
+    /// Dead letters by reason (`session_table_full` is `rejections`); each is also counted in
+    /// `dead_letters`.
+    pub missing_keys: u64,
+    pub keys_too_long: u64,
+    pub bad_timestamps: u64,
     pub captures_dropped: u64,
     pub blocks_used: u64,
     pub blocks_total: u64,
@@ -498,8 +503,10 @@ impl State {
             Some(k) if k.len() <= self.key_bytes_max => k,
             found => {
                 let reason = if found.is_some() {
+                    self.stats.keys_too_long += 1;
                     "key_too_long"
                 } else {
+                    self.stats.missing_keys += 1;
                     "missing_key"
                 };
                 self.stats.dead_letters += 1;
@@ -508,6 +515,7 @@ impl State {
             }
         };
         let Some(t) = self.event_time(rules, pi, ev, clock) else {
+            self.stats.bad_timestamps += 1;
             self.stats.dead_letters += 1;
             out.dead_letter_event("bad_timestamp", &rule.name, ev.raw());
             return;
@@ -521,7 +529,14 @@ impl State {
             }
         }
         let c = &mut self.clocks[pi];
-        c.max_ts = c.max_ts.max(t);
+        // Live, the watermark never runs ahead of the wall clock: an event from a fast clock
+        // (within `future_skew_max`) joins its session at its own time but moves `max_ts` only
+        // up to its arrival, so one bad source cannot make every other source's events late.
+        let advance_to = match clock {
+            Clock::Wall(now) => t.min(now),
+            Clock::Replay => t,
+        };
+        c.max_ts = c.max_ts.max(advance_to);
         if let Clock::Wall(now) = clock {
             c.wall_last = now;
         }

@@ -62,6 +62,8 @@ pub const REJECTIONS: &str = "sessionizer_rejections_total";
 pub const PARSE_ERRORS: &str = "sessionizer_parse_errors_total";
 /// Counter {source, shard}: dead-letter records, by where they were raised.
 pub const DEAD_LETTERS: &str = "sessionizer_dead_letters_total";
+/// Counter {reason, shard}: dead-letter records, by their `reason` ([`DEAD_LETTER_REASONS`]).
+pub const DEAD_LETTERS_BY_REASON: &str = "sessionizer_dead_letters_by_reason_total";
 /// Counter {direction, shard}: events handed between cores.
 pub const HANDOFF_EVENTS: &str = "sessionizer_handoff_events_total";
 /// Gauge {shard}: hand-off batches this shard has in flight to its peers.
@@ -158,6 +160,10 @@ pub const ALL_METRICS: &[(&str, &str)] = &[
     (
         DEAD_LETTERS,
         "Dead-letter records, by source (ingest or engine).",
+    ),
+    (
+        DEAD_LETTERS_BY_REASON,
+        "Dead-letter records, by the reason they carry.",
     ),
     (HANDOFF_EVENTS, "Events handed between cores, by direction."),
     (
@@ -292,6 +298,33 @@ pub const LATENCY_QUANTILES: [(f64, &str); 4] =
     [(0.5, "0.5"), (0.9, "0.9"), (0.99, "0.99"), (0.999, "0.999")];
 /// Decode error kinds; `ShardSample::parse_errors` is indexed like `DecodeError::ALL`.
 pub const PARSE_ERROR_KINDS: usize = DecodeError::ALL.len();
+/// Every `reason` a `dead_letter` record can carry; `ShardSample::dead_letter_reasons` is
+/// indexed like this ([`dead_letter_reason_index`]).
+pub const DEAD_LETTER_REASONS: [&str; 14] = [
+    "empty_line",
+    "line_too_long",
+    "datagram_too_long",
+    "invalid_json",
+    "invalid_utf8",
+    "invalid_escape",
+    "too_deep",
+    "not_object",
+    "trailing_bytes",
+    "duplicate_field",
+    "missing_key",
+    "key_too_long",
+    "bad_timestamp",
+    "session_table_full",
+];
+
+/// Index of a dead-letter reason in [`DEAD_LETTER_REASONS`]. Panics on an unknown reason: every
+/// reason the code emits is a static label listed there.
+pub fn dead_letter_reason_index(reason: &str) -> usize {
+    DEAD_LETTER_REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .unwrap_or_else(|| panic!("dead-letter reason `{reason}` missing from the list"))
+}
 
 /// Latency histogram bounds: 1 µs resolution floor, 60 s ceiling (larger values saturate), two
 /// significant digits (1% error). About 21 KiB per histogram.
@@ -423,6 +456,8 @@ pub struct ShardSample {
     /// Dead letters raised outside the engine: decode errors, oversize lines and datagrams,
     /// routing (`missing_key`, `key_too_long`). The engine's own are in `engine.dead_letters`.
     pub ingest_dead_letters: u64,
+    /// Dead letters of both sources by reason, indexed like [`DEAD_LETTER_REASONS`].
+    pub dead_letter_reasons: [u64; DEAD_LETTER_REASONS.len()],
     pub handoff_events_out: u64,
     pub handoff_events_in: u64,
     /// Gauge: hand-off batches in flight from this shard to its peers.
@@ -479,6 +514,7 @@ impl ShardSample {
             events_out: [0; STREAMS.len()],
             parse_errors: [0; PARSE_ERROR_KINDS],
             ingest_dead_letters: 0,
+            dead_letter_reasons: [0; DEAD_LETTER_REASONS.len()],
             handoff_events_out: 0,
             handoff_events_in: 0,
             handoff_queue_batches: 0,
@@ -515,6 +551,7 @@ impl ShardSample {
             events_out,
             parse_errors,
             ingest_dead_letters,
+            dead_letter_reasons,
             handoff_events_out,
             handoff_events_in,
             handoff_queue_batches,
@@ -541,6 +578,7 @@ impl ShardSample {
         *events_out = cur.events_out;
         *parse_errors = cur.parse_errors;
         *ingest_dead_letters = cur.ingest_dead_letters;
+        *dead_letter_reasons = cur.dead_letter_reasons;
         *handoff_events_out = cur.handoff_events_out;
         *handoff_events_in = cur.handoff_events_in;
         *handoff_queue_batches = cur.handoff_queue_batches;
@@ -664,6 +702,14 @@ pub fn publish(shard: usize, sample: &ShardSample, prev: &mut ShardSample) {
     bump(c, sample.ingest_dead_letters, prev.ingest_dead_letters);
     let c = counter!(DEAD_LETTERS, LABEL_SOURCE => "engine", LABEL_SHARD => sh);
     bump(c, e.dead_letters, pe.dead_letters);
+    for (i, r) in DEAD_LETTER_REASONS.iter().enumerate() {
+        let c = counter!(DEAD_LETTERS_BY_REASON, LABEL_REASON => *r, LABEL_SHARD => sh);
+        bump(
+            c,
+            sample.dead_letter_reasons[i],
+            prev.dead_letter_reasons[i],
+        );
+    }
 
     let c = counter!(HANDOFF_EVENTS, LABEL_DIRECTION => "out", LABEL_SHARD => sh);
     bump(c, sample.handoff_events_out, prev.handoff_events_out);

@@ -103,8 +103,12 @@ counters! {
     lines_too_long,
     /// Events no profile matched (passed through).
     passthrough,
-    /// Events dead-lettered by routing (`missing_key`, `key_too_long`).
-    route_dead_letters,
+    /// Events dead-lettered by routing because a matching profile found no usable key
+    /// (`missing_key`: absent, null, an object or an array).
+    route_missing_key,
+    /// Events dead-lettered by routing because the key is over `limits.key_bytes_max`
+    /// (`key_too_long`).
+    route_key_too_long,
     /// Socket errors other than would-block (receive, accept).
     io_errors,
     /// Times a `block` sink was full and this shard stopped reading.

@@ -23,7 +23,7 @@
 
 use super::shard::Shard;
 use crate::config::Config;
-use crate::decode::Decoder;
+use crate::decode::{DecodeError, Decoder};
 use crate::engine::rules::Rules;
 use crate::metrics::{self, Health, ShardSample};
 use crate::notify::{self, Heartbeats};
@@ -218,10 +218,28 @@ impl Ops {
         s.copy_engine(st.engine.stats());
         s.events_in = [c.udp_events, c.tcp_events];
         s.parse_errors = c.decode_errors;
-        s.ingest_dead_letters = c.decode_errors.iter().sum::<u64>()
-            + c.lines_too_long
+        // Oversized lines never reach the decoder, but they are the decoder's `TooLong` kind.
+        let too_long = DecodeError::ALL
+            .iter()
+            .position(|k| *k == DecodeError::TooLong)
+            .expect("DecodeError::ALL lists TooLong");
+        s.parse_errors[too_long] += c.lines_too_long;
+        s.ingest_dead_letters = s.parse_errors.iter().sum::<u64>()
             + c.udp_too_long
-            + c.route_dead_letters;
+            + c.route_missing_key
+            + c.route_key_too_long;
+        let e = st.engine.stats();
+        let r = &mut s.dead_letter_reasons;
+        r.fill(0);
+        for (k, v) in DecodeError::ALL.iter().zip(s.parse_errors) {
+            r[metrics::dead_letter_reason_index(k.label())] += v;
+        }
+        r[metrics::dead_letter_reason_index("datagram_too_long")] += c.udp_too_long;
+        r[metrics::dead_letter_reason_index("missing_key")] += c.route_missing_key + e.missing_keys;
+        r[metrics::dead_letter_reason_index("key_too_long")] +=
+            c.route_key_too_long + e.keys_too_long;
+        r[metrics::dead_letter_reason_index("bad_timestamp")] += e.bad_timestamps;
+        r[metrics::dead_letter_reason_index("session_table_full")] += e.rejections;
         s.handoff_events_out = c.handoff_events_out;
         s.handoff_events_in = c.handoff_events_in;
         s.handoff_lost_events = c.handoff_events_lost;

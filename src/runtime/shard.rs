@@ -243,11 +243,12 @@ impl Shard {
                 Dest::Peer => {}
                 Dest::MissingKey | Dest::KeyTooLong => {
                     let reason = if matches!(d, Dest::MissingKey) {
+                        self.c.route_missing_key += 1;
                         "missing_key"
                     } else {
+                        self.c.route_key_too_long += 1;
                         "key_too_long"
                     };
-                    self.c.route_dead_letters += 1;
                     let name = &self.rules.profiles[p as usize].name;
                     self.out.dead_letter_event(reason, name, ev.raw());
                 }

@@ -385,3 +385,78 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// The metrics endpoint's bound address from the READY line (`"metrics"`).
+pub fn metrics_addr(app: &Appliance) -> SocketAddr {
+    app.ready["metrics"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in READY: {}", app.ready))
+}
+
+/// One HTTP/1.1 GET: (status, body). The endpoint closes every connection after answering.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read http response");
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad response: {resp:?}"));
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// Sum of every sample of `name` whose label set contains each of `labels` (`("reason", "x")`).
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Scrape `/metrics` until `pred` holds on the text; panics at the deadline with the last one.
+pub fn wait_metrics(app: &Appliance, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    let addr = metrics_addr(app);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = http_get(addr, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        if pred(&body) {
+            return body;
+        }
+        if Instant::now() >= deadline {
+            panic!("metrics never matched within {timeout:?}:\n{body}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Resident memory of a process in KiB (`VmRSS` of /proc/<pid>/status).
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// A key (`{prefix}{n}`) whose owner shard (`fnv1a32(key) % shards`) is `shard`.
+pub fn key_on_shard(prefix: &str, shard: u32, shards: u32) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|k| sessionizer::engine::fnv1a32(k.as_bytes()) % shards == shard)
+        .expect("some key lands on every shard")
+}
