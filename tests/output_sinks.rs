@@ -194,6 +194,38 @@ fn file_sink_writes_per_shard_files_and_filters_streams() {
     assert_eq!(read_lines(&all.join("shard-1.jsonl")), expect_all[1]);
 }
 
+#[test]
+fn file_sink_cuts_off_a_torn_last_record_before_appending() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // Shard 0's file as an unclean stop left it: two records and part of a third.
+    let f0 = out.join("shard-0.jsonl");
+    std::fs::write(&f0, "{\"a\":1}\n{\"a\":2}\n{\"a\":3,\"tor").unwrap();
+    // Shard 1's file holds only a piece of a record.
+    let f1 = out.join("shard-1.jsonl");
+    std::fs::write(&f1, "{\"b\":").unwrap();
+    let cfg = config(&format!(
+        "[[output]]\nkind = \"file\"\npath = \"{}\"\n",
+        out.display()
+    ));
+    let (outputs, mut shards) = Outputs::start(&cfg, 2).unwrap();
+    let next = record(Stream::Events, 0, 4, 40);
+    shards[0].deliver(&out_of(&[(Stream::Events, next.clone())]));
+    flush_all(&mut shards);
+    drop(shards);
+    outputs.shutdown(Duration::from_secs(5));
+    assert_eq!(
+        read_lines(&f0),
+        vec![
+            "{\"a\":1}".to_string(),
+            "{\"a\":2}".to_string(),
+            line(&next)
+        ]
+    );
+    assert_eq!(std::fs::read(&f1).unwrap(), b"");
+}
+
 /// Rotated files of `shard` in write order, then the current file.
 fn shard_files(dir: &Path, shard: usize) -> Vec<PathBuf> {
     let prefix = format!("shard-{shard}.");

@@ -58,7 +58,7 @@ impl FileSink {
         for shard in 0..shards {
             let path = dir.join(format!("shard-{shard}.jsonl"));
             let f = open_append(&path)?;
-            let len = f.metadata()?.len();
+            let len = cut_torn_tail(&f, &path)?;
             files.push(ShardFile {
                 shard,
                 path,
@@ -120,8 +120,42 @@ impl FileSink {
     }
 }
 
+/// A file left by an unclean stop may end inside a record (a buffer flushed mid-line, or a
+/// write cut short by SIGKILL). Appending to it would fuse that piece with the next record, so
+/// the piece is cut off; the record itself is emitted again by recovery (at-least-once).
+/// Returns the file's length afterwards.
+fn cut_torn_tail(f: &File, path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut chunk = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        f.read_exact_at(part, start)?;
+        if let Some(nl) = memchr::memrchr(b'\n', part) {
+            end = start + nl as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        f.set_len(end)?;
+        log::warn!(
+            "output {}: cut off a torn last record of {} bytes left by an unclean stop",
+            path.display(),
+            len - end
+        );
+    }
+    Ok(end)
+}
+
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
 }
 
 impl Sink for FileSink {

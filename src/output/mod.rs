@@ -146,12 +146,28 @@ pub(crate) struct Batch {
 }
 
 /// Updated by sink threads per batch (and by shards once per dropped batch); read by `stats`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Counters {
     pub(crate) records: AtomicU64,
     pub(crate) bytes: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) consumers: AtomicU64,
+    /// Per shard: batches the sink has written out of its own buffers (to the file, the
+    /// sockets), published whenever its queue runs empty. A snapshot waits for it
+    /// ([`ShardOutput::queues_drained`]).
+    pub(crate) done: Box<[AtomicU64]>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            consumers: AtomicU64::new(0),
+            done: (0..SHARDS_MAX).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
 }
 
 impl Counters {
@@ -226,6 +242,9 @@ struct Lane {
     shard: u16,
     mask: u8,
     block: bool,
+    /// Set while recovery replays the log: the lane waits for room like a `block` sink
+    /// whatever its policy, since what it carries re-emits what a crash may have lost.
+    lossless: bool,
     geometry: Geometry,
     /// Hand the pending batch over when a record would take it past this many bytes:
     /// `batch_bytes`, raised by `batch_bytes` after each failed hand-over of a block sink.
@@ -234,6 +253,8 @@ struct Lane {
     queue: Sender<Batch>,
     pool: Receiver<Batch>,
     counters: Arc<Counters>,
+    /// Batches handed to the sink so far.
+    handed: u64,
 }
 
 impl Lane {
@@ -253,7 +274,7 @@ impl Lane {
             return;
         }
         // A block sink with a full queue: keep growing, but never past `pending_bytes_max`.
-        debug_assert!(self.block);
+        debug_assert!(self.block || self.lossless);
         let g = self.geometry;
         if self.pending.buf.len() + next > g.pending_bytes_max {
             self.drop_pending();
@@ -268,6 +289,7 @@ impl Lane {
         debug_assert!(!self.pending.buf.is_empty());
         match self.queue.try_send(std::mem::take(&mut self.pending)) {
             Ok(()) => {
+                self.handed += 1;
                 self.limit = self.geometry.batch_bytes;
                 self.pending = match self.pool.try_recv() {
                     Ok(mut b) => {
@@ -289,7 +311,7 @@ impl Lane {
             }
             Err(TrySendError::Full(b)) => {
                 self.pending = b;
-                if self.block {
+                if self.block || self.lossless {
                     return false;
                 }
                 self.drop_pending();
@@ -363,17 +385,33 @@ impl ShardOutput {
         ready
     }
 
+    /// While on, every lane waits for room instead of dropping (see [`Lane::lossless`]); the
+    /// caller must then call [`ShardOutput::flush`] until it returns true whenever
+    /// [`ShardOutput::backlogged`] says a hand-over failed.
+    pub fn set_lossless(&mut self, on: bool) {
+        for lane in &mut self.lanes {
+            lane.lossless = on;
+        }
+    }
+
+    /// True when a hand-over failed for want of room and the pending batch is growing.
+    pub fn backlogged(&self) -> bool {
+        self.lanes.iter().any(|l| l.limit > l.geometry.batch_bytes)
+    }
+
     /// True when nothing is pending in this shard's batches.
     pub fn is_idle(&self) -> bool {
         self.lanes.iter().all(|l| l.pending.buf.is_empty())
     }
 
-    /// True when nothing is pending here and every sink's queue is empty: what this shard
-    /// produced has been taken by the sink threads (the last batch may still be being written).
+    /// True when nothing is pending here and every sink has written out every batch this shard
+    /// handed it (a snapshot waits for this before it lets the log go).
     pub fn queues_drained(&self) -> bool {
-        self.lanes
-            .iter()
-            .all(|l| l.pending.buf.is_empty() && l.queue.is_empty())
+        self.lanes.iter().all(|l| {
+            l.pending.buf.is_empty()
+                && l.counters.done[usize::from(l.shard) % SHARDS_MAX].load(Ordering::Acquire)
+                    >= l.handed
+        })
     }
 }
 
@@ -517,12 +555,14 @@ impl Outputs {
                     shard: shard as u16,
                     mask,
                     block: o.when_full == WhenFull::Block,
+                    lossless: false,
                     geometry: g,
                     limit: g.batch_bytes,
                     pending: new_batch(shard),
                     queue: queue_tx.clone(),
                     pool: pool_rx.clone(),
                     counters: counters.clone(),
+                    handed: 0,
                 });
             }
             drop(queue_tx);
@@ -698,11 +738,15 @@ fn run_sink<S: Sink>(
     counters: &Counters,
     batch_bytes: usize,
 ) {
+    let mut written = [0u64; SHARDS_MAX];
+    let mut unpublished = false;
     let deadline = loop {
         select! {
             recv(queue) -> msg => match msg {
                 Ok(batch) => {
                     sink.write(&batch, counters);
+                    written[usize::from(batch.shard) % SHARDS_MAX] += 1;
+                    unpublished = true;
                     recycle(batch, pool, batch_bytes);
                 }
                 Err(_) => break Instant::now() + FINISH_DEFAULT,
@@ -710,7 +754,15 @@ fn run_sink<S: Sink>(
             recv(ctrl) -> msg => break msg.unwrap_or_else(|_| Instant::now() + FINISH_DEFAULT),
             default(sink.wait()) => {}
         }
-        sink.tick(Instant::now(), queue.is_empty(), counters);
+        let empty = queue.is_empty();
+        sink.tick(Instant::now(), empty, counters);
+        // With the queue empty, `tick` has flushed the sink's own buffers.
+        if empty && unpublished {
+            for (d, w) in counters.done.iter().zip(written.iter()) {
+                d.store(*w, Ordering::Release);
+            }
+            unpublished = false;
+        }
     };
     // Write what the shards queued before the stop; past the deadline, count it as dropped.
     let mut late = 0u64;
@@ -778,6 +830,7 @@ mod tests {
             shard: 1,
             mask: 0xf,
             block,
+            lossless: false,
             geometry: g,
             limit: g.batch_bytes,
             pending: Batch {
@@ -787,6 +840,7 @@ mod tests {
             queue,
             pool,
             counters: Arc::new(Counters::default()),
+            handed: 0,
         };
         (lane, queue_rx)
     }
@@ -830,6 +884,36 @@ mod tests {
         drop(rx.recv().unwrap());
         assert!(lane.hand_over());
         assert!(lane.pending.buf.is_empty());
+    }
+
+    #[test]
+    fn a_lossless_drop_lane_waits_for_room_instead_of_dropping() {
+        let (mut lane, rx) = lane(false, 4096);
+        lane.lossless = true;
+        let line = [b'x'; 99].iter().chain(b"\n").copied().collect::<Vec<u8>>();
+        // 40 records fill the 4 queue slots; the 51st finds the queue full.
+        for _ in 0..51 {
+            lane.push(&line);
+        }
+        assert_eq!(rx.len(), 4, "the queue is full");
+        assert_eq!(
+            lane.pending.records, 11,
+            "the batch stays pending and grows"
+        );
+        assert!(lane.limit > lane.geometry.batch_bytes, "backlogged");
+        assert!(!lane.hand_over());
+        assert_eq!(lane.counters.dropped.load(Ordering::Relaxed), 0);
+        drop(rx.recv().unwrap());
+        assert!(lane.hand_over());
+        assert_eq!(lane.limit, lane.geometry.batch_bytes);
+        lane.lossless = false;
+        for _ in 0..100 {
+            lane.push(&line);
+        }
+        assert!(
+            lane.counters.dropped.load(Ordering::Relaxed) > 0,
+            "drops again"
+        );
     }
 
     #[test]

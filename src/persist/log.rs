@@ -477,7 +477,7 @@ impl LogWriter {
     }
 
     /// Commit and fsync regardless of the policy's interval.
-    fn commit_durable(&mut self) -> Result<u64, LogError> {
+    pub fn commit_durable(&mut self) -> Result<u64, LogError> {
         let policy = self.cfg.fsync;
         if policy == FsyncPolicy::Interval {
             self.cfg.fsync = FsyncPolicy::Always;

@@ -418,12 +418,22 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
         }
         glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
-    let published = w.publish();
     let mut st = ctx.st.borrow_mut();
     let Some(d) = st.durable.as_mut() else {
+        w.abort();
         return Ok(());
     };
-    match published {
+    // Recovery from this snapshot rebuilds the producers' table from the checkpoint record
+    // that follows its `log_seq`: that record must be on disk before the snapshot can be found.
+    if let Err(e) = d.log.commit_durable() {
+        d.log_error(&e);
+        w.abort();
+        d.capture_failed();
+        return Err(format!(
+            "snapshot generation {generation} not published: its log checkpoint is not durable: {e}"
+        ));
+    }
+    match w.publish() {
         Ok((_, buffer)) => {
             d.snap_buffer = Some(buffer);
             d.published();
@@ -490,6 +500,9 @@ pub async fn recover(
     }
     drop(latest);
 
+    // What the replay emits re-emits what the crash may have lost (at-least-once): it must
+    // not meet a `drop` sink's full queue, so every output waits for room until ingest starts.
+    st.output.set_lossless(true);
     let mut producers = Producers::new(cfg.limits.producers_max as usize);
     let mut reader = LogReader::open(dir, id, after).map_err(|e| e.to_string())?;
     let mut last_advance = i64::MIN;
@@ -516,8 +529,8 @@ pub async fn recover(
         }
         st.replay_line(t.line, r.wall_ms);
         rec.replayed += 1;
-        while !st.deliver_and_flush() {
-            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+        if st.output.backlogged() {
+            drain_outputs(st).await;
         }
     }
     let report = reader.report();
@@ -532,9 +545,8 @@ pub async fn recover(
     )
     .map_err(|e| e.to_string())?;
     st.advance(super::shard::now_ms());
-    while !st.deliver_and_flush() {
-        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-    }
+    drain_outputs(st).await;
+    st.output.set_lossless(false);
     let mut d = Durable::new(
         dir.to_path_buf(),
         id,
@@ -548,6 +560,13 @@ pub async fn recover(
     d.stats.replayed = rec.replayed;
     st.durable = Some(d);
     Ok(rec)
+}
+
+/// Hand everything the shard has produced to the sinks, waiting while a queue is full.
+async fn drain_outputs(st: &mut Shard) {
+    while !st.deliver_and_flush() {
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+    }
 }
 
 /// Create `dir` if needed and take an exclusive lock on `dir/LOCK` for the life of the returned

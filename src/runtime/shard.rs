@@ -347,15 +347,26 @@ impl Shard {
     #[inline]
     fn deliver_if_large(&mut self) {
         if self.out.buf.len() >= self.deliver_bytes {
+            self.commit_log();
             self.output.deliver(&self.out);
             self.metrics.count_out(&self.out);
             self.out.clear();
         }
     }
 
+    /// Outputs leave only after the log records of the events that produced them are written:
+    /// a consumer never sees a session start or id that a crash could make the replay re-assign.
+    #[inline]
+    fn commit_log(&mut self) {
+        if let Some(d) = self.durable.as_mut() {
+            d.commit();
+        }
+    }
+
     /// Hand the output batch to the sinks. False: a `block` sink is full.
     pub fn deliver_and_flush(&mut self) -> bool {
         if !self.out.is_empty() {
+            self.commit_log();
             self.output.deliver(&self.out);
             self.metrics.count_out(&self.out);
             self.out.clear();

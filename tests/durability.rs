@@ -1,0 +1,542 @@
+//! Durability with the real binary: kill -9 under acknowledged load, restart, resend after the
+//! last acknowledgement, and compare the session end markers with a reference computed from
+//! everything the client meant to send; a graceful restart that resumes open sessions; a
+//! corrupt newest snapshot that falls back to the previous generation; the hello protocol.
+
+mod util;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use util::Rng;
+
+/// One run of the binary on a fixed config and state directory.
+struct Proc {
+    child: Child,
+    stderr: Arc<Mutex<Vec<String>>>,
+    ready: serde_json::Value,
+}
+
+impl Proc {
+    fn start(config: &Path) -> Proc {
+        let mut child = Command::new(util::BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sessionizer");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("SESSIONIZER_TEST_ECHO").is_some() {
+                    eprintln!("child: {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = loop {
+            if let Some(l) = lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.starts_with("READY "))
+            {
+                break serde_json::from_str(&l["READY ".len()..]).unwrap();
+            }
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("exited before READY ({st}): {:#?}", lines.lock().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no READY: {:#?}",
+                lines.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Proc {
+            child,
+            stderr: lines,
+            ready,
+        }
+    }
+
+    fn tcp_addr(&self) -> SocketAddr {
+        self.ready["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["kind"] == "tcp")
+            .expect("a tcp listener")["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> Vec<String> {
+        // SAFETY: kill(2) on our own child.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) },
+            0
+        );
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "exit status {st}");
+        std::thread::sleep(Duration::from_millis(100));
+        let lines = self.stderr.lock().unwrap().clone();
+        lines
+    }
+
+    fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let cfg = format!(
+        r#"cores = [0, 1]
+
+[memory]
+arena_bytes = "4MiB"
+max_sessions = 20000
+
+[[listener]]
+kind = "tcp"
+address = "127.0.0.1:0"
+ack = true
+
+[[output]]
+kind = "file"
+path = "{out}"
+streams = ["events", "markers", "late", "dead_letter"]
+
+[persist]
+dir = "{state}"
+snapshot_interval = "150ms"
+fsync = "interval"
+fsync_interval = "5ms"
+
+[[profile]]
+name = "web"
+key = "user"
+time = "processing"
+idle_timeout = "30m"
+ends_when = {{ field = "type", eq = "logout" }}
+metadata = ["n"]
+state = ["n"]
+
+{extra}
+"#,
+        out = dir.join("out").display(),
+        state = dir.join("state").display()
+    );
+    let path = dir.join("sessionizer.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+/// Every line the file output holds (all shards, all runs: the sink appends).
+fn output_lines(dir: &Path) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir.join("out")) else {
+        return out;
+    };
+    for e in rd {
+        let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
+        for l in text.lines() {
+            out.push(
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("a torn or bad output line ({e}): {l}")),
+            );
+        }
+    }
+    out
+}
+
+/// The client's whole stream, numbered from 1: `{"user","type","n"}`, each user's events split
+/// into sessions that end with a logout.
+fn workload(seed: u64, users: usize, events: usize) -> (Vec<String>, Vec<RefSession>) {
+    let mut rng = Rng::new(seed);
+    let mut left: Vec<u64> = (0..users).map(|_| 1 + rng.below(6)).collect();
+    let mut open: Vec<Option<RefSession>> = vec![None; users];
+    let mut lines = Vec::with_capacity(events);
+    let mut sessions = Vec::new();
+    for n in 1..=events as u64 {
+        let u = rng.below(users as u64) as usize;
+        left[u] -= 1;
+        let end = left[u] == 0;
+        let kind = if end { "logout" } else { "click" };
+        lines.push(format!(r#"{{"user":"u{u}","type":"{kind}","n":{n}}}"#));
+        let s = open[u].get_or_insert(RefSession {
+            key: format!("u{u}"),
+            first: n,
+            last: n,
+            count: 0,
+        });
+        s.last = n;
+        s.count += 1;
+        if end {
+            sessions.push(open[u].take().unwrap());
+            left[u] = 1 + rng.below(6);
+        }
+    }
+    (lines, sessions)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct RefSession {
+    key: String,
+    first: u64,
+    last: u64,
+    count: u64,
+}
+
+/// Send `lines[from-1..]` as producer `producer` until the connection breaks or everything is
+/// acknowledged; returns the highest acknowledgement received.
+fn send_acked(
+    addr: SocketAddr,
+    producer: &str,
+    lines: &[String],
+    from: u64,
+    pace: Duration,
+) -> u64 {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return from - 1;
+    };
+    s.set_nodelay(true).unwrap();
+    let mut reader = s.try_clone().unwrap();
+    let acked = Arc::new(Mutex::new(from - 1));
+    let acks = acked.clone();
+    let rd = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match reader.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=i).collect();
+                let v: serde_json::Value = serde_json::from_slice(&line).expect("ack json");
+                let k = v["ack"].as_u64().expect("an ack line");
+                let mut a = acks.lock().unwrap();
+                assert!(k >= *a, "acks never go back: {k} after {}", *a);
+                *a = k;
+            }
+        }
+    });
+    let hello = format!("{{\"hello\":\"{producer}\",\"seq\":{from}}}\n");
+    if s.write_all(hello.as_bytes()).is_err() {
+        return from - 1;
+    }
+    let total = lines.len() as u64;
+    let mut next = from;
+    while next <= total {
+        let end = (next + 20).min(total + 1);
+        let mut chunk = String::new();
+        for l in &lines[(next - 1) as usize..(end - 1) as usize] {
+            chunk.push_str(l);
+            chunk.push('\n');
+        }
+        if s.write_all(chunk.as_bytes()).is_err() {
+            break;
+        }
+        next = end;
+        std::thread::sleep(pace);
+    }
+    // Everything sent: wait for the last acknowledgement (or the crash).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while *acked.lock().unwrap() < total && Instant::now() < deadline && !rd.is_finished() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = rd.join();
+    let a = *acked.lock().unwrap();
+    a
+}
+
+#[test]
+fn kill_9_under_acknowledged_load_loses_nothing_and_ends_every_session_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let (lines, reference) = workload(0x5e55_10de, 200, 30_000);
+    let total = lines.len() as u64;
+    let mut rng = Rng::new(42);
+    let mut acked = 0u64;
+    let mut kills = 0;
+    while kills < 5 {
+        let p = Proc::start(&config);
+        let addr = p.tcp_addr();
+        let from = acked + 1;
+        let lines_c = lines.clone();
+        let sender = std::thread::spawn(move || {
+            send_acked(addr, "crash-test", &lines_c, from, Duration::from_millis(1))
+        });
+        // A seeded moment: sometimes mid-snapshot, sometimes mid-commit.
+        std::thread::sleep(Duration::from_millis(150 + rng.below(500)));
+        let done = sender.is_finished();
+        p.kill9();
+        let got = sender.join().unwrap();
+        assert!(got >= acked, "acknowledgements went back: {got} < {acked}");
+        println!("run {kills}: acknowledged {acked} -> {got} of {total}");
+        acked = got;
+        kills += 1;
+        assert!(
+            !done || acked == total,
+            "the sender stopped early at {acked}"
+        );
+    }
+    // Last run: send the rest, then stop cleanly.
+    let p = Proc::start(&config);
+    let got = send_acked(
+        p.tcp_addr(),
+        "crash-test",
+        &lines,
+        acked + 1,
+        Duration::ZERO,
+    );
+    assert_eq!(got, total, "every line acknowledged in the last run");
+    let stderr = p.terminate();
+    assert!(
+        stderr.iter().any(|l| l.contains("final snapshot written")),
+        "{stderr:#?}"
+    );
+
+    // Every session ends exactly once (after deduplication by id), with the right bounds.
+    let out = output_lines(dir.path());
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
+    for v in out.iter().filter(|v| v["kind"] == "session_end") {
+        let id = v["session_id"].as_str().unwrap().to_string();
+        if let Some(prev) = by_id.get(&id) {
+            assert_eq!(prev, v, "a repeated end marker differs from the first");
+        } else {
+            by_id.insert(id, v.clone());
+        }
+    }
+    let mut seen: Vec<RefSession> = by_id
+        .values()
+        .map(|v| RefSession {
+            key: v["key"].as_str().unwrap().to_string(),
+            first: v["metadata"]["n"].as_u64().unwrap(),
+            last: v["state"]["n"].as_u64().unwrap(),
+            count: v["count"].as_u64().unwrap(),
+        })
+        .collect();
+    seen.sort();
+    let mut expected = reference.clone();
+    expected.sort();
+    let missing: Vec<&RefSession> = expected.iter().filter(|s| !seen.contains(s)).collect();
+    for m in missing.iter().take(3) {
+        // What the output holds of this key around the session, to tell a lost event from a
+        // lost marker or a doubly applied one.
+        let near = |v: &&serde_json::Value| {
+            let n = v["n"].as_u64().or(v["metadata"]["n"].as_u64()).unwrap_or(0);
+            n + 500 >= m.first && n <= m.last + 500
+        };
+        let records: Vec<String> = out
+            .iter()
+            .filter(|v| v["key"] == m.key.as_str() || v["user"] == m.key.as_str())
+            .filter(near)
+            .map(|v| v.to_string())
+            .collect();
+        eprintln!("missing {m:?}; the output around it: {records:#?}");
+    }
+    let extra: Vec<&RefSession> = seen.iter().filter(|s| !expected.contains(s)).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{} sessions expected, {} ended; missing {:?}; unexpected {:?}",
+        expected.len(),
+        seen.len(),
+        &missing[..missing.len().min(5)],
+        &extra[..extra.len().min(5)]
+    );
+    // Every acknowledged event was enriched at least once.
+    let mut enriched: BTreeMap<u64, usize> = BTreeMap::new();
+    for v in out.iter().filter(|v| v.get("_session").is_some()) {
+        *enriched.entry(v["n"].as_u64().unwrap()).or_default() += 1;
+    }
+    assert_eq!(enriched.len() as u64, total, "an event was never enriched");
+}
+
+#[test]
+fn graceful_restart_resumes_open_sessions_from_the_final_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let lines: Vec<String> = (1..=10)
+        .map(|n| format!(r#"{{"user":"u{}","type":"click","n":{n}}}"#, n % 3))
+        .collect();
+    let p = Proc::start(&config);
+    assert_eq!(send_acked(p.tcp_addr(), "g", &lines, 1, Duration::ZERO), 10);
+    let first_ids = session_ids_by_key(dir.path());
+    assert_eq!(first_ids.len(), 3);
+    let stderr = p.terminate();
+    assert!(stderr.iter().any(|l| l.contains("final snapshot written")));
+
+    let p = Proc::start(&config);
+    let recovered: Vec<String> = p
+        .stderr()
+        .into_iter()
+        .filter(|l| l.contains("recovered in"))
+        .collect();
+    assert_eq!(recovered.len(), 2, "{recovered:#?}");
+    let restored: u64 = recovered
+        .iter()
+        .map(|l| {
+            let (_, rest) = l.split_once(": recovered in ").unwrap();
+            let (_, rest) = rest.split_once(": ").unwrap();
+            rest.split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(restored, 3, "{recovered:#?}");
+    let more: Vec<String> = (0..3)
+        .map(|u| format!(r#"{{"user":"u{u}","type":"logout","n":{}}}"#, 11 + u))
+        .collect();
+    let mut all = lines.clone();
+    all.extend(more);
+    assert_eq!(send_acked(p.tcp_addr(), "g", &all, 11, Duration::ZERO), 13);
+    p.terminate();
+    let out = output_lines(dir.path());
+    let ends: Vec<&serde_json::Value> = out.iter().filter(|v| v["kind"] == "session_end").collect();
+    assert_eq!(ends.len(), 3, "{ends:#?}");
+    for e in ends {
+        let key = e["key"].as_str().unwrap();
+        assert_eq!(
+            e["session_id"].as_str().unwrap(),
+            first_ids[key],
+            "the session of {key} kept its id across the restart"
+        );
+        let expect = lines
+            .iter()
+            .filter(|l| l.contains(&format!("\"{key}\"")))
+            .count()
+            + 1;
+        assert_eq!(e["count"].as_u64().unwrap() as usize, expect, "{e}");
+        assert_eq!(e["reason"], "ends_when");
+    }
+    // Nothing was replayed: the final snapshot covered everything.
+    let starts = out.iter().filter(|v| v["kind"] == "session_start").count();
+    assert_eq!(starts, 3);
+}
+
+fn session_ids_by_key(dir: &Path) -> HashMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m: HashMap<String, String> = output_lines(dir)
+            .iter()
+            .filter(|v| v["kind"] == "session_start")
+            .map(|v| {
+                (
+                    v["key"].as_str().unwrap().to_string(),
+                    v["session_id"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        if m.len() == 3 || Instant::now() > deadline {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_corrupt_newest_snapshot_falls_back_to_the_previous_generation_and_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let lines: Vec<String> = (1..=40)
+        .map(|n| format!(r#"{{"user":"u{}","type":"click","n":{n}}}"#, n % 4))
+        .collect();
+    let p = Proc::start(&config);
+    assert_eq!(
+        send_acked(p.tcp_addr(), "c", &lines[..20], 1, Duration::ZERO),
+        20
+    );
+    // Let a periodic snapshot cover the first half, then send the rest.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        send_acked(p.tcp_addr(), "c", &lines, 21, Duration::ZERO),
+        40
+    );
+    p.terminate();
+    // Flip a byte in the body of each shard's newest snapshot.
+    let state = dir.path().join("state");
+    for shard in 0..2 {
+        let mut snaps: Vec<PathBuf> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let n = p.file_name().unwrap().to_str().unwrap();
+                n.starts_with(&format!("snap-{shard}-")) && n.ends_with(".szs")
+            })
+            .collect();
+        snaps.sort_by_key(|p| {
+            let n = p.file_stem().unwrap().to_str().unwrap();
+            n.rsplit('-').next().unwrap().parse::<u64>().unwrap()
+        });
+        assert_eq!(snaps.len(), 2, "two generations kept: {snaps:?}");
+        let newest = snaps.last().unwrap();
+        let mut bytes = std::fs::read(newest).unwrap();
+        let at = bytes.len() - 9;
+        bytes[at] ^= 0x40;
+        std::fs::write(newest, bytes).unwrap();
+    }
+    let p = Proc::start(&config);
+    let warned = p
+        .stderr()
+        .iter()
+        .filter(|l| l.contains("snapshot not used"))
+        .count();
+    assert_eq!(warned, 2, "{:#?}", p.stderr());
+    let ends: Vec<String> = (0..4)
+        .map(|u| format!(r#"{{"user":"u{u}","type":"logout","n":{}}}"#, 41 + u))
+        .collect();
+    let mut all = lines.clone();
+    all.extend(ends);
+    assert_eq!(send_acked(p.tcp_addr(), "c", &all, 41, Duration::ZERO), 44);
+    p.terminate();
+    let out = output_lines(dir.path());
+    let ends: Vec<&serde_json::Value> = out.iter().filter(|v| v["kind"] == "session_end").collect();
+    assert_eq!(ends.len(), 4, "{ends:#?}");
+    for e in ends {
+        assert_eq!(e["count"].as_u64(), Some(11), "{e}");
+        assert_eq!(
+            e["metadata"]["n"].as_u64().unwrap() % 4,
+            e["key"].as_str().unwrap()[1..].parse::<u64>().unwrap()
+        );
+    }
+}
+
+#[test]
+fn a_malformed_hello_is_refused_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let p = Proc::start(&config);
+    let mut s = TcpStream::connect(p.tcp_addr()).unwrap();
+    s.write_all(b"{\"hello\":\"bad id\",\"seq\":1}\n{\"user\":\"u\"}\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let v: serde_json::Value = serde_json::from_str(reply.trim()).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("producer id"),
+        "{reply}"
+    );
+    p.terminate();
+    assert!(output_lines(dir.path()).is_empty(), "nothing was accepted");
+}
