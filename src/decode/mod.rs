@@ -71,6 +71,84 @@ impl Decoder {
     }
 }
 
+/// A decoded event detached from its decoder, so that several can be held at once (a window
+/// of events whose session lookups overlap, or pre-decoded events for a benchmark). Filled by
+/// [`Decoder::decode_into`]; viewed as an [`Event`] together with the line it was decoded from.
+/// Its buffers are sized at construction, so refilling it allocates nothing.
+pub struct Parsed {
+    slots: Box<[Slot]>,
+    /// The extracted strings that had escapes (the decoder's committed scratch).
+    scratch: Vec<u8>,
+    seen: u64,
+    session: Option<SessionSpan>,
+    root_members: u32,
+    /// `(start, end)` of the trimmed object within the line given to `decode_into`.
+    raw: (u32, u32),
+    line_len: u32,
+}
+
+impl Parsed {
+    /// For events decoded with `table`; `scratch_bytes` of room for unescaped strings, so
+    /// refilling it from lines of up to that many bytes never allocates.
+    pub fn new(table: &FieldTable, scratch_bytes: usize) -> Parsed {
+        Parsed {
+            slots: vec![Slot::default(); table.slot_count()].into_boxed_slice(),
+            scratch: Vec::with_capacity(scratch_bytes),
+            seen: 0,
+            session: None,
+            root_members: 0,
+            raw: (0, 0),
+            line_len: 0,
+        }
+    }
+
+    /// The event, given the very bytes passed to [`Decoder::decode_into`] (the fields are
+    /// offsets into them) and the decoder's table.
+    #[inline]
+    pub fn event<'a>(&'a self, line: &'a [u8], table: &'a FieldTable) -> Event<'a> {
+        debug_assert_eq!(line.len(), self.line_len as usize, "not the decoded line");
+        debug_assert_eq!(
+            self.slots.len(),
+            table.slot_count(),
+            "not the decoder's table"
+        );
+        Event {
+            raw: &line[self.raw.0 as usize..self.raw.1 as usize],
+            table,
+            slots: &self.slots,
+            scratch: &self.scratch,
+            seen: self.seen,
+            session: self.session,
+            root_members: self.root_members,
+        }
+    }
+}
+
+impl Decoder {
+    /// [`Decoder::decode`] into a detached [`Parsed`] (made for this decoder's table).
+    pub fn decode_into(&mut self, line: &[u8], p: &mut Parsed) -> Result<(), DecodeError> {
+        let ev = self.decode(line)?;
+        let start = ev.raw.as_ptr() as usize - line.as_ptr() as usize;
+        p.raw = (start as u32, (start + ev.raw.len()) as u32);
+        p.line_len = line.len() as u32;
+        p.seen = ev.seen;
+        p.session = ev.session;
+        p.root_members = ev.root_members;
+        p.slots.copy_from_slice(ev.slots);
+        let used = ev
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| ev.seen & (1u64 << i) != 0 && s.kind == SlotKind::StringScratch)
+            .map(|(_, s)| s.text_end as usize)
+            .max()
+            .unwrap_or(0);
+        p.scratch.clear();
+        p.scratch.extend_from_slice(&ev.scratch[..used]);
+        Ok(())
+    }
+}
+
 /// A validated event line and the fields extracted from it.
 #[derive(Clone, Copy)]
 pub struct Event<'a> {
@@ -90,9 +168,9 @@ impl<'a> Event<'a> {
         self.raw
     }
 
-    /// `#[inline]`: callers ask for a handful of constant ids per event, and inlined across the
-    /// crate boundary the call and the `Field` copy-out mostly disappear.
-    #[inline]
+    /// `#[inline(always)]`: callers ask for a handful of constant ids per event (half a dozen
+    /// per event in the engine), and inlined the call and the `Field` copy-out mostly disappear.
+    #[inline(always)]
     pub fn get(&self, id: FieldId) -> Field<'a> {
         let slot = self.table.slot_of(id);
         if self.seen & (1u64 << slot) == 0 {
@@ -159,15 +237,52 @@ impl<'a> Field<'a> {
         v.is_finite().then_some(v)
     }
 
-    /// Number -> exact i64 if the text is an integer that fits; else None.
+    /// Number -> exact i64 if the text is an integer that fits; else None. By hand rather
+    /// than `str::parse`: every event-time event's timestamp goes through here, and the
+    /// scanner has already admitted only JSON number grammar (`-?(0|[1-9][0-9]*)` for an
+    /// integer), so digits are all that is left to check.
+    #[inline]
     pub fn as_i64(&self) -> Option<i64> {
         let Field::Number(text) = *self else {
             return None;
         };
-        if text.iter().any(|&c| matches!(c, b'.' | b'e' | b'E')) {
+        let (negative, digits) = match text.split_first() {
+            Some((b'-', rest)) => (true, rest),
+            _ => (false, text),
+        };
+        if digits.is_empty() {
             return None;
         }
-        std::str::from_utf8(text).ok()?.parse().ok()
+        let mut v: u64 = 0;
+        if digits.len() <= 19 {
+            // 19 digits stay below 10^19 < 2^64: no overflow to check.
+            for &c in digits {
+                let d = c.wrapping_sub(b'0');
+                if d > 9 {
+                    return None;
+                }
+                v = v * 10 + u64::from(d);
+            }
+            return if negative {
+                // Down to i64::MIN, whose magnitude is one more than i64::MAX.
+                (v <= i64::MAX as u64 + 1).then(|| (v as i64).wrapping_neg())
+            } else {
+                i64::try_from(v).ok()
+            };
+        }
+        for &c in digits {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                return None;
+            }
+            v = v.checked_mul(10)?.checked_add(u64::from(d))?;
+        }
+        if negative {
+            // Down to i64::MIN, whose magnitude is one more than i64::MAX.
+            (v <= i64::MAX as u64 + 1).then(|| (v as i64).wrapping_neg())
+        } else {
+            i64::try_from(v).ok()
+        }
     }
 
     /// The JSON token text to copy verbatim into output. Missing -> None.

@@ -416,6 +416,12 @@ fn numbers() {
     );
     assert_eq!(num("-9223372036854775808").1, Some(i64::MIN));
     assert_eq!(num("9223372036854775808").1, None);
+    assert_eq!(num("-9223372036854775809").1, None);
+    assert_eq!(
+        num("184467440737095516150").1,
+        None,
+        "past u64 while accumulating"
+    );
     assert_eq!(num("1.0"), (Some(1.0), None));
     assert_eq!(num("1E2"), (Some(100.0), None));
     assert_eq!(num("1e-2"), (Some(0.01), None));
@@ -1013,6 +1019,32 @@ fn check_line(d: &mut Decoder, line: &[u8]) -> Result<(), TestCaseError> {
         .map_err(|e| TestCaseError::fail(format!("re-decode: {e:?}")))?;
     let tail: &[u8] = br#""_session":{"id":"s-1","n":2}}"#;
     prop_assert!(again.raw().ends_with(tail), "member not last");
+    check_detached(d, line, &out)
+}
+
+/// The detached form of `line` (decoded into a `Parsed`, then the decoder reused for another
+/// line) gives the same fields and the same enriched output as `decode`.
+fn check_detached(d: &mut Decoder, line: &[u8], enriched: &[u8]) -> Result<(), TestCaseError> {
+    let mut p = Parsed::new(d.table(), 1 << 20);
+    d.decode_into(line, &mut p)
+        .map_err(|e| TestCaseError::fail(format!("decode_into rejects: {e:?}")))?;
+    let mut want = Vec::new();
+    {
+        let e = d.decode(line).expect("decoded above");
+        for id in 0..PROP_PATHS.len() {
+            want.push(format!("{:?}", e.get(id as FieldId)));
+        }
+    }
+    d.decode(br#"{"user":"other\u0041","ts":1,"_session":{}}"#)
+        .expect("a valid line");
+    let table = d.table();
+    let e = p.event(line, table);
+    for (id, w) in want.iter().enumerate() {
+        prop_assert_eq!(&format!("{:?}", e.get(id as FieldId)), w);
+    }
+    let mut out = Vec::new();
+    e.write_enriched(br#""_session":{"id":"s-1","n":2}"#, &mut out);
+    prop_assert_eq!(out, enriched);
     Ok(())
 }
 
