@@ -3,33 +3,35 @@
 //! armed, and the test arms it around 100k events over 10k keys that exercise every kind of work
 //! the engine does per event: new sessions, existing sessions, metadata/state/counters/
 //! aggregates/lists, sub-sessions, event-time merges and late events, ends by rule, expiry by
-//! `advance`, and output into a reused `Out`.
+//! `advance`, and output into a reused `Out`. It runs twice: once event by event
+//! (`Engine::on_event`) and once a window at a time (`Decoder::decode_into` into reused
+//! `Parsed` slots, then `Engine::on_batch_by`), the two paths the appliance and replay use.
 //!
-//! The flag is thread-local so the test harness's own threads cannot disturb the count. Set
+//! The flag and the count are thread-local so the test harness's own threads, and the other test, cannot disturb the count. Set
 //! `ALLOC_TRACE=1` to print a backtrace of each counted allocation.
 
 use sessionizer::config::Config;
-use sessionizer::decode::Decoder;
+use sessionizer::decode::{Decoder, Parsed};
 use sessionizer::engine::rules::{ProfileId, Rules};
 use sessionizer::engine::{route, Clock, Engine, Out, Route};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 struct Counting;
 
 thread_local! {
     static ARMED: Cell<bool> = const { Cell::new(false) };
+    static COUNT: Cell<u64> = const { Cell::new(0) };
 }
-static COUNT: AtomicU64 = AtomicU64::new(0);
 static TRACE: AtomicBool = AtomicBool::new(false);
 
 impl Counting {
     fn note(&self) {
         // `try_with`: the thread-local may already be gone while a thread shuts down.
         if ARMED.try_with(|a| a.replace(false)).unwrap_or(false) {
-            COUNT.fetch_add(1, Ordering::Relaxed);
+            COUNT.with(|c| c.set(c.get() + 1));
             if TRACE.load(Ordering::Relaxed) {
                 // Disarmed while printing, so the backtrace's own allocations do not count.
                 eprintln!(
@@ -183,10 +185,62 @@ struct Rig {
     engine: Engine,
     out: Out,
     profiles: Vec<ProfileId>,
+    /// For the batched path: one window's decoded lines and the (profile, line) items.
+    parsed: Vec<Parsed>,
+    items: Vec<(ProfileId, usize)>,
 }
 
+/// Lines per batch on the batched path; also how often `advance` runs, on both paths.
+const WINDOW: usize = 128;
+
 impl Rig {
-    fn feed(&mut self, lines: &[String], advance_every: usize) {
+    fn feed(&mut self, lines: &[String], batched: bool) {
+        if batched {
+            for window in lines.chunks(WINDOW) {
+                self.feed_window(window);
+                self.advance();
+            }
+        } else {
+            self.feed_each(lines);
+        }
+    }
+
+    fn advance(&mut self) {
+        self.engine.advance(Clock::Replay, &mut self.out);
+        assert!(
+            self.out.len() < 60_000,
+            "batch too large for the reserved Out"
+        );
+        self.out.clear();
+    }
+
+    fn feed_window(&mut self, window: &[String]) {
+        self.items.clear();
+        for (k, line) in window.iter().enumerate() {
+            self.dec
+                .decode_into(line.as_bytes(), &mut self.parsed[k])
+                .expect("generated lines are valid");
+            let ev = self.parsed[k].event(line.as_bytes(), self.dec.table());
+            for p in self.rules.matching(&ev) {
+                match route(&self.rules, p, &ev, 1) {
+                    Route::Owner(_) => self.items.push((p, k)),
+                    r => panic!("unexpected route {r:?}"),
+                }
+            }
+        }
+        let (items, parsed, table) = (&self.items, &self.parsed, self.dec.table());
+        self.engine.on_batch_by(
+            items.len(),
+            |i| {
+                let (p, k) = items[i];
+                (p, parsed[k].event(window[k].as_bytes(), table))
+            },
+            Clock::Replay,
+            &mut self.out,
+        );
+    }
+
+    fn feed_each(&mut self, lines: &[String]) {
         for (i, line) in lines.iter().enumerate() {
             let ev = self
                 .dec
@@ -200,13 +254,8 @@ impl Rig {
                     r => panic!("unexpected route {r:?}"),
                 }
             }
-            if (i + 1) % advance_every == 0 {
-                self.engine.advance(Clock::Replay, &mut self.out);
-                assert!(
-                    self.out.len() < 60_000,
-                    "batch too large for the reserved Out"
-                );
-                self.out.clear();
+            if (i + 1) % WINDOW == 0 {
+                self.advance();
             }
         }
     }
@@ -214,9 +263,19 @@ impl Rig {
 
 #[test]
 fn event_path_does_not_allocate() {
+    event_path_allocates_nothing(false);
+}
+
+#[test]
+fn batched_event_path_does_not_allocate() {
+    event_path_allocates_nothing(true);
+}
+
+fn event_path_allocates_nothing(batched: bool) {
     TRACE.store(std::env::var_os("ALLOC_TRACE").is_some(), Ordering::Relaxed);
     let cfg = Config::from_toml(CONFIG).expect("valid config");
     let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
+    let table = rules.field_table();
     let mut rig = Rig {
         dec: Decoder::new(
             rules.field_table(),
@@ -226,13 +285,17 @@ fn event_path_does_not_allocate() {
         engine: Engine::new(rules.clone(), &cfg, 0, None).expect("engine"),
         out: Out::with_capacity(8 << 20, 65_536),
         profiles: Vec::with_capacity(rules.profiles.len()),
+        parsed: (0..WINDOW)
+            .map(|_| Parsed::new(&table, cfg.limits.line_bytes_max as usize))
+            .collect(),
+        items: Vec::with_capacity(WINDOW * rules.profiles.len()),
         rules,
     };
     let mut rng = Rng(0x5e55_1011);
     let t0 = 1_750_000_000_000;
     let warm = lines(&mut rng, 5_000, 10_000, t0);
     let hot = lines(&mut rng, 100_000, 10_000, t0 + 50_000);
-    rig.feed(&warm, 128);
+    rig.feed(&warm, batched);
     rig.out.clear();
     let before = rig.engine.stats().clone();
     assert!(
@@ -241,9 +304,9 @@ fn event_path_does_not_allocate() {
     );
 
     ARMED.with(|a| a.set(true));
-    rig.feed(&hot, 128);
+    rig.feed(&hot, batched);
     ARMED.with(|a| a.set(false));
-    let allocations = COUNT.load(Ordering::Relaxed);
+    let allocations = COUNT.with(Cell::get);
 
     // The measured stretch did all the kinds of work it claims to.
     let s = rig.engine.stats();

@@ -254,6 +254,20 @@ impl Arena {
         Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
     }
 
+    /// Whether the chain starts with `bytes` (a key lookup's confirmation, on every event: a
+    /// key within the first block is compared in place).
+    #[inline]
+    pub fn starts_with(&self, handle: u32, bytes: &[u8]) -> bool {
+        assert!(handle < self.blocks_total, "handle {handle}");
+        if bytes.len() <= self.block_bytes as usize {
+            // SAFETY: `handle < blocks_total`, so the block's `block_bytes` bytes lie in the
+            // mapping; `&self` keeps them unwritten while the slice lives.
+            let first = unsafe { std::slice::from_raw_parts(self.block_ptr(handle), bytes.len()) };
+            return first == bytes;
+        }
+        self.eq_at(handle, 0, bytes)
+    }
+
     /// Compare bytes at [offset, offset+other.len()) with `other` without copying.
     pub fn eq_at(&self, handle: u32, offset: usize, other: &[u8]) -> bool {
         self.span(handle, offset, other.len(), |ptr, done, piece| {
@@ -334,12 +348,17 @@ impl Arena {
         (steps as u32, offset % block_bytes)
     }
 
-    /// Hint that the head block of `handle` (and its chain link) will be read soon.
+    /// Hint that the head block of `handle` (and its chain link) will be read soon. The cache
+    /// line after the block's start is requested too: a chain allocated in one piece continues
+    /// there, and the fixed part and state values of a payload usually span it.
     #[inline]
     pub fn prefetch(&self, handle: u32) {
         if handle < self.blocks_total {
             // SAFETY: `handle < blocks_total`, so the block lies inside the mapping.
-            super::prefetch::read(unsafe { self.block_ptr(handle) });
+            let block = unsafe { self.block_ptr(handle) };
+            super::prefetch::read(block);
+            // A hint never faults, even past the mapping's end.
+            super::prefetch::read(block.wrapping_add(64));
             super::prefetch::read(&self.next[handle as usize]);
         }
     }

@@ -101,6 +101,21 @@ impl Index {
         }
     }
 
+    /// The slot of the first entry whose tag matches `hash`, unconfirmed: a guess for
+    /// prefetching the session it likely names (a tag collision only wastes the prefetch).
+    #[inline]
+    pub fn guess(&self, hash: u64) -> u32 {
+        let tag = tag_of(hash);
+        let mut at = self.home(tag);
+        loop {
+            let entry = self.entries[at as usize];
+            if entry.slot == NIL || entry.tag == tag {
+                return entry.slot;
+            }
+            at = self.next(at);
+        }
+    }
+
     /// Insert a new entry (caller guarantees the key is absent and !is_full()).
     pub fn insert(&mut self, hash: u64, slot: u32) {
         assert_ne!(slot, NIL);

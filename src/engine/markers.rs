@@ -19,6 +19,10 @@ pub struct Summary {
     pub count: u32,
 }
 
+/// The longest `session_member` beyond the profile name's bytes.
+pub const SESSION_MEMBER_BYTES_MAX: usize = 128;
+
+#[inline]
 pub fn session_member(buf: &mut Vec<u8>, profile: &str, id: u64, seq: u32, start_ts: i64) {
     buf.extend_from_slice(b"\"_session\":{\"id\":");
     buf.extend_from_slice(&super::out::id_text(id));
@@ -83,6 +87,7 @@ pub fn session_start(
     field(b, "start_ts");
     write_i64(b, s.start_ts);
     let mut r = VarReader::new(payload::var_area(pay, key.len(), &rule.layout));
+    r.skip(rule.state.len());
     values_object(
         b,
         "metadata",
@@ -110,21 +115,26 @@ pub fn session_end(
     field(b, "session_id");
     write_id(b, s.id);
     common_end(b, s, reason);
-    let mut r = VarReader::new(payload::var_area(pay, base, l));
+    // Stored state first, metadata after; rendered metadata first, as the contract lists them.
+    let mut state = VarReader::new(payload::var_area(pay, base, l));
+    let mut metadata = state.clone();
+    metadata.skip(rule.state.len());
     values_object(
         b,
         "metadata",
         rule.metadata.iter().map(|&f| f as usize).enumerate(),
         fields,
-        &mut r,
+        &mut metadata,
     );
     values_object(
         b,
         "state",
         rule.state.iter().map(|&f| f as usize).enumerate(),
         fields,
-        &mut r,
+        &mut state,
     );
+    // Lists follow the metadata values.
+    let mut r = metadata;
     field(b, "counters");
     b.push(b'{');
     for (i, c) in rule.counters.iter().enumerate() {

@@ -158,8 +158,35 @@ struct ProfileClock {
 }
 
 const NONE_TS: i64 = i64::MIN;
+
+/// How many events ahead `on_batch` requests each level of a session's memory: the index
+/// entry first, then the head it names, then the payload the head names, each level a few
+/// events after the one it depends on has had time to arrive.
+const LOOKAHEAD_INDEX: usize = 12;
+const LOOKAHEAD_HEAD: usize = 8;
+const LOOKAHEAD_PAYLOAD: usize = 4;
+/// Lookahead state per event in flight; a power of two above the longest distance.
+const LOOKAHEAD_RING: usize = 16;
+const _: () = assert!(LOOKAHEAD_INDEX < LOOKAHEAD_RING && LOOKAHEAD_RING.is_power_of_two());
+const _: () = assert!(LOOKAHEAD_PAYLOAD < LOOKAHEAD_HEAD && LOOKAHEAD_HEAD < LOOKAHEAD_INDEX);
+
+/// What `on_batch` learnt about an upcoming event while requesting its memory.
+#[derive(Clone, Copy, Debug, Default)]
+struct Lookahead {
+    /// The key hash, when the event has a usable key (reused when it is processed).
+    hash: Option<u64>,
+    /// The slot its index entry probably names (`NIL`: none).
+    slot: u32,
+}
 /// Record flag (engine-owned bit): the record is a sub-session.
 const FLAG_SUB: u8 = 1;
+/// Record flag (engine-owned bit): every metadata value of the session is captured, so its
+/// events need not look at metadata any more (first seen wins). Only ever set by `apply`
+/// from the stored payload; a merge keeps the survivor's, which stays true (it keeps its own
+/// metadata when it has it).
+const FLAG_META_DONE: u8 = 2;
+/// How much of a var area `apply` reads when it looks only at state values (which come first).
+const VAR_FRONT_BYTES: usize = 64;
 /// Attempts to find a victim whose wheel bucket is accurate before evicting anyway.
 const EVICT_SCAN_MAX: u32 = 64;
 
@@ -197,10 +224,10 @@ struct State {
     keybuf: Vec<u8>,
     /// A parent session's key while a sub-session marker is rendered.
     pkey: Vec<u8>,
-    /// The `_session` member of an enriched event.
-    member: Vec<u8>,
     /// Sessions detached from a wheel bucket, processed after the drain.
     expired: Vec<u32>,
+    /// `on_batch`'s events in flight, by position modulo the ring size.
+    ring: [Lookahead; LOOKAHEAD_RING],
     stats: Stats,
 }
 
@@ -263,8 +290,8 @@ impl Engine {
             var: Vec::with_capacity(RECORD_BYTES_MAX + 4096),
             keybuf: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
             pkey: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
-            member: Vec::with_capacity(256),
             expired: Vec::with_capacity(m.max_sessions as usize),
+            ring: [Lookahead::default(); LOOKAHEAD_RING],
             stats,
         };
         Ok(Engine { rules, st })
@@ -296,35 +323,53 @@ impl Engine {
         self.st.ids.seq()
     }
 
-    /// Staged prefetch for an event that will be processed soon, so that callers holding a
-    /// window of decoded events overlap their cache misses: stage 0 touches the index bucket,
-    /// stage 1 (issued later, when the bucket is cached) the session head, stage 2 the payload.
-    /// Only a hint: it changes no state and may be skipped.
-    #[inline]
-    pub fn prefetch(&self, p: ProfileId, key: &[u8], stage: u8) {
-        let st = &self.st;
-        let hash = st.key_hash(p, key);
-        if stage == 0 {
-            st.index.prefetch(hash);
-            return;
-        }
-        let mut found = NIL;
-        st.index.find(hash, |slot| {
-            found = slot;
-            true
-        });
-        if found == NIL {
-            return;
-        }
-        if stage == 1 {
-            st.table.prefetch(found);
-        } else {
-            st.arena.prefetch(st.table.get(found).data);
-        }
+    pub fn on_event(&mut self, p: ProfileId, ev: &Event<'_>, clock: Clock, out: &mut Out) {
+        self.st.on_event(&self.rules, p, ev, clock, out, None);
     }
 
-    pub fn on_event(&mut self, p: ProfileId, ev: &Event<'_>, clock: Clock, out: &mut Out) {
-        self.st.on_event(&self.rules, p, ev, clock, out);
+    /// `on_event` for each item in order, with the same result, but with the memory of later
+    /// items' sessions requested while earlier ones are processed: at 1M live sessions nearly
+    /// every lookup misses the caches three times in a row (index entry, head, payload), and
+    /// this overlaps those misses across events instead of paying them one after another.
+    pub fn on_batch(&mut self, items: &[(ProfileId, Event<'_>)], clock: Clock, out: &mut Out) {
+        self.on_batch_by(items.len(), |i| items[i], clock, out);
+    }
+
+    /// [`Engine::on_batch`] over `n` items produced by `item(i)` (called more than once per
+    /// index, so it must be cheap and give the same item each time): callers that hold their
+    /// events as detached [`crate::decode::Parsed`] views build them on the fly.
+    pub fn on_batch_by<'e>(
+        &mut self,
+        n: usize,
+        item: impl Fn(usize) -> (ProfileId, Event<'e>),
+        clock: Clock,
+        out: &mut Out,
+    ) {
+        let rules = &*self.rules;
+        let st = &mut self.st;
+        let stage = |st: &mut State, j: usize, which: u8| {
+            if j < n {
+                let (p, ev) = item(j);
+                st.lookahead(rules, j % LOOKAHEAD_RING, p, &ev, which);
+            }
+        };
+        for j in 0..LOOKAHEAD_INDEX.min(n) {
+            stage(st, j, 0);
+        }
+        for j in 0..LOOKAHEAD_HEAD.min(n) {
+            stage(st, j, 1);
+        }
+        for j in 0..LOOKAHEAD_PAYLOAD.min(n) {
+            stage(st, j, 2);
+        }
+        for i in 0..n {
+            stage(st, i + LOOKAHEAD_INDEX, 0);
+            stage(st, i + LOOKAHEAD_HEAD, 1);
+            stage(st, i + LOOKAHEAD_PAYLOAD, 2);
+            let hash = st.ring[i % LOOKAHEAD_RING].hash;
+            let (p, ev) = item(i);
+            st.on_event(rules, p, &ev, clock, out, hash);
+        }
     }
 
     /// Swap in reloaded rules. Predicates, timeouts and new profiles (appended) apply at once;
@@ -407,12 +452,45 @@ impl State {
         self.hasher.hash_one((p, key))
     }
 
+    /// One level of `on_batch`'s lookahead for an upcoming event, kept at `ring[at]`: 0 hashes
+    /// the key and requests the index entry, 1 reads that entry (now cached) and requests the
+    /// head, 2 reads the head and requests the first payload block. Hints only: nothing here
+    /// changes the engine, and a wrong guess costs a wasted request.
+    #[inline]
+    fn lookahead(&mut self, rules: &Rules, at: usize, p: ProfileId, ev: &Event<'_>, which: u8) {
+        match which {
+            0 => {
+                let key = ev.get(rules.profiles[p as usize].key).key_bytes();
+                let hash = key
+                    .filter(|k| k.len() <= self.key_bytes_max)
+                    .map(|k| self.key_hash(p, k));
+                if let Some(h) = hash {
+                    self.index.prefetch(h);
+                }
+                self.ring[at] = Lookahead { hash, slot: NIL };
+            }
+            1 => {
+                if let Some(h) = self.ring[at].hash {
+                    let slot = self.index.guess(h);
+                    self.ring[at].slot = slot;
+                    self.table.prefetch(slot);
+                }
+            }
+            _ => {
+                let slot = self.ring[at].slot;
+                if slot != NIL && self.table.is_live(slot) {
+                    self.arena.prefetch(self.table.get(slot).data);
+                }
+            }
+        }
+    }
+
     fn find(&self, p: u8, hash: u64, key: &[u8]) -> u32 {
         let (table, arena) = (&self.table, &self.arena);
         self.index
             .find(hash, |s| {
                 let h = table.get(s);
-                h.profile == p && h.key_len as usize == key.len() && arena.eq_at(h.data, 0, key)
+                h.profile == p && h.key_len as usize == key.len() && arena.starts_with(h.data, key)
             })
             .unwrap_or(NIL)
     }
@@ -488,6 +566,7 @@ impl State {
         }
     }
 
+    /// `hash`: the key's hash when the caller has computed it already (`on_batch`).
     fn on_event(
         &mut self,
         rules: &Rules,
@@ -495,6 +574,7 @@ impl State {
         ev: &Event<'_>,
         clock: Clock,
         out: &mut Out,
+        hash: Option<u64>,
     ) {
         let pi = p as usize;
         let rule = &rules.profiles[pi];
@@ -541,7 +621,8 @@ impl State {
             c.wall_last = now;
         }
         let now = self.profile_clock(rule, pi, clock);
-        let hash = self.key_hash(p, key);
+        let hash = hash.unwrap_or_else(|| self.key_hash(p, key));
+        debug_assert_eq!(hash, self.key_hash(p, key));
 
         // Walk the key's open sessions: end the ones already due, keep those the event touches.
         let mut cands = [NIL; 2];
@@ -601,9 +682,11 @@ impl State {
                 &self.pay,
             );
         }
-        self.member.clear();
-        markers::session_member(&mut self.member, &rule.name, h.id, h.count, h.start_ts);
-        ev.write_enriched(&self.member, &mut out.buf);
+        out.buf
+            .reserve(ev.raw().len() + markers::SESSION_MEMBER_BYTES_MAX + rule.name.len());
+        ev.write_enriched_with(&mut out.buf, |b| {
+            markers::session_member(b, &rule.name, h.id, h.count, h.start_ts)
+        });
         out.finish(crate::config::Stream::Events);
         self.stats.enriched += 1;
 
@@ -686,8 +769,8 @@ impl State {
         payload::merge_var(
             payload::var_area(&self.pay, base, l),
             payload::var_area(&self.pay2, base, l),
-            rule.metadata.len(),
             rule.state.len(),
+            rule.metadata.len(),
             &rule.lists,
             &mut self.var,
         );
@@ -701,6 +784,15 @@ impl State {
         markers::session_merged(out, rule, key, survivor, lh.id, t);
         self.stats.merges += 1;
         self.remove_record(p as u8, late, hash, key);
+    }
+
+    /// Complete `pay`, which holds a prefix of the payload at `data`, to its `len` bytes.
+    fn load_rest(&mut self, data: u32, len: usize) {
+        let have = self.pay.len();
+        if have < len {
+            self.pay.resize(len, 0);
+            self.arena.read(data, have, &mut self.pay[have..]);
+        }
     }
 
     /// Store `self.var` as the var area of the payload in `self.pay` (length `old_len`) of
@@ -995,41 +1087,160 @@ impl State {
     }
 
     /// Update session `s` with the event: head fields, counters, aggregates, captured values.
+    ///
+    /// Only the fixed part of the payload (key, counters, aggregates, split hashes) is read
+    /// and written on every event. The var area is read only when a value or list may change:
+    /// metadata until all of it is captured (`FLAG_META_DONE`), state, lists. A state value
+    /// of unchanged length is overwritten in place; anything else rebuilds the var area.
     fn apply(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) {
-        let old_len = self.load(s, false);
         let old = *self.table.get(s);
         let base = old.key_len as usize;
         let l = &rule.layout;
+        let fixed_end = base + l.fixed_bytes;
+        self.pay.clear();
+        self.pay.resize(fixed_end, 0);
+        self.arena.read(old.data, 0, &mut self.pay);
+        let mut fixed_dirty = false;
         for (i, c) in rule.counters.iter().enumerate() {
             if c.when.is_none_or(|w| rules.eval(w, ev)) {
                 payload::counter_add(&mut self.pay, base, l, i, 1);
+                fixed_dirty = true;
             }
         }
         for (i, a) in rule.aggregates.iter().enumerate() {
             if a.when.is_none_or(|w| rules.eval(w, ev)) {
                 if let Some(v) = ev.get(a.field).as_f64() {
                     payload::aggregate_apply(&mut self.pay, base, l, i, a.op, v);
+                    fixed_dirty = true;
                 }
             }
         }
         for (i, &f) in rule.split_on_change.iter().enumerate() {
             if let Some(h) = self.value_hash(ev.get(f)) {
                 payload::set_split_hash(&mut self.pay, base, l, i, h);
+                fixed_dirty = true;
             }
         }
-        let mut edits = VarEdits::new();
-        let max = self.value_bytes_max;
-        for (i, &f) in rule.metadata.iter().enumerate() {
-            if let Some(raw) = ev.get(f).raw_json() {
-                edits.values[i] = Some((captured(raw, max), true));
-                edits.any = true;
-            }
-        }
+        let metadata = old.flags & FLAG_META_DONE == 0 && !rule.metadata.is_empty();
         // State is the last value seen: in event time, that of the latest event.
-        if t >= old.last_ts || old.count == 0 {
+        let state = !rule.state.is_empty() && (t >= old.last_ts || old.count == 0);
+        let stored = if metadata || state || !rule.lists.is_empty() {
+            self.apply_var(rules, rule, s, ev, metadata, state)
+        } else {
+            false
+        };
+        if fixed_dirty && !stored {
+            self.arena.write(old.data, base, &self.pay[base..fixed_end]);
+        }
+        let h = self.table.get_mut(s);
+        h.count = h.count.saturating_add(1);
+        h.last_ts = h.last_ts.max(t);
+        if t < h.start_ts {
+            h.start_ts = t;
+            // A start moved back can bring the max_duration deadline forward.
+            if rule.max_duration_ms.is_some() {
+                let due = due_s(self.deadline(rules, s));
+                self.wheels[old.profile as usize].relink(self.table.heads_mut(), s, due);
+            }
+        }
+    }
+
+    /// The var-area part of `apply`, with the fixed part already updated in `pay`. Returns
+    /// whether it stored the payload from the start of the fixed part on (so `apply` need not).
+    fn apply_var(
+        &mut self,
+        rules: &Rules,
+        rule: &ProfileRule,
+        s: u32,
+        ev: &Event<'_>,
+        metadata: bool,
+        state: bool,
+    ) -> bool {
+        let h = *self.table.get(s);
+        let base = h.key_len as usize;
+        let l = &rule.layout;
+        let fixed_end = base + l.fixed_bytes;
+        let var_len = payload::get_u16(&self.pay, base + l.var_len_off) as usize;
+        let old_len = fixed_end + var_len;
+        let max = self.value_bytes_max;
+        let lists_touched = rule.lists.iter().any(|list| {
+            list.when.is_none_or(|w| rules.eval(w, ev)) && !ev.get(list.field).is_missing()
+        });
+        // With only state to look at, read the front of the var area, where state lives, and
+        // the rest only if the state values reach past it.
+        let front = if metadata || lists_touched {
+            var_len
+        } else {
+            var_len.min(VAR_FRONT_BYTES)
+        };
+        self.pay.resize(fixed_end + front, 0);
+        self.arena
+            .read(h.data, fixed_end, &mut self.pay[fixed_end..]);
+        if front < var_len && !payload::values_within(&self.pay[fixed_end..], rule.state.len()) {
+            self.load_rest(h.data, old_len);
+        }
+
+        // In place when nothing changes length: state values of the stored length, metadata
+        // all captured (or absent from the event), no list append.
+        let mut in_place = !lists_touched;
+        let mut differs = false;
+        let mut at = fixed_end;
+        for &f in &rule.state {
+            let len = usize::from(payload::get_u16(&self.pay, at));
+            if state {
+                if let Some(raw) = ev.get(f).raw_json() {
+                    let new = captured(raw, max);
+                    if new.len() != len {
+                        in_place = false;
+                        break;
+                    }
+                    differs |= new != &self.pay[at + 2..at + 2 + len];
+                }
+            }
+            at += 2 + len;
+        }
+        if in_place && metadata {
+            for &f in &rule.metadata {
+                let len = usize::from(payload::get_u16(&self.pay, at));
+                if len == 0 && !ev.get(f).is_missing() {
+                    in_place = false;
+                    break;
+                }
+                at += 2 + len;
+            }
+        }
+        if in_place {
+            if !differs {
+                return false;
+            }
+            let mut at = fixed_end;
+            let mut end = fixed_end;
+            for &f in &rule.state {
+                let len = usize::from(payload::get_u16(&self.pay, at));
+                if let Some(raw) = ev.get(f).raw_json() {
+                    self.pay[at + 2..at + 2 + len].copy_from_slice(captured(raw, max));
+                    end = at + 2 + len;
+                }
+                at += 2 + len;
+            }
+            self.arena.write(h.data, base, &self.pay[base..end]);
+            return true;
+        }
+
+        self.load_rest(h.data, old_len);
+        let mut edits = VarEdits::new();
+        if state {
             for (j, &f) in rule.state.iter().enumerate() {
                 if let Some(raw) = ev.get(f).raw_json() {
-                    edits.values[rule.metadata.len() + j] = Some((captured(raw, max), false));
+                    edits.values[j] = Some((captured(raw, max), false));
+                    edits.any = true;
+                }
+            }
+        }
+        if metadata {
+            for (i, &f) in rule.metadata.iter().enumerate() {
+                if let Some(raw) = ev.get(f).raw_json() {
+                    edits.values[rule.state.len() + i] = Some((captured(raw, max), true));
                     edits.any = true;
                 }
             }
@@ -1046,28 +1257,22 @@ impl State {
         let changed = edits.any
             && payload::rebuild_var(
                 payload::var_area(&self.pay, base, l),
-                rule.metadata.len() + rule.state.len(),
+                rule.state.len() + rule.metadata.len(),
                 &rule.lists,
                 &edits,
                 &mut self.var,
             );
         if changed {
             self.replace_var(s, old_len, base, l);
-        } else {
-            let fixed_end = base + l.fixed_bytes;
-            self.arena.write(old.data, base, &self.pay[base..fixed_end]);
         }
-        let h = self.table.get_mut(s);
-        h.count = h.count.saturating_add(1);
-        h.last_ts = h.last_ts.max(t);
-        if t < h.start_ts {
-            h.start_ts = t;
-            // A start moved back can bring the max_duration deadline forward.
-            if rule.max_duration_ms.is_some() {
-                let due = due_s(self.deadline(rules, s));
-                self.wheels[old.profile as usize].relink(self.table.heads_mut(), s, due);
+        if metadata {
+            let mut r = payload::VarReader::new(payload::var_area(&self.pay, base, l));
+            r.skip(rule.state.len());
+            if rule.metadata.iter().all(|_| !r.value().is_empty()) {
+                self.table.get_mut(s).flags |= FLAG_META_DONE;
             }
         }
+        changed
     }
 
     /// Sub-sessions of the parent `parent` for this event (processing-time profiles).

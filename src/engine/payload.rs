@@ -5,11 +5,13 @@
 //! ```text
 //! [key bytes][counters u32 LE x C][aggregates f64 LE x A][split hashes u64 LE x S]
 //! [sub-session slots u32 LE x N][var_len u16 LE][var area]
-//! var area = values x (metadata + state), each [len u16][JSON bytes] (len 0 = not seen yet),
+//! var area = values x (state + metadata), each [len u16][JSON bytes] (len 0 = not seen yet),
 //!            then lists, each [count u8] + count x [len u16][JSON bytes]
 //! ```
 //! A sub-session's key is its parent's id (8 bytes) followed by its own key value; it has only
-//! counters. Aggregates start as NaN (sum) / +inf (min) / -inf (max), which render as `null`.
+//! counters. State values come first because they change on most events: the engine reads the
+//! var area only as far as it needs, and a state value of the same length is rewritten in
+//! place near the start of the payload, while metadata, once captured, is never read again. Aggregates start as NaN (sum) / +inf (min) / -inf (max), which render as `null`.
 
 use super::rules::{Layout, ListRule};
 use crate::config::AggregateOp;
@@ -117,6 +119,7 @@ pub fn var_area<'a>(buf: &'a [u8], base: usize, layout: &Layout) -> &'a [u8] {
 }
 
 /// Walks a var area: `values` captured values, then the lists.
+#[derive(Clone)]
 pub struct VarReader<'a> {
     area: &'a [u8],
     pos: usize,
@@ -135,6 +138,13 @@ impl<'a> VarReader<'a> {
         v
     }
 
+    /// Step over `n` captured values.
+    pub fn skip(&mut self, n: usize) {
+        for _ in 0..n {
+            self.value();
+        }
+    }
+
     pub fn list_len(&mut self) -> usize {
         let n = self.area[self.pos] as usize;
         self.pos += 1;
@@ -142,8 +152,20 @@ impl<'a> VarReader<'a> {
     }
 }
 
-/// Changes to apply to a var area in one rebuild. Indexes follow the profile's order
-/// (metadata, then state; lists by position).
+/// Whether the first `n` captured values lie wholly within `front`, a prefix of a var area.
+pub fn values_within(front: &[u8], n: usize) -> bool {
+    let mut at = 0;
+    for _ in 0..n {
+        if at + 2 > front.len() {
+            return false;
+        }
+        at += 2 + get_u16(front, at) as usize;
+    }
+    at <= front.len()
+}
+
+/// Changes to apply to a var area in one rebuild. Indexes follow the stored order (state,
+/// then metadata; lists by position).
 pub struct VarEdits<'a> {
     /// For each value: the new JSON bytes, and whether to set it only if not yet seen.
     pub values: [Option<(&'a [u8], bool)>; VALUES_MAX],
@@ -214,20 +236,20 @@ pub fn rebuild_var(
     changed
 }
 
-/// Var area of a merge: metadata from `early` (falling back to `late`), state from `late`
-/// (falling back to `early`), lists `early` then `late` within their limits.
+/// Var area of a merge: state from `late` (falling back to `early`), metadata from `early`
+/// (falling back to `late`), lists `early` then `late` within their limits.
 pub fn merge_var(
     early: &[u8],
     late: &[u8],
-    metadata: usize,
     state: usize,
+    metadata: usize,
     lists: &[ListRule],
     dst: &mut Vec<u8>,
 ) {
     let (mut e, mut l) = (VarReader::new(early), VarReader::new(late));
-    for i in 0..metadata + state {
+    for i in 0..state + metadata {
         let (a, b) = (e.value(), l.value());
-        let pick = match (i < metadata, a.is_empty(), b.is_empty()) {
+        let pick = match (i >= state, a.is_empty(), b.is_empty()) {
             (true, false, _) | (false, false, true) => a,
             _ => b,
         };

@@ -22,6 +22,7 @@ enum Lit {
 }
 
 impl Lit {
+    #[inline]
     fn matches(&self, f: &Field<'_>) -> bool {
         match (self, f) {
             (Lit::Str(s), Field::String { text, .. }) => **s == **text,

@@ -273,3 +273,67 @@ fn reload_changes_predicates_in_place_and_refuses_layout_changes() {
         .unwrap_err();
     assert!(err.contains("needs a restart"), "{err}");
 }
+
+/// Several state and metadata fields whose values change length, go missing, arrive late,
+/// and outgrow the front of the var area `apply` reads first: every end marker shows the
+/// first-seen metadata and the last-seen state (the in-place and rebuild paths agree).
+#[test]
+fn captured_values_across_length_changes_and_missing_fields() {
+    let mut r = Rig::new(
+        r#"
+[[profile]]
+name = "p"
+key = "user"
+timestamp = { field = "ts" }
+idle_timeout = "10s"
+ends_when = { field = "type", eq = "logout" }
+metadata = ["ip", "ua"]
+state = ["page", "step"]
+[[profile.list]]
+name = "steps"
+field = "step"
+max_len = 3
+"#,
+    );
+    let long = "x".repeat(100);
+    r.send(r#"{"user":"a","ts":1,"page":"/a"}"#);
+    r.send(r#"{"user":"a","ts":2,"page":"/b","ip":"10.0.0.1"}"#);
+    r.send(r#"{"user":"a","ts":3,"page":"/cc","ip":"10.9.9.9","step":1}"#);
+    r.send(&format!(
+        r#"{{"user":"a","ts":4,"page":"/{long}","ua":"agent"}}"#
+    ));
+    r.send(r#"{"user":"a","ts":5,"page":"/d","step":22,"ua":"other"}"#);
+    r.send(r#"{"user":"a","ts":6,"page":"/e"}"#);
+    r.send(r#"{"user":"a","ts":7,"type":"logout"}"#);
+    let recs = r.records();
+    let ends = Rig::ends(&recs);
+    assert_eq!(ends.len(), 1);
+    let e = ends[0];
+    assert_eq!(
+        e["metadata"],
+        serde_json::json!({"ip": "10.0.0.1", "ua": "agent"})
+    );
+    assert_eq!(e["state"], serde_json::json!({"page": "/e", "step": 22}));
+    assert_eq!(e["lists"], serde_json::json!({"steps": [1, 22]}));
+    assert_eq!(e["count"], 7);
+    let start = recs.iter().find(|v| v["kind"] == "session_start").unwrap();
+    assert_eq!(
+        start["metadata"],
+        serde_json::json!({"ip": null, "ua": null})
+    );
+
+    // A session whose state stays the same length is rewritten in place; its end says so too.
+    for (ts, page) in [(20, "/p1"), (21, "/p2"), (22, "/p3")] {
+        r.send(&format!(
+            r#"{{"user":"b","ts":{ts},"page":"{page}","ip":"1.1.1.1","ua":"u"}}"#
+        ));
+    }
+    r.send(r#"{"user":"b","ts":23,"type":"logout"}"#);
+    let recs = r.records();
+    let e = Rig::ends(&recs)[0].clone();
+    assert_eq!(e["state"], serde_json::json!({"page": "/p3", "step": null}));
+    assert_eq!(
+        e["metadata"],
+        serde_json::json!({"ip": "1.1.1.1", "ua": "u"})
+    );
+}

@@ -34,7 +34,9 @@ use crate::engine::snapshot::{ArchivedSnapshotBody, SnapshotMeta, SnapshotSummar
 use crate::engine::Engine;
 
 pub const MAGIC: [u8; 8] = *b"SZSNAP01";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: a session payload's var area holds state values before metadata values (1: after), and
+/// head flag bit 1 marks metadata fully captured.
+pub const FORMAT_VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 128;
 /// Offset of the header checksum: CRC-32 of bytes `0..HEADER_CRC_AT`.
 const HEADER_CRC_AT: usize = 124;

@@ -7,7 +7,7 @@
 
 use serde_json::Value;
 use sessionizer::config::{Config, Stream};
-use sessionizer::decode::Decoder;
+use sessionizer::decode::{Decoder, Event, Parsed};
 use sessionizer::engine::rules::{ProfileId, Rules};
 use sessionizer::engine::{route, Clock, Engine, Out, Route};
 use std::collections::{BTreeMap, BTreeSet};
@@ -45,8 +45,34 @@ pub fn run(toml: &str, evs: &[Ev], advance_after: &[bool]) -> Run {
     run_lines(toml, &lines, advance_after)
 }
 
-/// `run` on raw JSON lines (which must decode).
+/// `run` on raw JSON lines (which must decode). The lines go through the engine twice, one
+/// `on_event` call per event and in `on_batch` batches (cut at each advance): both must give
+/// the same records, in the same order, and the same counters.
 pub fn run_lines(toml: &str, lines: &[String], advance_after: &[bool]) -> Run {
+    let single = run_mode(toml, lines, advance_after, false);
+    let batched = run_mode(toml, lines, advance_after, true);
+    assert_eq!(
+        single.records.len(),
+        batched.records.len(),
+        "on_batch emits as many records"
+    );
+    for (a, b) in single.records.iter().zip(&batched.records) {
+        assert_eq!(
+            (a.stream, &a.v),
+            (b.stream, &b.v),
+            "on_batch differs at record {}",
+            a.pos
+        );
+    }
+    assert_eq!(single.advances, batched.advances);
+    assert_eq!(
+        format!("{:?}", single.stats),
+        format!("{:?}", batched.stats)
+    );
+    single
+}
+
+fn run_mode(toml: &str, lines: &[String], advance_after: &[bool], batched: bool) -> Run {
     let cfg =
         Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
     let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
@@ -77,6 +103,50 @@ pub fn run_lines(toml: &str, lines: &[String], advance_after: &[bool]) -> Run {
     };
     let mut profiles: Vec<ProfileId> = Vec::new();
     let mut advances = Vec::new();
+    if batched {
+        let parsed: Vec<Parsed> = lines
+            .iter()
+            .map(|line| {
+                let mut p = Parsed::new(dec.table(), line.len());
+                dec.decode_into(line.as_bytes(), &mut p)
+                    .unwrap_or_else(|err| panic!("decode {line}: {err}"));
+                p
+            })
+            .collect();
+        let table = dec.table();
+        let mut items: Vec<(ProfileId, Event<'_>)> = Vec::new();
+        for (i, line) in lines.iter().enumerate() {
+            let ev = parsed[i].event(line.as_bytes(), table);
+            let before = items.len();
+            items.extend(rules.matching(&ev).map(|p| (p, ev)));
+            if items.len() == before {
+                // A pass-through goes out in order with what the engine emits around it.
+                engine.on_batch(&items, Clock::Replay, &mut out);
+                items.clear();
+                out.passthrough(ev.raw());
+            }
+            let advanced = advance_after.get(i).copied().unwrap_or(false);
+            if advanced || i + 1 == lines.len() {
+                engine.on_batch(&items, Clock::Replay, &mut out);
+                items.clear();
+            }
+            if advanced {
+                engine.advance(Clock::Replay, &mut out);
+                drain(&mut out, &mut records);
+                advances.push((i, records.len()));
+            }
+        }
+        drain(&mut out, &mut records);
+        engine.finish(&mut out);
+        drain(&mut out, &mut records);
+        assert_eq!(engine.live_sessions(), 0, "finish ends every session");
+        return Run {
+            records,
+            advances,
+            stats: engine.stats().clone(),
+            max_sessions: cfg.memory.max_sessions,
+        };
+    }
     for (i, line) in lines.iter().enumerate() {
         let ev = dec
             .decode(line.as_bytes())
