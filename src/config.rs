@@ -195,7 +195,7 @@ impl Default for Memory {
     fn default() -> Self {
         Memory {
             arena_bytes: ByteSize(64 << 20),
-            block_bytes: 32,
+            block_bytes: 64,
             max_sessions: 500_000,
             on_full: OnFull::EvictOldest,
         }
@@ -895,7 +895,7 @@ idle_timeout = "30m"
     #[test]
     fn minimal_config_gets_defaults() {
         let c = Config::from_toml(MIN).unwrap();
-        assert_eq!(c.memory.block_bytes, 32);
+        assert_eq!(c.memory.block_bytes, 64);
         assert_eq!(c.profiles[0].idle_timeout.as_ms(), 30 * 60 * 1000);
     }
 

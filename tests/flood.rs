@@ -17,11 +17,12 @@ const MAX_SESSIONS: u64 = 1000;
 const ARENA_BYTES: u64 = 512 << 10;
 const FLOOD_KEYS: u64 = 100_000;
 const LONG_LIVED: usize = 4;
+const BLOCK_BYTES: u64 = 64;
 /// A long-lived key gets an event every this many flood events.
 const KEEP_EVERY: u64 = 100;
 /// Memory a running appliance may add beyond its session reservations: output and hand-off
 /// buffers, per-connection line buffers, allocator slack. Below what 100 000 sessions would need
-/// if they were kept (about 11 MiB: 57 bytes of table and index and two 32-byte blocks each).
+/// if they were kept (about 12 MiB: 57 bytes of table and index and a 64-byte block each).
 const SLACK_BYTES: u64 = 6 << 20;
 
 fn flood_config(dir: &std::path::Path, on_full: &str) -> String {
@@ -31,6 +32,7 @@ fn flood_config(dir: &std::path::Path, on_full: &str) -> String {
 
 [memory]
 arena_bytes = {ARENA_BYTES}
+block_bytes = {BLOCK_BYTES}
 max_sessions = {MAX_SESSIONS}
 on_full = "{on_full}"
 
@@ -167,9 +169,9 @@ fn flood(on_full: &str) -> Flood {
 
 /// Resident memory stays within the reservations the configuration asks for, plus a constant.
 fn check_memory(f: &Flood, on_full: &str) {
-    // Table (48 B) and index (~9.2 B) per session, the arena and its 4-byte links per 32-byte
-    // block: `docs/operations.md`, "Memory sizing".
-    let reserved = MAX_SESSIONS * 58 + ARENA_BYTES + ARENA_BYTES / 8;
+    // Table (48 B) and index (~9.2 B) per session, the arena and its 4-byte links per block:
+    // `docs/operations.md`, "Memory sizing".
+    let reserved = MAX_SESSIONS * 58 + ARENA_BYTES + ARENA_BYTES / BLOCK_BYTES * 4;
     let bound_kib = f.rss_before_kib + (reserved + SLACK_BYTES) / 1024;
     println!(
         "flood on_full={on_full}: {FLOOD_KEYS} keys, max_sessions {MAX_SESSIONS}, arena {} KiB: VmRSS before {} KiB, after {} KiB (+{} KiB), bound {bound_kib} KiB",
