@@ -5,12 +5,15 @@
 //! the appliance would have produced. Files are read in order through a fixed buffer
 //! (`ingest::lines::LineBuf`, memchr splitting); every engine's timers run (`advance` with
 //! `Clock::Replay`) every [`ADVANCE_EVERY_EVENTS`] events and at the end, then every engine
-//! `finish`es. Records of every stream are written in processing order, so the same input gives
+//! `finish`es. Lines are decoded a window of [`WINDOW_LINES`] at a time and each engine gets its
+//! events of the window as one batch (`Engine::on_batch_by`, which overlaps their session
+//! lookups); so within a window, dead letters and pass-throughs come first, then each shard's
+//! records in shard order. The order depends only on the input: the same input gives
 //! byte-identical output. Undecodable lines become dead-letter records with transport "replay".
 
 use crate::config::Config;
-use crate::decode::Decoder;
-use crate::engine::rules::Rules;
+use crate::decode::{Decoder, Parsed};
+use crate::engine::rules::{ProfileId, Rules};
 use crate::engine::{route, Clock, Engine, Out, Route};
 use crate::ingest::lines::{Chunk, LineBuf, TOO_LONG_PREFIX_BYTES};
 use std::fs::File;
@@ -18,8 +21,10 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Engines' timers run after this many events.
+/// Engines' timers run once this many events have passed (at the end of a window).
 pub const ADVANCE_EVERY_EVENTS: u64 = 10_000;
+/// Lines decoded before the engines run them.
+pub const WINDOW_LINES: usize = 256;
 /// Bytes read from a file at a time.
 const READ_CHUNK_BYTES: usize = 4 << 20;
 /// Output records are written once they hold this many bytes.
@@ -93,6 +98,11 @@ struct Replayer {
     rules: Arc<Rules>,
     engines: Vec<Engine>,
     dec: Decoder,
+    /// The window's decoded lines, and where each lies in the data being fed.
+    parsed: Vec<Parsed>,
+    spans: Vec<(usize, usize)>,
+    /// Per engine, the window's events it owns: (profile, index in the window).
+    batches: Vec<Vec<(ProfileId, u16)>>,
     out: Out,
     shards: u32,
     line_bytes_max: usize,
@@ -117,10 +127,16 @@ impl Replayer {
             cfg.limits.json_depth_max,
             line_bytes_max,
         );
+        let parsed = (0..WINDOW_LINES)
+            .map(|_| Parsed::new(dec.table(), 0))
+            .collect();
         Ok(Replayer {
+            batches: vec![Vec::with_capacity(WINDOW_LINES * rules.profiles.len()); engines.len()],
             rules,
             engines,
             dec,
+            parsed,
+            spans: Vec::with_capacity(WINDOW_LINES),
             out: Out::with_capacity(2 * OUT_WRITE_BYTES + 4 * line_bytes_max, 1 << 16),
             shards,
             line_bytes_max,
@@ -168,47 +184,51 @@ impl Replayer {
         let mut pos = 0;
         while pos < data.len() {
             let end = memchr::memchr(b'\n', &data[pos..]).map_or(data.len(), |i| pos + i);
-            let mut line = &data[pos..end];
+            let mut line = (pos, end);
             pos = end + 1;
-            if let [rest @ .., b'\r'] = line {
-                line = rest;
+            if data[line.0..line.1].last() == Some(&b'\r') {
+                line.1 -= 1;
             }
-            if line.is_empty() {
+            if line.0 == line.1 {
                 continue;
             }
-            self.line(line);
-            if self.out.buf.len() >= OUT_WRITE_BYTES {
-                self.write_out(w)?;
+            self.line(data, line);
+            if self.spans.len() == WINDOW_LINES {
+                self.run_window(data);
+                if self.out.buf.len() >= OUT_WRITE_BYTES {
+                    self.write_out(w)?;
+                }
             }
         }
+        self.run_window(data);
         Ok(())
     }
 
+    /// Decode one line into the window and route its events; what needs no engine (dead
+    /// letters, pass-through) is written at once.
     #[inline]
-    fn line(&mut self, line: &[u8]) {
+    fn line(&mut self, data: &[u8], (start, end): (usize, usize)) {
         self.summary.lines += 1;
+        let line = &data[start..end];
         if line.len() > self.line_bytes_max {
             self.summary.undecodable += 1;
             let prefix = &line[..TOO_LONG_PREFIX_BYTES.min(line.len())];
             self.out.dead_letter("line_too_long", TRANSPORT, prefix);
             return;
         }
-        let ev = match self.dec.decode(line) {
-            Ok(ev) => ev,
-            Err(e) => {
-                self.summary.undecodable += 1;
-                self.out.dead_letter(e.label(), TRANSPORT, line);
-                return;
-            }
-        };
+        let k = self.spans.len();
+        if let Err(e) = self.dec.decode_into(line, &mut self.parsed[k]) {
+            self.summary.undecodable += 1;
+            self.out.dead_letter(e.label(), TRANSPORT, line);
+            return;
+        }
+        let ev = self.parsed[k].event(line, self.dec.table());
         self.summary.events += 1;
         let mut matched = false;
         for p in self.rules.matching(&ev) {
             matched = true;
             match route(&self.rules, p, &ev, self.shards) {
-                Route::Owner(o) => {
-                    self.engines[o as usize].on_event(p, &ev, Clock::Replay, &mut self.out)
-                }
+                Route::Owner(o) => self.batches[o as usize].push((p, k as u16)),
                 Route::MissingKey => self.out.dead_letter_event(
                     "missing_key",
                     &self.rules.profiles[p as usize].name,
@@ -224,7 +244,28 @@ impl Replayer {
         if !matched {
             self.out.passthrough(ev.raw());
         }
-        self.since_advance += 1;
+        self.spans.push((start, end));
+    }
+
+    /// Each engine runs its events of the window; timers run when their interval has passed.
+    fn run_window(&mut self, data: &[u8]) {
+        let table = self.dec.table();
+        let (parsed, spans) = (&self.parsed, &self.spans);
+        for (engine, batch) in self.engines.iter_mut().zip(&mut self.batches) {
+            engine.on_batch_by(
+                batch.len(),
+                |i| {
+                    let (p, k) = batch[i];
+                    let (a, b) = spans[usize::from(k)];
+                    (p, parsed[usize::from(k)].event(&data[a..b], table))
+                },
+                Clock::Replay,
+                &mut self.out,
+            );
+            batch.clear();
+        }
+        self.since_advance += self.spans.len() as u64;
+        self.spans.clear();
         if self.since_advance >= ADVANCE_EVERY_EVENTS {
             self.since_advance = 0;
             for e in &mut self.engines {
