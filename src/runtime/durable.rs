@@ -137,6 +137,13 @@ pub struct DurableStats {
     pub snapshots: u64,
     pub snapshot_errors: u64,
     pub snapshot_last_us: u64,
+    pub snapshot_us_total: u64,
+    pub snapshot_capture_last_us: u64,
+    /// Commits that wrote bytes or synced, their failures, and the time spent in them.
+    pub log_flushes: u64,
+    pub log_flush_errors: u64,
+    pub log_flush_us_total: u64,
+    pub log_flush_last_us: u64,
     pub recovered_sessions: u64,
     pub replayed: u64,
 }
@@ -192,7 +199,7 @@ impl Durable {
         let mut result = self.log.append(wall_ms, raw);
         if matches!(result, Err(LogError::BufferFull { .. })) {
             // Make room: write what is buffered (and sync per policy), then try once more.
-            if let Err(e) = self.log.commit() {
+            if let Err(e) = self.flush_log(false) {
                 self.log_error(&e);
             }
             result = self.log.append(wall_ms, raw);
@@ -213,6 +220,36 @@ impl Durable {
             };
             slot.get_or_insert(self.applied);
         }
+    }
+
+    /// Commit the log (per policy, or durably whatever the policy), counting it as a flush when
+    /// it wrote bytes or synced: with `fsync = "interval"` most commits between two syncs find
+    /// nothing new to write and are not flushes. Two clock reads per commit; commits come once
+    /// per receive round and tick, not per event.
+    fn flush_log(&mut self, durable: bool) -> Result<u64, LogError> {
+        let before = {
+            let s = self.log.stats();
+            (s.bytes_written, s.fsyncs)
+        };
+        let t0 = Instant::now();
+        let result = if durable {
+            self.log.commit_durable()
+        } else {
+            self.log.commit()
+        };
+        let s = self.log.stats();
+        let st = &mut self.stats;
+        match &result {
+            Ok(_) if (s.bytes_written, s.fsyncs) != before => {
+                let us = t0.elapsed().as_micros() as u64;
+                st.log_flushes += 1;
+                st.log_flush_us_total += us;
+                st.log_flush_last_us = us;
+            }
+            Ok(_) => {}
+            Err(_) => st.log_flush_errors += 1,
+        }
+        result
     }
 
     fn log_error(&mut self, e: &LogError) {
@@ -248,7 +285,7 @@ impl Durable {
     /// Write and sync the log per policy, then publish which peers' events are durable here.
     pub fn commit(&mut self) {
         if self.log.pending_bytes() > 0 {
-            if let Err(e) = self.log.commit() {
+            if let Err(e) = self.flush_log(false) {
                 self.log_error(&e);
             }
         }
@@ -321,7 +358,7 @@ impl Durable {
         self.producers.checkpoint(&mut self.scratch);
         let mut appended = self.log.append(meta.wall_ms, &self.scratch);
         if appended.is_err() {
-            if let Err(e) = self.log.commit() {
+            if let Err(e) = self.flush_log(false) {
                 self.log_error(&e);
             }
             appended = self.log.append(meta.wall_ms, &self.scratch);
@@ -358,18 +395,65 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// How long a snapshot waits for the shard's outputs to reach their sinks before publishing.
 const OUTPUT_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Where the time of one published snapshot went. Each step on the executor holds the shard:
+/// no event is processed meanwhile, so the longest one bounds the snapshot's effect on latency.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SnapshotTimes {
+    pub generation: u64,
+    pub sessions: u64,
+    pub bytes: u64,
+    /// Capture start to log truncation.
+    pub total_us: u64,
+    /// The capture: the engine is serialised in one step.
+    pub capture_us: u64,
+    /// Writing the file in chunks, its fsync included (yields between chunks).
+    pub write_us: u64,
+    /// The longest single chunk step (a write of up to [`SNAPSHOT_CHUNK_BYTES`], or the fsync).
+    pub chunk_max_us: u64,
+    /// Waiting for the outputs of the captured events to reach the sinks (yields while waiting).
+    pub drain_us: u64,
+    /// Durable log commit, rename, directory fsync, pruning and log truncation, in one step.
+    pub publish_us: u64,
+}
+
+impl std::fmt::Display for SnapshotTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |us: u64| us as f64 / 1e3;
+        write!(
+            f,
+            "generation {}: {} sessions, {} bytes in {:.1} ms (capture {:.1} ms, write {:.1} ms with its longest step {:.1} ms, drain {:.1} ms, publish {:.1} ms)",
+            self.generation,
+            self.sessions,
+            self.bytes,
+            ms(self.total_us),
+            ms(self.capture_us),
+            ms(self.write_us),
+            ms(self.chunk_max_us),
+            ms(self.drain_us),
+            ms(self.publish_us)
+        )
+    }
+}
+
+fn us_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 /// Take one snapshot of the shard behind `ctx`: capture, write in chunks that yield, wait for the
 /// outputs produced before the capture to reach the sinks, publish, truncate the log.
-pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
+/// `Ok(None)`: persistence is off.
+pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, String> {
     let t0 = Instant::now();
+    let mut times = SnapshotTimes::default();
     let captured = {
         let mut st = ctx.st.borrow_mut();
         let st = &mut *st;
         match st.durable.as_mut() {
-            None => return Ok(()),
+            None => return Ok(None),
             Some(d) => d.capture(&st.engine),
         }
     };
+    times.capture_us = us_since(t0);
     let mut w = match captured {
         Ok(w) => w,
         Err(e) => {
@@ -380,9 +464,16 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
         }
     };
     let generation = w.generation();
+    times.generation = generation;
+    times.sessions = w.summary().sessions;
+    times.bytes = w.file_bytes();
+    let t_write = Instant::now();
     let mut failures = 0u32;
     loop {
-        match w.write_chunk(SNAPSHOT_CHUNK_BYTES) {
+        let t_chunk = Instant::now();
+        let step = w.write_chunk(SNAPSHOT_CHUNK_BYTES);
+        times.chunk_max_us = times.chunk_max_us.max(us_since(t_chunk));
+        match step {
             Ok(true) => break,
             Ok(false) => {}
             Err(e) => {
@@ -399,8 +490,10 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
         }
         glommio::yield_if_needed().await;
     }
+    times.write_us = us_since(t_write);
     // Outputs produced before the capture must be with the sinks before the log that would
     // re-create them after a crash is truncated (at-least-once).
+    let t_drain = Instant::now();
     let deadline = Instant::now() + OUTPUT_DRAIN_WAIT;
     loop {
         let drained = {
@@ -418,14 +511,16 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
         }
         glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
+    times.drain_us = us_since(t_drain);
+    let t_publish = Instant::now();
     let mut st = ctx.st.borrow_mut();
     let Some(d) = st.durable.as_mut() else {
         w.abort();
-        return Ok(());
+        return Ok(None);
     };
     // Recovery from this snapshot rebuilds the producers' table from the checkpoint record
     // that follows its `log_seq`: that record must be on disk before the snapshot can be found.
-    if let Err(e) = d.log.commit_durable() {
+    if let Err(e) = d.flush_log(true) {
         d.log_error(&e);
         w.abort();
         d.capture_failed();
@@ -440,8 +535,13 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
             if let Err(e) = d.log.truncate_after_snapshot(generation) {
                 d.log_error(&e);
             }
-            d.stats.snapshot_last_us = t0.elapsed().as_micros() as u64;
-            Ok(())
+            times.publish_us = us_since(t_publish);
+            times.total_us = us_since(t0);
+            let s = &mut d.stats;
+            s.snapshot_last_us = times.total_us;
+            s.snapshot_us_total += times.total_us;
+            s.snapshot_capture_last_us = times.capture_us;
+            Ok(Some(times))
         }
         Err(e) => {
             d.capture_failed();
