@@ -133,11 +133,11 @@ counters! {
     log_unlogged,
     /// Gauge: sequence of the last durable log record.
     log_durable_seq,
-    /// Log flushes: commits that wrote bytes or synced (`runtime::durable`).
+    /// Log flushes: syncs of the written log to disk (`persist::log`, on its helper thread).
     log_flushes,
-    /// Log commits that failed (retried at the next one).
+    /// Log writes and syncs that failed (retried).
     log_flush_errors,
-    /// Time spent in log flushes, in microseconds.
+    /// Time of the log flushes, in microseconds (hand-over to the helper to its result).
     log_flush_us_total,
     /// Gauge: duration of the last log flush, in microseconds.
     log_flush_last_us,

@@ -405,10 +405,10 @@ impl Shard {
         c.snapshot_last_us = d.stats.snapshot_last_us;
         c.snapshot_us_total = d.stats.snapshot_us_total;
         c.snapshot_capture_last_us = d.stats.snapshot_capture_last_us;
-        c.log_flushes = d.stats.log_flushes;
-        c.log_flush_errors = d.stats.log_flush_errors;
-        c.log_flush_us_total = d.stats.log_flush_us_total;
-        c.log_flush_last_us = d.stats.log_flush_last_us;
+        c.log_flushes = l.fsyncs;
+        c.log_flush_errors = l.write_errors + l.fsync_errors;
+        c.log_flush_us_total = l.sync_us_total;
+        c.log_flush_last_us = l.sync_last_us;
         c.recovered_sessions = d.stats.recovered_sessions;
         c.replayed_events = d.stats.replayed;
     }
