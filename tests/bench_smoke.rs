@@ -1,7 +1,10 @@
 //! The bundled bench harness against the real appliance: `sessionizer-bench run` offers a short,
 //! modest load (UDP, then TCP) to a freshly started appliance and reads its TCP output. The run
 //! must exit 0, write a complete run directory, and account for every event it sent
-//! (`sent == received + counted drops`). Nothing here asserts on timing or rates.
+//! (`sent == received + counted drops`). `sessionizer-bench reproduce --quick` starts the
+//! appliance itself and goes through every step of the RESULTS reproduction at a tiny size; its
+//! counts must agree (no receiver counts more than was sent, the replay sees every event of its
+//! file, the sweep accounts for every event). Nothing here asserts on timing or rates.
 
 mod util;
 
@@ -214,4 +217,96 @@ fn bench_run_udp_against_appliance() {
 #[test]
 fn bench_run_tcp_against_appliance() {
     smoke("tcp");
+}
+
+/// The one-command reproduction, at smoke size: every step runs and its counts agree.
+#[test]
+fn reproduce_quick_runs_every_step() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let run_dir = work.path().join("run");
+    let stdout_path = work.path().join("bench.stdout");
+    let stderr_path = work.path().join("bench.stderr");
+    let child = Command::new(BENCH)
+        .args(["reproduce", "--quick", "--sessionizer"])
+        .arg(env!("CARGO_BIN_EXE_sessionizer"))
+        .arg("--out-dir")
+        .arg(&run_dir)
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout_path).expect("stdout file"))
+        .stderr(File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn sessionizer-bench");
+    // Five appliance runs, a replay and a two-step sweep of about a second each, plus start-ups.
+    let status = Guard(Some(child)).wait(Duration::from_secs(240));
+    let context = || {
+        format!(
+            "\n--- bench stdout:\n{}\n--- bench stderr:\n{}",
+            read(&stdout_path),
+            read(&stderr_path)
+        )
+    };
+    let status = status.unwrap_or_else(|e| panic!("{e}{}", context()));
+    assert!(status.success(), "exit {status}{}", context());
+    for name in [
+        "reproduce.json",
+        "table.md",
+        "sweep.json",
+        "sweep.svg",
+        "command.txt",
+        "machine.txt",
+        "bench.toml",
+    ] {
+        assert!(
+            run_dir.join(name).is_file(),
+            "run directory lacks {name}{}",
+            context()
+        );
+    }
+    let table = read(&run_dir.join("table.md"));
+    assert!(
+        table.contains("appliance TCP ÷ raw TCP") && table.contains("appliance UDP ÷ engine alone"),
+        "{table}"
+    );
+    assert_eq!(
+        read(&stdout_path).matches("| figure |").count(),
+        1,
+        "{}",
+        context()
+    );
+    let r: Value =
+        serde_json::from_str(&read(&run_dir.join("reproduce.json"))).expect("reproduce.json");
+    let rounds = r["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 1, "{r}");
+    let round = &rounds[0];
+    let n = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
+    // Receivers count what they took in before they were stopped: something, never more than
+    // was sent (the appliance is stopped right after the sending ends, so a TCP tail still in
+    // the socket buffers may go uncounted; UDP may also drop in the kernel).
+    for run in ["appliance_tcp", "appliance_udp"] {
+        let x = &round[run];
+        assert!(n(&x["processed"]) > 0, "{run}: {round}");
+        assert!(n(&x["processed"]) <= n(&x["sent"]), "{run}: {round}");
+        assert!(n(&x["processed"]) as f64 / x["shard_cpu_s"].as_f64().unwrap() > 0.0);
+    }
+    for run in ["raw_tcp", "raw_udp"] {
+        let x = &round[run];
+        assert!(n(&x["received"]) > 0, "{run}: {round}");
+        assert!(n(&x["received"]) <= n(&x["sent"]), "{run}: {round}");
+    }
+    assert_eq!(
+        n(&round["engine"]["events"]),
+        n(&r["replay_file"]["events"]),
+        "{r}"
+    );
+    assert_eq!(n(&r["replay_file"]["events"]), 20_000, "{r}");
+    let points = r["sweep"]["points"].as_array().expect("sweep points");
+    assert_eq!(points.len(), 2, "{r}");
+    for p in points {
+        assert!(n(&p["received"]) > 0, "{p}");
+        assert_eq!(
+            p["lost"].as_i64().expect("lost") as f64,
+            p["drops_counted"].as_f64().expect("drops_counted"),
+            "sent = received + counted drops: {p}"
+        );
+    }
 }

@@ -440,9 +440,21 @@ fn fsync_policies() {
 
 #[test]
 fn truncate_after_snapshot_deletes_only_covered_logs() {
+    truncate_deletes_only_covered_logs(false);
+}
+
+#[test]
+fn truncate_after_snapshot_deletes_only_covered_logs_syncing_in_background() {
+    truncate_deletes_only_covered_logs(true);
+}
+
+fn truncate_deletes_only_covered_logs(background: bool) {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine_with(3);
     let mut w = LogWriter::create(dir.path(), 0, 1, 1, cfg(FsyncPolicy::Always)).unwrap();
+    if background {
+        w.sync_in_background().unwrap();
+    }
     let snapshot = |g: u64, log_seq: u64| {
         let m = SnapshotMeta { log_seq, ..meta(g) };
         snapshot_file::write_file(dir.path(), &engine, m).unwrap();
@@ -472,6 +484,66 @@ fn truncate_after_snapshot_deletes_only_covered_logs() {
     let (recs, report, _) = read_all(dir.path(), 8);
     assert_eq!(recs.iter().map(|r| r.0).collect::<Vec<_>>(), vec![9]);
     assert!(!report.damaged(), "{report:?}");
+}
+
+/// Commit until the log is durable through `seq` (background syncing), within a deadline.
+fn durable_through(w: &mut LogWriter, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while w.commit().unwrap() < seq {
+        assert!(
+            Instant::now() < deadline,
+            "durable_seq stuck at {}",
+            w.durable_seq()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Background syncing: the durable sequence moves once the helper is done, never past what was
+/// written; a rotation waits for nothing and the records read back across the files; a
+/// requested sync happens whatever the interval; `commit_durable` still syncs on the spot.
+#[test]
+fn background_sync_moves_the_durable_sequence_and_rotates_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut long = cfg(FsyncPolicy::Interval);
+    long.fsync_interval = Duration::from_secs(3600);
+    let mut w = LogWriter::create(dir.path(), 0, 1, 1, long).unwrap();
+    w.sync_in_background().unwrap();
+    for i in 1..=10 {
+        w.append(1000 + i as i64, &record(i)).unwrap();
+    }
+    // The interval is an hour: only a requested sync makes them durable.
+    for _ in 0..3 {
+        assert_eq!(w.commit().unwrap(), 0);
+    }
+    w.request_sync();
+    durable_through(&mut w, 10);
+    assert_eq!(w.stats().fsyncs, 1);
+    assert_eq!(w.pending_bytes(), 0, "synced records leave the buffer");
+    for i in 11..=15 {
+        w.append(1000 + i as i64, &record(i)).unwrap();
+    }
+    w.request_sync();
+    w.commit().unwrap();
+    // A sync may be in flight on generation 1; the rotation does not wait for it.
+    assert_eq!(w.rotate().unwrap(), 2);
+    for i in 16..=20 {
+        w.append(1000 + i as i64, &record(i)).unwrap();
+    }
+    w.request_sync();
+    durable_through(&mut w, 20);
+    assert_eq!(w.last_seq(), 20);
+    let (recs, report, next) = read_all(dir.path(), 0);
+    assert_eq!(
+        recs.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
+    assert_eq!(recs[15], (16, 1016, record(16)));
+    assert!(!report.damaged(), "{report:?}");
+    assert_eq!(next, 21);
+    w.append(0, &record(21)).unwrap();
+    assert_eq!(w.commit_durable().unwrap(), 21);
+    assert!(w.stats().sync_us_total > 0 && w.stats().fsync_errors == 0);
 }
 
 // ---------------------------------------------------------------------------------------------

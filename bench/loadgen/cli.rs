@@ -1,5 +1,5 @@
-//! The command line: clap definitions of the four subcommands, their validation into run specs,
-//! and the commands' bodies (run, write results, pick the exit status).
+//! The command line: clap definitions of the subcommands, their validation into run specs, and
+//! the commands' bodies (run, write results, pick the exit status).
 //!
 //! Every limit is checked here, before any thread starts, and an error names the flag, the value,
 //! the limit and the likely fix. Options shared by several commands live in flattened groups so
@@ -67,6 +67,13 @@ pub enum Command {
     BaselineRecv(BaselineRecvArgs),
     /// Nexmark q11-style bids keyed by bidder (10 s session gap profile).
     NexmarkQ11(NexmarkArgs),
+    /// Start the appliance and reproduce the throughput, baseline and sweep figures of RESULTS.
+    Reproduce(ReproduceArgs),
+    /// Start the appliance and compare flat-out throughput with metrics on and off, in pairs.
+    MetricsCost(MetricsCostArgs),
+    /// Start the appliance with many open sessions and compare latency with snapshots written
+    /// back to back and far apart, in pairs.
+    SnapshotLatency(SnapshotLatencyArgs),
 }
 
 fn parse_scaled(text: &str) -> Result<f64, String> {
@@ -362,6 +369,240 @@ pub struct BaselineRecvArgs {
     /// No per-second line.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone, serde::Serialize)]
+#[command(next_help_heading = "Appliance")]
+pub struct SuiteArgs {
+    /// The sessionizer binary [default: the one next to sessionizer-bench].
+    #[arg(long, value_name = "PATH")]
+    pub sessionizer: Option<PathBuf>,
+    /// CPUs of the appliance's shards, e.g. `0` or `0,1`, or `all`; the harness runs on the
+    /// others (on all of them when none is left).
+    #[arg(long, value_name = "LIST")]
+    pub appliance_cores: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Run directory [default: bench/runs/<date>-<host>-<HHMMSS>].
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, serde::Serialize)]
+pub struct ReproduceArgs {
+    #[command(flatten)]
+    pub suite: SuiteArgs,
+    /// Rounds; each runs raw TCP, appliance TCP, raw UDP, appliance UDP and the engine alone.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    /// Length of each flat-out run.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Keys of the flat-out runs and of the replay file.
+    #[arg(long, default_value = "1M", value_parser = parse_count)]
+    pub keys: u64,
+    /// Events of the engine-alone replay file.
+    #[arg(long, default_value = "2M", value_parser = parse_count)]
+    pub replay_events: u64,
+    /// Event-time rate of the replay file (sessions shaped like a live run at this rate).
+    #[arg(long, default_value = "1M", value_parser = parse_rate)]
+    pub replay_rate: f64,
+    #[arg(long, default_value = "100k", value_parser = parse_rate)]
+    pub sweep_from: f64,
+    #[arg(long, default_value = "1.6M", value_parser = parse_rate)]
+    pub sweep_to: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub sweep_factor: f64,
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub sweep_step_duration: Duration,
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub sweep_settle: Duration,
+    #[arg(long, default_value = "200k", value_parser = parse_count)]
+    pub sweep_keys: u64,
+    #[arg(long, default_value_t = 10.0)]
+    pub p99_threshold_ms: f64,
+    /// A smoke run in seconds: one round of 1 s runs, a small replay file, two sweep steps.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+#[derive(Args, Debug, serde::Serialize)]
+pub struct MetricsCostArgs {
+    #[command(flatten)]
+    pub suite: SuiteArgs,
+    /// Pairs of runs (metrics on and off).
+    #[arg(long, default_value_t = 10)]
+    pub pairs: u32,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    #[arg(long, value_enum, default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+    #[arg(long, default_value = "1M", value_parser = parse_count)]
+    pub keys: u64,
+    /// How often the harness scrapes /metrics while metrics are on.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub scrape_every: Duration,
+    /// Run the two appliances of a pair one after the other instead of at the same time on
+    /// the same cores.
+    #[arg(long)]
+    pub sequential: bool,
+}
+
+#[derive(Args, Debug, serde::Serialize)]
+pub struct SnapshotLatencyArgs {
+    #[command(flatten)]
+    pub suite: SuiteArgs,
+    /// Pairs of runs (snapshots back to back, then far apart).
+    #[arg(long, default_value_t = 3)]
+    pub pairs: u32,
+    /// Sessions kept open (every key is sent once before the measured run).
+    #[arg(long, default_value = "1M", value_parser = parse_count)]
+    pub keys: u64,
+    /// Offered rate of the measured run, open loop.
+    #[arg(long, default_value = "50k", value_parser = parse_rate)]
+    pub rate: f64,
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// `persist.snapshot_interval` of the runs with snapshots (short: back to back).
+    #[arg(long, default_value = "100ms")]
+    pub snapshot_interval: String,
+    /// `persist.snapshot_interval` of the runs without (longer than the run).
+    #[arg(long, default_value = "1h")]
+    pub far_interval: String,
+    #[arg(long, value_enum, default_value_t = Transport::Udp)]
+    pub transport: Transport,
+}
+
+/// `--appliance-cores`: a list, or `all` (every online cpu).
+fn appliance_cpus(text: Option<&str>, default: &str) -> Result<Vec<usize>, Failure> {
+    let text = text.unwrap_or(default).trim();
+    if text == "all" {
+        return Ok(crate::appliance::online_cpus());
+    }
+    let cpus: Result<Vec<usize>, _> = text.split(',').map(|c| c.trim().parse()).collect();
+    match cpus {
+        Ok(c) if !c.is_empty() && c.len() <= 64 => Ok(c),
+        _ => usage(format!(
+            "--appliance-cores {text:?}: give cpu ids separated by commas (at most 64), e.g. 0 or 0,1, or all"
+        )),
+    }
+}
+
+fn suite_setup(s: &SuiteArgs, default_cores: &str) -> Result<crate::suite::Setup, Failure> {
+    let cpus = appliance_cpus(s.appliance_cores.as_deref(), default_cores)?;
+    let dir = s.out_dir.clone().unwrap_or_else(report::default_run_dir);
+    Ok(crate::suite::Setup::new(
+        s.sessionizer.as_deref(),
+        cpus,
+        dir,
+        s.seed,
+    )?)
+}
+
+fn check_duration(flag: &str, d: Duration) -> Result<(), Failure> {
+    if d.is_zero() || d > Duration::from_secs(3600) {
+        return usage(format!("{flag} {d:?} is outside 1ns..=1h"));
+    }
+    Ok(())
+}
+
+fn reproduce_command(a: &ReproduceArgs, argv: &[String]) -> Result<ExitCode, Failure> {
+    check_range(
+        "--rounds",
+        a.rounds,
+        1,
+        100,
+        "5 is plenty on a noisy machine",
+    )?;
+    check_duration("--duration", a.duration)?;
+    check_range("--keys", a.keys, 1, crate::traffic::KEYS_MAX, "e.g. 1M")?;
+    check_range(
+        "--replay-events",
+        a.replay_events,
+        1,
+        1_000_000_000,
+        "e.g. 2M",
+    )?;
+    if a.replay_rate.is_nan() || a.replay_rate <= 0.0 {
+        return usage("--replay-rate must be positive".to_string());
+    }
+    let mut o = crate::suite::ReproduceOptions {
+        rounds: a.rounds,
+        duration: a.duration,
+        keys: a.keys,
+        replay_events: a.replay_events,
+        replay_rate: a.replay_rate,
+        sweep_rates: sweep::rates(a.sweep_from, a.sweep_to, None, Some(a.sweep_factor))
+            .map_err(Failure::Usage)?,
+        sweep_step: a.sweep_step_duration,
+        sweep_settle: a.sweep_settle,
+        sweep_keys: a.sweep_keys,
+        p99_threshold_ms: a.p99_threshold_ms,
+    };
+    if a.quick {
+        o.rounds = 1;
+        o.duration = Duration::from_secs(1);
+        o.keys = 10_000;
+        o.replay_events = 20_000;
+        o.sweep_rates = vec![5_000.0, 10_000.0];
+        o.sweep_step = Duration::from_secs(1);
+        o.sweep_settle = Duration::from_millis(500);
+        o.sweep_keys = 2_000;
+    }
+    let setup = suite_setup(&a.suite, "0")?;
+    let md = crate::suite::reproduce(&setup, &o, argv)?;
+    print!("{md}");
+    println!("  results in {}", setup.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn metrics_cost_command(a: &MetricsCostArgs, argv: &[String]) -> Result<ExitCode, Failure> {
+    check_range("--pairs", a.pairs, 1, 100, "5 pairs at least for a median")?;
+    check_duration("--duration", a.duration)?;
+    check_duration("--scrape-every", a.scrape_every)?;
+    check_range("--keys", a.keys, 1, crate::traffic::KEYS_MAX, "e.g. 1M")?;
+    let o = crate::suite::MetricsCostOptions {
+        pairs: a.pairs,
+        concurrent: !a.sequential,
+        duration: a.duration,
+        transport: a.transport,
+        keys: a.keys,
+        scrape_every: a.scrape_every,
+    };
+    let setup = suite_setup(&a.suite, "0")?;
+    let md = crate::suite::metrics_cost(&setup, &o, argv)?;
+    print!("{md}");
+    println!("  results in {}", setup.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn snapshot_latency_command(a: &SnapshotLatencyArgs, argv: &[String]) -> Result<ExitCode, Failure> {
+    check_range("--pairs", a.pairs, 1, 100, "3 pairs at least for a median")?;
+    check_duration("--duration", a.duration)?;
+    check_range("--keys", a.keys, 1, crate::traffic::KEYS_MAX, "e.g. 1M")?;
+    if a.rate.is_nan() || a.rate <= 0.0 {
+        return usage("--rate must be positive: the measured run is open loop".to_string());
+    }
+    for (flag, v) in [
+        ("--snapshot-interval", &a.snapshot_interval),
+        ("--far-interval", &a.far_interval),
+    ] {
+        parse_duration(v).map_err(|e| Failure::Usage(format!("{flag}: {e}")))?;
+    }
+    let o = crate::suite::SnapshotOptions {
+        pairs: a.pairs,
+        keys: a.keys,
+        rate: a.rate,
+        duration: a.duration,
+        snapshot_interval: a.snapshot_interval.clone(),
+        far_interval: a.far_interval.clone(),
+        transport: a.transport,
+    };
+    let setup = suite_setup(&a.suite, "all")?;
+    let md = crate::suite::snapshot_latency(&setup, &o, argv)?;
+    print!("{md}");
+    println!("  results in {}", setup.dir.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cores() -> u32 {
@@ -734,6 +975,9 @@ pub fn dispatch(cli: Cli, argv: &[String]) -> Result<ExitCode, Failure> {
             run_and_report(spec, &args.baseline, &args.report, to_json(&args), argv)
         }
         Command::Sweep(args) => sweep_command(&args, argv),
+        Command::Reproduce(args) => reproduce_command(&args, argv),
+        Command::MetricsCost(args) => metrics_cost_command(&args, argv),
+        Command::SnapshotLatency(args) => snapshot_latency_command(&args, argv),
         Command::BaselineRecv(args) => {
             let threads = args.threads.unwrap_or_else(cores);
             check_range(

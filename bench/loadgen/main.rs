@@ -1,12 +1,15 @@
 //! `sessionizer-bench`: the bundled benchmark harness of the sessionizer appliance — load
-//! generator and latency receiver (`run`, `nexmark-q11`), rate sweep (`sweep`) and the raw
-//! socket ceiling (`baseline-recv`). See bench/README.md.
+//! generator and latency receiver (`run`, `nexmark-q11`), rate sweep (`sweep`), the raw
+//! socket ceiling (`baseline-recv`), and the commands that start the appliance themselves and
+//! reproduce the figures of bench/RESULTS.md (`reproduce`, `metrics-cost`,
+//! `snapshot-latency`). See bench/README.md.
 //!
 //! `main` is thin: it parses the command line, installs the Ctrl-C flag, and turns the outcome
 //! into an exit status — 0 success, 1 an operating error (connection, I/O), 2 a usage error,
 //! 3 a failed `--fail-on-loss` check. The harness is self-contained on purpose: it does not use
 //! the `sessionizer` library, so it checks the appliance against independent code.
 
+mod appliance;
 mod baseline;
 mod cli;
 mod clock;
@@ -17,6 +20,7 @@ mod report;
 mod run;
 mod scrape;
 mod send;
+mod suite;
 mod svg;
 mod sweep;
 mod traffic;

@@ -75,7 +75,7 @@ pub fn deltas(
         .collect()
 }
 
-fn http_get(url: &str) -> Result<String, String> {
+pub fn http_get(url: &str) -> Result<String, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("metrics URL {url:?}: only http:// is supported"))?;

@@ -81,7 +81,7 @@ pub const UDP_KERNEL_DROPS: &str = "sessionizer_udp_kernel_drops_total";
 pub const TCP_CONNECTIONS: &str = "sessionizer_tcp_connections";
 /// Gauge {state, shard}: arena blocks `used` and `free`.
 pub const ARENA_BLOCKS: &str = "sessionizer_arena_blocks";
-/// Gauge {shard}: how far the expiry wheels run behind their clock.
+/// Gauge {shard}: how late the last expiry pass finished, from when it was due to its end.
 pub const EXPIRY_LAG: &str = "sessionizer_expiry_lag_seconds";
 /// Counter {shard}: snapshots written.
 pub const SNAPSHOTS: &str = "sessionizer_snapshots_total";
@@ -190,7 +190,7 @@ pub const ALL_METRICS: &[(&str, &str)] = &[
     (ARENA_BLOCKS, "Arena blocks, by state (used or free)."),
     (
         EXPIRY_LAG,
-        "How far the expiry wheels run behind their clock, in seconds.",
+        "How late the last expiry pass finished after it was due, in seconds.",
     ),
     (SNAPSHOTS, "Snapshots written."),
     (SNAPSHOT_FAILURES, "Snapshots that failed."),
@@ -470,8 +470,8 @@ pub struct ShardSample {
     pub udp_kernel_drops: u64,
     /// Gauge: open TCP ingest connections.
     pub tcp_connections: u64,
-    /// Gauge: how far behind its clock the wheel drain ran at its last advance, in ms.
-    pub expiry_lag_ms: u64,
+    /// Gauge: how late the last expiry pass finished (from when it was due to its end), in µs.
+    pub expiry_lag_us: u64,
     pub snapshots: u64,
     pub snapshot_failures: u64,
     /// Sum of snapshot durations, in µs.
@@ -523,7 +523,7 @@ impl ShardSample {
             refused: [0; TRANSPORTS.len()],
             udp_kernel_drops: 0,
             tcp_connections: 0,
-            expiry_lag_ms: 0,
+            expiry_lag_us: 0,
             snapshots: 0,
             snapshot_failures: 0,
             snapshot_us_total: 0,
@@ -560,7 +560,7 @@ impl ShardSample {
             refused,
             udp_kernel_drops,
             tcp_connections,
-            expiry_lag_ms,
+            expiry_lag_us,
             snapshots,
             snapshot_failures,
             snapshot_us_total,
@@ -587,7 +587,7 @@ impl ShardSample {
         *refused = cur.refused;
         *udp_kernel_drops = cur.udp_kernel_drops;
         *tcp_connections = cur.tcp_connections;
-        *expiry_lag_ms = cur.expiry_lag_ms;
+        *expiry_lag_us = cur.expiry_lag_us;
         *snapshots = cur.snapshots;
         *snapshot_failures = cur.snapshot_failures;
         *snapshot_us_total = cur.snapshot_us_total;
@@ -740,7 +740,7 @@ pub fn publish(shard: usize, sample: &ShardSample, prev: &mut ShardSample) {
     let free = e.blocks_total.saturating_sub(e.blocks_used);
     gauge!(ARENA_BLOCKS, LABEL_STATE => "used", LABEL_SHARD => sh).set(e.blocks_used as f64);
     gauge!(ARENA_BLOCKS, LABEL_STATE => "free", LABEL_SHARD => sh).set(free as f64);
-    gauge!(EXPIRY_LAG, LABEL_SHARD => sh).set(sample.expiry_lag_ms as f64 / 1e3);
+    gauge!(EXPIRY_LAG, LABEL_SHARD => sh).set(us_to_s(sample.expiry_lag_us));
 
     bump(
         counter!(SNAPSHOTS, LABEL_SHARD => sh),

@@ -83,7 +83,7 @@ fn publish_increments_counters_by_the_delta_and_sets_gauges() {
     s.handoff_events_out = 7;
     s.handoff_queue_batches = 2;
     s.refused = [0, 1];
-    s.expiry_lag_ms = 1500;
+    s.expiry_lag_us = 1_500_000;
     s.snapshot_us_total = 250_000;
     s.snapshot_last_us = 250_000;
     metrics::with_local_recorder(&rec, || publish(3, &s, &mut prev));

@@ -16,6 +16,15 @@
 //! where the write stopped. A failed fsync may have lost written pages, so the writer moves to a
 //! new file and writes every not-yet-durable record again there (readers skip the duplicates).
 //!
+//! With [`LogWriter::sync_in_background`] (the runtime's choice) the fdatasync runs on a helper
+//! thread instead: a commit writes the buffer and, when a sync is due, hands a duplicate of the
+//! file descriptor to the helper and returns; a later commit collects the result and moves the
+//! durable sequence. Only one sync is in flight; the buffer keeps every record until a sync
+//! covering it completed (a failed one is handled as above). A rotation then switches files
+//! without syncing on the caller's thread: the next sync covers the previous file's tail, the new
+//! file and the directory. Why: a shard waiting in fdatasync processes nothing, and on a busy
+//! disk that wait is milliseconds every `fsync_interval`.
+//!
 //! Reading ([`LogReader`]) walks the files in generation order from a sequence number on. Damage
 //! policy: a torn tail (a record cut short by the end of the newest file, a last record with a bad
 //! CRC, or zeros to the end) is truncated away with a warning and counted; any other damage (a
@@ -234,6 +243,61 @@ pub struct LogStats {
     pub write_errors: u64,
     pub fsync_errors: u64,
     pub bytes_written: u64,
+    /// Time of the syncs counted in `fsyncs` (a background one from hand-over to result), in
+    /// microseconds, and of the last one.
+    pub sync_us_total: u64,
+    pub sync_last_us: u64,
+}
+
+impl LogStats {
+    fn synced(&mut self, started: Instant) {
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.fsyncs += 1;
+        self.sync_us_total += us;
+        self.sync_last_us = us;
+    }
+}
+
+/// What the helper thread syncs: the files written since the last completed sync (the previous
+/// ones of a rotation first, then the current one) and, after a rotation, the directory.
+struct SyncJob {
+    files: Vec<File>,
+    dir: Option<PathBuf>,
+}
+
+/// One sync handed to the helper: it covers records up to `seq`, the first `bytes` of the buffer.
+struct InFlight {
+    seq: u64,
+    bytes: usize,
+    started: Instant,
+}
+
+/// The helper thread: syncs jobs one at a time, answers each. Ends when the writer drops it.
+struct Syncer {
+    jobs: crossbeam_channel::Sender<SyncJob>,
+    done: crossbeam_channel::Receiver<io::Result<()>>,
+}
+
+impl Syncer {
+    fn start(shard: u32) -> io::Result<Syncer> {
+        let (jobs, job_rx) = crossbeam_channel::bounded::<SyncJob>(1);
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        std::thread::Builder::new()
+            .name(format!("log-sync-{shard}"))
+            .spawn(move || {
+                for job in job_rx {
+                    let r = job
+                        .files
+                        .iter()
+                        .try_for_each(File::sync_data)
+                        .and_then(|()| job.dir.as_deref().map_or(Ok(()), fsync_dir));
+                    if done_tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Syncer { jobs, done })
+    }
 }
 
 /// The appending side of one shard's log (see the module doc).
@@ -258,6 +322,14 @@ pub struct LogWriter {
     /// A fsync failed: the next commit starts a new file before writing.
     fresh_file_needed: bool,
     stats: LogStats,
+    /// Background syncing (see the module doc): the helper, the sync it is doing, files rotated
+    /// away from whose tail is not synced yet, whether the directory needs a sync, and a sync
+    /// asked for regardless of the policy's interval.
+    syncer: Option<Syncer>,
+    in_flight: Option<InFlight>,
+    unsynced_files: Vec<File>,
+    dir_unsynced: bool,
+    sync_requested: bool,
 }
 
 impl LogWriter {
@@ -288,7 +360,98 @@ impl LogWriter {
             last_sync: Instant::now(),
             fresh_file_needed: false,
             stats: LogStats::default(),
+            syncer: None,
+            in_flight: None,
+            unsynced_files: Vec::new(),
+            dir_unsynced: false,
+            sync_requested: false,
         })
+    }
+
+    /// From now on, fdatasync on a helper thread (see the module doc); `commit` never waits
+    /// for the disk, except [`LogWriter::commit_durable`], which still does.
+    pub fn sync_in_background(&mut self) -> Result<(), LogError> {
+        if self.syncer.is_none() {
+            self.syncer = Some(
+                Syncer::start(self.shard)
+                    .map_err(|e| LogError::io(&self.dir, "start the log sync thread", e))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// Have the next commit start a sync whatever the policy's interval (background syncing;
+    /// with inline syncing use [`LogWriter::commit_durable`]). Watch [`LogWriter::durable_seq`].
+    pub fn request_sync(&mut self) {
+        self.sync_requested = true;
+    }
+
+    /// Collect the background sync's result, if it is in (waiting for it with `block`).
+    fn collect_sync(&mut self, block: bool) -> Result<(), LogError> {
+        let (Some(job), Some(syncer)) = (self.in_flight.as_ref(), self.syncer.as_ref()) else {
+            return Ok(());
+        };
+        let result = if block {
+            syncer.done.recv().map_err(|_| ())
+        } else {
+            match syncer.done.try_recv() {
+                Ok(r) => Ok(r),
+                Err(crossbeam_channel::TryRecvError::Empty) => return Ok(()),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => Err(()),
+            }
+        };
+        let (seq, bytes, started) = (job.seq, job.bytes, job.started);
+        self.in_flight = None;
+        let result =
+            result.unwrap_or_else(|()| Err(io::Error::other("the log sync thread is gone")));
+        match result {
+            Ok(()) => {
+                self.stats.synced(started);
+                debug_assert!(bytes <= self.buf_written && seq < self.next_seq);
+                self.durable_seq = seq;
+                self.buf.drain(..bytes);
+                self.buf_written -= bytes;
+                self.buf_first_seq = seq + 1;
+                self.last_sync = started;
+                Ok(())
+            }
+            Err(e) => {
+                // As for an inline fsync: rewrite every record not yet durable to a new file.
+                self.stats.fsync_errors += 1;
+                self.fresh_file_needed = true;
+                Err(LogError::io(&self.path, "fdatasync (background)", e))
+            }
+        }
+    }
+
+    /// Hand the helper a sync of everything written so far.
+    fn start_sync(&mut self, now: Instant) -> Result<(), LogError> {
+        let Some(syncer) = self.syncer.as_ref() else {
+            return Ok(());
+        };
+        debug_assert!(self.in_flight.is_none());
+        let current = self
+            .file
+            .try_clone()
+            .map_err(|e| LogError::io(&self.path, "dup for fdatasync", e))?;
+        let mut files = std::mem::take(&mut self.unsynced_files);
+        files.push(current);
+        let dir = self.dir_unsynced.then(|| self.dir.clone());
+        if syncer.jobs.send(SyncJob { files, dir }).is_err() {
+            return Err(LogError::io(
+                &self.path,
+                "fdatasync (background)",
+                io::Error::other("the log sync thread is gone"),
+            ));
+        }
+        self.dir_unsynced = false;
+        self.sync_requested = false;
+        self.in_flight = Some(InFlight {
+            seq: self.next_seq - 1,
+            bytes: self.buf_written,
+            started: now,
+        });
+        Ok(())
     }
 
     /// Continue the log after recovery in a new file (generation = newest existing + 1), so that
@@ -361,12 +524,91 @@ impl LogWriter {
 
     /// [`LogWriter::commit`] with the caller's clock (tests, and a runtime that has `now` already).
     pub fn commit_at(&mut self, now: Instant) -> Result<u64, LogError> {
+        if self.syncer.is_some() {
+            return self.commit_background(now);
+        }
         self.stats.commits += 1;
         if self.fresh_file_needed {
             self.start_generation(self.generation + 1, self.buf_first_seq)?;
             self.buf_written = 0;
             self.fresh_file_needed = false;
         }
+        self.write_buffered()?;
+        // Every buffered record is in the file now.
+        let written_seq = self.next_seq - 1;
+        let sync = match self.cfg.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval => {
+                now.saturating_duration_since(self.last_sync) >= self.cfg.fsync_interval
+                    || self.buf.len() * 2 >= self.cfg.buffer_bytes
+            }
+            FsyncPolicy::Never => false,
+        };
+        if sync && written_seq > self.durable_seq {
+            let started = Instant::now();
+            if let Err(e) = self.file.sync_data() {
+                // The kernel may have dropped the failed pages and cleared the error: the bytes
+                // in the file are not to be trusted. Keep the buffer; rewrite it to a new file.
+                self.stats.fsync_errors += 1;
+                self.fresh_file_needed = true;
+                return Err(LogError::io(&self.path, "fdatasync", e));
+            }
+            self.stats.synced(started);
+            self.last_sync = now;
+        }
+        if sync || self.cfg.fsync == FsyncPolicy::Never {
+            self.durable_seq = written_seq;
+            self.buf.clear();
+            self.buf_written = 0;
+            self.buf_first_seq = self.next_seq;
+        }
+        Ok(self.durable_seq)
+    }
+
+    /// A commit with the sync on the helper: collect a finished sync, write the buffer, start a
+    /// sync if one is due and none is in flight. Never waits for the disk.
+    fn commit_background(&mut self, now: Instant) -> Result<u64, LogError> {
+        self.stats.commits += 1;
+        self.collect_sync(false)?;
+        if self.fresh_file_needed && self.in_flight.is_none() {
+            // Every file written since the last good sync is suspect; the new one starts at the
+            // first record not durable and gets everything again (synced before it counts).
+            self.unsynced_files.clear();
+            self.start_generation(self.generation + 1, self.buf_first_seq)?;
+            self.buf_written = 0;
+            self.fresh_file_needed = false;
+        }
+        self.write_buffered()?;
+        let written_seq = self.next_seq - 1;
+        if self.cfg.fsync == FsyncPolicy::Never {
+            // Written is durable (against a process crash only); rotated files are never synced.
+            self.unsynced_files.clear();
+            self.dir_unsynced = false;
+            self.durable_seq = written_seq;
+            self.buf.clear();
+            self.buf_written = 0;
+            self.buf_first_seq = self.next_seq;
+            return Ok(self.durable_seq);
+        }
+        let due = match self.cfg.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval => {
+                now.saturating_duration_since(self.last_sync) >= self.cfg.fsync_interval
+                    || self.buf.len() * 2 >= self.cfg.buffer_bytes
+            }
+            FsyncPolicy::Never => false,
+        };
+        if self.in_flight.is_none()
+            && (due || self.sync_requested)
+            && written_seq > self.durable_seq
+        {
+            self.start_sync(now)?;
+        }
+        Ok(self.durable_seq)
+    }
+
+    /// Write what is buffered and not written yet to the current file.
+    fn write_buffered(&mut self) -> Result<(), LogError> {
         while self.buf_written < self.buf.len() {
             match self
                 .file
@@ -392,40 +634,38 @@ impl LogWriter {
                 }
             }
         }
-        // Every buffered record is in the file now.
-        let written_seq = self.next_seq - 1;
-        let sync = match self.cfg.fsync {
-            FsyncPolicy::Always => true,
-            FsyncPolicy::Interval => {
-                now.saturating_duration_since(self.last_sync) >= self.cfg.fsync_interval
-                    || self.buf.len() * 2 >= self.cfg.buffer_bytes
-            }
-            FsyncPolicy::Never => false,
-        };
-        if sync && written_seq > self.durable_seq {
-            if let Err(e) = self.file.sync_data() {
-                // The kernel may have dropped the failed pages and cleared the error: the bytes
-                // in the file are not to be trusted. Keep the buffer; rewrite it to a new file.
-                self.stats.fsync_errors += 1;
-                self.fresh_file_needed = true;
-                return Err(LogError::io(&self.path, "fdatasync", e));
-            }
-            self.stats.fsyncs += 1;
-            self.last_sync = now;
-        }
-        if sync || self.cfg.fsync == FsyncPolicy::Never {
-            self.durable_seq = written_seq;
-            self.buf.clear();
-            self.buf_written = 0;
-            self.buf_first_seq = self.next_seq;
-        }
-        Ok(self.durable_seq)
+        Ok(())
     }
 
     /// Commit (durably, whatever the policy) and continue in a new file, `generation + 1`.
+    /// With background syncing, nothing waits for the disk: everything buffered is written to
+    /// the current file, the new file is created with its header, and the next sync covers the
+    /// previous file's tail, the new file and the directory (a crash before it may leave the new
+    /// file without a durable header: readers skip such a file, and no record in it counted as
+    /// durable).
     pub fn rotate(&mut self) -> Result<u64, LogError> {
-        self.commit_durable()?;
-        self.start_generation(self.generation + 1, self.next_seq)?;
+        if self.syncer.is_none() {
+            self.commit_durable()?;
+            self.start_generation(self.generation + 1, self.next_seq)?;
+            return Ok(self.generation);
+        }
+        self.collect_sync(false)?;
+        if self.fresh_file_needed {
+            // A failed sync is handled by a commit first (it rewrites to a fresh file).
+            self.commit_background(Instant::now())?;
+        }
+        self.write_buffered()?;
+        let (path, file) =
+            create_file_unsynced(&self.dir, self.shard, self.generation + 1, self.next_seq)?;
+        let previous = std::mem::replace(&mut self.file, file);
+        // Records up to here may be in the previous file only: it is synced with the next job.
+        if self.buf_written > 0 || self.in_flight.is_some() {
+            self.unsynced_files.push(previous);
+        }
+        self.generation += 1;
+        self.path = path;
+        self.file_len = HEADER_BYTES as u64;
+        self.dir_unsynced = true;
         Ok(self.generation)
     }
 
@@ -435,49 +675,20 @@ impl LogWriter {
     /// from either kept generation still finds the log it needs. Returns the files deleted.
     pub fn truncate_after_snapshot(&mut self, generation: u64) -> Result<u32, LogError> {
         self.rotate()?;
-        let snaps = super::snapshot_file::list_generations(&self.dir, self.shard)
-            .map_err(|e| LogError::io(&self.dir, "list", e))?;
-        let mut covered = u64::MAX;
-        let mut any = false;
-        for (g, path) in snaps.iter().filter(|(g, _)| *g <= generation) {
-            match read_snapshot_log_seq(path) {
-                Some(seq) => {
-                    covered = covered.min(seq);
-                    any = true;
-                }
-                None => log::warn!("snapshot {} (generation {g}) has an unreadable header; it does not cover any log", path.display()),
-            }
-        }
-        if !any {
-            return Ok(0);
-        }
-        let logs = list_generations(&self.dir, self.shard)
-            .map_err(|e| LogError::io(&self.dir, "list", e))?;
-        let mut deleted = 0;
-        for pair in logs.windows(2) {
-            let ((g, path), (_, next)) = (&pair[0], &pair[1]);
-            if *g >= self.generation {
-                break;
-            }
-            // A file's records end where the next file starts.
-            let Ok(next_header) = LogHeader::read(next) else {
-                break;
-            };
-            if next_header.first_seq.saturating_sub(1) <= covered {
-                fs::remove_file(path).map_err(|e| LogError::io(path, "remove", e))?;
-                deleted += 1;
-            } else {
-                break;
-            }
-        }
-        if deleted > 0 {
-            fsync_dir(&self.dir).map_err(|e| LogError::io(&self.dir, "fsync directory", e))?;
-        }
-        Ok(deleted)
+        delete_covered(&self.dir, self.shard, generation, self.generation)
     }
 
-    /// Commit and fsync regardless of the policy's interval.
+    /// The directory this log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Commit and fsync regardless of the policy's interval, on this thread (with background
+    /// syncing: after waiting for the sync in flight).
     pub fn commit_durable(&mut self) -> Result<u64, LogError> {
+        if self.syncer.is_some() {
+            return self.commit_durable_background();
+        }
         let policy = self.cfg.fsync;
         if policy == FsyncPolicy::Interval {
             self.cfg.fsync = FsyncPolicy::Always;
@@ -485,6 +696,50 @@ impl LogWriter {
         let r = self.commit();
         self.cfg.fsync = policy;
         r
+    }
+
+    /// [`LogWriter::commit_durable`] for a writer that syncs in the background: wait for the
+    /// helper, then write and sync everything here, previous files and directory included.
+    fn commit_durable_background(&mut self) -> Result<u64, LogError> {
+        self.stats.commits += 1;
+        self.collect_sync(true)?;
+        if self.fresh_file_needed {
+            self.unsynced_files.clear();
+            self.start_generation(self.generation + 1, self.buf_first_seq)?;
+            self.buf_written = 0;
+            self.fresh_file_needed = false;
+        }
+        self.write_buffered()?;
+        let written_seq = self.next_seq - 1;
+        if written_seq > self.durable_seq || !self.unsynced_files.is_empty() || self.dir_unsynced {
+            let started = Instant::now();
+            let result = self
+                .unsynced_files
+                .iter()
+                .chain(std::iter::once(&self.file))
+                .try_for_each(File::sync_data)
+                .and_then(|()| {
+                    if self.dir_unsynced {
+                        fsync_dir(&self.dir)
+                    } else {
+                        Ok(())
+                    }
+                });
+            if let Err(e) = result {
+                self.stats.fsync_errors += 1;
+                self.fresh_file_needed = true;
+                return Err(LogError::io(&self.path, "fdatasync", e));
+            }
+            self.stats.synced(started);
+            self.last_sync = Instant::now();
+            self.unsynced_files.clear();
+            self.dir_unsynced = false;
+        }
+        self.durable_seq = written_seq;
+        self.buf.clear();
+        self.buf_written = 0;
+        self.buf_first_seq = self.next_seq;
+        Ok(self.durable_seq)
     }
 
     fn start_generation(&mut self, generation: u64, first_seq: u64) -> Result<(), LogError> {
@@ -495,6 +750,88 @@ impl LogWriter {
         self.file_len = HEADER_BYTES as u64;
         Ok(())
     }
+}
+
+/// The deleting half of [`LogWriter::truncate_after_snapshot`], for a caller that rotated already
+/// and wants the unlinks and the directory fsync off its thread: deletes `shard`'s log files
+/// older than `current` (the generation being written, never touched) whose records are all
+/// covered by every snapshot at or below `snapshot_generation` that is still kept. Only files
+/// below `current` are read or removed, so the writer may go on appending meanwhile.
+pub fn delete_covered(
+    dir: &Path,
+    shard: u32,
+    snapshot_generation: u64,
+    current: u64,
+) -> Result<u32, LogError> {
+    let snaps = super::snapshot_file::list_generations(dir, shard)
+        .map_err(|e| LogError::io(dir, "list", e))?;
+    let mut covered = u64::MAX;
+    let mut any = false;
+    for (g, path) in snaps.iter().filter(|(g, _)| *g <= snapshot_generation) {
+        match read_snapshot_log_seq(path) {
+            Some(seq) => {
+                covered = covered.min(seq);
+                any = true;
+            }
+            None => log::warn!(
+                "snapshot {} (generation {g}) has an unreadable header; it does not cover any log",
+                path.display()
+            ),
+        }
+    }
+    if !any {
+        return Ok(0);
+    }
+    let logs = list_generations(dir, shard).map_err(|e| LogError::io(dir, "list", e))?;
+    let mut deleted = 0;
+    for pair in logs.windows(2) {
+        let ((g, path), (_, next)) = (&pair[0], &pair[1]);
+        if *g >= current {
+            break;
+        }
+        // A file's records end where the next file starts.
+        let Ok(next_header) = LogHeader::read(next) else {
+            break;
+        };
+        if next_header.first_seq.saturating_sub(1) <= covered {
+            fs::remove_file(path).map_err(|e| LogError::io(path, "remove", e))?;
+            deleted += 1;
+        } else {
+            break;
+        }
+    }
+    if deleted > 0 {
+        fsync_dir(dir).map_err(|e| LogError::io(dir, "fsync directory", e))?;
+    }
+    Ok(deleted)
+}
+
+/// Creates a log file with its header, not synced (the caller syncs it, and the directory, before
+/// any record in it counts as durable). Leaves no headerless file behind on an error.
+fn create_file_unsynced(
+    dir: &Path,
+    shard: u32,
+    generation: u64,
+    first_seq: u64,
+) -> Result<(PathBuf, File), LogError> {
+    let path = dir.join(file_name(shard, generation));
+    let file = OpenOptions::new()
+        .write(true)
+        .read(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| LogError::io(&path, "create", e))?;
+    let header = LogHeader {
+        shard,
+        generation,
+        first_seq,
+        created_wall_ms: super::wall_ms_now(),
+    };
+    if let Err(e) = file.write_all_at(&header.encode(), 0) {
+        let _ = fs::remove_file(&path);
+        return Err(LogError::io(&path, "write header", e));
+    }
+    Ok((path, file))
 }
 
 /// Creates a log file with its header, fsynced, and fsyncs the directory.

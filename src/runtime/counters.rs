@@ -75,6 +75,9 @@ counters! {
     handoff_events_lost,
     /// Times a sender found every hand-off buffer to a peer in flight and had to wait.
     handoff_stalls,
+    /// Gauge: hand-off batches this shard has filled and not yet had back from its peers
+    /// (waiting to be sent, queued, or being processed), over every peer.
+    handoff_in_flight,
     udp_datagrams,
     udp_bytes,
     /// Datagrams refused by the listener's allowlist.
@@ -113,6 +116,9 @@ counters! {
     io_errors,
     /// Times a `block` sink was full and this shard stopped reading.
     output_blocked,
+    /// Gauge: how late the last expiry pass finished, in microseconds: from when it was due
+    /// (`ADVANCE_INTERVAL_MS` after the previous one) to its end, so it includes the pass itself.
+    expiry_lag_us,
     /// Gauge: CPU time the shard's thread has used (user + system), in microseconds, as of the
     /// last publication. Load tests divide events by it to get events per CPU-second.
     cpu_us,
@@ -127,6 +133,14 @@ counters! {
     log_unlogged,
     /// Gauge: sequence of the last durable log record.
     log_durable_seq,
+    /// Log flushes: syncs of the written log to disk (`persist::log`, on its helper thread).
+    log_flushes,
+    /// Log writes and syncs that failed (retried).
+    log_flush_errors,
+    /// Time of the log flushes, in microseconds (hand-over to the helper to its result).
+    log_flush_us_total,
+    /// Gauge: duration of the last log flush, in microseconds.
+    log_flush_last_us,
     /// Producer lines skipped because this shard had applied them already.
     producer_duplicates,
     /// Producers forgotten because `limits.producers_max` was reached.
@@ -135,6 +149,10 @@ counters! {
     snapshot_errors,
     /// Gauge: duration of the last published snapshot, capture to log truncation.
     snapshot_last_us,
+    /// Time spent in published snapshots, capture to log truncation, in microseconds.
+    snapshot_us_total,
+    /// Gauge: how long the last snapshot's capture held the engine (ingest waits meanwhile).
+    snapshot_capture_last_us,
     /// Sessions restored from the snapshot at start.
     recovered_sessions,
     /// Logged events replayed at start.

@@ -110,6 +110,8 @@ pub struct Durable {
     first_unlogged_after_capture: Option<u64>,
     /// Applied-event count at the capture of the snapshot in flight.
     capture_applied: Option<u64>,
+    /// Log sequence of the producers' checkpoint record of the snapshot in flight.
+    checkpoint_seq: u64,
     /// Every event up to this applied count is in a published snapshot.
     snapshot_applied: u64,
     /// Events received from each peer so far.
@@ -137,6 +139,8 @@ pub struct DurableStats {
     pub snapshots: u64,
     pub snapshot_errors: u64,
     pub snapshot_last_us: u64,
+    pub snapshot_us_total: u64,
+    pub snapshot_capture_last_us: u64,
     pub recovered_sessions: u64,
     pub replayed: u64,
 }
@@ -163,6 +167,7 @@ impl Durable {
             first_unlogged: None,
             first_unlogged_after_capture: None,
             capture_applied: None,
+            checkpoint_seq: 0,
             snapshot_applied: 0,
             received: vec![0; n],
             sent: vec![0; n],
@@ -191,8 +196,9 @@ impl Durable {
         self.applied += 1;
         let mut result = self.log.append(wall_ms, raw);
         if matches!(result, Err(LogError::BufferFull { .. })) {
-            // Make room: write what is buffered (and sync per policy), then try once more.
-            if let Err(e) = self.log.commit() {
+            // Make room: write and sync what is buffered, on this thread (the disk is behind:
+            // waiting for it here is the backpressure), then try once more.
+            if let Err(e) = self.flush_log(true) {
                 self.log_error(&e);
             }
             result = self.log.append(wall_ms, raw);
@@ -212,6 +218,16 @@ impl Durable {
                 &mut self.first_unlogged
             };
             slot.get_or_insert(self.applied);
+        }
+    }
+
+    /// Commit the log: per policy (with background syncing, never waiting for the disk), or
+    /// durably on this thread whatever the policy.
+    fn flush_log(&mut self, durable: bool) -> Result<u64, LogError> {
+        if durable {
+            self.log.commit_durable()
+        } else {
+            self.log.commit()
         }
     }
 
@@ -248,7 +264,7 @@ impl Durable {
     /// Write and sync the log per policy, then publish which peers' events are durable here.
     pub fn commit(&mut self) {
         if self.log.pending_bytes() > 0 {
-            if let Err(e) = self.log.commit() {
+            if let Err(e) = self.flush_log(false) {
                 self.log_error(&e);
             }
         }
@@ -321,14 +337,17 @@ impl Durable {
         self.producers.checkpoint(&mut self.scratch);
         let mut appended = self.log.append(meta.wall_ms, &self.scratch);
         if appended.is_err() {
-            if let Err(e) = self.log.commit() {
+            if let Err(e) = self.flush_log(true) {
                 self.log_error(&e);
             }
             appended = self.log.append(meta.wall_ms, &self.scratch);
         }
-        if let Err(e) = appended {
-            w.abort();
-            return Err(format!("cannot log the producer checkpoint: {e}"));
+        match appended {
+            Ok(seq) => self.checkpoint_seq = seq,
+            Err(e) => {
+                w.abort();
+                return Err(format!("cannot log the producer checkpoint: {e}"));
+            }
         }
         self.capture_applied = Some(self.applied);
         Ok(w)
@@ -353,23 +372,102 @@ impl Durable {
     }
 }
 
-/// Bytes written per chunk of a snapshot before yielding to ingest.
+/// Bytes written per `write` of a snapshot (each chunk also starts its writeback, so the final
+/// fsync has little left).
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// Attempts at writing a snapshot file before the snapshot fails (the previous one stays valid).
+const SNAPSHOT_WRITE_ATTEMPTS: u32 = 5;
+/// How long a snapshot waits for the log to be durable up to its checkpoint before it fails.
+const LOG_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a snapshot waits for the shard's outputs to reach their sinks before publishing.
 const OUTPUT_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Take one snapshot of the shard behind `ctx`: capture, write in chunks that yield, wait for the
-/// outputs produced before the capture to reach the sinks, publish, truncate the log.
-pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
+/// Where the time of one published snapshot went. Only the capture holds the executor (no event
+/// is processed meanwhile); the file is written, synced and published on the executor's blocking
+/// thread and the log synced on its helper while the shard goes on with its events.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SnapshotTimes {
+    pub generation: u64,
+    pub sessions: u64,
+    pub bytes: u64,
+    /// Capture start to the deletion of the logs it covers.
+    pub total_us: u64,
+    /// The capture: the engine is serialised in one step, on the executor.
+    pub capture_us: u64,
+    /// Writing the file and its fsync, off the executor.
+    pub write_us: u64,
+    /// Waiting for the outputs of the captured events to reach the sinks (yields while waiting).
+    pub drain_us: u64,
+    /// Waiting (yielding) for the log to be durable up to the producers' checkpoint, and the
+    /// switch to a new log file (whose syncs follow in the background).
+    pub log_us: u64,
+    /// Rename, directory fsync, pruning and the deletion of covered logs, off the executor.
+    pub publish_us: u64,
+}
+
+impl std::fmt::Display for SnapshotTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |us: u64| us as f64 / 1e3;
+        write!(
+            f,
+            "generation {}: {} sessions, {} bytes in {:.1} ms (capture {:.1} ms, write {:.1} ms, drain {:.1} ms, log {:.1} ms, publish {:.1} ms)",
+            self.generation,
+            self.sessions,
+            self.bytes,
+            ms(self.total_us),
+            ms(self.capture_us),
+            ms(self.write_us),
+            ms(self.drain_us),
+            ms(self.log_us),
+            ms(self.publish_us)
+        )
+    }
+}
+
+fn us_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Write the captured snapshot to its temp file and fsync it, retrying a failing write a few
+/// times (a disk that fills up may free space). Blocking: runs off the executor.
+fn write_file_blocking(w: &mut SnapshotWriter) -> std::io::Result<()> {
+    let mut failures = 0u32;
+    loop {
+        match w.write_chunk(SNAPSHOT_CHUNK_BYTES) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => {
+                failures += 1;
+                if failures >= SNAPSHOT_WRITE_ATTEMPTS {
+                    return Err(e);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100 << failures));
+            }
+        }
+    }
+}
+
+/// Take one snapshot of the shard behind `ctx`: capture, write and sync the file off the
+/// executor, wait for the outputs produced before the capture to reach the sinks, wait for the
+/// log to be durable up to the capture and switch to a new log file, publish the file and delete
+/// the logs it covers off the executor. `Ok(None)`: persistence is off.
+///
+/// Why off the executor: writing a body of tens of megabytes into the page cache, the writeback
+/// throttling that comes with it, and the fsyncs take as long as the disk takes, and a shard
+/// waiting on them processes nothing. The capture cannot move (it reads the engine, which the
+/// shard goes on changing): it is the one step that stops ingest.
+pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, String> {
     let t0 = Instant::now();
+    let mut times = SnapshotTimes::default();
     let captured = {
         let mut st = ctx.st.borrow_mut();
         let st = &mut *st;
         match st.durable.as_mut() {
-            None => return Ok(()),
+            None => return Ok(None),
             Some(d) => d.capture(&st.engine),
         }
     };
+    times.capture_us = us_since(t0);
     let mut w = match captured {
         Ok(w) => w,
         Err(e) => {
@@ -380,27 +478,27 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
         }
     };
     let generation = w.generation();
-    let mut failures = 0u32;
-    loop {
-        match w.write_chunk(SNAPSHOT_CHUNK_BYTES) {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => {
-                failures += 1;
-                if failures >= 5 {
-                    w.abort();
-                    if let Some(d) = ctx.st.borrow_mut().durable.as_mut() {
-                        d.capture_failed();
-                    }
-                    return Err(format!("writing snapshot generation {generation}: {e}"));
-                }
-                glommio::timer::sleep(std::time::Duration::from_millis(100 << failures)).await;
-            }
+    times.generation = generation;
+    times.sessions = w.summary().sessions;
+    times.bytes = w.file_bytes();
+    let t_write = Instant::now();
+    let (w, written) = glommio::executor()
+        .spawn_blocking(move || {
+            let r = write_file_blocking(&mut w);
+            (w, r)
+        })
+        .await;
+    times.write_us = us_since(t_write);
+    if let Err(e) = written {
+        w.abort();
+        if let Some(d) = ctx.st.borrow_mut().durable.as_mut() {
+            d.capture_failed();
         }
-        glommio::yield_if_needed().await;
+        return Err(format!("writing snapshot generation {generation}: {e}"));
     }
     // Outputs produced before the capture must be with the sinks before the log that would
     // re-create them after a crash is truncated (at-least-once).
+    let t_drain = Instant::now();
     let deadline = Instant::now() + OUTPUT_DRAIN_WAIT;
     loop {
         let drained = {
@@ -418,30 +516,90 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<(), String> {
         }
         glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
+    times.drain_us = us_since(t_drain);
+    // Recovery from this snapshot rebuilds the producers' table from the checkpoint record that
+    // follows its `log_seq`: that record must be on disk before the snapshot can be found. The
+    // log syncs in the background: ask for a sync now and wait for it without holding the shard.
+    let t_log = Instant::now();
+    let deadline = Instant::now() + LOG_SYNC_WAIT;
+    let mut failed = None;
+    loop {
+        let durable = {
+            let mut st = ctx.st.borrow_mut();
+            let Some(d) = st.durable.as_mut() else {
+                w.abort();
+                return Ok(None);
+            };
+            d.log.request_sync();
+            if let Err(e) = d.flush_log(false) {
+                d.log_error(&e);
+                failed = Some(e.to_string());
+            }
+            d.log.durable_seq() >= d.checkpoint_seq
+        };
+        if durable {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let why = failed.unwrap_or_else(|| format!("no sync within {LOG_SYNC_WAIT:?}"));
+            w.abort();
+            if let Some(d) = ctx.st.borrow_mut().durable.as_mut() {
+                d.capture_failed();
+            }
+            return Err(format!(
+                "snapshot generation {generation} not published: its log checkpoint is not durable: {why}"
+            ));
+        }
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    // The log moves to a new file, so the files before it can go once the snapshot is
+    // published (a failed publish leaves them all: a split log reads the same). With
+    // background syncing this writes and creates, and syncs nothing here.
+    let (dir, log_generation) = {
+        let mut st = ctx.st.borrow_mut();
+        let Some(d) = st.durable.as_mut() else {
+            w.abort();
+            return Ok(None);
+        };
+        if let Err(e) = d.log.rotate() {
+            d.log_error(&e);
+            w.abort();
+            d.capture_failed();
+            return Err(format!(
+                "snapshot generation {generation} not published: the log did not rotate: {e}"
+            ));
+        }
+        (d.log.dir().to_path_buf(), d.log.generation())
+    };
+    times.log_us = us_since(t_log);
+    let t_publish = Instant::now();
+    let shard = ctx.id;
+    let published = glommio::executor()
+        .spawn_blocking(move || {
+            let (_, buffer) = w.publish().map_err(|e| e.to_string())?;
+            let deleted =
+                crate::persist::log::delete_covered(&dir, shard, generation, log_generation);
+            Ok::<_, String>((buffer, deleted))
+        })
+        .await;
+    times.publish_us = us_since(t_publish);
     let mut st = ctx.st.borrow_mut();
     let Some(d) = st.durable.as_mut() else {
-        w.abort();
-        return Ok(());
+        return Ok(None);
     };
-    // Recovery from this snapshot rebuilds the producers' table from the checkpoint record
-    // that follows its `log_seq`: that record must be on disk before the snapshot can be found.
-    if let Err(e) = d.log.commit_durable() {
-        d.log_error(&e);
-        w.abort();
-        d.capture_failed();
-        return Err(format!(
-            "snapshot generation {generation} not published: its log checkpoint is not durable: {e}"
-        ));
-    }
-    match w.publish() {
-        Ok((_, buffer)) => {
+    match published {
+        Ok((buffer, deleted)) => {
             d.snap_buffer = Some(buffer);
             d.published();
-            if let Err(e) = d.log.truncate_after_snapshot(generation) {
+            if let Err(e) = deleted {
                 d.log_error(&e);
             }
-            d.stats.snapshot_last_us = t0.elapsed().as_micros() as u64;
-            Ok(())
+            times.total_us = us_since(t0);
+            let s = &mut d.stats;
+            s.snapshot_last_us = times.total_us;
+            s.snapshot_us_total += times.total_us;
+            s.snapshot_capture_last_us = times.capture_us;
+            Ok(Some(times))
         }
         Err(e) => {
             d.capture_failed();
@@ -537,13 +695,15 @@ pub async fn recover(
     if report.damaged() {
         log::warn!("shard {id}: event log damage handled during recovery: {report:?}");
     }
-    let log = LogWriter::resume(
+    let mut log = LogWriter::resume(
         dir,
         id,
         reader.next_seq(),
         LogConfig::from_persist(&cfg.persist, cfg.persist.log_buffer_bytes.0 as usize),
     )
     .map_err(|e| e.to_string())?;
+    // The shard must not wait in fdatasync (`persist::log`): its helper thread does.
+    log.sync_in_background().map_err(|e| e.to_string())?;
     st.advance(super::shard::now_ms());
     drain_outputs(st).await;
     st.output.set_lossless(false);

@@ -110,6 +110,21 @@ impl HandoffOut {
         self.pool_max
     }
 
+    /// Batches filled for peers and not back yet (waiting for the send lock, in a queue, or
+    /// being processed by the peer), summed over peers: the `handoff_queue_batches` gauge.
+    /// Buffers returned but not yet collected count as back.
+    pub fn in_flight(&self) -> u32 {
+        let mut n = 0;
+        for d in &self.dests {
+            let at_hand = d.free.len()
+                + usize::from(d.cur.is_some())
+                + d.returns.as_ref().map_or(0, |r| r.len());
+            debug_assert!(at_hand <= d.created as usize, "a buffer counted twice");
+            n += (d.created as usize).saturating_sub(at_hand);
+        }
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     /// Make sure every peer in `mask` has a current batch with room for a `len`-byte line.
     /// False when some peer has every buffer in flight: the caller must send ready batches and
     /// retry (nothing was consumed).
@@ -224,6 +239,30 @@ pub fn batch_lines(b: &Batch) -> impl Iterator<Item = &[u8]> + '_ {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `handoff_queue_batches` gauge: a batch counts from the moment it is filled until the
+    /// peer's emptied buffer is back, whether or not it has been collected.
+    #[test]
+    fn in_flight_counts_batches_until_they_come_back() {
+        let (ret_tx, ret_rx) = crossbeam_channel::bounded::<Batch>(4);
+        let mut h = HandoffOut::new(0, vec![None, Some(ret_rx)], 2, 1024, 2);
+        assert_eq!(h.in_flight(), 0);
+        assert!(h.reserve(0b10, 10));
+        h.push(1, b"a");
+        assert_eq!(h.in_flight(), 0, "a batch being filled is at hand");
+        h.push(1, b"b");
+        assert_eq!(h.in_flight(), 1, "full, waiting to be sent");
+        let sent = h.pop_ready(1).expect("ready");
+        assert_eq!(h.in_flight(), 1, "in the queue or at the peer");
+        assert!(h.reserve(0b10, 10));
+        h.push(1, b"c");
+        h.seal_all();
+        assert_eq!(h.in_flight(), 2);
+        ret_tx.send(sent).unwrap();
+        assert_eq!(h.in_flight(), 1, "returned, not yet collected");
+        assert!(h.collect_returns());
+        assert_eq!(h.in_flight(), 1);
+    }
 
     /// Throughput of the two queue designs considered, 256 events of 150 B per batch, producer
     /// on CPU 0, consumer on CPU 1 touching every byte, recycled buffers in both:

@@ -530,6 +530,9 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
     );
 
     let mut st = st;
+    // Without an endpoint nobody reads the latency histogram or the per-stream counts: the
+    // data path skips them (the shutdown log's counters are kept either way).
+    st.metrics.set_enabled(a.ops.metrics_enabled());
     if let Some(dir) = cfg.persist.dir.as_deref() {
         let t0 = Instant::now();
         let rec = durable::recover(&mut st, cfg, std::path::Path::new(dir), a.handoffs.clone())
@@ -634,18 +637,29 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         Poll::Ready(())
     })
     .await;
-    let mut last_advance = now_ms();
-    let mut last_publish = last_advance;
-    let mut ops_tick = ops::ShardTick::new(last_advance);
+    // When the next expiry pass is due, on the monotonic clock (a step of the wall clock neither
+    // rushes nor stalls the passes; the engine is still given the wall time it runs on).
+    let mut advance_due = Instant::now() + Duration::from_millis(ADVANCE_INTERVAL_MS as u64);
+    let mut last_publish = now_ms();
+    let mut ops_tick = ops::ShardTick::new(last_publish);
     while !a.stop.load(Ordering::Acquire) {
         glommio::timer::sleep(TICK).await;
         beat.ticks.fetch_add(1, Ordering::Relaxed);
         a.ops.beats.beat(id as usize);
         let now = now_ms();
         let mut st = ctx.st.borrow_mut();
-        if now - last_advance >= ADVANCE_INTERVAL_MS {
+        let started = Instant::now();
+        if started >= advance_due {
             st.advance(now);
-            last_advance = now;
+            // A busy executor runs the ticker late, and a large expiry burst makes the pass
+            // itself long: both delay the end of sessions whose time has come.
+            st.c.expiry_lag_us = u64::try_from(
+                Instant::now()
+                    .saturating_duration_since(advance_due)
+                    .as_micros(),
+            )
+            .unwrap_or(u64::MAX);
+            advance_due = started + Duration::from_millis(ADVANCE_INTERVAL_MS as u64);
         }
         if (!st.out.is_empty() || !st.output.is_idle() || ctx.blocked.get())
             && st.deliver_and_flush()
@@ -658,6 +672,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         }
         if now - last_publish >= PUBLISH_INTERVAL_MS {
             st.sync_durable_counters();
+            st.c.handoff_in_flight = u64::from(st.handoff.in_flight());
             st.c.cpu_us = counters::thread_cpu_us();
             st.c.publish(&a.counters[id as usize]);
             last_publish = now;
@@ -725,9 +740,9 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         // The periodic task ends at the stop; wait for a snapshot it is writing, then take the
         // final one, so a restart resumes every open session without replaying a log.
         task.await;
-        let t0 = Instant::now();
         match durable::snapshot(&ctx).await {
-            Ok(()) => log::info!("shard {id}: final snapshot written in {:?}", t0.elapsed()),
+            Ok(Some(t)) => log::info!("shard {id}: final snapshot written: {t}"),
+            Ok(None) => {}
             Err(e) => log::error!(
                 "shard {id}: final snapshot failed (the log still covers everything): {e}"
             ),
@@ -759,9 +774,9 @@ async fn snapshot_loop(ctx: Rc<Ctx>, interval: Duration) {
             shard::Either::Left(()) => {}
             shard::Either::Right(()) => return,
         }
-        let t0 = Instant::now();
         match durable::snapshot(&ctx).await {
-            Ok(()) => log::debug!("shard {}: snapshot written in {:?}", ctx.id, t0.elapsed()),
+            Ok(Some(t)) => log::info!("shard {}: snapshot written: {t}", ctx.id),
+            Ok(None) => {}
             Err(e) => log::warn!(
                 "shard {}: snapshot failed (retried at the next interval): {e}",
                 ctx.id

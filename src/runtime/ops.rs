@@ -9,7 +9,8 @@
 //!   reload generation), never per event.
 //! - [`ShardMetrics`] lives inside each `Shard` and is touched on the data path: one clock read
 //!   per receive round (not per event) and one weighted histogram record when the round's
-//!   records are handed to the sinks; one increment per output record by stream.
+//!   records are handed to the sinks; one increment per output record by stream. Without a
+//!   metrics endpoint none of that happens (one predictable branch per round and batch).
 //! - [`Coordinator`] is the parent's: it publishes the output sinks' counters on the metrics
 //!   cadence and performs reloads.
 //!
@@ -211,6 +212,8 @@ impl Ops {
             return;
         }
         m.last_publish_ms = now_ms;
+        st.sync_durable_counters();
+        st.c.handoff_in_flight = u64::from(st.handoff.in_flight());
         let id = st.id as usize;
         let c = &st.c;
         let sm = &mut st.metrics;
@@ -242,11 +245,22 @@ impl Ops {
         r[metrics::dead_letter_reason_index("session_table_full")] += e.rejections;
         s.handoff_events_out = c.handoff_events_out;
         s.handoff_events_in = c.handoff_events_in;
+        s.handoff_queue_batches = c.handoff_in_flight;
         s.handoff_lost_events = c.handoff_events_lost;
         s.handoff_stalls = c.handoff_stalls;
         s.refused = [c.udp_refused, c.tcp_refused];
         s.udp_kernel_drops = c.udp_drops;
         s.tcp_connections = c.tcp_open;
+        s.expiry_lag_us = c.expiry_lag_us;
+        // Durability (zero while `persist.dir` is unset).
+        s.snapshots = c.snapshots;
+        s.snapshot_failures = c.snapshot_errors;
+        s.snapshot_us_total = c.snapshot_us_total;
+        s.snapshot_last_us = c.snapshot_last_us;
+        s.log_flushes = c.log_flushes;
+        s.log_flush_failures = c.log_flush_errors;
+        s.log_flush_us_total = c.log_flush_us_total;
+        s.log_flush_last_us = c.log_flush_last_us;
         metrics::publish(id, &sm.sample, &mut sm.prev);
     }
 }
@@ -274,6 +288,8 @@ pub struct ShardMetrics {
     /// When the current receive round's first line was taken up, and the shard's event count
     /// then; `None` between rounds.
     round: Option<(Instant, u64)>,
+    /// False when there is no endpoint: rounds are not timed and records not counted by stream.
+    enabled: bool,
 }
 
 impl ShardMetrics {
@@ -283,7 +299,15 @@ impl ShardMetrics {
             sample: ShardSample::new(p.clone()),
             prev: ShardSample::new(p),
             round: None,
+            enabled: true,
         }
+    }
+
+    /// Whether the data path feeds the latency histogram and the per-stream counts (set once,
+    /// before the shard starts; `[metrics] address` unset means nobody would read them).
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+        self.round = None;
     }
 
     /// New rules: new `profile` labels (appended profiles only, see `check_compatible`).
@@ -295,7 +319,7 @@ impl ShardMetrics {
     /// One clock read per round, whatever the number of lines.
     #[inline]
     pub fn round_begin(&mut self, events: u64) {
-        if self.round.is_none() {
+        if self.enabled && self.round.is_none() {
             self.round = Some((Instant::now(), events));
         }
     }
@@ -316,7 +340,9 @@ impl ShardMetrics {
     /// Count an output batch's records by stream; call before the batch is cleared.
     #[inline]
     pub fn count_out(&mut self, out: &crate::engine::Out) {
-        metrics::count_streams(out, &mut self.sample.events_out);
+        if self.enabled {
+            metrics::count_streams(out, &mut self.sample.events_out);
+        }
     }
 }
 

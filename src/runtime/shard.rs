@@ -403,6 +403,12 @@ impl Shard {
         c.snapshots = d.stats.snapshots;
         c.snapshot_errors = d.stats.snapshot_errors;
         c.snapshot_last_us = d.stats.snapshot_last_us;
+        c.snapshot_us_total = d.stats.snapshot_us_total;
+        c.snapshot_capture_last_us = d.stats.snapshot_capture_last_us;
+        c.log_flushes = l.fsyncs;
+        c.log_flush_errors = l.write_errors + l.fsync_errors;
+        c.log_flush_us_total = l.sync_us_total;
+        c.log_flush_last_us = l.sync_last_us;
         c.recovered_sessions = d.stats.recovered_sessions;
         c.replayed_events = d.stats.replayed;
     }

@@ -1,0 +1,1280 @@
+//! The figures of `bench/RESULTS.md`, each reproduced by one command that starts the appliance
+//! itself (`appliance`), runs everything in an interleaved order, writes a run directory and
+//! prints the table that goes into RESULTS:
+//!
+//! - [`reproduce`]: flat-out throughput over TCP and UDP (10 events per datagram) with, in each
+//!   round, the raw receive rate of the same kind of socket on the same core (baseline-recv, no
+//!   processing) and the engine alone on the same generated events (`sessionizer replay` of a
+//!   file written by the same generator); then the latency sweep.
+//! - [`metrics_cost`]: flat-out throughput with the metrics endpoint on (scraped every second)
+//!   against no `[metrics]` section, in pairs; by default the two of a pair run at the same time
+//!   on the same core, so that the machine's other work disturbs both alike.
+//! - [`snapshot_latency`]: open-loop latency with many open sessions while snapshots are being
+//!   written back to back, against the same load with persistence on and snapshots far apart,
+//!   and with no persistence at all.
+//!
+//! Why this shape: the machines these run on are shared and noisy, so no figure stands alone.
+//! Every comparison is made within a round (A then B, minutes apart at most), repeated, and
+//! reported as the median of the per-round values and ratios, with the spread. Processed counts
+//! come from the appliance's own per-shard counters, logged when it stops (so each throughput
+//! run is a fresh appliance), together with the shards' CPU time: events per shard CPU-second
+//! is the figure least disturbed by other work on the machine.
+//!
+//! Placement: the appliance's shards run on `--appliance-cores` (default: CPU 0 for one shard),
+//! the harness (senders, receivers, scraper) on the other CPUs, the raw baseline's receiver and
+//! the replay on the appliance's cores. With a single CPU nothing is pinned.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::appliance::{self, Appliance, ConfigSpec, Stopped};
+use crate::baseline::Baseline;
+use crate::machine::Machine;
+use crate::report::{self, Latency, RunResult};
+use crate::run::{self, RunSpec, Workload};
+use crate::scrape;
+use crate::send::{SendPlan, Transport};
+use crate::svg;
+use crate::sweep::{self, SweepSpec};
+use crate::traffic::{ClickParams, SessionModel};
+
+/// How long the harness waits for the appliance to have processed a preload.
+const PRELOAD_WAIT: Duration = Duration::from_secs(300);
+/// Pause between stopping one appliance and starting the next (ports, page cache settle).
+const BETWEEN_RUNS: Duration = Duration::from_millis(500);
+/// Bytes of arena reserved per session the snapshot run keeps open (a bench session takes
+/// about 4 blocks of 32 bytes; the rest is headroom).
+const ARENA_BYTES_PER_SESSION: u64 = 256;
+
+/// Where things run, and with what.
+pub struct Setup {
+    pub binary: PathBuf,
+    pub appliance_cpus: Vec<usize>,
+    pub client_cpus: Vec<usize>,
+    pub dir: PathBuf,
+    pub seed: u64,
+    /// Probed before the harness pins itself (a pinned thread sees only its own cpus).
+    pub machine: Machine,
+}
+
+impl Setup {
+    /// Pin this (the main) thread to the client CPUs before any harness thread starts.
+    pub fn new(
+        binary: Option<&Path>,
+        appliance_cpus: Vec<usize>,
+        dir: PathBuf,
+        seed: u64,
+    ) -> Result<Setup, String> {
+        let binary = appliance::binary(binary)?;
+        let machine = Machine::probe();
+        let online = appliance::online_cpus();
+        if let Some(c) = appliance_cpus.iter().find(|c| !online.contains(c)) {
+            return Err(format!(
+                "--appliance-cores: cpu {c} is not among the online cpus {online:?}"
+            ));
+        }
+        let client_cpus: Vec<usize> = online
+            .iter()
+            .copied()
+            .filter(|c| !appliance_cpus.contains(c))
+            .collect();
+        if client_cpus.is_empty() {
+            log::warn!("no cpu left for the harness: it shares the appliance's cpus");
+        } else {
+            appliance::pin_current_thread(&client_cpus)?;
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Setup {
+            binary,
+            appliance_cpus,
+            client_cpus,
+            dir,
+            seed,
+            machine,
+        })
+    }
+
+    fn cores_toml(&self) -> String {
+        format!("{:?}", self.appliance_cpus)
+    }
+
+    /// Where a baseline receiver or a replay runs: the appliance's cpus, or anywhere.
+    fn measured_cpus(&self) -> Vec<usize> {
+        if self.client_cpus.is_empty() {
+            Vec::new()
+        } else {
+            self.appliance_cpus.clone()
+        }
+    }
+}
+
+/// The clickstream of `bench/README.md`; `logout_pct` 0 keeps every session open.
+fn click(keys: u64, model: SessionModel, logout_pct: u32) -> Workload {
+    Workload::Click {
+        model,
+        keys,
+        params: ClickParams {
+            tenants: 8,
+            pages: 1000,
+            payload_bytes: 140,
+            logout_pct,
+        },
+    }
+}
+
+fn default_model() -> SessionModel {
+    SessionModel {
+        gap_mean_ns: 50_000_000,
+        pause_ns: 2_000_000_000,
+        burst_mean: 20.0,
+    }
+}
+
+fn plan(
+    transport: Transport,
+    target: SocketAddr,
+    rate: f64,
+    duration: Option<Duration>,
+    events: Option<u64>,
+) -> SendPlan {
+    SendPlan {
+        transport,
+        target,
+        threads: 1,
+        connections: 1,
+        rate,
+        duration_ns: duration.map(|d| d.as_nanos() as u64),
+        events,
+        events_per_datagram: 10,
+        datagram_bytes_max: 1472,
+        steer: false,
+        flush_ns: 1_000_000,
+        tick_ns: 50_000,
+        stamp: true,
+    }
+}
+
+fn spec(
+    label: &str,
+    workload: Workload,
+    seed: u64,
+    plan: SendPlan,
+    output: Option<SocketAddr>,
+    metrics: Option<String>,
+) -> RunSpec {
+    RunSpec {
+        command: label.to_string(),
+        workload,
+        seed,
+        plan,
+        output,
+        output_wait: Duration::from_secs(5),
+        output_settle: Duration::from_millis(300),
+        drain: Duration::from_secs(2),
+        metrics,
+        progress: false,
+    }
+}
+
+fn transport_kind(t: Transport) -> &'static str {
+    match t {
+        Transport::Udp => "udp",
+        Transport::Tcp => "tcp",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics.
+// ---------------------------------------------------------------------------------------------
+
+/// Median of the finite values (NaN when there are none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn min_max(values: &[f64]) -> (f64, f64) {
+    values
+        .iter()
+        .filter(|x| x.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// One row of a results table: a named series of per-round values.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    pub name: String,
+    /// `rate` (events/s, shown as 1.23M), `ratio`, `ms`, `count`, `pct`.
+    pub unit: &'static str,
+    pub values: Vec<f64>,
+    pub median: f64,
+}
+
+impl Row {
+    fn new(name: impl Into<String>, unit: &'static str, values: Vec<f64>) -> Row {
+        let median = median(&values);
+        Row {
+            name: name.into(),
+            unit,
+            values,
+            median,
+        }
+    }
+
+    fn fmt(&self, v: f64) -> String {
+        if !v.is_finite() {
+            return "-".to_string();
+        }
+        match self.unit {
+            "rate" => format!("{}/s", svg::short_number((v / 1e3).round() * 1e3)),
+            "ratio" => format!("{v:.3}"),
+            "ms" => format!("{v:.3} ms"),
+            "pct" => format!("{:.1}%", v * 100.0),
+            _ => format!("{v:.0}"),
+        }
+    }
+}
+
+/// A markdown table: name, median, min–max, every value in run order.
+pub fn table(rows: &[Row]) -> String {
+    let mut out = String::from("| figure | median | min – max | per round, in run order |\n");
+    out += "|---|---|---|---|\n";
+    for r in rows {
+        let (lo, hi) = min_max(&r.values);
+        let all: Vec<String> = r.values.iter().map(|&v| r.fmt(v)).collect();
+        let _ = writeln!(
+            out,
+            "| {} | **{}** | {} – {} | {} |",
+            r.name,
+            r.fmt(r.median),
+            r.fmt(lo),
+            r.fmt(hi),
+            all.join(", ")
+        );
+    }
+    out
+}
+
+fn write_results(
+    setup: &Setup,
+    argv: &[String],
+    name: &str,
+    json: &serde_json::Value,
+    table_md: &str,
+    extra: &[(&str, String)],
+) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(json).map_err(|e| format!("{name}: {e}"))?;
+    let mut files = vec![(name, text + "\n"), ("table.md", table_md.to_string())];
+    files.extend(extra.iter().map(|(n, c)| (*n, c.clone())));
+    report::write_run_dir(&setup.dir, argv, &setup.machine, &files)
+        .map_err(|e| format!("writing {}: {e}", setup.dir.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput runs.
+// ---------------------------------------------------------------------------------------------
+
+/// One flat-out run against a fresh appliance.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ApplianceRun {
+    pub label: String,
+    pub transport: &'static str,
+    pub sent: u64,
+    pub sending_s: f64,
+    /// Events the shards counted in (every line received, handed over or not).
+    pub processed: u64,
+    pub processed_per_s: f64,
+    /// Shard CPU time (user + system) over the appliance's life.
+    pub shard_cpu_s: f64,
+    pub per_cpu_s: f64,
+    pub udp_kernel_drops: u64,
+    pub scrapes: u64,
+    pub stop_s: f64,
+}
+
+/// Start an appliance on `config`, send flat out for `duration`, stop it, count what it did.
+/// With `scrape_every`, a harness thread GETs `/metrics` that often meanwhile.
+fn appliance_flat_out(
+    setup: &Setup,
+    label: &str,
+    config: &ConfigSpec,
+    transport: Transport,
+    keys: u64,
+    duration: Duration,
+    scrape_every: Option<Duration>,
+) -> Result<ApplianceRun, String> {
+    let app = Appliance::start(&setup.binary, &setup.dir, label, &config.toml())?;
+    let target = app.listener(transport_kind(transport))?;
+    let scraper = match (scrape_every, app.metrics_url()) {
+        (Some(every), Some(url)) => Some(Scraper::start(url, every)),
+        (Some(_), None) => return Err(format!("{label}: scraping asked, no metrics endpoint")),
+        _ => None,
+    };
+    let s = spec(
+        label,
+        click(keys, default_model(), 30),
+        setup.seed,
+        plan(transport, target, 0.0, Some(duration), None),
+        None,
+        None,
+    );
+    let result = run::execute(&s, serde_json::Value::Null);
+    let scrapes = scraper.map_or(0, Scraper::stop);
+    let stopped = app.stop()?;
+    let result = result?;
+    save_run(setup, label, &result)?;
+    Ok(flat_out_figures(
+        label, transport, &result, &stopped, scrapes,
+    ))
+}
+
+/// `<label>.result.json`: the harness's view of one appliance run (totals, latency, timeline).
+fn save_run(setup: &Setup, label: &str, result: &RunResult) -> Result<(), String> {
+    let path = setup.dir.join(format!("{label}.result.json"));
+    let json = serde_json::to_string_pretty(result).map_err(|e| format!("{label}: {e}"))?;
+    std::fs::write(&path, json + "\n").map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn flat_out_figures(
+    label: &str,
+    transport: Transport,
+    result: &RunResult,
+    stopped: &Stopped,
+    scrapes: u64,
+) -> ApplianceRun {
+    let processed = stopped.sum(match transport {
+        Transport::Udp => "udp_events",
+        Transport::Tcp => "tcp_events",
+    });
+    let cpu_s = stopped.sum("cpu_us") as f64 / 1e6;
+    let sending_s = result.sending_s.max(1e-9);
+    ApplianceRun {
+        label: label.to_string(),
+        transport: transport_kind(transport),
+        sent: result.totals.sent,
+        sending_s,
+        processed,
+        processed_per_s: processed as f64 / sending_s,
+        shard_cpu_s: cpu_s,
+        per_cpu_s: if cpu_s > 0.0 {
+            processed as f64 / cpu_s
+        } else {
+            f64::NAN
+        },
+        udp_kernel_drops: stopped.sum("udp_drops"),
+        scrapes,
+        stop_s: stopped.stop_s,
+    }
+}
+
+/// The raw receive rate of the same traffic: baseline-recv (no parsing) on the appliance's cpus.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RawRun {
+    pub transport: &'static str,
+    pub sent: u64,
+    pub received: u64,
+    pub sending_s: f64,
+    pub received_per_s: f64,
+}
+
+fn raw_flat_out(
+    setup: &Setup,
+    label: &str,
+    transport: Transport,
+    keys: u64,
+    duration: Duration,
+) -> Result<RawRun, String> {
+    let receivers = setup.appliance_cpus.len() as u32;
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("address");
+    let cpus = setup.measured_cpus();
+    let baseline = appliance::on_cpus(&cpus, move || {
+        Baseline::start(transport, listen, receivers, None)
+    })??;
+    let s = spec(
+        label,
+        click(keys, default_model(), 30),
+        setup.seed,
+        plan(transport, baseline.local_address, 0.0, Some(duration), None),
+        None,
+        None,
+    );
+    let result = run::execute(&s, serde_json::Value::Null);
+    if let Ok(r) = &result {
+        // Datagrams and bytes still in socket buffers land within moments.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while baseline.counters.events.load(Ordering::Relaxed) < r.totals.sent
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let totals = baseline.stop();
+    let result = result?;
+    let sending_s = result.sending_s.max(1e-9);
+    Ok(RawRun {
+        transport: transport_kind(transport),
+        sent: result.totals.sent,
+        received: totals.events,
+        sending_s,
+        received_per_s: totals.events as f64 / sending_s,
+    })
+}
+
+/// `sessionizer replay FILE --config CFG --output /dev/null` on the appliance's cpus.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EngineRun {
+    pub events: u64,
+    pub wall_s: f64,
+    pub cpu_s: f64,
+    pub events_per_s: f64,
+    pub per_cpu_s: f64,
+}
+
+fn engine_alone(
+    setup: &Setup,
+    file: &Path,
+    events: u64,
+    config: &Path,
+    log: &Path,
+) -> Result<EngineRun, String> {
+    let log_file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = std::process::Command::new(&setup.binary);
+    cmd.arg("replay")
+        .arg(file)
+        .arg("--config")
+        .arg(config)
+        .arg("--output")
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log_file);
+    let (status, wall, cpu) = appliance::run_timed(cmd, &setup.measured_cpus())?;
+    if status != 0 {
+        return Err(format!(
+            "sessionizer replay exited with status {status}; see {}",
+            log.display()
+        ));
+    }
+    let wall_s = wall.as_secs_f64().max(1e-9);
+    let cpu_s = cpu.as_secs_f64();
+    Ok(EngineRun {
+        events,
+        wall_s,
+        cpu_s,
+        events_per_s: events as f64 / wall_s,
+        per_cpu_s: if cpu_s > 0.0 {
+            events as f64 / cpu_s
+        } else {
+            f64::NAN
+        },
+    })
+}
+
+/// GETs `/metrics` every `every` until stopped (a Prometheus server's scrape).
+struct Scraper {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Scraper {
+    fn start(url: String, every: Duration) -> Scraper {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (s, c) = (Arc::clone(&stop), Arc::clone(&count));
+        let handle = std::thread::spawn(move || {
+            let mut next = Instant::now();
+            while !s.load(Ordering::Relaxed) {
+                if Instant::now() >= next {
+                    if scrape::http_get(&url).is_ok() {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                    next += every;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Scraper {
+            stop,
+            count,
+            handle,
+        }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.handle.join();
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// reproduce
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReproduceOptions {
+    pub rounds: u32,
+    pub duration: Duration,
+    pub keys: u64,
+    pub replay_events: u64,
+    /// Event-time rate of the replay file (its session structure is that of a live run at it).
+    pub replay_rate: f64,
+    pub sweep_rates: Vec<f64>,
+    pub sweep_step: Duration,
+    pub sweep_settle: Duration,
+    pub sweep_keys: u64,
+    pub p99_threshold_ms: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct ReproduceRound {
+    pub raw_tcp: RawRun,
+    pub appliance_tcp: ApplianceRun,
+    pub raw_udp: RawRun,
+    pub appliance_udp: ApplianceRun,
+    pub engine: EngineRun,
+}
+
+fn bench_config(setup: &Setup, metrics: bool) -> ConfigSpec {
+    ConfigSpec {
+        cores: setup.cores_toml(),
+        arena_bytes: 64 << 20,
+        max_sessions: 500_000,
+        metrics_publish: metrics.then(|| "1s".to_string()),
+        persist: None,
+        idle_timeout: "1s".to_string(),
+    }
+}
+
+/// Throughput (TCP, UDP), raw-receive and engine-alone baselines, round by round, then the
+/// latency sweep. Returns the table printed.
+pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result<String, String> {
+    let config = bench_config(setup, true);
+    let cfg_path = setup.dir.join("bench.toml");
+    std::fs::write(&cfg_path, config.toml()).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    // The engine-alone input: the same generator, seed, keys and event size, written once.
+    let file = setup.dir.join("events.jsonl");
+    eprintln!(
+        "reproduce: writing {} events to {}",
+        o.replay_events,
+        file.display()
+    );
+    let summary = run::to_file(
+        &click(o.keys, default_model(), 30),
+        setup.seed,
+        o.replay_rate,
+        o.replay_events,
+        &file,
+    )?;
+    let mut rounds = Vec::new();
+    for r in 1..=o.rounds {
+        if crate::interrupted() {
+            break;
+        }
+        eprintln!("reproduce: round {r}/{}", o.rounds);
+        let raw_tcp = raw_flat_out(setup, "raw-tcp", Transport::Tcp, o.keys, o.duration)?;
+        std::thread::sleep(BETWEEN_RUNS);
+        let appliance_tcp = appliance_flat_out(
+            setup,
+            &format!("appliance-tcp-{r}"),
+            &config,
+            Transport::Tcp,
+            o.keys,
+            o.duration,
+            None,
+        )?;
+        std::thread::sleep(BETWEEN_RUNS);
+        let raw_udp = raw_flat_out(setup, "raw-udp", Transport::Udp, o.keys, o.duration)?;
+        std::thread::sleep(BETWEEN_RUNS);
+        let appliance_udp = appliance_flat_out(
+            setup,
+            &format!("appliance-udp-{r}"),
+            &config,
+            Transport::Udp,
+            o.keys,
+            o.duration,
+            None,
+        )?;
+        std::thread::sleep(BETWEEN_RUNS);
+        let engine = engine_alone(
+            setup,
+            &file,
+            summary.events,
+            &cfg_path,
+            &setup.dir.join(format!("replay-{r}.log")),
+        )?;
+        eprintln!(
+            "reproduce: round {r}: tcp {}/s (raw {}/s), udp {}/s (raw {}/s), engine alone {}/s",
+            svg::short_number(appliance_tcp.processed_per_s.round()),
+            svg::short_number(raw_tcp.received_per_s.round()),
+            svg::short_number(appliance_udp.processed_per_s.round()),
+            svg::short_number(raw_udp.received_per_s.round()),
+            svg::short_number(engine.events_per_s.round()),
+        );
+        rounds.push(ReproduceRound {
+            raw_tcp,
+            appliance_tcp,
+            raw_udp,
+            appliance_udp,
+            engine,
+        });
+    }
+    let _ = std::fs::remove_file(&file);
+
+    // The sweep: one appliance, UDP steps, latency from its TCP output.
+    let app = Appliance::start(&setup.binary, &setup.dir, "sweep", &config.toml())?;
+    let base = spec(
+        "sweep",
+        click(o.sweep_keys, default_model(), 30),
+        setup.seed,
+        plan(
+            Transport::Udp,
+            app.listener("udp")?,
+            o.sweep_rates[0],
+            Some(o.sweep_step),
+            None,
+        ),
+        Some(app.tcp_output()?),
+        // No drop counters: between steps the output has no consumer, and the markers of the
+        // previous step's sessions dropped then would count against the next step. A lossy step
+        // shows as `lost` all the same.
+        None,
+    );
+    let sweep_spec = SweepSpec {
+        base,
+        rates: o.sweep_rates.clone(),
+        settle: o.sweep_settle,
+        threshold_ms: o.p99_threshold_ms,
+        past_knee: 0,
+    };
+    let sweep_result = sweep::execute(&sweep_spec, serde_json::Value::Null);
+    app.stop()?;
+    let sweep_result = sweep_result?;
+
+    let col = |f: &dyn Fn(&ReproduceRound) -> f64| rounds.iter().map(f).collect::<Vec<f64>>();
+    let rows = vec![
+        Row::new(
+            "appliance, TCP flat out, events/s",
+            "rate",
+            col(&|r| r.appliance_tcp.processed_per_s),
+        ),
+        Row::new(
+            "appliance, TCP, events per shard CPU-second",
+            "rate",
+            col(&|r| r.appliance_tcp.per_cpu_s),
+        ),
+        Row::new(
+            "raw TCP receive (no processing), events/s",
+            "rate",
+            col(&|r| r.raw_tcp.received_per_s),
+        ),
+        Row::new(
+            "appliance TCP ÷ raw TCP",
+            "ratio",
+            col(&|r| r.appliance_tcp.processed_per_s / r.raw_tcp.received_per_s),
+        ),
+        Row::new(
+            "appliance, UDP flat out (10 events/datagram), events/s",
+            "rate",
+            col(&|r| r.appliance_udp.processed_per_s),
+        ),
+        Row::new(
+            "appliance, UDP, events per shard CPU-second",
+            "rate",
+            col(&|r| r.appliance_udp.per_cpu_s),
+        ),
+        Row::new(
+            "UDP offered by the generator, events/s",
+            "rate",
+            col(&|r| r.appliance_udp.sent as f64 / r.appliance_udp.sending_s),
+        ),
+        Row::new(
+            "raw UDP receive (no processing), events/s",
+            "rate",
+            col(&|r| r.raw_udp.received_per_s),
+        ),
+        Row::new(
+            "appliance UDP ÷ raw UDP",
+            "ratio",
+            col(&|r| r.appliance_udp.processed_per_s / r.raw_udp.received_per_s),
+        ),
+        Row::new(
+            "engine alone (replay of the same events), events/s",
+            "rate",
+            col(&|r| r.engine.events_per_s),
+        ),
+        Row::new(
+            "engine alone, events per CPU-second",
+            "rate",
+            col(&|r| r.engine.per_cpu_s),
+        ),
+        Row::new(
+            "appliance TCP ÷ engine alone",
+            "ratio",
+            col(&|r| r.appliance_tcp.processed_per_s / r.engine.events_per_s),
+        ),
+        Row::new(
+            "appliance UDP ÷ engine alone",
+            "ratio",
+            col(&|r| r.appliance_udp.processed_per_s / r.engine.events_per_s),
+        ),
+    ];
+    let mut md = table(&rows);
+    md += "\nLatency sweep (UDP, 10 events per datagram, open loop; latency = send to enriched event on the TCP output):\n\n";
+    md += "| offered/s | achieved/s | p50 | p99 | lost |\n|---|---|---|---|---|\n";
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3} ms"));
+    for p in &sweep_result.points {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            svg::short_number(p.offered_per_s),
+            svg::short_number(p.achieved_per_s.round()),
+            ms(p.p50_ms),
+            ms(p.p99_ms),
+            p.lost
+        );
+    }
+    let k = &sweep_result.knee;
+    let _ = writeln!(
+        md,
+        "\nSustainable rate (p99 < {} ms, no loss): {}; knee: {}.",
+        o.p99_threshold_ms,
+        k.sustainable_per_s.map_or("none".to_string(), |v| format!(
+            "{}/s",
+            svg::short_number(v.round())
+        )),
+        k.knee_per_s.map_or("not reached".to_string(), |v| format!(
+            "≈{}/s",
+            svg::short_number(v.round())
+        ))
+    );
+    let json = serde_json::json!({
+        "command": "reproduce",
+        "started_utc": report::utc_now(),
+        "options": o,
+        "placement": { "appliance_cpus": setup.appliance_cpus, "client_cpus": setup.client_cpus },
+        "config": config.toml(),
+        "replay_file": summary,
+        "rounds": rounds,
+        "rows": rows,
+        "sweep": { "points": sweep_result.points, "knee": sweep_result.knee },
+    });
+    let sweep_json =
+        serde_json::to_string_pretty(&sweep_result).map_err(|e| format!("sweep.json: {e}"))?;
+    let title = format!(
+        "sessionizer-bench reproduce — latency sweep, UDP, p99 threshold {} ms",
+        o.p99_threshold_ms
+    );
+    write_results(
+        setup,
+        argv,
+        "reproduce.json",
+        &json,
+        &md,
+        &[
+            ("sweep.json", sweep_json + "\n"),
+            ("sweep.svg", sweep_result.svg(&title)),
+        ],
+    )?;
+    Ok(md)
+}
+
+// ---------------------------------------------------------------------------------------------
+// metrics-cost
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MetricsCostOptions {
+    pub pairs: u32,
+    /// Run the two appliances of a pair at the same time on the same cores.
+    pub concurrent: bool,
+    pub duration: Duration,
+    pub transport: Transport,
+    pub keys: u64,
+    pub scrape_every: Duration,
+}
+
+/// Flat out with the endpoint on and scraped, then with no `[metrics]` section, in pairs.
+pub fn metrics_cost(
+    setup: &Setup,
+    o: &MetricsCostOptions,
+    argv: &[String],
+) -> Result<String, String> {
+    let (on_cfg, off_cfg) = (bench_config(setup, true), bench_config(setup, false));
+    let mut on = Vec::new();
+    let mut off = Vec::new();
+    for p in 1..=o.pairs {
+        if crate::interrupted() {
+            break;
+        }
+        eprintln!("metrics-cost: pair {p}/{}", o.pairs);
+        let run_on = || {
+            appliance_flat_out(
+                setup,
+                &format!("metrics-on-{p}"),
+                &on_cfg,
+                o.transport,
+                o.keys,
+                o.duration,
+                Some(o.scrape_every),
+            )
+        };
+        let run_off = || {
+            appliance_flat_out(
+                setup,
+                &format!("metrics-off-{p}"),
+                &off_cfg,
+                o.transport,
+                o.keys,
+                o.duration,
+                None,
+            )
+        };
+        let (a, b) = if o.concurrent {
+            // Both at once on the same cores, each with its own sender: whatever else the
+            // machine does meanwhile hits both alike. Which one starts first alternates.
+            std::thread::scope(|scope| {
+                let joined =
+                    |h: std::thread::ScopedJoinHandle<'_, Result<ApplianceRun, String>>| {
+                        h.join()
+                            .unwrap_or_else(|_| Err("a run thread panicked".to_string()))
+                    };
+                if p % 2 == 1 {
+                    let a = scope.spawn(run_on);
+                    let b = scope.spawn(run_off);
+                    (joined(a), joined(b))
+                } else {
+                    let b = scope.spawn(run_off);
+                    let a = scope.spawn(run_on);
+                    (joined(a), joined(b))
+                }
+            })
+        } else {
+            let a = run_on();
+            std::thread::sleep(BETWEEN_RUNS);
+            (a, run_off())
+        };
+        on.push(a?);
+        off.push(b?);
+        std::thread::sleep(BETWEEN_RUNS);
+        let (a, b) = (on.last().expect("pushed"), off.last().expect("pushed"));
+        eprintln!(
+            "metrics-cost: pair {p}: on {}/s ({} scrapes), off {}/s, ratio {:.3}",
+            svg::short_number(a.processed_per_s.round()),
+            a.scrapes,
+            svg::short_number(b.processed_per_s.round()),
+            a.processed_per_s / b.processed_per_s
+        );
+    }
+    let pair = |f: &dyn Fn(&ApplianceRun, &ApplianceRun) -> f64| {
+        on.iter()
+            .zip(&off)
+            .map(|(a, b)| f(a, b))
+            .collect::<Vec<f64>>()
+    };
+    let t = transport_kind(o.transport).to_uppercase();
+    let rows = vec![
+        Row::new(
+            format!(
+                "metrics on (scraped every {:?}), {t} events/s",
+                o.scrape_every
+            ),
+            "rate",
+            pair(&|a, _| a.processed_per_s),
+        ),
+        Row::new(
+            format!("metrics off, {t} events/s"),
+            "rate",
+            pair(&|_, b| b.processed_per_s),
+        ),
+        Row::new(
+            "on ÷ off, events/s",
+            "ratio",
+            pair(&|a, b| a.processed_per_s / b.processed_per_s),
+        ),
+        Row::new(
+            "metrics on, events per shard CPU-second",
+            "rate",
+            pair(&|a, _| a.per_cpu_s),
+        ),
+        Row::new(
+            "metrics off, events per shard CPU-second",
+            "rate",
+            pair(&|_, b| b.per_cpu_s),
+        ),
+        Row::new(
+            "on ÷ off, per CPU-second",
+            "ratio",
+            pair(&|a, b| a.per_cpu_s / b.per_cpu_s),
+        ),
+    ];
+    let md = table(&rows);
+    let json = serde_json::json!({
+        "command": "metrics-cost",
+        "started_utc": report::utc_now(),
+        "options": o,
+        "placement": { "appliance_cpus": setup.appliance_cpus, "client_cpus": setup.client_cpus },
+        "config_on": on_cfg.toml(),
+        "config_off": off_cfg.toml(),
+        "on": on,
+        "off": off,
+        "rows": rows,
+    });
+    write_results(setup, argv, "metrics-cost.json", &json, &md, &[])?;
+    Ok(md)
+}
+
+// ---------------------------------------------------------------------------------------------
+// snapshot-latency
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SnapshotOptions {
+    pub pairs: u32,
+    pub keys: u64,
+    pub rate: f64,
+    pub duration: Duration,
+    pub snapshot_interval: String,
+    pub far_interval: String,
+    pub transport: Transport,
+}
+
+/// One open-loop run with many open sessions.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SnapshotRun {
+    pub label: String,
+    pub snapshot_interval: String,
+    pub sessions_open: f64,
+    pub sent: u64,
+    pub received: u64,
+    pub latency: Option<Latency>,
+    /// Snapshots published during the measured run, over every shard.
+    pub snapshots: f64,
+    /// Time the shards spent in snapshots during the run ÷ (run time × shards).
+    pub snapshot_duty: f64,
+    /// From the appliance's log, snapshots taken during the run: each one's capture (the engine
+    /// is serialised in one step) and its longest step on the executor, ms.
+    pub capture_ms: Vec<f64>,
+    pub longest_step_ms: Vec<f64>,
+    pub total_ms: Vec<f64>,
+}
+
+/// Every sample of `name` in `body`, summed.
+fn metric(body: &str, name: &str) -> f64 {
+    scrape::parse_prometheus(body)
+        .into_iter()
+        .filter(|(s, _)| s == name || s.starts_with(&format!("{name}{{")))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// `snapshot written: generation …` lines: (capture ms, longest step ms, total ms).
+fn snapshot_lines(lines: &[String]) -> Vec<(f64, f64, f64)> {
+    let num_before = |l: &str, key: &str| -> Option<f64> {
+        let at = l.find(key)?;
+        let head = l[..at].trim_end();
+        let tail = head.rsplit(' ').next()?;
+        tail.parse().ok()
+    };
+    lines
+        .iter()
+        .filter(|l| {
+            // Builds before the file I/O moved off the executor logged "snapshot generation".
+            (l.contains(": snapshot written: generation ") || l.contains(": snapshot generation "))
+                && !l.contains("final")
+        })
+        .filter_map(|l| {
+            let after =
+                |key: &str| -> Option<f64> { l.split(key).nth(1)?.split(' ').next()?.parse().ok() };
+            let capture = after("(capture ")?;
+            let total = num_before(l, " ms (capture")?;
+            // The steps that hold the executor: now the capture alone (the write, the syncs and
+            // the publication run off it; the drain and the log wait yield). Builds before that
+            // wrote each chunk, synced and published on it and logged "longest step" (the
+            // longest chunk or the fsync).
+            let longest = match after("longest step ") {
+                Some(chunk) => capture.max(chunk).max(after("publish ")?),
+                None => capture,
+            };
+            Some((capture, longest, total))
+        })
+        .collect()
+}
+
+/// `interval`: `persist.snapshot_interval`, or `None` for no `[persist]` section at all.
+fn snapshot_run(
+    setup: &Setup,
+    o: &SnapshotOptions,
+    label: &str,
+    interval: Option<&str>,
+) -> Result<SnapshotRun, String> {
+    let shards = setup.appliance_cpus.len() as u64;
+    let per_shard = o.keys.div_ceil(shards);
+    let max_sessions = per_shard + per_shard / 4 + 1024;
+    let arena = (max_sessions * ARENA_BYTES_PER_SESSION).div_ceil(1 << 20) << 20;
+    let state = setup.dir.join(format!("{label}-state"));
+    let _ = std::fs::remove_dir_all(&state);
+    let config = ConfigSpec {
+        cores: setup.cores_toml(),
+        arena_bytes: arena,
+        max_sessions,
+        metrics_publish: Some("1s".to_string()),
+        persist: interval.map(|i| (state.clone(), i.to_string())),
+        idle_timeout: "30m".to_string(),
+    };
+    let app = Appliance::start(&setup.binary, &setup.dir, label, &config.toml())?;
+    let url = app.metrics_url().ok_or("no metrics endpoint")?;
+    // Preload: every key once, flat out over TCP (lossless), no logouts: `keys` open sessions.
+    let preload_model = SessionModel {
+        gap_mean_ns: 0,
+        pause_ns: 0,
+        burst_mean: 1.0,
+    };
+    let preload = spec(
+        &format!("{label} preload"),
+        click(o.keys, preload_model, 0),
+        setup.seed,
+        plan(
+            Transport::Tcp,
+            app.listener("tcp")?,
+            0.0,
+            None,
+            Some(o.keys),
+        ),
+        None,
+        None,
+    );
+    run::execute(&preload, serde_json::Value::Null)?;
+    let deadline = Instant::now() + PRELOAD_WAIT;
+    let before = loop {
+        let body = scrape::http_get(&url)?;
+        if metric(&body, "sessionizer_events_in_total") >= o.keys as f64 {
+            break body;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{label}: the preload was not processed within {PRELOAD_WAIT:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let lines_before = app.lines().len();
+    let measured = spec(
+        label,
+        click(o.keys, default_model(), 0),
+        setup.seed + 1,
+        plan(
+            o.transport,
+            app.listener(transport_kind(o.transport))?,
+            o.rate,
+            Some(o.duration),
+            None,
+        ),
+        Some(app.tcp_output()?),
+        Some(url.clone()),
+    );
+    let result = run::execute(&measured, serde_json::Value::Null);
+    // The counters are published once a second: wait for one more publication.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let after = scrape::http_get(&url);
+    let lines = app.lines();
+    app.stop()?;
+    let _ = std::fs::remove_dir_all(&state);
+    let result = result?;
+    save_run(setup, label, &result)?;
+    let after = after?;
+    let snaps = |b: &str| metric(b, "sessionizer_snapshots_total");
+    let snap_us = |b: &str| metric(b, "sessionizer_snapshot_microseconds_total");
+    let during = snapshot_lines(&lines[lines_before.min(lines.len())..]);
+    Ok(SnapshotRun {
+        label: label.to_string(),
+        snapshot_interval: interval.unwrap_or("no [persist]").to_string(),
+        sessions_open: metric(&before, "sessionizer_sessions_active"),
+        sent: result.totals.sent,
+        received: result.totals.received,
+        latency: result.latency.clone(),
+        snapshots: snaps(&after) - snaps(&before),
+        snapshot_duty: (snap_us(&after) - snap_us(&before))
+            / (result.sending_s.max(1e-9) * 1e6 * shards as f64),
+        capture_ms: during.iter().map(|d| d.0).collect(),
+        longest_step_ms: during.iter().map(|d| d.1).collect(),
+        total_ms: during.iter().map(|d| d.2).collect(),
+    })
+}
+
+/// Rounds of (snapshots back to back, snapshots far apart, no persistence) under the same
+/// open-loop load.
+pub fn snapshot_latency(
+    setup: &Setup,
+    o: &SnapshotOptions,
+    argv: &[String],
+) -> Result<String, String> {
+    let mut with = Vec::new();
+    let mut far = Vec::new();
+    let mut off = Vec::new();
+    let p99 = |r: &SnapshotRun| r.latency.as_ref().map_or(f64::NAN, |l| l.p99_ms);
+    for p in 1..=o.pairs {
+        if crate::interrupted() {
+            break;
+        }
+        eprintln!("snapshot-latency: round {p}/{}", o.pairs);
+        with.push(snapshot_run(
+            setup,
+            o,
+            &format!("snapshots-{p}"),
+            Some(&o.snapshot_interval),
+        )?);
+        std::thread::sleep(BETWEEN_RUNS);
+        far.push(snapshot_run(
+            setup,
+            o,
+            &format!("far-apart-{p}"),
+            Some(&o.far_interval),
+        )?);
+        std::thread::sleep(BETWEEN_RUNS);
+        off.push(snapshot_run(setup, o, &format!("no-persist-{p}"), None)?);
+        std::thread::sleep(BETWEEN_RUNS);
+        let (a, b, c) = (
+            with.last().expect("pushed"),
+            far.last().expect("pushed"),
+            off.last().expect("pushed"),
+        );
+        eprintln!(
+            "snapshot-latency: round {p}: p99 {:.3} ms with {} snapshots (duty {:.0}%), {:.3} ms far apart, {:.3} ms without persistence",
+            p99(a),
+            a.snapshots,
+            a.snapshot_duty * 100.0,
+            p99(b),
+            p99(c)
+        );
+    }
+    let lat = |r: &SnapshotRun, f: &dyn Fn(&Latency) -> f64| r.latency.as_ref().map_or(f64::NAN, f);
+    let each = |runs: &[SnapshotRun], f: &dyn Fn(&SnapshotRun) -> f64| {
+        runs.iter().map(f).collect::<Vec<f64>>()
+    };
+    let pair = |f: &dyn Fn(&SnapshotRun, &SnapshotRun) -> f64| {
+        with.iter()
+            .zip(&far)
+            .map(|(a, b)| f(a, b))
+            .collect::<Vec<f64>>()
+    };
+    let mut rows = vec![
+        Row::new(
+            "open sessions (all shards)",
+            "count",
+            each(&with, &|a| a.sessions_open),
+        ),
+        Row::new(
+            "snapshots during the run",
+            "count",
+            each(&with, &|a| a.snapshots),
+        ),
+        Row::new(
+            "share of shard time in snapshots",
+            "pct",
+            each(&with, &|a| a.snapshot_duty),
+        ),
+        Row::new(
+            "snapshot duration (median per run)",
+            "ms",
+            each(&with, &|a| median(&a.total_ms)),
+        ),
+        Row::new(
+            "capture, the engine held (median per run)",
+            "ms",
+            each(&with, &|a| median(&a.capture_ms)),
+        ),
+        Row::new(
+            "longest step on the executor (max per run)",
+            "ms",
+            each(&with, &|a| {
+                a.longest_step_ms.iter().copied().fold(f64::NAN, f64::max)
+            }),
+        ),
+    ];
+    for (name, f) in [
+        ("p50", &(|l: &Latency| l.p50_ms) as &dyn Fn(&Latency) -> f64),
+        ("p99", &|l: &Latency| l.p99_ms),
+        ("p99.9", &|l: &Latency| l.p999_ms),
+        ("max", &|l: &Latency| l.max_ms),
+    ] {
+        rows.push(Row::new(
+            format!("{name}, snapshots back to back"),
+            "ms",
+            each(&with, &|a| lat(a, f)),
+        ));
+        rows.push(Row::new(
+            format!("{name}, snapshots far apart"),
+            "ms",
+            each(&far, &|a| lat(a, f)),
+        ));
+        rows.push(Row::new(
+            format!("{name}, no persistence"),
+            "ms",
+            each(&off, &|a| lat(a, f)),
+        ));
+    }
+    rows.push(Row::new(
+        "p99 difference (back to back − far apart)",
+        "ms",
+        pair(&|a, b| lat(a, &|l| l.p99_ms) - lat(b, &|l| l.p99_ms)),
+    ));
+    let md = table(&rows);
+    let json = serde_json::json!({
+        "command": "snapshot-latency",
+        "started_utc": report::utc_now(),
+        "options": o,
+        "placement": { "appliance_cpus": setup.appliance_cpus, "client_cpus": setup.client_cpus },
+        "with_snapshots": with,
+        "snapshots_far_apart": far,
+        "no_persistence": off,
+        "rows": rows,
+    });
+    write_results(setup, argv, "snapshot-latency.json", &json, &md, &[])?;
+    Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_tables() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[f64::NAN]).is_nan());
+        let md = table(&[Row::new("x", "ratio", vec![0.9, 1.1, 1.0])]);
+        assert!(
+            md.contains("| x | **1.000** | 0.900 – 1.100 | 0.900, 1.100, 1.000 |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn snapshot_lines_are_read_back() {
+        let old = "[2026-11-25T10:00:00.000Z INFO  sessionizer::runtime] shard 1: snapshot generation 7: 500000 sessions, 61234567 bytes in 412.5 ms (capture 44.1 ms, write 300.2 ms with its longest step 3.4 ms, drain 1.0 ms, publish 52.0 ms)";
+        let new = "[2026-11-25T10:00:00.000Z INFO  sessionizer::runtime] shard 0: snapshot written: generation 8: 500000 sessions, 61234567 bytes in 400.0 ms (capture 40.5 ms, write 300.2 ms, drain 1.0 ms, log 9.5 ms, publish 52.0 ms)";
+        let fin = new.replace("shard 0: snapshot", "shard 0: final snapshot");
+        let lines = [old, "other", new, &fin].map(String::from);
+        assert_eq!(
+            snapshot_lines(&lines),
+            vec![(44.1, 52.0, 412.5), (40.5, 40.5, 400.0)]
+        );
+    }
+}
