@@ -84,8 +84,8 @@ impl<'a> Bytes<'a> {
         std::mem::take(&mut self.data)
     }
 
-    /// A u64 biased towards the edges that break arithmetic: 0, 1, small, near 2^32, near 2^63,
-    /// near 2^64.
+    /// A u64 biased towards the edges that break arithmetic: 0, 1, small, near 2^32, near 2^62
+    /// (the log's `SEQ_MAX`), near 2^63, near 2^64.
     pub fn interesting_u64(&mut self) -> u64 {
         let small = u64::from(self.u8());
         match self.u8() % 8 {
@@ -94,6 +94,7 @@ impl<'a> Bytes<'a> {
             2 => (1u64 << 63).wrapping_add(small).wrapping_sub(128),
             3 => (1u64 << 32).wrapping_add(small).wrapping_sub(128),
             4 => self.u64(),
+            6 => (1u64 << 62).wrapping_add(small).wrapping_sub(128),
             _ => small % 16,
         }
     }

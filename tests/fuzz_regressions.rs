@@ -1,0 +1,117 @@
+//! Findings of the fuzz targets (`fuzz/`), each kept as a test with its input inline so that the
+//! normal test suite keeps it fixed. A test names the target and the input as the target saw it
+//! (a target's input starts with its mode byte: see the target's header), then checks the
+//! behaviour the fix gives, through the same public API the target drives.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use sessionizer::config::FsyncPolicy;
+use sessionizer::persist::log::{
+    file_name, LogConfig, LogHeader, LogReader, LogWriter, HEADER_BYTES, SEQ_MAX,
+};
+use sessionizer::persist::snapshot_file::SnapshotHeader;
+
+fn log_config() -> LogConfig {
+    LogConfig {
+        fsync: FsyncPolicy::Always,
+        fsync_interval: Duration::from_millis(10),
+        buffer_bytes: 1 << 12,
+    }
+}
+
+/// A log file as the writer frames it: header, then `[len][crc32][wall ms][raw]` per record.
+fn write_log(dir: &Path, generation: u64, first_seq: u64, records: &[&[u8]]) {
+    let header = LogHeader {
+        shard: 0,
+        generation,
+        first_seq,
+        created_wall_ms: 1_700_000_000_000,
+    };
+    let mut bytes = header.encode().to_vec();
+    for (i, raw) in records.iter().enumerate() {
+        let len = raw.len() as u32;
+        let wall = 1_700_000_000_000i64 + i as i64;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&len.to_le_bytes());
+        h.update(&wall.to_le_bytes());
+        h.update(raw);
+        bytes.extend_from_slice(&len.to_le_bytes());
+        bytes.extend_from_slice(&h.finalize().to_le_bytes());
+        bytes.extend_from_slice(&wall.to_le_bytes());
+        bytes.extend_from_slice(raw);
+    }
+    fs::write(dir.join(file_name(0, generation)), bytes).unwrap();
+}
+
+/// fuzz/log, input `ff 01 01 00 00 00`: recovery starting after log position `u64::MAX - 1`
+/// (a snapshot's `log_seq`) resumed the writer at `u64::MAX`, and its first append overflowed
+/// the sequence. A log header's `first_seq` near `u64::MAX` overflowed the reader the same way.
+/// Both positions are now bounded by `SEQ_MAX` when the headers are validated.
+#[test]
+fn log_positions_near_u64_max_fail_validation() {
+    // The snapshot header that would start recovery there no longer loads.
+    let mut h = SnapshotHeader {
+        version: 1,
+        shard: 0,
+        shards: 1,
+        generation: 1,
+        body_len: 0,
+        body_crc32: 0,
+        wall_ms: 0,
+        log_seq: u64::MAX - 1,
+        id_seq: 0,
+        min_clock_ms: i64::MIN,
+        wheel_cursor_s: 0,
+        sessions: 0,
+        sub_sessions: 0,
+    };
+    assert_eq!(
+        SnapshotHeader::decode(&h.encode()),
+        Err("log position out of range")
+    );
+    h.log_seq = SEQ_MAX;
+    assert_eq!(
+        SnapshotHeader::decode(&h.encode()).unwrap().log_seq,
+        SEQ_MAX
+    );
+
+    // A log file that claims to start there is an unreadable header, not an overflow.
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 1, u64::MAX - 1, &[b"{}", b"{\"a\":1}"]);
+    let mut r = LogReader::open(dir.path(), 0, 0).unwrap();
+    assert!(r.next_record().unwrap().is_none());
+    assert_eq!(r.report().bad_headers, 1);
+    assert_eq!(r.next_seq(), 1);
+    let mut w = LogWriter::resume(dir.path(), 0, r.next_seq(), log_config()).unwrap();
+    assert_eq!(w.append(1, b"{}").unwrap(), 1);
+    w.commit_durable().unwrap();
+}
+
+/// The largest valid position still works end to end: a file starting at `SEQ_MAX` is read after
+/// a snapshot at `SEQ_MAX - 1`, and the writer resumed after it continues the sequence.
+#[test]
+fn log_at_seq_max_reads_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 1, SEQ_MAX, &[b"{}", b"{\"a\":1}"]);
+    let mut r = LogReader::open(dir.path(), 0, SEQ_MAX - 1).unwrap();
+    let mut seqs = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        seqs.push(rec.seq);
+    }
+    assert_eq!(seqs, [SEQ_MAX, SEQ_MAX + 1]);
+    assert!(!r.report().damaged());
+    let next = r.next_seq();
+    assert_eq!(next, SEQ_MAX + 2);
+    let mut w = LogWriter::resume(dir.path(), 0, next, log_config()).unwrap();
+    assert_eq!(w.append(1, b"{}").unwrap(), next);
+    w.commit_durable().unwrap();
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
+    assert!(
+        fs::metadata(dir.path().join(file_name(0, 2)))
+            .unwrap()
+            .len()
+            > HEADER_BYTES as u64
+    );
+}
