@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use sessionizer::config::FsyncPolicy;
+use sessionizer::config::{Config, FsyncPolicy};
 use sessionizer::persist::log::{
     file_name, LogConfig, LogHeader, LogReader, LogWriter, HEADER_BYTES, SEQ_MAX,
 };
@@ -114,4 +114,43 @@ fn log_at_seq_max_reads_and_resumes() {
             .len()
             > HEADER_BYTES as u64
     );
+}
+
+/// fuzz/config, generated mode, input
+/// `29 66 75 74 78 78 70 00 00 00 00 72 65 f3 5f 2a 73 6b 65 77 5f 6d 61 78 3e 3e 3e 3e 31 3e 75
+/// 74 03 3b`, which stands for the text below: an idle timeout as long as a duration goes
+/// (`as_ms` saturates at `i64::MAX`) plus any allowed lateness overflowed the slot-wheel check, a
+/// panic with overflow checks, and in a release build a wrapped, negative sum that let such a
+/// config through (in event-time mode). The sum now saturates; the check refuses it, naming the
+/// key.
+#[test]
+fn idle_timeout_plus_lateness_does_not_overflow_the_wheel_check() {
+    let found = r#"
+[log]
+level = ""
+[[profile]]
+name = "x-y_z"
+key = "f107"
+idle_timeout = "584542046090y"
+allowed_lateness = "2h"
+split_on_change = []
+metadata = ["x", "x", "x"]
+state = []
+"#;
+    let e = Config::from_toml(found).unwrap_err();
+    assert_eq!(e.key, "profile[0] (x-y_z).idle_timeout", "{e}");
+    for (idle, lateness) in [
+        ("18446744073709551615s", "1s"),
+        ("1s", "18446744073709551615s"),
+        ("18446744073709551615s", "18446744073709551615s"),
+    ] {
+        let text = format!(
+            "[[profile]]\nname = \"web\"\nkey = \"user\"\ntime = \"event\"\n\
+             timestamp = {{ field = \"ts\" }}\nidle_timeout = \"{idle}\"\n\
+             allowed_lateness = \"{lateness}\"\n"
+        );
+        let e = Config::from_toml(&text).unwrap_err();
+        assert_eq!(e.key, "profile[0] (web).idle_timeout", "{e}");
+        assert!(e.message.contains("does not fit the slot wheel"), "{e}");
+    }
 }
