@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sessionizer::config::{Config, FsyncPolicy};
+use sessionizer::engine::rules::Rules;
 use sessionizer::persist::log::{
     file_name, LogConfig, LogHeader, LogReader, LogWriter, HEADER_BYTES, SEQ_MAX,
 };
@@ -153,4 +154,56 @@ state = []
         assert_eq!(e.key, "profile[0] (web).idle_timeout", "{e}");
         assert!(e.message.contains("does not fit the slot wheel"), "{e}");
     }
+}
+
+/// fuzz/config, generated mode, input (84 bytes)
+/// `8f df 6e 00 00 00 00 30 00 00 00 00 31 2e 20 3d 7f a6 74 2e 70 00 30 00 00 00 00 31 2e 20 3d
+/// 7f a6 74 2e 70 3b 6f 66 69 6c 65 bc 3d 6f 74 5b 5b 6c 69 5b 25 00 00 00 74 5d 20 23 0a 3b 6f
+/// 66 69 6c 65 bc 3d 6f 74 5b 5b 6c 69 5b 25 00 00 00 74 5d 20 23 0a`, which stands for the text
+/// below: a field path with a key segment over the decoder's 128 bytes passed validation (the
+/// rule compiler checked only for empty segments), and `Rules::field_table`, which `run` and
+/// `replay` call right after, panicked on it. The compiler now refuses the path, naming the key.
+#[test]
+fn field_path_segments_longer_than_the_decoder_takes_are_config_errors() {
+    let found = r#"
+[log]
+level = ""
+[[profile]]
+name = "x-y_z"
+key = "dev"
+idle_timeout = "1m"
+time = "processing"
+timestamp = { field = "x", format = "epoch_s" }
+[[profile.counter]]
+name = "b"
+[[profile.sub_session]]
+name = "bad name"
+key = "ctx"
+ends_when = { field = "ctx.sssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssss", le = 542995456 }
+[[profile.sub_session]]
+name = "b"
+key = "ctx.ssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssssss"
+[[profile.sub_session.counter]]
+name = "iot"
+"#;
+    let e = Config::from_toml(found).unwrap_err();
+    assert!(
+        e.key.starts_with("profile[0] (x-y_z).")
+            && e.key.ends_with("sub_session (bad name).ends_when"),
+        "{e}"
+    );
+    assert!(e.message.contains("131 bytes; the limit is 128"), "{e}");
+
+    // At the limit the path is fine, and the field table the runtime builds from it too.
+    let ok = |segment: usize| {
+        Config::from_toml(&format!(
+            "[[profile]]\nname = \"web\"\nkey = \"a.{}\"\nidle_timeout = \"1m\"\n",
+            "k".repeat(segment)
+        ))
+    };
+    let cfg = ok(128).unwrap();
+    let rules = Rules::compile(&cfg).unwrap();
+    assert_eq!(rules.field_table().len(), 1);
+    let e = ok(129).unwrap_err();
+    assert_eq!(e.key, "profile[0] (web).key", "{e}");
 }
