@@ -10,7 +10,7 @@ use std::time::Duration;
 use sessionizer::config::{Config, FsyncPolicy};
 use sessionizer::engine::rules::Rules;
 use sessionizer::persist::log::{
-    file_name, LogConfig, LogHeader, LogReader, LogWriter, HEADER_BYTES, SEQ_MAX,
+    file_name, LogConfig, LogError, LogHeader, LogReader, LogWriter, SEQ_MAX,
 };
 use sessionizer::persist::snapshot_file::SnapshotHeader;
 
@@ -90,10 +90,11 @@ fn log_positions_near_u64_max_fail_validation() {
     w.commit_durable().unwrap();
 }
 
-/// The largest valid position still works end to end: a file starting at `SEQ_MAX` is read after
-/// a snapshot at `SEQ_MAX - 1`, and the writer resumed after it continues the sequence.
+/// The largest valid position still reads: a file starting at `SEQ_MAX` is read after a snapshot
+/// at `SEQ_MAX - 1` (its records run past it: they are not headers), and the log is exhausted
+/// after it, so resuming is a typed error.
 #[test]
-fn log_at_seq_max_reads_and_resumes() {
+fn log_at_seq_max_reads_back() {
     let dir = tempfile::tempdir().unwrap();
     write_log(dir.path(), 1, SEQ_MAX, &[b"{}", b"{\"a\":1}"]);
     let mut r = LogReader::open(dir.path(), 0, SEQ_MAX - 1).unwrap();
@@ -103,18 +104,12 @@ fn log_at_seq_max_reads_and_resumes() {
     }
     assert_eq!(seqs, [SEQ_MAX, SEQ_MAX + 1]);
     assert!(!r.report().damaged());
-    let next = r.next_seq();
-    assert_eq!(next, SEQ_MAX + 2);
-    let mut w = LogWriter::resume(dir.path(), 0, next, log_config()).unwrap();
-    assert_eq!(w.append(1, b"{}").unwrap(), next);
-    w.commit_durable().unwrap();
-    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
-    assert!(
-        fs::metadata(dir.path().join(file_name(0, 2)))
-            .unwrap()
-            .len()
-            > HEADER_BYTES as u64
-    );
+    assert_eq!(r.next_seq(), SEQ_MAX + 2);
+    assert!(matches!(
+        LogWriter::resume(dir.path(), 0, r.next_seq(), log_config()),
+        Err(LogError::Header { .. })
+    ));
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
 /// fuzz/config, generated mode, input
@@ -206,4 +201,33 @@ name = "iot"
     assert_eq!(rules.field_table().len(), 1);
     let e = ok(129).unwrap_err();
     assert_eq!(e.key, "profile[0] (web).key", "{e}");
+}
+
+/// fuzz/log, built mode, input `05 04 01 00 00 00 7d 01 00`: starting after a snapshot at
+/// exactly `SEQ_MAX`, with log files that hold nothing after it, the writer resumed at
+/// `SEQ_MAX + 1` and wrote a file whose header the reader refuses as out of range: the appended
+/// record was unreadable at the next recovery. Starting a file past `SEQ_MAX` is now a typed
+/// error (the log is exhausted), and nothing is written.
+#[test]
+fn resuming_the_log_past_seq_max_is_an_error_not_an_unreadable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 1, 0, &[]);
+    let mut r = LogReader::open(dir.path(), 0, SEQ_MAX).unwrap();
+    assert!(r.next_record().unwrap().is_none());
+    assert_eq!(r.next_seq(), SEQ_MAX + 1);
+    match LogWriter::resume(dir.path(), 0, r.next_seq(), log_config()) {
+        Err(e @ LogError::Header { .. }) => assert_eq!(e.label(), "header"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a log file was started past SEQ_MAX"),
+    }
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    // At SEQ_MAX itself the file is written, and its record read back.
+    let mut w = LogWriter::resume(dir.path(), 0, SEQ_MAX, log_config()).unwrap();
+    assert_eq!(w.append(7, b"{}").unwrap(), SEQ_MAX);
+    w.commit_durable().unwrap();
+    drop(w);
+    let mut r = LogReader::open(dir.path(), 0, SEQ_MAX - 1).unwrap();
+    assert_eq!(r.next_record().unwrap().map(|rec| rec.seq), Some(SEQ_MAX));
+    assert!(r.next_record().unwrap().is_none());
+    assert!(!r.report().damaged(), "{:?}", r.report());
 }

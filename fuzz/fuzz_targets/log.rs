@@ -13,7 +13,8 @@
 //! - undamaged, gap-free files give back every record after the start, with nothing reported;
 //! - reading again returns the same records and finds no torn tail (the first read truncated it);
 //! - a writer resumed at `next_seq` continues the log: when the first read met no gap and no
-//!   corruption, a new read returns the old records and then the new one.
+//!   corruption, a new read returns the old records and then the new one; past `SEQ_MAX` (only
+//!   after a crafted start position) resuming is a typed error, not a file nobody can read.
 
 #![no_main]
 
@@ -23,8 +24,8 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use sessionizer::config::FsyncPolicy;
 use sessionizer::persist::log::{
-    file_name, LogConfig, LogHeader, LogReadReport, LogReader, LogWriter, FRAME_HEADER_BYTES,
-    HEADER_BYTES, SEQ_MAX,
+    file_name, LogConfig, LogError, LogHeader, LogReadReport, LogReader, LogWriter,
+    FRAME_HEADER_BYTES, HEADER_BYTES, SEQ_MAX,
 };
 use sessionizer_fuzz::{clear_dir, scratch_dir, Bytes};
 
@@ -234,6 +235,14 @@ fn check(dir: &Path, after_seq: u64, model: Option<&Model>) {
         fsync_interval: Duration::from_millis(10),
         buffer_bytes: 1 << 12,
     };
+    if next_seq > SEQ_MAX {
+        // Past the last sequence a header may carry, the log is exhausted: a typed error.
+        assert!(matches!(
+            LogWriter::resume(dir, 0, next_seq, cfg),
+            Err(LogError::Header { .. })
+        ));
+        return;
+    }
     let mut w = LogWriter::resume(dir, 0, next_seq, cfg).expect("resume the log");
     let seq = w.append(42, b"{\"resumed\":true}").expect("append");
     assert_eq!(seq, next_seq.max(1));

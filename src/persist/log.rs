@@ -513,6 +513,14 @@ fn create_file(
     first_seq: u64,
 ) -> Result<(PathBuf, File), LogError> {
     let path = dir.join(file_name(shard, generation));
+    // A header past SEQ_MAX would be unreadable, and its records lost at the next recovery: the
+    // log is exhausted (never in practice; only a crafted snapshot position gets here).
+    if first_seq > SEQ_MAX {
+        return Err(LogError::Header {
+            path,
+            reason: "log first sequence out of range",
+        });
+    }
     let file = OpenOptions::new()
         .write(true)
         .read(true)
