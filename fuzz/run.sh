@@ -5,6 +5,7 @@
 #   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]      # default 60 s each, every target
 #   FUZZ_SANITIZER=none fuzz/run.sh 30 decode         # without AddressSanitizer
 #   FUZZ_JOBS=2 fuzz/run.sh 3600                      # long run, two processes per target
+#   FUZZ_BUILD=dev FUZZ_SANITIZER=none fuzz/run.sh 20 # CI: quickest build, slower runs
 #
 # The committed seeds in corpus/<target>/ are read, never written: libFuzzer adds what it finds
 # to work/<target>/ (ignored by git), which later runs start from too. Crashes land in
@@ -16,6 +17,7 @@ cd "$(dirname "$0")"
 seconds="${1:-${FUZZ_SECONDS:-60}}"
 shift || true
 sanitizer="${FUZZ_SANITIZER:-address}"
+build_mode="${FUZZ_BUILD:-release}"
 jobs="${FUZZ_JOBS:-1}"
 all_targets=(decode steering config snapshot log)
 targets=("$@")
@@ -35,8 +37,17 @@ export RUSTC_BOOTSTRAP=1
 # Debug assertions and overflow checks on: the decoder's unchecked reads are bounds-checked
 # under them, and an overflow in a hostile file is exactly what we look for.
 build_args=(-a -s "$sanitizer")
+case "$build_mode" in
+    release) ;;
+    # Unoptimized: a fraction of the build time, several times fewer executions a second.
+    dev) build_args+=(--dev) ;;
+    *)
+        echo "FUZZ_BUILD must be release or dev" >&2
+        exit 2
+        ;;
+esac
 
-echo "fuzz: building ${targets[*]} (sanitizer $sanitizer)"
+echo "fuzz: building ${targets[*]} ($build_mode, sanitizer $sanitizer)"
 mkdir -p work
 build() {
     if ! cargo fuzz build "${build_args[@]}" "$@" >work/build.log 2>&1; then
