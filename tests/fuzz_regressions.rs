@@ -296,3 +296,84 @@ fn inspect_prints_a_record_with_a_wild_payload_offset() {
     assert!(text.contains(r#""key":"","#), "{text}");
     assert!(text.contains(r#""key":"alice","#), "{text}");
 }
+
+/// Found while writing the snapshot target, by reading the restore next to it (the target had
+/// not reached it in its runs): a checksum-valid archive whose profile images name the current
+/// profiles with the right fingerprints, but mark a sub-session kind as top-level (`parent` =
+/// `u32::MAX`), passed the exact-restore plan, and the wheel relink indexed the wheels with the
+/// sub-session kind's id, past their end: a panic at recovery. The opposite forgery (a top-level
+/// profile marked as a sub-session kind) skipped the check of its wheel cursor and restored an
+/// unchecked one. An image whose kind disagrees with the current profile now makes the restore
+/// compact, which checks what it uses.
+#[test]
+fn snapshot_images_whose_kind_disagrees_with_the_rules_restore_compactly() {
+    use sessionizer::decode::Decoder;
+    use sessionizer::engine::snapshot::{
+        fnv1a64, profile_descriptors, ProfileImage, SlotRun, SnapshotBody,
+    };
+    use sessionizer::engine::{Clock, Engine, Out};
+    use sessionizer::persist::snapshot_file::access_body;
+    use std::sync::Arc;
+
+    let text = r#"
+[memory]
+arena_bytes = "256KiB"
+max_sessions = 64
+[slots]
+max = 600
+[[profile]]
+name = "web"
+key = "user"
+idle_timeout = "60s"
+[[profile.sub_session]]
+name = "tab"
+key = "tab"
+"#;
+    let cfg = Config::from_toml(text).unwrap();
+    let rules = Arc::new(Rules::compile(&cfg).unwrap());
+    let descriptors = profile_descriptors(&rules);
+    assert_eq!(descriptors.len(), 2, "web and web/tab");
+    // (forged parent of each image, wheel cursor of each image)
+    let forgeries: [([u32; 2], [i64; 2]); 2] =
+        [([u32::MAX, u32::MAX], [0, 0]), ([0, 0], [i64::MIN, 0])];
+    for (parents, cursors) in forgeries {
+        let body = SnapshotBody {
+            format: 1,
+            shard: 0,
+            shards: 1,
+            table_capacity: 64,
+            slots_max: 600,
+            profiles: descriptors
+                .iter()
+                .zip(parents.iter().zip(cursors))
+                .map(|((name, descriptor, _), (&parent, cursor))| ProfileImage {
+                    name: name.clone(),
+                    descriptor: descriptor.clone(),
+                    fingerprint: fnv1a64(descriptor.as_bytes()),
+                    parent,
+                    max_ts: i64::MIN,
+                    wall_last: i64::MIN,
+                    wheel_cursor_s: cursor,
+                    ..ProfileImage::default()
+                })
+                .collect(),
+            free_runs: vec![SlotRun { start: 0, len: 64 }],
+            ..SnapshotBody::default()
+        };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&body).unwrap();
+        let archived = access_body(&bytes).unwrap();
+        let mut engine = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
+        let report = engine.restore_from(archived, 1, 0);
+        assert!(!report.exact, "{parents:?}: {report:?}");
+        assert_eq!(report.dropped(), 0, "{report:?}");
+
+        // The engine works afterwards.
+        let mut dec = Decoder::new(rules.field_table(), 32, 4096);
+        let mut out = Out::with_capacity(1 << 16, 64);
+        let ev = dec.decode(br#"{"user":"u","tab":"t"}"#).unwrap();
+        engine.on_event(0, &ev, Clock::Wall(1_700_000_000_000), &mut out);
+        engine.advance(Clock::Wall(1_700_000_100_000), &mut out);
+        engine.finish(&mut out);
+        assert_eq!(engine.live_sessions(), 0);
+    }
+}
