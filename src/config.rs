@@ -788,14 +788,17 @@ impl Config {
             return Err(err(at("idle_timeout"), "must be positive"));
         }
         let lateness = p.allowed_lateness.map(|d| d.as_ms()).unwrap_or(0);
-        if idle + lateness > slot_horizon_ms {
+        // Saturating: either duration may be as long as `as_ms` goes (i64::MAX), and a wrapped
+        // sum would pass this check.
+        let horizon_needed_ms = idle.saturating_add(lateness);
+        if horizon_needed_ms > slot_horizon_ms {
             return Err(err(
                 at("idle_timeout"),
                 format!(
                     "{}ms (plus allowed_lateness {lateness}ms) does not fit the slot wheel: slots.max = {} one-second slots hold at most {slot_horizon_ms}ms; raise slots.max to at least {} or shorten the timeout",
                     idle,
                     self.slots.max,
-                    (idle + lateness) / 1000 + 3
+                    horizon_needed_ms / 1000 + 3
                 ),
             ));
         }

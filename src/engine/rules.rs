@@ -8,7 +8,10 @@
 use crate::config::{
     AggregateOp, Config, ConfigError, PredicateSpec, TimeMode, TsFormat, FIELDS_MAX,
 };
-use crate::decode::{Event, Field, FieldId, FieldTable};
+use crate::decode::{Event, Field, FieldId, FieldTable, PATHS_MAX, SEGMENT_BYTES_MAX};
+
+// Every path a rule set may read must fit one field table.
+const _: () = assert!(FIELDS_MAX <= PATHS_MAX);
 
 /// Index of a profile in `Rules::profiles`; sub-session rules live in `Rules::subs`.
 pub type ProfileId = u8;
@@ -383,6 +386,17 @@ impl Compiler {
                 key: key.into(),
                 message: format!(
                     "`{path}` is not a field path; write e.g. \"user\" or \"ctx.device.id\""
+                ),
+            });
+        }
+        // The decoder's field table takes no longer key segment, and `field_table` expects
+        // every compiled path to fit it.
+        if let Some(seg) = path.split('.').find(|s| s.len() > SEGMENT_BYTES_MAX) {
+            return Err(ConfigError {
+                key: key.into(),
+                message: format!(
+                    "`{path}` has a key segment of {} bytes; the limit is {SEGMENT_BYTES_MAX}",
+                    seg.len()
                 ),
             });
         }

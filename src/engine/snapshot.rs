@@ -1239,6 +1239,17 @@ impl State {
         let why = |reason: &str| {
             log::warn!("snapshot of shard {shard} cannot be restored slot for slot ({reason}); restoring compactly");
         };
+        // Exact mode relinks wheels by each image's archived kind and indexes them by its
+        // current profile: the two must agree (a forged `parent` would index past the wheels).
+        let top = self.layouts.len();
+        let kinds_agree = body.profiles.iter().zip(map).all(|(image, p)| {
+            let archived_top = image.parent.to_native() == u32::MAX;
+            p.is_some_and(|p| (usize::from(p) < top) == archived_top)
+        });
+        if !kinds_agree {
+            why("a profile image of another kind than the rules' profile");
+            return None;
+        }
         let records = body.records.as_slice();
         if records.len() > cap as usize {
             why("more records than slots");

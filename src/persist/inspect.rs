@@ -111,7 +111,11 @@ pub fn inspect(path: &Path, sessions: bool, out: &mut dyn Write) -> Result<(), S
             line.clear();
             let off = r.payload_off.to_native() as usize;
             let key_len = r.key_len.to_native() as usize;
-            let key = payload.get(off..off + key_len).unwrap_or(b"");
+            // Records are validated one by one only on restore: the range may be anything.
+            let key = off
+                .checked_add(key_len)
+                .and_then(|end| payload.get(off..end))
+                .unwrap_or(b"");
             let is_sub = r.flags & RECORD_FLAG_SUB != 0;
             if !is_sub {
                 parent_id = r.id.to_native();

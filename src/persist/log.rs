@@ -52,6 +52,11 @@ const HEADER_CRC_AT: usize = 60;
 pub const FRAME_HEADER_BYTES: usize = 16;
 /// Longest raw event a record may hold (`limits.line_bytes_max` is at most 16 MiB).
 pub const RAW_BYTES_MAX: usize = 16 << 20;
+/// Largest first sequence a log header, or log position a snapshot header, may carry. At ten
+/// million records a second a log takes about 14,000 years to get there, so a larger value comes
+/// only from a damaged or foreign file; refusing it keeps every `seq + n` the reader, the writer
+/// resumed after it and recovery compute far from overflow.
+pub const SEQ_MAX: u64 = 1 << 62;
 pub const PREFIX: &str = "log-";
 pub const SUFFIX: &str = ".szl";
 
@@ -192,6 +197,9 @@ impl LogHeader {
         }
         if u32_at(8) != FORMAT_VERSION || u32_at(12) as usize != HEADER_BYTES {
             return Err("unsupported log format version");
+        }
+        if u64_at(32) > SEQ_MAX {
+            return Err("log first sequence out of range");
         }
         Ok(LogHeader {
             shard: u32_at(16),
@@ -842,6 +850,14 @@ fn create_file(
     first_seq: u64,
 ) -> Result<(PathBuf, File), LogError> {
     let path = dir.join(file_name(shard, generation));
+    // A header past SEQ_MAX would be unreadable, and its records lost at the next recovery: the
+    // log is exhausted (never in practice; only a crafted snapshot position gets here).
+    if first_seq > SEQ_MAX {
+        return Err(LogError::Header {
+            path,
+            reason: "log first sequence out of range",
+        });
+    }
     let file = OpenOptions::new()
         .write(true)
         .read(true)
@@ -941,7 +957,12 @@ pub struct LogReader {
 }
 
 impl LogReader {
+    /// `after_seq` is 0 or a validated snapshot's log position, so at most [`SEQ_MAX`].
     pub fn open(dir: &Path, shard: u32, after_seq: u64) -> Result<LogReader, LogError> {
+        assert!(
+            after_seq <= SEQ_MAX,
+            "log position {after_seq} out of range"
+        );
         let files = list_generations(dir, shard).map_err(|e| LogError::io(dir, "list", e))?;
         Ok(LogReader {
             files,

@@ -129,6 +129,11 @@ impl SnapshotHeader {
         if u32_at(12) as usize != HEADER_BYTES {
             return Err("unexpected header length");
         }
+        // Recovery reads the log after this position and resumes it past the end: a value
+        // beyond any real log would overflow those sequence numbers.
+        if u64_at(56) > super::log::SEQ_MAX {
+            return Err("log position out of range");
+        }
         Ok(SnapshotHeader {
             version,
             shard: u32_at(16),
