@@ -35,7 +35,9 @@
 //!   ingest overflows in the kernel where it is counted), yields, and calls `flush` again. If
 //!   `deliver` fills a batch while the queue is full, the pending batch grows past `batch_bytes`
 //!   (an allocation under backpressure only) up to `max(queue_bytes, batch_bytes)` bytes; beyond
-//!   that — a caller that ignores `flush() == false` — the pending batch is dropped and counted.
+//!   that the shard's thread waits for the sink to take the batch (the runtime stops reading
+//!   input as soon as a lane is backlogged, so only an output burst no input bounds, such as a
+//!   mass expiry, waits there). Nothing is dropped unless the sink thread is gone.
 //! - A sink whose thread is gone (after shutdown) drops and counts, whatever its policy.
 //! - Per sink, once a batch is queued: `file` and `stdout` write everything (a write error drops
 //!   and counts the records it lost); `udp` drops (and counts) records longer than 65507 bytes and
@@ -277,9 +279,50 @@ impl Lane {
         debug_assert!(self.block || self.lossless);
         let g = self.geometry;
         if self.pending.buf.len() + next > g.pending_bytes_max {
-            self.drop_pending();
+            self.hand_over_waiting();
         } else {
             self.limit = (self.pending.buf.len() + g.batch_bytes).min(g.pending_bytes_max);
+        }
+    }
+
+    /// The pending batch of a block (or lossless) sink reached its bound with the queue still
+    /// full: wait on this thread for the sink to take it. The runtime stops reading input as
+    /// soon as a lane is backlogged, so only an output burst that no input bounds (a mass
+    /// expiry) gets here; stalling the shard then is what `block` promises, dropping is not.
+    #[cold]
+    fn hand_over_waiting(&mut self) {
+        let batch = std::mem::take(&mut self.pending);
+        match self.queue.send(batch) {
+            Ok(()) => {
+                self.handed += 1;
+                self.limit = self.geometry.batch_bytes;
+                self.pending = self.next_buffer();
+            }
+            // The sink thread is gone: nothing can take it.
+            Err(e) => {
+                self.pending = e.into_inner();
+                self.drop_pending();
+            }
+        }
+    }
+
+    /// A recycled buffer for the next pending batch.
+    fn next_buffer(&mut self) -> Batch {
+        match self.pool.try_recv() {
+            Ok(mut b) => {
+                debug_assert!(b.buf.is_empty() && b.records == 0);
+                b.shard = self.shard;
+                b
+            }
+            // Unreachable while the sink runs: at most `queue_batches` batches are queued,
+            // one is pending per shard and one is in the sink, and the pool was given that
+            // many. Allocating (rather than stopping the shard) covers a sink thread that died
+            // holding buffers.
+            Err(_) => Batch {
+                shard: self.shard,
+                records: 0,
+                buf: Vec::with_capacity(self.geometry.batch_bytes),
+            },
         }
     }
 
@@ -291,22 +334,7 @@ impl Lane {
             Ok(()) => {
                 self.handed += 1;
                 self.limit = self.geometry.batch_bytes;
-                self.pending = match self.pool.try_recv() {
-                    Ok(mut b) => {
-                        debug_assert!(b.buf.is_empty() && b.records == 0);
-                        b.shard = self.shard;
-                        b
-                    }
-                    // Unreachable while the sink runs: at most `queue_batches` batches are
-                    // queued, one is pending per shard and one is in the sink, and the pool was
-                    // given that many. Allocating (rather than stopping the shard) covers a sink
-                    // thread that died holding buffers.
-                    Err(_) => Batch {
-                        shard: self.shard,
-                        records: 0,
-                        buf: Vec::with_capacity(self.geometry.batch_bytes),
-                    },
-                };
+                self.pending = self.next_buffer();
                 true
             }
             Err(TrySendError::Full(b)) => {
@@ -860,7 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn block_policy_grows_the_pending_batch_up_to_queue_bytes() {
+    fn block_policy_grows_the_pending_batch_up_to_queue_bytes_then_waits() {
         let (mut lane, rx) = lane(true, 4096);
         let line = [b'x'; 99].iter().chain(b"\n").copied().collect::<Vec<u8>>();
         // 10 records (1000 bytes) per 1 KiB batch: 4 batches fill the queue.
@@ -876,12 +904,25 @@ mod tests {
         }
         assert_eq!(lane.pending.buf.len(), 4000);
         assert_eq!(lane.counters.dropped.load(Ordering::Relaxed), 0);
-        // The record that would take it past queue_bytes: the pending batch is dropped.
+        // The record that would take it past queue_bytes: the lane waits until the sink takes
+        // a batch, then queues the grown one whole.
+        let sink = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let first = rx.recv().unwrap();
+            (first.records, rx)
+        });
         lane.push(&line);
-        assert_eq!(lane.counters.dropped.load(Ordering::Relaxed), 40);
+        let (first, rx) = sink.join().unwrap();
+        assert_eq!(first, 10);
+        assert_eq!(lane.counters.dropped.load(Ordering::Relaxed), 0);
         assert_eq!(lane.pending.records, 1);
+        assert_eq!(
+            lane.limit, lane.geometry.batch_bytes,
+            "no longer backlogged"
+        );
+        let queued: Vec<u64> = rx.try_iter().map(|b| b.records).collect();
+        assert_eq!(queued, [10, 10, 10, 40]);
         // Room again: the batch goes and a pooled buffer replaces it.
-        drop(rx.recv().unwrap());
         assert!(lane.hand_over());
         assert!(lane.pending.buf.is_empty());
     }

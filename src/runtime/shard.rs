@@ -48,6 +48,9 @@ pub struct Progress {
     pub consumed: usize,
     /// Stopped before a line that needs a hand-off buffer: send ready batches, then resume.
     pub stalled: bool,
+    /// Stopped because a `block` sink's queue is full and its pending batch has started to
+    /// grow: wait until the output takes it, then resume.
+    pub output_full: bool,
     /// Events that needed at least one hand-off.
     pub handed_off: u32,
     /// Lines consumed (non-empty ones: each has a producer sequence number).
@@ -155,6 +158,13 @@ impl Shard {
                 }
             }
             pos = (end + 1).min(data.len());
+            // One read can hold far more output than a sink's queue (a flood of new keys makes
+            // ~8× its bytes in records): stop here rather than let the pending batch outgrow
+            // its bound.
+            if self.output.backlogged() {
+                p.output_full = true;
+                break;
+            }
         }
         p.consumed = pos;
         p
@@ -573,6 +583,12 @@ pub async fn run_lines(
         pos += p.consumed;
         total.handed_off += p.handed_off;
         total.lines += p.lines;
+        if p.output_full {
+            wait_output(ctx).await;
+            if pos < data.len() {
+                continue;
+            }
+        }
         if !p.stalled {
             total.consumed = pos;
             return total;
@@ -591,6 +607,16 @@ pub async fn run_lines(
                 );
             }
         }
+    }
+}
+
+/// Wait until every sink has taken this shard's pending batches. Also while stopping: the
+/// lines already read were accepted and their records must not be dropped.
+async fn wait_output(ctx: &Rc<Ctx>) {
+    ctx.st.borrow_mut().c.output_blocked += 1;
+    send_ready(ctx).await;
+    while !ctx.st.borrow_mut().output.flush() {
+        glommio::timer::sleep(Duration::from_micros(200)).await;
     }
 }
 
