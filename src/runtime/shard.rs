@@ -15,7 +15,7 @@ use super::durable::Durable;
 use super::handoff::{batch_lines, Batch, HandoffOut};
 use super::ops::ShardMetrics;
 use crate::config::Transport;
-use crate::decode::Decoder;
+use crate::decode::{Decoder, Parsed};
 use crate::engine::rules::{ProfileId, Rules};
 use crate::engine::{route, Clock, Engine, Out, Route};
 use crate::ingest::lines::TOO_LONG_PREFIX_BYTES;
@@ -31,6 +31,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
+
+/// Lines decoded ahead of the engine: their events owned here are applied as one batch
+/// (`Engine::on_batch_by`, which overlaps their session lookups). Within a window, dead letters
+/// and pass-throughs are written as their lines are read, the engine's records after them.
+pub const WINDOW_LINES: usize = 64;
 
 /// Where one matching profile sends an event.
 #[derive(Clone, Copy)]
@@ -86,6 +91,25 @@ pub struct Shard {
     pub durable: Option<Durable>,
     /// Scratch for the tagged form of a producer's line.
     tagged: Vec<u8>,
+    /// The window: decoded lines not yet applied, where each lies in the input being fed, and
+    /// the (profile, line) pairs this shard applies. Empty between calls.
+    parsed: Vec<Parsed>,
+    spans: Vec<(u32, u32)>,
+    batch: Vec<(ProfileId, u16)>,
+    /// Input bytes in the window; it is applied at `window_bytes_max`, which bounds the
+    /// records a window adds to `out` past `deliver_bytes`.
+    window_bytes: usize,
+    window_bytes_max: usize,
+}
+
+/// Room for unescaped strings in each window slot; a slot grows (once, up to the line limit)
+/// only for a line with more escaped text than that.
+const PARSED_SCRATCH_BYTES: usize = 4096;
+
+fn window_slots(dec: &Decoder) -> Vec<Parsed> {
+    (0..WINDOW_LINES)
+        .map(|_| Parsed::new(dec.table(), PARSED_SCRATCH_BYTES))
+        .collect()
 }
 
 impl Shard {
@@ -104,6 +128,7 @@ impl Shard {
         assert!(id < shards && shards as usize <= crate::config::SHARDS_MAX);
         let profiles = rules.profiles.len();
         let metrics = ShardMetrics::new(&rules);
+        let parsed = window_slots(&dec);
         Shard {
             id,
             shards,
@@ -120,6 +145,11 @@ impl Shard {
             metrics,
             durable: None,
             tagged: Vec::with_capacity(line_bytes_max + producer::TAG_BYTES_MAX),
+            parsed,
+            spans: Vec::with_capacity(WINDOW_LINES),
+            batch: Vec::with_capacity(WINDOW_LINES * profiles),
+            window_bytes: 0,
+            window_bytes_max: (out_bytes / 8).max(4096),
         }
     }
 
@@ -145,7 +175,7 @@ impl Shard {
             }
             if !line.is_empty() {
                 let tag = cursor.as_deref().map(|c| (&c.id[..], c.next));
-                match self.process_line(line, t, now_ms, tag) {
+                match self.process_line(data, (pos, pos + line.len()), t, now_ms, tag) {
                     None => {
                         p.stalled = true;
                         break;
@@ -155,6 +185,9 @@ impl Shard {
                 p.lines += 1;
                 if let Some(c) = cursor.as_deref_mut() {
                     c.next += 1;
+                }
+                if self.window_full() {
+                    self.apply_window(data, now_ms);
                 }
             }
             pos = (end + 1).min(data.len());
@@ -166,20 +199,52 @@ impl Shard {
                 break;
             }
         }
+        self.apply_window(data, now_ms);
         p.consumed = pos;
         p
+    }
+
+    #[inline]
+    fn window_full(&self) -> bool {
+        self.spans.len() == WINDOW_LINES || self.window_bytes >= self.window_bytes_max
+    }
+
+    /// Apply the window's events (their lines are in `data`) and empty it.
+    fn apply_window(&mut self, data: &[u8], now_ms: i64) {
+        if !self.batch.is_empty() {
+            let (batch, parsed, spans, table) =
+                (&self.batch, &self.parsed, &self.spans, self.dec.table());
+            self.engine.on_batch_by(
+                batch.len(),
+                |i| {
+                    let (p, k) = batch[i];
+                    let (a, b) = spans[usize::from(k)];
+                    let line = &data[a as usize..b as usize];
+                    (p, parsed[usize::from(k)].event(line, table))
+                },
+                Clock::Wall(now_ms),
+                &mut self.out,
+            );
+            self.batch.clear();
+        }
+        self.spans.clear();
+        self.window_bytes = 0;
+        self.deliver_if_large();
     }
 
     /// One received line. `None`: a hand-off buffer is needed first (nothing was done).
     /// `Some(true)`: the event was handed to at least one other shard.
     /// `tag`: the line's producer and sequence number (acknowledged connections only).
+    /// The line is `data[span.0..span.1]`; if this shard applies it, it joins the window.
     fn process_line(
         &mut self,
-        line: &[u8],
+        data: &[u8],
+        span: (usize, usize),
         t: Transport,
         now_ms: i64,
         tag: Option<(&[u8], u64)>,
     ) -> Option<bool> {
+        let line = &data[span.0..span.1];
         if line.len() > self.line_bytes_max {
             self.c.lines_too_long += 1;
             self.count_event(t);
@@ -189,16 +254,15 @@ impl Shard {
             self.deliver_if_large();
             return Some(false);
         }
-        let ev = match self.dec.decode(line) {
-            Ok(ev) => ev,
-            Err(e) => {
-                self.c.count_decode_error(e);
-                self.count_event(t);
-                self.out.dead_letter(e.label(), transport_label(t), line);
-                self.deliver_if_large();
-                return Some(false);
-            }
-        };
+        let k = self.spans.len();
+        if let Err(e) = self.dec.decode_into(line, &mut self.parsed[k]) {
+            self.c.count_decode_error(e);
+            self.count_event(t);
+            self.out.dead_letter(e.label(), transport_label(t), line);
+            self.deliver_if_large();
+            return Some(false);
+        }
+        let ev = self.parsed[k].event(line, self.dec.table());
         self.routes.clear();
         let mut peers = 0u64;
         for p in self.rules.matching(&ev) {
@@ -242,14 +306,16 @@ impl Shard {
             self.c.passthrough += 1;
             self.out.passthrough(ev.raw());
         }
+        let mut windowed = false;
         for &(p, d, _) in &self.routes {
             if !apply {
                 break;
             }
             match d {
-                Dest::Here => self
-                    .engine
-                    .on_event(p, &ev, Clock::Wall(now_ms), &mut self.out),
+                Dest::Here => {
+                    self.batch.push((p, k as u16));
+                    windowed = true;
+                }
                 Dest::Peer => {}
                 Dest::MissingKey | Dest::KeyTooLong => {
                     let reason = if matches!(d, Dest::MissingKey) {
@@ -274,6 +340,10 @@ impl Shard {
                 d.sent[o as usize] += 1;
             }
         }
+        if windowed {
+            self.spans.push((span.0 as u32, span.1 as u32));
+            self.window_bytes += line.len();
+        }
         self.deliver_if_large();
         Some(peers != 0)
     }
@@ -287,20 +357,19 @@ impl Shard {
 
     /// A batch handed over by shard `from`: run the profiles this shard owns.
     pub fn process_handoff(&mut self, b: &Batch, from: u32, now_ms: i64) {
+        let data = &b.buf[..];
         for carried in batch_lines(b) {
             let tagged = producer::untag(carried);
             let line = tagged.line;
-            let ev = match self.dec.decode(line) {
-                Ok(ev) => ev,
-                Err(e) => {
-                    // The sender decoded these exact bytes with the same field table: this is
-                    // a bug. Keep the event (dead letter) and the evidence (counter).
-                    debug_assert!(false, "hand-off line failed to decode: {e}");
-                    self.c.count_decode_error(e);
-                    self.out.dead_letter(e.label(), "handoff", line);
-                    continue;
-                }
-            };
+            let k = self.spans.len();
+            if let Err(e) = self.dec.decode_into(line, &mut self.parsed[k]) {
+                // The sender decoded these exact bytes with the same field table: this is a
+                // bug. Keep the event (dead letter) and the evidence (counter).
+                debug_assert!(false, "hand-off line failed to decode: {e}");
+                self.c.count_decode_error(e);
+                self.out.dead_letter(e.label(), "handoff", line);
+                continue;
+            }
             self.c.handoff_events_in += 1;
             if let Some(d) = self.durable.as_mut() {
                 if !d.admit(tagged.producer) {
@@ -308,16 +377,26 @@ impl Shard {
                 }
                 d.log_event(now_ms, carried);
             }
+            let ev = self.parsed[k].event(line, self.dec.table());
+            let before = self.batch.len();
             for p in self.rules.matching(&ev) {
                 if let Route::Owner(o) = route(&self.rules, p, &ev, self.shards) {
                     if o == self.id {
-                        self.engine
-                            .on_event(p, &ev, Clock::Wall(now_ms), &mut self.out);
+                        self.batch.push((p, k as u16));
                     }
+                }
+            }
+            if self.batch.len() > before {
+                let start = line.as_ptr() as usize - data.as_ptr() as usize;
+                self.spans.push((start as u32, (start + line.len()) as u32));
+                self.window_bytes += line.len();
+                if self.window_full() {
+                    self.apply_window(data, now_ms);
                 }
             }
             self.deliver_if_large();
         }
+        self.apply_window(data, now_ms);
         self.c.handoff_batches_in += 1;
         if let Some(d) = self.durable.as_mut() {
             d.handoff_done(from, b.events);
@@ -386,7 +465,9 @@ impl Shard {
 
     /// Swap in reloaded rules (already checked compatible) and the decoder for their fields.
     pub fn set_rules(&mut self, rules: Arc<Rules>, dec: Decoder) -> Result<(), String> {
+        debug_assert!(self.spans.is_empty(), "no window spans calls");
         self.engine.set_rules(rules.clone())?;
+        self.parsed = window_slots(&dec);
         self.dec = dec;
         self.routes.reserve(rules.profiles.len());
         self.metrics.set_rules(&rules);
