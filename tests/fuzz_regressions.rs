@@ -12,7 +12,7 @@ use sessionizer::engine::rules::Rules;
 use sessionizer::persist::log::{
     file_name, LogConfig, LogError, LogHeader, LogReader, LogWriter, SEQ_MAX,
 };
-use sessionizer::persist::snapshot_file::SnapshotHeader;
+use sessionizer::persist::snapshot_file::{SnapshotHeader, FORMAT_VERSION};
 
 fn log_config() -> LogConfig {
     LogConfig {
@@ -54,7 +54,7 @@ fn write_log(dir: &Path, generation: u64, first_seq: u64, records: &[&[u8]]) {
 fn log_positions_near_u64_max_fail_validation() {
     // The snapshot header that would start recovery there no longer loads.
     let mut h = SnapshotHeader {
-        version: 1,
+        version: FORMAT_VERSION,
         shard: 0,
         shards: 1,
         generation: 1,
@@ -269,7 +269,7 @@ fn inspect_prints_a_record_with_a_wild_payload_offset() {
     };
     let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&body).unwrap();
     let header = SnapshotHeader {
-        version: 1,
+        version: FORMAT_VERSION,
         shard: 0,
         shards: 1,
         generation: 1,
