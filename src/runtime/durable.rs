@@ -473,6 +473,32 @@ fn write_file_blocking(w: &mut SnapshotWriter) -> std::io::Result<()> {
     }
 }
 
+/// Put the calling thread (the executor's blocking thread) in the `SCHED_IDLE` class, once.
+///
+/// Why: that thread shares the shard's CPU, and building a snapshot's archive keeps it busy for
+/// a few hundred milliseconds per snapshot. At normal priority the kernel shares the CPU between
+/// it and the shard, which then waits for milliseconds at a time with events queued; a
+/// `SCHED_IDLE` thread is preempted as soon as the shard wakes. What else runs there (metrics
+/// rendering, the snapshot's file I/O) is background work too. An unprivileged thread cannot
+/// leave the class again, hence once per thread; failure only costs latency, so it is logged.
+fn yield_cpu_to_shards() {
+    thread_local! {
+        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if DONE.with(|d| d.replace(true)) {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        log::warn!(
+            "the snapshot thread keeps its scheduling class (SCHED_IDLE refused: {}); snapshots may delay events",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Take one snapshot of the shard behind `ctx`: take its cut and capture the engine in slices
 /// between the shard's other tasks (`engine::capture`: copy on write, so the snapshot is the
 /// engine as at the cut while events go on being applied), build the archive and write and sync
@@ -541,6 +567,7 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, 
     let t_write = Instant::now();
     let (captured, written) = glommio::executor()
         .spawn_blocking(move || {
+            yield_cpu_to_shards();
             let w = SnapshotWriter::from_capture(&dir, &captured, meta, buffer);
             let written = w
                 .map_err(|e| e.to_string())
