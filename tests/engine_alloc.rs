@@ -13,6 +13,7 @@
 use sessionizer::config::Config;
 use sessionizer::decode::{Decoder, Parsed};
 use sessionizer::engine::rules::{ProfileId, Rules};
+use sessionizer::engine::snapshot::{CaptureBuffers, SnapshotMeta};
 use sessionizer::engine::{route, Clock, Engine, Out, Route};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -188,6 +189,10 @@ struct Rig {
     /// For the batched path: one window's decoded lines and the (profile, line) items.
     parsed: Vec<Parsed>,
     items: Vec<(ProfileId, usize)>,
+    /// A sliced snapshot capture in progress: a slice of this budget after each window.
+    slice_budget: Option<u32>,
+    /// Slices until the capture completed.
+    slices: u32,
 }
 
 /// Lines per batch on the batched path; also how often `advance` runs, on both paths.
@@ -206,6 +211,13 @@ impl Rig {
     }
 
     fn advance(&mut self) {
+        if let Some(budget) = self.slice_budget {
+            if self.engine.capture_step(budget) {
+                self.slice_budget = None;
+            } else {
+                self.slices += 1;
+            }
+        }
         self.engine.advance(Clock::Replay, &mut self.out);
         assert!(
             self.out.len() < 60_000,
@@ -271,7 +283,23 @@ fn batched_event_path_does_not_allocate() {
     event_path_allocates_nothing(true);
 }
 
+/// The same while a sliced snapshot capture is in progress: its copy-on-write hook and its
+/// slices use only the buffers reserved when it began.
+#[test]
+fn event_path_does_not_allocate_during_a_capture() {
+    event_path_allocates_nothing_with(false, true);
+}
+
+#[test]
+fn batched_event_path_does_not_allocate_during_a_capture() {
+    event_path_allocates_nothing_with(true, true);
+}
+
 fn event_path_allocates_nothing(batched: bool) {
+    event_path_allocates_nothing_with(batched, false);
+}
+
+fn event_path_allocates_nothing_with(batched: bool, capturing: bool) {
     TRACE.store(std::env::var_os("ALLOC_TRACE").is_some(), Ordering::Relaxed);
     let cfg = Config::from_toml(CONFIG).expect("valid config");
     let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
@@ -290,6 +318,8 @@ fn event_path_allocates_nothing(batched: bool) {
             .collect(),
         items: Vec::with_capacity(WINDOW * rules.profiles.len()),
         rules,
+        slice_budget: None,
+        slices: 0,
     };
     let mut rng = Rng(0x5e55_1011);
     let t0 = 1_750_000_000_000;
@@ -303,10 +333,39 @@ fn event_path_allocates_nothing(batched: bool) {
         "warm-up leaves sessions open"
     );
 
+    let live_at_cut = rig.engine.live_sessions();
+    if capturing {
+        // Slices small enough that the capture (~60k free slots to walk, then the sessions)
+        // spans most of the run, so that events meet pending sessions and copy them on write.
+        rig.engine.capture_begin(CaptureBuffers::default());
+        rig.slice_budget = Some(128);
+    }
     ARMED.with(|a| a.set(true));
     rig.feed(&hot, batched);
     ARMED.with(|a| a.set(false));
     let allocations = COUNT.with(Cell::get);
+    if capturing {
+        assert!(
+            rig.slice_budget.is_none(),
+            "the capture did not complete during the run"
+        );
+        assert!(rig.slices > 100, "only {} slices", rig.slices);
+        let captured = rig.engine.capture_take();
+        let mut body = rkyv::util::AlignedVec::<16>::new();
+        let meta = SnapshotMeta {
+            shard: 0,
+            shards: 1,
+            generation: 1,
+            wall_ms: 0,
+            log_seq: 0,
+        };
+        let summary = captured.write_body(&mut body, meta).expect("to memory");
+        assert_eq!(
+            summary.sessions + summary.sub_sessions,
+            u64::from(live_at_cut)
+        );
+        sessionizer::persist::snapshot_file::access_body(&body).expect("a valid archive");
+    }
 
     // The measured stretch did all the kinds of work it claims to.
     let s = rig.engine.stats();

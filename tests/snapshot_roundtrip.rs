@@ -18,7 +18,7 @@ use proptest::prelude::*;
 use sessionizer::config::Config;
 use sessionizer::decode::Decoder;
 use sessionizer::engine::rules::Rules;
-use sessionizer::engine::snapshot::{ArchivedSnapshotBody, SnapshotMeta};
+use sessionizer::engine::snapshot::{ArchivedSnapshotBody, CaptureBuffers, SnapshotMeta};
 use sessionizer::engine::{route, Clock, Engine, Out, Route};
 use sessionizer::persist::snapshot_file::access_body;
 
@@ -77,8 +77,19 @@ field = "temp"
 op = "max"
 "#;
 
-fn rules_and_config() -> (Arc<Rules>, Config) {
-    let cfg = Config::from_toml(CONFIG).expect("test config is valid");
+/// CONFIG with a table so small that creating sessions evicts others (`on_full` is
+/// `evict_oldest` by default) and two open sessions per key, so a third evicts the oldest.
+fn tight_config() -> String {
+    CONFIG
+        .replace("max_sessions = 3000", "max_sessions = 12")
+        .replace(
+            "open_sessions_per_key_max = 64",
+            "open_sessions_per_key_max = 2",
+        )
+}
+
+fn rules_and_config_from(text: &str) -> (Arc<Rules>, Config) {
+    let cfg = Config::from_toml(text).expect("test config is valid");
     (Arc::new(Rules::compile(&cfg).expect("rules compile")), cfg)
 }
 
@@ -184,7 +195,11 @@ struct Cluster {
 
 impl Cluster {
     fn new(shards: u32) -> Cluster {
-        let (rules, cfg) = rules_and_config();
+        Cluster::with_config(shards, CONFIG)
+    }
+
+    fn with_config(shards: u32, text: &str) -> Cluster {
+        let (rules, cfg) = rules_and_config_from(text);
         let engines = (0..shards)
             .map(|s| Engine::new(rules.clone(), &cfg, s as u8, None).expect("engine"))
             .collect();
@@ -293,7 +308,11 @@ fn bodies(bufs: &[rkyv::util::AlignedVec]) -> Vec<&ArchivedSnapshotBody> {
 
 /// Restore every archive into each of `shards` fresh engines.
 fn restore(bufs: &[rkyv::util::AlignedVec], shards: u32) -> (Cluster, Vec<bool>) {
-    let (rules, cfg) = rules_and_config();
+    restore_with(bufs, shards, CONFIG)
+}
+
+fn restore_with(bufs: &[rkyv::util::AlignedVec], shards: u32, text: &str) -> (Cluster, Vec<bool>) {
+    let (rules, cfg) = rules_and_config_from(text);
     let mut exact = Vec::new();
     let engines = (0..shards)
         .map(|s| {
@@ -422,8 +441,112 @@ fn redistribute(
     Ok(())
 }
 
+/// A sliced capture whose slices (budgets from `budgets`, in turn; 0 lets events pass with no
+/// slice at all) are interleaved with the `middle` events: most sessions are captured by copy on
+/// write, as ends, merges, evictions, sub-sessions and wheel relinks reach them. Its archive must
+/// be the one a capture of the whole engine at the cut writes, byte for byte; and an engine
+/// restored from it and fed the events after the cut must emit what the original emitted.
+fn sliced(
+    text: &str,
+    prefix: &[EvSpec],
+    middle: &[EvSpec],
+    suffix: &[EvSpec],
+    budgets: &[u32],
+) -> Result<(), TestCaseError> {
+    let mut t0 = 1_700_000_000_000i64;
+    let prefix = render(prefix, &mut t0);
+    let middle = render(middle, &mut t0);
+    let suffix = render(suffix, &mut t0);
+    let mut original = Cluster::with_config(1, text);
+    for s in &prefix {
+        original.step(s);
+    }
+    let at_cut = original.snapshot();
+    let live_at_cut = original.engines[0].live_sessions();
+    original.engines[0].capture_begin(CaptureBuffers::default());
+    prop_assert!(original.engines[0].capture_in_progress());
+    original.lines[0].clear();
+    let mut budget = budgets.iter().copied().cycle();
+    let mut done = false;
+    for s in &middle {
+        original.step(s);
+        if !done {
+            done = original.engines[0].capture_step(budget.next().unwrap_or(1));
+        }
+    }
+    while !done {
+        done = original.engines[0].capture_step(budget.next().unwrap_or(1).max(1));
+    }
+    let captured = original.engines[0].capture_take();
+    prop_assert!(!original.engines[0].capture_in_progress());
+    let meta = SnapshotMeta {
+        shard: 0,
+        shards: 1,
+        generation: 1,
+        wall_ms: 0,
+        log_seq: 0,
+    };
+    let mut buf = rkyv::util::AlignedVec::<16>::new();
+    let summary = captured.write_body(&mut buf, meta).expect("to memory");
+    prop_assert_eq!(summary.body_crc32, crc32fast::hash(&buf));
+    prop_assert_eq!(
+        summary.sessions + summary.sub_sessions,
+        u64::from(live_at_cut)
+    );
+    prop_assert!(
+        buf[..] == at_cut[0][..],
+        "the sliced capture differs from the capture at the cut"
+    );
+    // The buffers go back for another capture: the same result, without events in between.
+    original.engines[0].capture_begin(captured.into_buffers());
+    while !original.engines[0].capture_step(7) {}
+    let mut again = rkyv::util::AlignedVec::<16>::new();
+    original.engines[0]
+        .capture_take()
+        .write_body(&mut again, meta)
+        .expect("to memory");
+    let now = original.snapshot();
+    prop_assert!(again[..] == now[0][..], "a reused capture differs");
+
+    let (mut restored, exact) = restore_with(&[buf], 1, text);
+    prop_assert!(
+        exact.iter().all(|&e| e),
+        "a sliced capture restores exactly"
+    );
+    for s in middle.iter().chain(&suffix) {
+        restored.step(s);
+    }
+    for s in &suffix {
+        original.step(s);
+    }
+    original.finish();
+    restored.finish();
+    prop_assert_eq!(&original.lines, &restored.lines);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn sliced_capture_is_the_capture_at_its_cut(
+        prefix in prop::collection::vec(ev_spec(60_000), 0..120),
+        middle in prop::collection::vec(ev_spec(60_000), 0..80),
+        suffix in prop::collection::vec(ev_spec(60_000), 0..40),
+        budgets in prop::collection::vec(0u32..6, 1..8),
+    ) {
+        sliced(CONFIG, &prefix, &middle, &suffix, &budgets)?;
+    }
+
+    #[test]
+    fn sliced_capture_under_evictions_is_the_capture_at_its_cut(
+        prefix in prop::collection::vec(ev_spec(60_000), 0..80),
+        middle in prop::collection::vec(ev_spec(60_000), 0..60),
+        suffix in prop::collection::vec(ev_spec(60_000), 0..30),
+        budgets in prop::collection::vec(0u32..4, 1..8),
+    ) {
+        sliced(&tight_config(), &prefix, &middle, &suffix, &budgets)?;
+    }
 
     #[test]
     fn one_shard_restores_byte_for_byte(prefix in prop::collection::vec(ev_spec(60_000), 0..120), suffix in prop::collection::vec(ev_spec(60_000), 0..80)) {

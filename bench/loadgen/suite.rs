@@ -968,8 +968,9 @@ pub struct SnapshotRun {
     pub snapshots: f64,
     /// Time the shards spent in snapshots during the run ÷ (run time × shards).
     pub snapshot_duty: f64,
-    /// From the appliance's log, snapshots taken during the run: each one's capture (the engine
-    /// is serialised in one step) and its longest step on the executor, ms.
+    /// From the appliance's log, snapshots taken during the run: the time each one's capture
+    /// held the executor (in one step, or in all its slices for a sliced capture) and its
+    /// longest step on the executor, ms.
     pub capture_ms: Vec<f64>,
     pub longest_step_ms: Vec<f64>,
     pub total_ms: Vec<f64>,
@@ -1004,13 +1005,15 @@ fn snapshot_lines(lines: &[String]) -> Vec<(f64, f64, f64)> {
                 |key: &str| -> Option<f64> { l.split(key).nth(1)?.split(' ').next()?.parse().ok() };
             let capture = after("(capture ")?;
             let total = num_before(l, " ms (capture")?;
-            // The steps that hold the executor: now the capture alone (the write, the syncs and
-            // the publication run off it; the drain and the log wait yield). Builds before that
-            // wrote each chunk, synced and published on it and logged "longest step" (the
-            // longest chunk or the fsync).
-            let longest = match after("longest step ") {
-                Some(chunk) => capture.max(chunk).max(after("publish ")?),
-                None => capture,
+            // The steps that hold the executor. A sliced capture logs the time it held the
+            // executor in all ("capture … held") and its longest slice; before it, the capture
+            // was one step. Builds before the write, the syncs and the publication moved off the
+            // executor wrote each chunk, synced and published on it and logged "longest step"
+            // (the longest chunk or the fsync).
+            let longest = match (after("longest slice "), after("longest step ")) {
+                (Some(slice), _) => slice,
+                (None, Some(chunk)) => capture.max(chunk).max(after("publish ")?),
+                (None, None) => capture,
             };
             Some((capture, longest, total))
         })
@@ -1196,7 +1199,7 @@ pub fn snapshot_latency(
             each(&with, &|a| median(&a.total_ms)),
         ),
         Row::new(
-            "capture, the engine held (median per run)",
+            "capture, the engine held in all (median per run)",
             "ms",
             each(&with, &|a| median(&a.capture_ms)),
         ),
@@ -1270,11 +1273,16 @@ mod tests {
     fn snapshot_lines_are_read_back() {
         let old = "[2026-11-25T10:00:00.000Z INFO  sessionizer::runtime] shard 1: snapshot generation 7: 500000 sessions, 61234567 bytes in 412.5 ms (capture 44.1 ms, write 300.2 ms with its longest step 3.4 ms, drain 1.0 ms, publish 52.0 ms)";
         let new = "[2026-11-25T10:00:00.000Z INFO  sessionizer::runtime] shard 0: snapshot written: generation 8: 500000 sessions, 61234567 bytes in 400.0 ms (capture 40.5 ms, write 300.2 ms, drain 1.0 ms, log 9.5 ms, publish 52.0 ms)";
+        let sliced = "[2026-12-05T20:00:00.000Z INFO  sessionizer::runtime] shard 0: snapshot written: generation 9: 500000 sessions, 61234567 bytes in 500.0 ms (capture 60.2 ms held in 300 slices over 90.4 ms, longest slice 0.412 ms, cut 0.100 ms, write 300.2 ms, drain 1.0 ms, log 9.5 ms, publish 52.0 ms)";
         let fin = new.replace("shard 0: snapshot", "shard 0: final snapshot");
-        let lines = [old, "other", new, &fin].map(String::from);
+        let lines = [old, "other", new, &fin, sliced].map(String::from);
         assert_eq!(
             snapshot_lines(&lines),
-            vec![(44.1, 52.0, 412.5), (40.5, 40.5, 400.0)]
+            vec![
+                (44.1, 52.0, 412.5),
+                (40.5, 40.5, 400.0),
+                (60.2, 0.412, 500.0)
+            ]
         );
     }
 }

@@ -17,6 +17,7 @@
 //! `docs/semantics.md` is the contract this implements.
 
 pub mod arena;
+pub mod capture;
 pub mod ids;
 pub mod index;
 pub mod markers;
@@ -229,6 +230,8 @@ struct State {
     /// `on_batch`'s events in flight, by position modulo the ring size.
     ring: [Lookahead; LOOKAHEAD_RING],
     stats: Stats,
+    /// A sliced snapshot capture in progress, if any (`capture.rs`).
+    cap: capture::Capture,
 }
 
 impl Engine {
@@ -293,6 +296,7 @@ impl Engine {
             expired: Vec::with_capacity(m.max_sessions as usize),
             ring: [Lookahead::default(); LOOKAHEAD_RING],
             stats,
+            cap: capture::Capture::default(),
         };
         Ok(Engine { rules, st })
     }
@@ -742,6 +746,8 @@ impl State {
         let rule = &rules.profiles[p];
         let l = &rule.layout;
         let base = key.len();
+        self.cow(early);
+        self.cow(late);
         let e_len = self.load(early, false);
         self.load(late, true);
         for i in 0..rule.counters.len() {
@@ -798,6 +804,7 @@ impl State {
     /// Store `self.var` as the var area of the payload in `self.pay` (length `old_len`) of
     /// session `s`. If the arena cannot grow it, keep the old var area and count the loss.
     fn replace_var(&mut self, s: u32, old_len: usize, base: usize, l: &rules::Layout) {
+        self.cow(s);
         let fixed_end = base + l.fixed_bytes;
         let new_len = fixed_end + self.var.len();
         let data = self.table.get(s).data;
@@ -1058,6 +1065,7 @@ impl State {
             let next = self.table.get(prev).link;
             if next == NIL || start >= self.table.get(next).start_ts {
                 self.table.get_mut(slot).link = next;
+                self.cow(prev);
                 self.table.get_mut(prev).link = slot;
                 return;
             }
@@ -1083,6 +1091,7 @@ impl State {
             prev = self.table.get(prev).link;
             assert!(prev != NIL, "a live session is on its key's chain");
         }
+        self.cow(prev);
         self.table.get_mut(prev).link = next;
     }
 
@@ -1093,6 +1102,7 @@ impl State {
     /// metadata until all of it is captured (`FLAG_META_DONE`), state, lists. A state value
     /// of unchanged length is overwritten in place; anything else rebuilds the var area.
     fn apply(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) {
+        self.cow(s);
         let old = *self.table.get(s);
         let base = old.key_len as usize;
         let l = &rule.layout;
@@ -1140,7 +1150,10 @@ impl State {
             // A start moved back can bring the max_duration deadline forward.
             if rule.max_duration_ms.is_some() {
                 let due = due_s(self.deadline(rules, s));
-                self.wheels[old.profile as usize].relink(self.table.heads_mut(), s, due);
+                let w = old.profile as usize;
+                self.cow_unlink(s);
+                self.cow_link(w, s, due);
+                self.wheels[w].relink(self.table.heads_mut(), s, due);
             }
         }
     }
@@ -1344,6 +1357,7 @@ impl State {
                     parent_id,
                 );
             }
+            self.cow(s);
             let old_len = self.load(s, true);
             let base = self.table.get(s).key_len as usize;
             let layout = rules::layout_for(sub.counters.len(), 0, 0, 0);
@@ -1377,6 +1391,7 @@ impl State {
         let rule = &rules.profiles[p];
         let sub = &rule.subs[j];
         let pl = &rule.layout;
+        self.cow(parent);
         let parent_h = *self.table.get(parent);
         let parent_base = parent_h.key_len as usize;
         // Find a free sub-session slot in the parent's payload.
@@ -1436,9 +1451,11 @@ impl State {
         // Never past the clock: an out-of-order session linked next may be due before `due`.
         let until = due.min(now.div_euclid(1000) + 1) - 1;
         if wheel.is_empty() && until > wheel.cursor_s() {
+            // An empty wheel: no head changes.
             let drained = wheel.drain_until(self.table.heads_mut(), until);
             debug_assert_eq!(drained, NIL);
         }
+        self.cow_link(p, slot, due);
         self.wheels[p].link(self.table.heads_mut(), slot, due);
     }
 
@@ -1451,6 +1468,8 @@ impl State {
     }
 
     fn end_sub(&mut self, rules: &Rules, s: u32, reason: EndReason, out: &mut Out) {
+        // Captures the parent's unit, whose payload changes too.
+        self.cow(s);
         let h = *self.table.get(s);
         debug_assert!(h.flags & FLAG_SUB != 0);
         let (pp, si) = self.sub_of[h.profile as usize];
@@ -1499,6 +1518,7 @@ impl State {
 
     /// Return a record's wheel link, arena chain and table slot.
     fn release(&mut self, wheel: usize, s: u32) {
+        self.cow_unlink(s);
         let h = *self.table.get(s);
         if self.wheels[wheel].is_linked(self.table.heads(), s) {
             self.wheels[wheel].unlink(self.table.heads_mut(), s);
@@ -1516,6 +1536,7 @@ impl State {
 
     /// End a session (its open sub-sessions first) and emit its end marker.
     fn end_session(&mut self, rules: &Rules, s: u32, reason: EndReason, now: i64, out: &mut Out) {
+        self.cow(s);
         let h = *self.table.get(s);
         if h.flags & FLAG_SUB != 0 {
             self.end_sub(rules, s, reason, out);
@@ -1574,6 +1595,8 @@ impl State {
                 // The bucket may be stale (lazy re-linking): re-link to the true deadline and
                 // accept the candidate once it stays the earliest.
                 let due = due_s(self.deadline(rules, v));
+                self.cow_unlink(v);
+                self.cow_link(q, v, due);
                 self.wheels[q].relink(self.table.heads_mut(), v, due);
                 victim = Some(v);
                 if self.wheels[q].earliest(self.table.heads()) == Some(v) {
@@ -1599,6 +1622,7 @@ impl State {
         if now == NONE_TS {
             return;
         }
+        self.cow_drain(p, now.div_euclid(1000));
         let mut s = self.wheels[p].drain_until(self.table.heads_mut(), now.div_euclid(1000));
         self.expired.clear();
         while s != NIL {
@@ -1621,6 +1645,7 @@ impl State {
                 };
                 self.end_session(rules, s, reason, now, out);
             } else {
+                self.cow_link(p, s, due_s(deadline));
                 self.wheels[p].link(self.table.heads_mut(), s, due_s(deadline));
             }
         }

@@ -1,12 +1,14 @@
 //! Engine state export and import: the body of a snapshot file (`docs/storage-format.md`).
 //!
-//! Export ([`Engine::write_snapshot`]) streams an rkyv 0.8 archive of [`SnapshotBody`] straight
-//! from the table, the arena and the wheels into any `io::Write`: payload bytes go from the arena
-//! to the writer record by record, and the fixed-size [`RecordImage`]s are resolved one at a time,
-//! so the only memory it takes beyond the writer's own is a slot order and a length per record
-//! (8 bytes a session). Records are listed in slot order, each top-level session followed by its
-//! sub-sessions in the order of its sub-session slots, so a sub-session's `parent` is the index of
-//! the nearest preceding top-level record.
+//! Export ([`Captured::write_body`]) streams an rkyv 0.8 archive of [`SnapshotBody`] from a
+//! capture (`capture.rs`: every session live at the cut, copied with its head as at the cut, and
+//! the cut's clocks, wheels and free list) into any `io::Write`; it does not need the engine, so
+//! the runtime runs it off the shard's executor. Records are listed in slot order, each top-level
+//! session followed by its sub-sessions in the order of its sub-session slots, so a
+//! sub-session's `parent` is the index of the nearest preceding top-level record; the wheel
+//! buckets are rebuilt from the bucket heads at the cut and the captured heads' links. The
+//! archive is the same, byte for byte, whether the capture was sliced between events or taken
+//! in one call ([`Engine::write_snapshot`]).
 //!
 //! Import ([`Engine::restore_from`]) reads the validated archive in place (zero-copy) and rebuilds
 //! table heads, arena payloads, the index, the wheels, the clocks and the id sequence. Two modes:
@@ -39,9 +41,10 @@ use rkyv::ser::{Allocator, Writer, WriterExt};
 use rkyv::vec::{ArchivedVec, VecResolver};
 use rkyv::{Archive, Place, Serialize};
 
+pub use super::capture::{CaptureBuffers, Captured};
 use super::payload;
 use super::rules::{Layout, ProfileRule, Rules};
-use super::table::{Head, FLAGS_ENGINE, FLAG_FREE, FLAG_WHEEL_LINKED, NIL};
+use super::table::{Head, FLAGS_ENGINE, FLAG_WHEEL_LINKED, NIL};
 use super::wheel::Wheel;
 use super::{due_s, fnv1a32, Engine, State, FLAG_SUB, NONE_TS};
 use crate::config::RECORD_BYTES_MAX;
@@ -262,12 +265,23 @@ fn sub_descriptor(rules: &Rules, p: &ProfileRule, s: &super::rules::SubRule) -> 
 // Export.
 // ---------------------------------------------------------------------------------------------
 
-/// What export computes from one sweep of the table before writing anything.
+/// One unit of a capture: a top-level session and its sub-sessions, consecutive in the capture.
+/// The archive lists units by their top-level slot.
+#[derive(Clone, Copy, Debug)]
+struct Unit {
+    slot: u32,
+    /// Its first record in the capture, and how many.
+    first: u32,
+    records: u32,
+    /// Its payload bytes in the capture.
+    payload_at: u64,
+    payload_len: u64,
+}
+
+/// What export computes from a capture before writing anything.
 struct Plan {
-    /// Slots in record order.
-    order: Vec<u32>,
-    /// Payload length of each record.
-    lens: Vec<u32>,
+    /// Units in archive order.
+    units: Vec<Unit>,
     payload_bytes: u64,
     sessions: u64,
     sub_sessions: u64,
@@ -276,8 +290,8 @@ struct Plan {
 }
 
 /// The streaming source whose archived form is [`ArchivedSnapshotBody`].
-struct BodySource<'e> {
-    st: &'e State,
+struct BodySource<'c> {
+    cap: &'c Captured,
     meta: SnapshotMeta,
     plan: Plan,
 }
@@ -298,23 +312,20 @@ impl Archive for BodySource<'_> {
             format, shard, shards, table_capacity, slots_max, generation, log_seq, wall_ms, id_seq,
             profiles, free_runs, payload, records,
         } = out);
-        let st = self.st;
+        let g = &self.cap.globals;
         BODY_FORMAT.resolve((), format);
         self.meta.shard.resolve((), shard);
         self.meta.shards.resolve((), shards);
-        st.table.capacity().resolve((), table_capacity);
-        st.wheels
-            .first()
-            .map_or(0, Wheel::slots_max)
-            .resolve((), slots_max);
+        g.table_capacity.resolve((), table_capacity);
+        g.slots_max.resolve((), slots_max);
         self.meta.generation.resolve((), generation);
         self.meta.log_seq.resolve((), log_seq);
         self.meta.wall_ms.resolve((), wall_ms);
-        st.ids.seq().resolve((), id_seq);
+        g.id_seq.resolve((), id_seq);
         ArchivedVec::resolve_from_len(self.plan.profiles.len(), resolver.profiles, profiles);
         ArchivedVec::resolve_from_len(self.plan.free_runs.len(), resolver.free_runs, free_runs);
         ArchivedVec::resolve_from_len(self.plan.payload_bytes as usize, resolver.payload, payload);
-        ArchivedVec::resolve_from_len(self.plan.order.len(), resolver.records, records);
+        ArchivedVec::resolve_from_len(self.cap.bufs.records.len(), resolver.records, records);
     }
 }
 
@@ -326,26 +337,18 @@ where
     fn serialize(&self, s: &mut S) -> Result<BodyResolver, S::Error> {
         let profiles = ArchivedVec::serialize_from_slice(&self.plan.profiles, s)?;
         let free_runs = ArchivedVec::serialize_from_slice(&self.plan.free_runs, s)?;
-        // Payloads straight from the arena: a contiguous view when the record fits in one block,
-        // else a copy through one scratch buffer.
+        // Payloads a unit at a time (a unit's are contiguous in the capture).
         let payload_pos = s.pos();
-        let mut scratch = Vec::with_capacity(RECORD_BYTES_MAX);
-        for (&slot, &len) in self.plan.order.iter().zip(&self.plan.lens) {
-            let data = self.st.table.get(slot).data;
-            let len = len as usize;
-            match self.st.arena.slice(data, 0, len) {
-                Some(bytes) => s.write(bytes)?,
-                None => {
-                    scratch.resize(len, 0);
-                    self.st.arena.read(data, 0, &mut scratch);
-                    s.write(&scratch)?;
-                }
-            }
+        let bytes = &self.cap.bufs.payload;
+        for u in &self.plan.units {
+            s.write(&bytes[u.payload_at as usize..(u.payload_at + u.payload_len) as usize])?;
         }
         debug_assert_eq!((s.pos() - payload_pos) as u64, self.plan.payload_bytes);
         let mut records = RecordIter {
-            st: self.st,
-            plan: &self.plan,
+            cap: self.cap,
+            units: &self.plan.units,
+            unit: 0,
+            within: 0,
             at: 0,
             top: u32::MAX,
             payload_off: 0,
@@ -366,9 +369,13 @@ where
 }
 
 struct RecordIter<'p> {
-    st: &'p State,
-    plan: &'p Plan,
-    at: usize,
+    cap: &'p Captured,
+    units: &'p [Unit],
+    unit: usize,
+    /// Next record within the unit.
+    within: u32,
+    /// Index in the archive of the next record.
+    at: u32,
     /// Index of the last top-level record yielded.
     top: u32,
     payload_off: u64,
@@ -378,29 +385,34 @@ impl Iterator for RecordIter<'_> {
     type Item = RecordImage;
 
     fn next(&mut self) -> Option<RecordImage> {
-        let slot = *self.plan.order.get(self.at)?;
-        let h = self.st.table.get(slot);
+        let u = self.units.get(self.unit)?;
+        let r = &self.cap.bufs.records[(u.first + self.within) as usize];
+        self.within += 1;
+        if self.within == u.records {
+            self.unit += 1;
+            self.within = 0;
+        }
+        let h = &r.head;
         let is_sub = h.flags & FLAG_SUB != 0;
         if !is_sub {
-            self.top = self.at as u32;
+            self.top = self.at;
         }
-        let len = self.plan.lens[self.at];
         let rec = RecordImage {
             id: h.id,
             start_ts: h.start_ts,
             last_ts: h.last_ts,
             payload_off: self.payload_off,
             count: h.count,
-            slot,
+            slot: r.slot,
             link: h.link,
             parent: if is_sub { self.top } else { u32::MAX },
-            payload_len: len,
+            payload_len: r.len,
             key_len: h.key_len,
             profile: h.profile,
             flags: h.flags & FLAGS_ENGINE,
         };
         debug_assert!(!is_sub || self.top != u32::MAX);
-        self.payload_off += u64::from(len);
+        self.payload_off += u64::from(r.len);
         self.at += 1;
         Some(rec)
     }
@@ -437,24 +449,56 @@ impl<W: Write> Write for CrcWriter<W> {
     }
 }
 
-impl State {
-    /// One sweep of the table: record order and lengths, free-list runs, wheel buckets.
-    fn plan(&self, rules: &Rules) -> Plan {
-        let cap = self.table.capacity();
-        let heads = self.table.heads();
-        let live = self.table.live() as usize;
-        let mut order = Vec::with_capacity(live);
-        let mut lens = Vec::with_capacity(live);
-        let mut payload_bytes = 0u64;
-        let mut sessions = 0u64;
-        let mut sub_sessions = 0u64;
-        let mut profiles: Vec<ProfileImage> = profile_descriptors(rules)
-            .into_iter()
+impl Captured {
+    /// Units in slot order, the profile images with their wheels, the free runs.
+    fn plan(&self) -> Plan {
+        let recs = &self.bufs.records;
+        let mut units: Vec<Unit> = Vec::with_capacity(recs.len());
+        let mut at = 0u64;
+        let (mut sessions, mut sub_sessions) = (0u64, 0u64);
+        for (i, r) in recs.iter().enumerate() {
+            if r.head.flags & FLAG_SUB == 0 {
+                sessions += 1;
+                units.push(Unit {
+                    slot: r.slot,
+                    first: i as u32,
+                    records: 0,
+                    payload_at: at,
+                    payload_len: 0,
+                });
+            } else {
+                sub_sessions += 1;
+            }
+            let u = units
+                .last_mut()
+                .expect("a capture starts with a top-level record");
+            assert!(
+                r.head.flags & FLAG_SUB == 0 || r.head.link == u.slot,
+                "sub-session {} captured outside its parent's unit",
+                r.slot
+            );
+            u.records += 1;
+            u.payload_len += u64::from(r.len);
+            at += u64::from(r.len);
+        }
+        assert_eq!(at, self.bufs.payload.len() as u64);
+        units.sort_unstable_by_key(|u| u.slot);
+        // Slot -> record, for the wheel walks (and to assert each slot is captured once).
+        let mut rec_of = vec![NIL; self.globals.table_capacity as usize];
+        for (i, r) in recs.iter().enumerate() {
+            let e = &mut rec_of[r.slot as usize];
+            assert!(*e == NIL, "slot {} captured twice", r.slot);
+            *e = i as u32;
+        }
+        let mut profiles: Vec<ProfileImage> = self
+            .globals
+            .profiles
+            .iter()
             .map(|(name, descriptor, parent)| ProfileImage {
                 fingerprint: fnv1a64(descriptor.as_bytes()),
-                name,
-                descriptor,
-                parent,
+                name: name.clone(),
+                descriptor: descriptor.clone(),
+                parent: *parent,
                 max_ts: NONE_TS,
                 wall_last: NONE_TS,
                 wheel_cursor_s: 0,
@@ -462,100 +506,67 @@ impl State {
                 wheel_slots: Vec::new(),
             })
             .collect();
-        for (p, image) in profiles.iter_mut().enumerate().take(self.wheels.len()) {
-            image.max_ts = self.clocks[p].max_ts;
-            image.wall_last = self.clocks[p].wall_last;
-            image.wheel_cursor_s = self.wheels[p].cursor_s();
-        }
-        // Free slots referenced by another free slot's link: the one that is not is the head.
-        let mut referenced = Bitmap::new(cap as usize);
-        let mut subs = [0u8; 4 * 64];
-        for slot in 0..cap {
-            let h = &heads[slot as usize];
-            if h.flags & FLAG_FREE != 0 {
-                if h.link != NIL {
-                    referenced.set(h.link as usize);
-                }
-                continue;
-            }
-            if h.flags & FLAG_WHEEL_LINKED != 0 && h.wheel_prev & WHEEL_BUCKET_BIT != 0 {
-                let wheel = self.wheel_of(h);
-                let image = &mut profiles[wheel];
+        // Each wheel's buckets by their first slot (the order a sweep of the table meets them),
+        // each walked through the captured heads' links, which are as at the cut.
+        let mut firsts: Vec<(u32, u32)> = Vec::new();
+        for (image, w) in profiles.iter_mut().zip(&self.bufs.wheels) {
+            image.max_ts = w.max_ts;
+            image.wall_last = w.wall_last;
+            image.wheel_cursor_s = w.cursor_s;
+            firsts.clear();
+            firsts.extend(
+                w.buckets
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &s)| s != NIL)
+                    .map(|(b, &s)| (s, b as u32)),
+            );
+            firsts.sort_unstable();
+            for &(first, bucket) in &firsts {
                 let start = image.wheel_slots.len();
-                let mut s = slot;
+                let mut s = first;
                 while s != NIL {
+                    let r = rec_of.get(s as usize).copied().unwrap_or(NIL);
+                    assert!(r != NIL, "wheel entry {s} was not captured");
+                    let h = &recs[r as usize].head;
+                    assert!(
+                        h.flags & FLAG_WHEEL_LINKED != 0
+                            && (s != first || h.wheel_prev == WHEEL_BUCKET_BIT | bucket),
+                        "wheel entry {s} is not linked where its bucket says"
+                    );
+                    assert!(image.wheel_slots.len() < recs.len(), "a wheel list loops");
                     image.wheel_slots.push(s);
-                    s = heads[s as usize].wheel_next;
+                    s = h.wheel_next;
                 }
-                let len = (image.wheel_slots.len() - start) as u32;
                 image.wheel_spans.push(WheelSpan {
-                    bucket: h.wheel_prev & !WHEEL_BUCKET_BIT,
-                    len,
+                    bucket,
+                    len: (image.wheel_slots.len() - start) as u32,
                 });
             }
-            if h.flags & FLAG_SUB != 0 {
-                continue;
-            }
-            let len = self.payload_len(h);
-            order.push(slot);
-            lens.push(len);
-            payload_bytes += u64::from(len);
-            sessions += 1;
-            let layout = &self.layouts[h.profile as usize];
-            let n = payload::sub_slots(layout);
-            if n > 0 {
-                let bytes = &mut subs[..4 * n];
-                self.arena
-                    .read(h.data, h.key_len as usize + layout.subs_off, bytes);
-                for i in 0..n {
-                    let sub = payload::get_u32(bytes, 4 * i);
-                    if sub == NIL {
-                        continue;
-                    }
-                    let sh = self.table.get(sub);
-                    assert!(
-                        sh.flags & FLAG_SUB != 0 && sh.link == slot,
-                        "sub-session {sub} of {slot} is not linked to it"
-                    );
-                    let len = self.payload_len(sh);
-                    order.push(sub);
-                    lens.push(len);
-                    payload_bytes += u64::from(len);
-                    sub_sessions += 1;
-                }
-            }
         }
+        let free = self
+            .bufs
+            .free_runs
+            .iter()
+            .map(|r| u64::from(r.len))
+            .sum::<u64>();
         assert_eq!(
-            order.len(),
-            live,
-            "every live sub-session is listed by its parent"
+            free + recs.len() as u64,
+            u64::from(self.globals.table_capacity),
+            "the free list and the live sessions at the cut cover the table"
         );
-        let mut free_runs: Vec<SlotRun> = Vec::new();
-        let free = cap as usize - live;
-        if free > 0 {
-            let head = (0..cap)
-                .find(|&s| heads[s as usize].flags & FLAG_FREE != 0 && !referenced.get(s as usize))
-                .expect("a non-empty free list has a head");
-            let mut s = head;
-            let mut walked = 0usize;
-            while s != NIL {
-                walked += 1;
-                assert!(
-                    walked <= free,
-                    "the free list is longer than the free slots"
-                );
-                match free_runs.last_mut() {
-                    Some(run) if run.start + run.len == s => run.len += 1,
-                    _ => free_runs.push(SlotRun { start: s, len: 1 }),
-                }
-                s = heads[s as usize].link;
-            }
-            assert_eq!(walked, free, "the free list holds every free slot");
-        }
+        let free_runs = self
+            .bufs
+            .free_runs
+            .iter()
+            .map(|r| SlotRun {
+                start: r.start,
+                len: r.len,
+            })
+            .collect();
         Plan {
-            order,
-            lens,
-            payload_bytes,
+            units,
+            payload_bytes: at,
             sessions,
             sub_sessions,
             profiles,
@@ -563,46 +574,32 @@ impl State {
         }
     }
 
-    /// Index of the wheel a live record is linked in: its profile's, or its parent profile's.
-    fn wheel_of(&self, h: &Head) -> usize {
-        if h.flags & FLAG_SUB != 0 {
-            self.sub_of[h.profile as usize].0 as usize
-        } else {
-            h.profile as usize
-        }
-    }
-
-    fn payload_len(&self, h: &Head) -> u32 {
-        let (fixed, var_len_off) = self.fixed_of(h.profile, h.flags);
-        let mut b = [0u8; 2];
-        self.arena
-            .read(h.data, h.key_len as usize + var_len_off, &mut b);
-        (h.key_len as usize + fixed + usize::from(u16::from_le_bytes(b))) as u32
-    }
-}
-
-impl Engine {
-    /// An upper estimate of the snapshot body's size, for sizing a capture buffer.
-    pub fn snapshot_bytes_hint(&self) -> usize {
-        let st = &self.st;
-        let blocks_used = (st.arena.blocks_total() - st.arena.blocks_free()) as usize;
-        blocks_used * st.arena.block_bytes() as usize
-            + st.table.live() as usize * (std::mem::size_of::<ArchivedRecordImage>() + 4)
-            + 8 * st.table.capacity() as usize / 64
+    /// An upper estimate of the body's size, for sizing its buffer.
+    pub fn body_bytes_hint(&self) -> usize {
+        self.bufs.payload.len()
+            + self.bufs.records.len() * (std::mem::size_of::<ArchivedRecordImage>() + 4)
+            + 8 * self.bufs.free_runs.len()
+            + self
+                .globals
+                .profiles
+                .iter()
+                .map(|p| 256 + p.0.len() + p.1.len())
+                .sum::<usize>()
+            + 8 * self
+                .bufs
+                .wheels
+                .iter()
+                .map(|w| w.buckets.len())
+                .sum::<usize>()
             + (1 << 16)
     }
 
     /// Stream the snapshot body (an rkyv archive of [`SnapshotBody`]) into `w`, computing its
-    /// length and CRC-32 on the way. The engine is only read. Fails with `InvalidInput` (before
-    /// writing anything) when the body would exceed what 32-bit relative pointers reach (2 GiB).
-    pub fn write_snapshot<W: Write>(
-        &self,
-        w: W,
-        meta: SnapshotMeta,
-    ) -> io::Result<SnapshotSummary> {
-        let st = &self.st;
-        let plan = st.plan(&self.rules);
-        let records = plan.order.len() as u64;
+    /// length and CRC-32 on the way. Fails with `InvalidInput` (before writing anything) when the
+    /// body would exceed what 32-bit relative pointers reach (2 GiB).
+    pub fn write_body<W: Write>(&self, w: W, meta: SnapshotMeta) -> io::Result<SnapshotSummary> {
+        let plan = self.plan();
+        let records = self.bufs.records.len() as u64;
         let estimate = plan.payload_bytes
             + records * std::mem::size_of::<ArchivedRecordImage>() as u64
             + plan
@@ -617,17 +614,21 @@ impl Engine {
                 format!("snapshot body of ~{estimate} bytes exceeds the 2 GiB reach of rkyv's 32-bit offsets; enable rkyv's `pointer_width_64` feature or split the shard"),
             ));
         }
-        let min_clock_ms = st
-            .clocks
+        let wheels = &self.bufs.wheels;
+        let min_clock_ms = wheels
             .iter()
-            .map(|c| c.max_ts)
+            .map(|w| w.max_ts)
             .filter(|&t| t != NONE_TS)
             .min()
             .unwrap_or(NONE_TS);
-        let wheel_cursor_s = st.wheels.iter().map(Wheel::cursor_s).min().unwrap_or(0);
+        let wheel_cursor_s = wheels.iter().map(|w| w.cursor_s).min().unwrap_or(0);
         let (sessions, sub_sessions, payload_bytes) =
             (plan.sessions, plan.sub_sessions, plan.payload_bytes);
-        let source = BodySource { st, meta, plan };
+        let source = BodySource {
+            cap: self,
+            meta,
+            plan,
+        };
         let mut writer = CrcWriter {
             inner: w,
             crc: crc32fast::Hasher::new(),
@@ -651,10 +652,32 @@ impl Engine {
             payload_bytes,
             body_bytes: writer.bytes,
             body_crc32: writer.crc.finalize(),
-            id_seq: st.ids.seq(),
+            id_seq: self.globals.id_seq,
             min_clock_ms,
             wheel_cursor_s,
         })
+    }
+}
+
+impl Engine {
+    /// An upper estimate of the snapshot body's size, for sizing a capture buffer.
+    pub fn snapshot_bytes_hint(&self) -> usize {
+        let st = &self.st;
+        let blocks_used = (st.arena.blocks_total() - st.arena.blocks_free()) as usize;
+        blocks_used * st.arena.block_bytes() as usize
+            + st.table.live() as usize * (std::mem::size_of::<ArchivedRecordImage>() + 4)
+            + 8 * st.table.capacity() as usize / 64
+            + (1 << 16)
+    }
+
+    /// Capture the whole engine now ([`Engine::capture_all`]) and stream its snapshot body into
+    /// `w` ([`Captured::write_body`]). The engine is only read.
+    pub fn write_snapshot<W: Write>(
+        &self,
+        w: W,
+        meta: SnapshotMeta,
+    ) -> io::Result<SnapshotSummary> {
+        self.capture_all().write_body(w, meta)
     }
 
     /// Import the sessions of `body` that shard `shard` of `shards` owns. Call it once per
@@ -667,6 +690,10 @@ impl Engine {
         shard: u32,
     ) -> RestoreReport {
         assert!(shards > 0 && shard < shards, "shard {shard} of {shards}");
+        assert!(
+            !self.st.table.cut_active(),
+            "restore during a snapshot capture"
+        );
         let rules = &*self.rules;
         let st = &mut self.st;
         let mut report = RestoreReport::default();

@@ -11,6 +11,18 @@
 //! - Slot [`NIL`] is never a valid slot, so `capacity < NIL`.
 //! - Bits 6 and 7 of [`Head::flags`] are reserved for the storage layer ([`FLAGS_RESERVED`]); the
 //!   engine owns bits 0..=5 ([`FLAGS_ENGINE`]) and must leave the reserved bits alone.
+//!
+//! The table also keeps what a sliced snapshot (`engine::capture`) needs of it while one is in
+//! progress: a copy-on-write mark per slot (*pending*: live at the cut and not captured yet, or
+//! free at the cut and not yet known to be) and the free list as it was at the cut. The free list
+//! is a stack, so the cut's list is whatever left its front since the cut (recorded as it leaves,
+//! in `alloc`) followed by the part still under the slots freed since; `cut_walk` records that
+//! part a budget at a time. Invariants while a cut is active:
+//! - A pending slot is unchanged since the cut (head, and for a live one its payload): the engine
+//!   captures it before any change (`get_mut` and `free` assert this for the head).
+//! - The free list is `above` slots freed since the cut, then the cut's list from position
+//!   `popped` on; positions `0..walked` of the cut's list are recorded in `runs`, `popped <=
+//!   walked`, and `next` is position `walked` (or [`NIL`] past its end).
 
 /// The "no slot / no handle" marker shared by the table, the arena, the index and the wheels.
 pub const NIL: u32 = u32::MAX;
@@ -70,10 +82,30 @@ impl Head {
     };
 }
 
+/// A consecutive, ascending run of slots of a free list (the snapshot format's `SlotRun`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Run {
+    pub start: u32,
+    pub len: u32,
+}
+
+/// The state of a sliced snapshot's cut (see the module doc).
+struct Cut {
+    active: bool,
+    /// One bit per slot.
+    pending: Box<[u64]>,
+    above: u32,
+    popped: u32,
+    walked: u32,
+    next: u32,
+    runs: Vec<Run>,
+}
+
 pub struct Table {
     heads: Box<[Head]>,
     free_head: u32,
     live: u32,
+    cut: Cut,
 }
 
 impl Table {
@@ -95,6 +127,15 @@ impl Table {
             heads,
             free_head: 0,
             live: 0,
+            cut: Cut {
+                active: false,
+                pending: vec![0u64; (capacity as usize).div_ceil(64)].into_boxed_slice(),
+                above: 0,
+                popped: 0,
+                walked: 0,
+                next: NIL,
+                runs: Vec::new(),
+            },
         }
     }
 
@@ -123,6 +164,9 @@ impl Table {
         self.free_head = head.link;
         *head = Head::FRESH;
         self.live += 1;
+        if self.cut.active {
+            self.cut_alloc(slot);
+        }
         Some(slot)
     }
 
@@ -131,6 +175,13 @@ impl Table {
     /// wheel list.
     pub fn free(&mut self, slot: u32) {
         assert!(slot < self.capacity());
+        if self.cut.active {
+            assert!(
+                !self.is_pending(slot),
+                "slot {slot} freed before its capture"
+            );
+            self.cut.above += 1;
+        }
         let free_head = self.free_head;
         let head = &mut self.heads[slot as usize];
         assert!(head.flags & FLAG_FREE == 0, "double free of slot {slot}");
@@ -154,6 +205,12 @@ impl Table {
     }
 
     pub fn get_mut(&mut self, slot: u32) -> &mut Head {
+        if self.cut.active {
+            assert!(
+                !self.is_pending(slot),
+                "slot {slot} changed before its capture"
+            );
+        }
         let head = &mut self.heads[slot as usize];
         debug_assert!(head.flags & FLAG_FREE == 0, "get_mut of free slot {slot}");
         head
@@ -187,6 +244,175 @@ impl Table {
         self.heads
             .get(slot as usize)
             .is_some_and(|head| head.flags & FLAG_FREE == 0)
+    }
+}
+
+/// The sliced snapshot's side of the table (see the module doc).
+impl Table {
+    /// Take the cut: every slot pending, the free list's head remembered. `runs` (cleared) will
+    /// hold the cut's free list; it is given capacity for every free slot now, so recording
+    /// never reallocates.
+    pub fn cut_begin(&mut self, mut runs: Vec<Run>) {
+        assert!(!self.cut.active, "a cut is already in progress");
+        let free = (self.capacity() - self.live) as usize;
+        runs.clear();
+        if runs.capacity() < free {
+            runs = Vec::with_capacity(free);
+        }
+        let cap = self.capacity() as usize;
+        let c = &mut self.cut;
+        c.pending.fill(u64::MAX);
+        if cap % 64 != 0 {
+            *c.pending.last_mut().expect("capacity > 0") = (1u64 << (cap % 64)) - 1;
+        }
+        c.above = 0;
+        c.popped = 0;
+        c.walked = 0;
+        c.next = self.free_head;
+        c.runs = runs;
+        c.active = true;
+    }
+
+    /// The free list now, as runs (for a capture of the whole table at once).
+    pub fn free_runs(&self, runs: &mut Vec<Run>) {
+        runs.clear();
+        let free = self.capacity() - self.live;
+        let mut s = self.free_head;
+        let mut walked = 0u32;
+        while s != NIL {
+            walked += 1;
+            assert!(
+                walked <= free,
+                "the free list is longer than the free slots"
+            );
+            match runs.last_mut() {
+                Some(r) if r.start + r.len == s => r.len += 1,
+                _ => runs.push(Run { start: s, len: 1 }),
+            }
+            s = self.heads[s as usize].link;
+        }
+        assert_eq!(walked, free, "the free list holds every free slot");
+    }
+
+    pub fn cut_active(&self) -> bool {
+        self.cut.active
+    }
+
+    #[inline]
+    pub fn is_pending(&self, slot: u32) -> bool {
+        self.cut.pending[slot as usize / 64] & (1 << (slot % 64)) != 0
+    }
+
+    pub fn clear_pending(&mut self, slot: u32) {
+        self.cut.pending[slot as usize / 64] &= !(1 << (slot % 64));
+    }
+
+    /// The first pending slot at or after `from` within `words_max` bitmap words: `Ok(slot)`, or
+    /// `Err(resume)` with where to look next (`capacity` once the whole map is clear).
+    pub fn next_pending(&self, from: u32, words_max: usize) -> Result<u32, u32> {
+        let cap = self.capacity();
+        let map = &self.cut.pending;
+        let mut w = from as usize / 64;
+        if w >= map.len() {
+            return Err(cap);
+        }
+        let mut bits = map[w] & (u64::MAX << (from % 64));
+        for _ in 0..words_max.max(1) {
+            if bits != 0 {
+                return Ok((w * 64) as u32 + bits.trailing_zeros());
+            }
+            w += 1;
+            if w == map.len() {
+                return Err(cap);
+            }
+            bits = map[w];
+        }
+        Err((w * 64) as u32)
+    }
+
+    /// Record up to `budget` more entries of the cut's free list. Returns the entries recorded;
+    /// [`Table::cut_walked`] tells when the list is complete.
+    pub fn cut_walk(&mut self, budget: u32) -> u32 {
+        let mut done = 0;
+        while done < budget && self.cut.next != NIL {
+            let s = self.cut.next;
+            debug_assert!(self.heads[s as usize].flags & FLAG_FREE != 0);
+            self.cut_record(s);
+            self.cut.next = self.heads[s as usize].link;
+            done += 1;
+        }
+        done
+    }
+
+    pub fn cut_walked(&self) -> bool {
+        self.cut.next == NIL
+    }
+
+    /// End the cut: the free list as it was at the cut. Asserts it is complete and that no slot
+    /// is pending any more.
+    pub fn cut_end(&mut self) -> Vec<Run> {
+        assert!(
+            self.cut.active && self.cut_walked(),
+            "the cut is not complete"
+        );
+        assert!(
+            self.cut.pending.iter().all(|&w| w == 0),
+            "a slot live at the cut was not captured"
+        );
+        // (Summing the runs takes as long as there are runs: a debug check.)
+        debug_assert_eq!(
+            self.cut.runs.iter().map(|r| u64::from(r.len)).sum::<u64>(),
+            u64::from(self.cut.walked),
+            "the cut's free list is recorded once"
+        );
+        self.cut.active = false;
+        std::mem::take(&mut self.cut.runs)
+    }
+
+    /// Give up the cut (the capture is abandoned); returns the runs buffer for reuse.
+    pub fn cut_abort(&mut self) -> Vec<Run> {
+        self.cut.active = false;
+        self.cut.pending.fill(0);
+        std::mem::take(&mut self.cut.runs)
+    }
+
+    /// `slot` just left the front of the free list.
+    #[cold]
+    fn cut_alloc(&mut self, slot: u32) {
+        let c = &mut self.cut;
+        if c.above > 0 {
+            // One of the slots freed since the cut.
+            c.above -= 1;
+            return;
+        }
+        // The cut's list at position `popped`.
+        assert!(c.popped <= c.walked);
+        if c.popped == c.walked {
+            debug_assert_eq!(c.next, slot);
+            self.cut_record(slot);
+            self.cut.next = self.free_head;
+        }
+        self.cut.popped += 1;
+        self.clear_pending(slot);
+    }
+
+    fn cut_record(&mut self, slot: u32) {
+        let c = &mut self.cut;
+        match c.runs.last_mut() {
+            Some(r) if r.start + r.len == slot => r.len += 1,
+            _ => {
+                assert!(
+                    c.runs.len() < c.runs.capacity(),
+                    "free runs reserved at the cut"
+                );
+                c.runs.push(Run {
+                    start: slot,
+                    len: 1,
+                });
+            }
+        }
+        c.walked += 1;
+        c.pending[slot as usize / 64] &= !(1 << (slot % 64));
     }
 }
 
@@ -274,6 +500,66 @@ mod tests {
                     prop_assert_eq!(table.is_live(slot), live.contains(&slot));
                 }
             }
+        }
+
+        /// A cut interleaved with allocations, frees and walk steps records exactly the free
+        /// list of the moment it was taken, and leaves pending exactly the live slots not yet
+        /// captured.
+        #[test]
+        fn cut_records_the_free_list_of_its_moment(
+            capacity in 1u32..40,
+            before in prop::collection::vec((any::<bool>(), any::<u32>()), 0..200),
+            after in prop::collection::vec((0u8..3, any::<u32>()), 0..200),
+        ) {
+            let mut table = Table::new(capacity);
+            let mut live: Vec<u32> = Vec::new();
+            for (is_alloc, pick) in before {
+                if is_alloc {
+                    if let Some(s) = table.alloc() {
+                        live.push(s);
+                    }
+                } else if !live.is_empty() {
+                    table.free(live.swap_remove(pick as usize % live.len()));
+                }
+            }
+            let mut expected = Vec::new();
+            let mut s = table.free_head;
+            while s != NIL {
+                expected.push(s);
+                s = table.heads[s as usize].link;
+            }
+            let mut untouched = live.clone();
+            table.cut_begin(Vec::new());
+            for (op, pick) in after {
+                match op {
+                    0 => {
+                        if let Some(s) = table.alloc() {
+                            prop_assert!(!table.is_pending(s));
+                            live.push(s);
+                        }
+                    }
+                    1 if !live.is_empty() => {
+                        let s = live.swap_remove(pick as usize % live.len());
+                        // The engine captures a pending slot before it frees it.
+                        table.clear_pending(s);
+                        untouched.retain(|&u| u != s);
+                        table.free(s);
+                    }
+                    _ => {
+                        table.cut_walk(pick % 4);
+                    }
+                }
+            }
+            while !table.cut_walked() {
+                table.cut_walk(3);
+            }
+            for s in 0..capacity {
+                prop_assert_eq!(table.is_pending(s), untouched.contains(&s));
+                table.clear_pending(s);
+            }
+            let runs = table.cut_end();
+            let got: Vec<u32> = runs.iter().flat_map(|r| r.start..r.start + r.len).collect();
+            prop_assert_eq!(got, expected);
         }
     }
 }

@@ -229,6 +229,44 @@ impl Wheel {
         panic!("wheel of len {} has no linked slot", self.len);
     }
 
+    /// First slot of each bucket ([`NIL`]: empty), by bucket: with the slots' links, the whole
+    /// wheel (what a snapshot stores).
+    pub fn buckets(&self) -> &[u32] {
+        &self.buckets
+    }
+
+    /// The slot a `link` at `due_s` would put `slot` in front of ([`NIL`] if none): the one entry
+    /// besides `slot` whose head that `link` changes.
+    pub fn first_at(&self, due_s: i64) -> u32 {
+        self.buckets[self.bucket_of(due_s) as usize]
+    }
+
+    /// The linked slots whose heads an `unlink` of `slot` changes besides its own: its previous
+    /// and next entries ([`NIL`] where there is none, or when `slot` is not linked).
+    pub fn neighbours(heads: &[Head], slot: u32) -> [u32; 2] {
+        let h = &heads[slot as usize];
+        if h.flags & FLAG_WHEEL_LINKED == 0 {
+            return [NIL, NIL];
+        }
+        let prev = if h.wheel_prev & BUCKET_BIT != 0 {
+            NIL
+        } else {
+            h.wheel_prev
+        };
+        [prev, h.wheel_next]
+    }
+
+    /// The buckets `drain_until(until_s)` would detach, in the order it would: `(first, count)`,
+    /// bucket indices `first, first + 1, ...` modulo `slots_max`.
+    pub fn drained_buckets(&self, until_s: i64) -> (u32, u32) {
+        if until_s < self.cursor_s {
+            return (0, 0);
+        }
+        let seconds = (until_s - self.cursor_s).saturating_add(1);
+        let n = seconds.min(i64::from(self.slots_max())) as u32;
+        (self.bucket_of(self.cursor_s), n)
+    }
+
     pub fn bytes_reserved(&self) -> u64 {
         self.buckets.len() as u64 * std::mem::size_of::<u32>() as u64
     }

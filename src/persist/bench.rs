@@ -58,6 +58,14 @@ pub struct BenchReport {
     /// faults included) and into a reused one.
     pub capture_cold_ms: f64,
     pub capture_ms: f64,
+    /// A sliced capture with no events in between (`Engine::capture_begin`/`capture_step`):
+    /// the cut, all the slices together, the longest slice and the slices' count (budget
+    /// `SLICE_BUDGET`), with reused buffers; then building the archive from it (off the shard).
+    pub sliced_cut_ms: f64,
+    pub sliced_held_ms: f64,
+    pub sliced_longest_ms: f64,
+    pub sliced_slices: u64,
+    pub sliced_archive_ms: f64,
     /// SnapshotWriter: capture + chunked writes + fsync, and the publish step.
     pub chunked_write_ms: f64,
     pub publish_ms: f64,
@@ -94,6 +102,15 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
+            "sliced capture      cut {:.3} ms, {:.1} ms in {} slices of budget {SLICE_BUDGET}, longest {:.3} ms; archive built in {:.1} ms",
+            self.sliced_cut_ms,
+            self.sliced_held_ms,
+            self.sliced_slices,
+            self.sliced_longest_ms,
+            self.sliced_archive_ms
+        )?;
+        writeln!(
+            f,
             "chunked write+fsync {:.1} ms (incl. capture), publish {:.1} ms",
             self.chunked_write_ms, self.publish_ms
         )?;
@@ -124,6 +141,9 @@ impl fmt::Display for BenchReport {
         )
     }
 }
+
+/// The runtime's slice budget (`runtime::durable`).
+const SLICE_BUDGET: u32 = 1024;
 
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
@@ -194,6 +214,38 @@ pub fn run(sessions: u64, dir: &Path) -> Result<BenchReport, String> {
             .write_snapshot(&mut buf, meta(0))
             .map_err(|e| e.to_string())?;
         report.capture_ms = ms(t);
+        // Sliced, twice so that the second one reuses warm buffers as a running shard does.
+        let mut bufs = crate::engine::snapshot::CaptureBuffers::default();
+        for _ in 0..2 {
+            let t = Instant::now();
+            engine.capture_begin(bufs);
+            report.sliced_cut_ms = ms(t);
+            report.sliced_held_ms = report.sliced_cut_ms;
+            report.sliced_longest_ms = 0.0;
+            report.sliced_slices = 0;
+            loop {
+                let t = Instant::now();
+                let done = engine.capture_step(SLICE_BUDGET);
+                let step = ms(t);
+                report.sliced_held_ms += step;
+                report.sliced_longest_ms = report.sliced_longest_ms.max(step);
+                report.sliced_slices += 1;
+                if done {
+                    break;
+                }
+            }
+            let captured = engine.capture_take();
+            buf.clear();
+            let t = Instant::now();
+            let s = captured
+                .write_body(&mut buf, meta(0))
+                .map_err(|e| e.to_string())?;
+            report.sliced_archive_ms = ms(t);
+            if s.body_bytes != report.body_bytes {
+                return Err("the sliced capture's archive differs in length".into());
+            }
+            bufs = captured.into_buffers();
+        }
     }
     {
         let t = Instant::now();

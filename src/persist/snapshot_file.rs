@@ -2,13 +2,13 @@
 //! generation, laid out as a 128-byte header followed by the engine's rkyv body
 //! (`docs/storage-format.md` documents every byte).
 //!
-//! Writing ([`SnapshotWriter`]) captures the engine into an in-memory buffer first (the only part
-//! that holds the engine: ~0.1 s per million sessions, measured in `persist::bench`), then writes
-//! the file in chunks the caller bounds, so a shard can interleave it with event processing:
-//! temp file `.snap-<shard>-<generation>.szs.tmp`, writeback started per chunk with
-//! `sync_file_range`, fsync, and only on [`SnapshotWriter::publish`] the rename, the directory
-//! fsync and the removal of generations older than the previous one. [`write_file`] does the same
-//! in one blocking call, streaming the body from the engine without the buffer.
+//! Writing ([`SnapshotWriter`]) serialises a capture of the engine (`engine::capture`: a sliced
+//! one the runtime takes between events, or a whole one from [`SnapshotWriter::begin`]) into an
+//! in-memory buffer first, then writes the file in chunks the caller bounds: temp file
+//! `.snap-<shard>-<generation>.szs.tmp`, writeback started per chunk with `sync_file_range`,
+//! fsync, and only on [`SnapshotWriter::publish`] the rename, the directory fsync and the removal
+//! of generations older than the previous one. [`write_file`] does the same in one blocking call,
+//! streaming the body from a whole capture without the buffer.
 //!
 //! Loading ([`open_latest`]) maps the newest generation, validates the header, its checksum, the
 //! body length and CRC-32 and the archive (rkyv `access` with bytecheck), and falls back to the
@@ -30,7 +30,7 @@ use memmap2::{Mmap, MmapOptions};
 use rkyv::util::AlignedVec;
 
 use super::{fsync_dir, list_files};
-use crate::engine::snapshot::{ArchivedSnapshotBody, SnapshotMeta, SnapshotSummary};
+use crate::engine::snapshot::{ArchivedSnapshotBody, Captured, SnapshotMeta, SnapshotSummary};
 use crate::engine::Engine;
 
 pub const MAGIC: [u8; 8] = *b"SZSNAP01";
@@ -330,12 +330,25 @@ impl SnapshotWriter {
         meta: SnapshotMeta,
         buffer: AlignedVec,
     ) -> Result<SnapshotWriter, SnapshotError> {
+        let captured = engine.capture_all();
+        SnapshotWriter::from_capture(dir, &captured, meta, buffer)
+    }
+
+    /// [`SnapshotWriter::begin_with_buffer`] from a finished capture (e.g. a sliced one,
+    /// `engine::capture`): serialises it into `buffer` and creates the temp file. It does not
+    /// need the engine, so it can run off the shard's executor.
+    pub fn from_capture(
+        dir: &Path,
+        captured: &Captured,
+        meta: SnapshotMeta,
+        buffer: AlignedVec,
+    ) -> Result<SnapshotWriter, SnapshotError> {
         let tmp = dir.join(temp_name(meta.shard, meta.generation));
         let mut body = buffer;
         body.clear();
-        body.reserve(engine.snapshot_bytes_hint());
-        let summary = engine
-            .write_snapshot(&mut body, meta)
+        body.reserve(captured.body_bytes_hint());
+        let summary = captured
+            .write_body(&mut body, meta)
             .map_err(|e| SnapshotError::io(&tmp, "capture", e))?;
         let file = OpenOptions::new()
             .write(true)

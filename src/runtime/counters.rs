@@ -151,7 +151,8 @@ counters! {
     snapshot_last_us,
     /// Time spent in published snapshots, capture to log truncation, in microseconds.
     snapshot_us_total,
-    /// Gauge: how long the last snapshot's capture held the engine (ingest waits meanwhile).
+    /// Gauge: the longest the last snapshot's capture held the engine at once (its cut or one of
+    /// its slices; ingest waits meanwhile), in microseconds.
     snapshot_capture_last_us,
     /// Sessions restored from the snapshot at start.
     recovered_sessions,

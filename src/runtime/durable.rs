@@ -21,7 +21,8 @@
 
 use super::shard::Shard;
 use crate::config::Config;
-use crate::engine::snapshot::SnapshotMeta;
+use crate::engine::snapshot::{CaptureBuffers, SnapshotMeta};
+use crate::engine::Engine;
 use crate::persist::producer::{self, Producers, Seen};
 use crate::persist::snapshot_file::{self, open_latest_with_report};
 use crate::persist::{LogConfig, LogError, LogReader, LogWriter, SnapshotWriter};
@@ -123,8 +124,10 @@ pub struct Durable {
     pub marks: Marks,
     /// Next snapshot generation.
     pub generation: u64,
-    /// Capture buffer kept between snapshots (its pages stay warm).
+    /// Archive buffer kept between snapshots (its pages stay warm).
     pub snap_buffer: Option<AlignedVec>,
+    /// The sliced capture's buffers, kept between snapshots likewise.
+    pub capture_buffers: Option<CaptureBuffers>,
     /// Scratch for checkpoint records.
     scratch: Vec<u8>,
     pub stats: DurableStats,
@@ -175,6 +178,7 @@ impl Durable {
             marks: Marks::new(n),
             generation,
             snap_buffer: None,
+            capture_buffers: None,
             scratch: Vec::new(),
             stats: DurableStats::default(),
         }
@@ -320,9 +324,11 @@ impl Durable {
         self.marks.durable_id
     }
 
-    /// Capture a snapshot of `shard`'s engine and log the producers' checkpoint right after it.
-    fn capture(&mut self, engine: &crate::engine::Engine) -> Result<SnapshotWriter, String> {
-        // The capture sees everything applied so far; the checkpoint record must directly follow
+    /// Take the cut of a snapshot of `shard`'s engine (start its sliced capture, see
+    /// `engine::capture`) and log the producers' checkpoint right after it. Everything applied so
+    /// far is in the snapshot, nothing applied later is.
+    fn capture_begin(&mut self, engine: &mut Engine) -> Result<SnapshotMeta, String> {
+        // The cut sees everything applied so far; the checkpoint record must directly follow
         // `log_seq`, so it is appended before anything else can be.
         let meta = SnapshotMeta {
             shard: self.shard,
@@ -331,9 +337,7 @@ impl Durable {
             wall_ms: crate::persist::wall_ms_now(),
             log_seq: self.log.last_seq(),
         };
-        let buffer = self.snap_buffer.take().unwrap_or_default();
-        let w = SnapshotWriter::begin_with_buffer(&self.dir, engine, meta, buffer)
-            .map_err(|e| e.to_string())?;
+        engine.capture_begin(self.capture_buffers.take().unwrap_or_default());
         self.producers.checkpoint(&mut self.scratch);
         let mut appended = self.log.append(meta.wall_ms, &self.scratch);
         if appended.is_err() {
@@ -345,12 +349,12 @@ impl Durable {
         match appended {
             Ok(seq) => self.checkpoint_seq = seq,
             Err(e) => {
-                w.abort();
+                self.capture_buffers = Some(engine.capture_abort());
                 return Err(format!("cannot log the producer checkpoint: {e}"));
             }
         }
         self.capture_applied = Some(self.applied);
-        Ok(w)
+        Ok(meta)
     }
 
     /// The snapshot captured by `capture` is published.
@@ -372,6 +376,12 @@ impl Durable {
     }
 }
 
+/// Work per capture slice (`Engine::capture_step`: about one session or one cache miss per
+/// unit): ~0.1-0.3 ms on the executor, so an event waits for at most about that long.
+const CAPTURE_STEP_BUDGET: u32 = 1024;
+/// Pause between capture slices, during which the executor polls its I/O and runs what is
+/// runnable (an idle executor parks until it ends: the capture takes a little longer).
+const CAPTURE_SLICE_PAUSE: std::time::Duration = std::time::Duration::from_micros(20);
 /// Bytes written per `write` of a snapshot (each chunk also starts its writeback, so the final
 /// fsync has little left).
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
@@ -382,9 +392,10 @@ const LOG_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long a snapshot waits for the shard's outputs to reach their sinks before publishing.
 const OUTPUT_DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Where the time of one published snapshot went. Only the capture holds the executor (no event
-/// is processed meanwhile); the file is written, synced and published on the executor's blocking
-/// thread and the log synced on its helper while the shard goes on with its events.
+/// Where the time of one published snapshot went. Only the capture's cut and its slices hold
+/// the executor (no event is processed during one, and events are processed between them); the
+/// archive is built, the file written, synced and published on the executor's blocking thread
+/// and the log synced on its helper while the shard goes on with its events.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SnapshotTimes {
     pub generation: u64,
@@ -392,9 +403,19 @@ pub struct SnapshotTimes {
     pub bytes: u64,
     /// Capture start to the deletion of the logs it covers.
     pub total_us: u64,
-    /// The capture: the engine is serialised in one step, on the executor.
+    /// The capture, from its cut to its last slice (events are processed in between).
     pub capture_us: u64,
-    /// Writing the file and its fsync, off the executor.
+    /// The cut: on the executor.
+    pub capture_begin_us: u64,
+    /// The cut and every slice: the time the capture held the executor in all.
+    pub capture_held_us: u64,
+    /// The longest single hold (the cut or one slice): what an event may wait for.
+    pub capture_longest_us: u64,
+    /// Slices.
+    pub capture_steps: u64,
+    /// Sessions the engine copied before changing them during the capture.
+    pub capture_copied_on_write: u64,
+    /// Building the archive, writing the file and its fsync, off the executor.
     pub write_us: u64,
     /// Waiting for the outputs of the captured events to reach the sinks (yields while waiting).
     pub drain_us: u64,
@@ -410,12 +431,17 @@ impl std::fmt::Display for SnapshotTimes {
         let ms = |us: u64| us as f64 / 1e3;
         write!(
             f,
-            "generation {}: {} sessions, {} bytes in {:.1} ms (capture {:.1} ms, write {:.1} ms, drain {:.1} ms, log {:.1} ms, publish {:.1} ms)",
+            "generation {}: {} sessions, {} bytes in {:.1} ms (capture {:.1} ms held in {} slices over {:.1} ms, {} sessions copied on write, longest slice {:.3} ms, cut {:.3} ms, write {:.1} ms, drain {:.1} ms, log {:.1} ms, publish {:.1} ms)",
             self.generation,
             self.sessions,
             self.bytes,
             ms(self.total_us),
+            ms(self.capture_held_us),
+            self.capture_steps,
             ms(self.capture_us),
+            self.capture_copied_on_write,
+            ms(self.capture_longest_us),
+            ms(self.capture_begin_us),
             ms(self.write_us),
             ms(self.drain_us),
             ms(self.log_us),
@@ -447,29 +473,62 @@ fn write_file_blocking(w: &mut SnapshotWriter) -> std::io::Result<()> {
     }
 }
 
-/// Take one snapshot of the shard behind `ctx`: capture, write and sync the file off the
-/// executor, wait for the outputs produced before the capture to reach the sinks, wait for the
-/// log to be durable up to the capture and switch to a new log file, publish the file and delete
-/// the logs it covers off the executor. `Ok(None)`: persistence is off.
+/// Put the calling thread (the executor's blocking thread) in the `SCHED_IDLE` class, once.
 ///
-/// Why off the executor: writing a body of tens of megabytes into the page cache, the writeback
-/// throttling that comes with it, and the fsyncs take as long as the disk takes, and a shard
-/// waiting on them processes nothing. The capture cannot move (it reads the engine, which the
-/// shard goes on changing): it is the one step that stops ingest.
+/// Why: that thread shares the shard's CPU, and building a snapshot's archive keeps it busy for
+/// a few hundred milliseconds per snapshot. At normal priority the kernel shares the CPU between
+/// it and the shard, which then waits for milliseconds at a time with events queued; a
+/// `SCHED_IDLE` thread is preempted as soon as the shard wakes. What else runs there (metrics
+/// rendering, the snapshot's file I/O) is background work too. An unprivileged thread cannot
+/// leave the class again, hence once per thread; failure only costs latency, so it is logged.
+fn yield_cpu_to_shards() {
+    thread_local! {
+        static DONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if DONE.with(|d| d.replace(true)) {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc != 0 {
+        log::warn!(
+            "the snapshot thread keeps its scheduling class (SCHED_IDLE refused: {}); snapshots may delay events",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Take one snapshot of the shard behind `ctx`: take its cut and capture the engine in slices
+/// between the shard's other tasks (`engine::capture`: copy on write, so the snapshot is the
+/// engine as at the cut while events go on being applied), build the archive and write and sync
+/// the file off the executor, wait for the outputs produced before the cut to reach the sinks,
+/// wait for the log to be durable up to the cut's checkpoint and switch to a new log file,
+/// publish the file and delete the logs it covers off the executor. `Ok(None)`: persistence is
+/// off.
+///
+/// Why: serialising the engine in one step held the executor ~0.1 s per million sessions, and
+/// writing tens of megabytes and the fsyncs take as long as the disk takes; a shard waiting on
+/// either processes nothing. Now the executor is held for the cut and for slices of
+/// `CAPTURE_STEP_BUDGET`, with a pause between slices in which the shard polls its I/O and
+/// processes what arrived.
 pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, String> {
     let t0 = Instant::now();
     let mut times = SnapshotTimes::default();
-    let captured = {
+    // The cut, then the capture in slices between the shard's other tasks.
+    let begun = {
         let mut st = ctx.st.borrow_mut();
         let st = &mut *st;
         match st.durable.as_mut() {
             None => return Ok(None),
-            Some(d) => d.capture(&st.engine),
+            Some(d) => d.capture_begin(&mut st.engine),
         }
     };
-    times.capture_us = us_since(t0);
-    let mut w = match captured {
-        Ok(w) => w,
+    times.capture_begin_us = us_since(t0);
+    times.capture_held_us = times.capture_begin_us;
+    times.capture_longest_us = times.capture_begin_us;
+    let meta = match begun {
+        Ok(meta) => meta,
         Err(e) => {
             if let Some(d) = ctx.st.borrow_mut().durable.as_mut() {
                 d.capture_failed();
@@ -477,25 +536,71 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, 
             return Err(e);
         }
     };
+    let captured = loop {
+        // Not `yield_if_needed`: a task that stays runnable keeps the executor from polling its
+        // I/O ring until the preemption timer fires (5 ms), and arrived events would wait that
+        // long. Sleeping lets the executor run what is runnable, poll its I/O and come back.
+        glommio::timer::sleep(CAPTURE_SLICE_PAUSE).await;
+        let t = Instant::now();
+        let mut st = ctx.st.borrow_mut();
+        let done = st.engine.capture_step(CAPTURE_STEP_BUDGET);
+        let captured = done.then(|| st.engine.capture_take());
+        drop(st);
+        let us = us_since(t);
+        times.capture_steps += 1;
+        times.capture_held_us += us;
+        times.capture_longest_us = times.capture_longest_us.max(us);
+        if let Some(c) = captured {
+            break c;
+        }
+    };
+    times.capture_us = us_since(t0);
+    times.capture_copied_on_write = captured.copied_on_write();
+    // Serialise the capture and write the file off the executor.
+    let (dir, buffer) = {
+        let mut st = ctx.st.borrow_mut();
+        let Some(d) = st.durable.as_mut() else {
+            return Ok(None);
+        };
+        (d.dir.clone(), d.snap_buffer.take().unwrap_or_default())
+    };
+    let t_write = Instant::now();
+    let (captured, written) = glommio::executor()
+        .spawn_blocking(move || {
+            yield_cpu_to_shards();
+            let w = SnapshotWriter::from_capture(&dir, &captured, meta, buffer);
+            let written = w
+                .map_err(|e| e.to_string())
+                .and_then(|mut w| match write_file_blocking(&mut w) {
+                    Ok(()) => Ok(w),
+                    Err(e) => {
+                        let generation = w.generation();
+                        w.abort();
+                        Err(format!("writing snapshot generation {generation}: {e}"))
+                    }
+                });
+            (captured, written)
+        })
+        .await;
+    times.write_us = us_since(t_write);
+    let w = {
+        let mut st = ctx.st.borrow_mut();
+        let Some(d) = st.durable.as_mut() else {
+            return Ok(None);
+        };
+        d.capture_buffers = Some(captured.into_buffers());
+        match written {
+            Ok(w) => w,
+            Err(e) => {
+                d.capture_failed();
+                return Err(e);
+            }
+        }
+    };
     let generation = w.generation();
     times.generation = generation;
     times.sessions = w.summary().sessions;
     times.bytes = w.file_bytes();
-    let t_write = Instant::now();
-    let (w, written) = glommio::executor()
-        .spawn_blocking(move || {
-            let r = write_file_blocking(&mut w);
-            (w, r)
-        })
-        .await;
-    times.write_us = us_since(t_write);
-    if let Err(e) = written {
-        w.abort();
-        if let Some(d) = ctx.st.borrow_mut().durable.as_mut() {
-            d.capture_failed();
-        }
-        return Err(format!("writing snapshot generation {generation}: {e}"));
-    }
     // Outputs produced before the capture must be with the sinks before the log that would
     // re-create them after a crash is truncated (at-least-once).
     let t_drain = Instant::now();
@@ -598,7 +703,7 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, 
             let s = &mut d.stats;
             s.snapshot_last_us = times.total_us;
             s.snapshot_us_total += times.total_us;
-            s.snapshot_capture_last_us = times.capture_us;
+            s.snapshot_capture_last_us = times.capture_longest_us;
             Ok(Some(times))
         }
         Err(e) => {
