@@ -598,10 +598,32 @@ impl Space {
 
     fn restore(&self, dir: &Path) {
         match self {
-            Space::Tmpfs => fs::remove_file(dir.join("filler")).unwrap(),
+            Space::Tmpfs => {
+                fs::remove_file(dir.join("filler")).unwrap();
+                // A child another test forks at that moment holds the filler's descriptor
+                // until it execs, and tmpfs frees the pages only then: wait for them.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while free_bytes(dir) < 32 << 10 {
+                    assert!(
+                        Instant::now() < deadline,
+                        "the filler's space was not freed"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
             Space::Rlimit => set_fsize(libc::RLIM_INFINITY),
         }
     }
+}
+
+/// Bytes an unprivileged writer may still allocate on `dir`'s file system.
+fn free_bytes(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs writes only into the zeroed struct we pass; `path` is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(path.as_ptr(), &mut st) }, 0);
+    st.f_bavail * st.f_frsize
 }
 
 fn set_fsize(bytes: libc::rlim_t) {
