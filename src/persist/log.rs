@@ -823,6 +823,14 @@ fn create_file_unsynced(
     first_seq: u64,
 ) -> Result<(PathBuf, File), LogError> {
     let path = dir.join(file_name(shard, generation));
+    // A header past SEQ_MAX would be unreadable, and its records lost at the next recovery: the
+    // log is exhausted (never in practice; only a crafted snapshot position gets here).
+    if first_seq > SEQ_MAX {
+        return Err(LogError::Header {
+            path,
+            reason: "log first sequence out of range",
+        });
+    }
     let file = OpenOptions::new()
         .write(true)
         .read(true)
@@ -849,32 +857,8 @@ fn create_file(
     generation: u64,
     first_seq: u64,
 ) -> Result<(PathBuf, File), LogError> {
-    let path = dir.join(file_name(shard, generation));
-    // A header past SEQ_MAX would be unreadable, and its records lost at the next recovery: the
-    // log is exhausted (never in practice; only a crafted snapshot position gets here).
-    if first_seq > SEQ_MAX {
-        return Err(LogError::Header {
-            path,
-            reason: "log first sequence out of range",
-        });
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .read(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| LogError::io(&path, "create", e))?;
-    let header = LogHeader {
-        shard,
-        generation,
-        first_seq,
-        created_wall_ms: super::wall_ms_now(),
-    };
-    let result = file
-        .write_all_at(&header.encode(), 0)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| fsync_dir(dir));
-    if let Err(e) = result {
+    let (path, file) = create_file_unsynced(dir, shard, generation, first_seq)?;
+    if let Err(e) = file.sync_all().and_then(|()| fsync_dir(dir)) {
         // Leave no headerless file behind: a full disk must not poison the directory.
         let _ = fs::remove_file(&path);
         return Err(LogError::io(&path, "write header", e));
