@@ -204,6 +204,13 @@ impl Shard {
         p
     }
 
+    /// The line at `data[span.0..span.1]` joins the window (its events are in `batch`).
+    #[inline]
+    fn window_push(&mut self, span: (usize, usize)) {
+        self.spans.push((span.0 as u32, span.1 as u32));
+        self.window_bytes += span.1 - span.0;
+    }
+
     #[inline]
     fn window_full(&self) -> bool {
         self.spans.len() == WINDOW_LINES || self.window_bytes >= self.window_bytes_max
@@ -341,8 +348,7 @@ impl Shard {
             }
         }
         if windowed {
-            self.spans.push((span.0 as u32, span.1 as u32));
-            self.window_bytes += line.len();
+            self.window_push(span);
         }
         self.deliver_if_large();
         Some(peers != 0)
@@ -388,8 +394,7 @@ impl Shard {
             }
             if self.batch.len() > before {
                 let start = line.as_ptr() as usize - data.as_ptr() as usize;
-                self.spans.push((start as u32, (start + line.len()) as u32));
-                self.window_bytes += line.len();
+                self.window_push((start, start + line.len()));
                 if self.window_full() {
                     self.apply_window(data, now_ms);
                 }
