@@ -579,6 +579,7 @@ proptest! {
         starts in any::<bool>(),
         ends in any::<bool>(),
         split in any::<bool>(),
+        lists in any::<bool>(),
         advance in advance_schedule(),
     ) {
         let spec = Spec {
@@ -587,6 +588,7 @@ proptest! {
             ends: ends.then_some("end"),
             split_camp: split,
             stats: true,
+            no_lists: !lists,
             ..Spec::gap_only(Time::Processing, idle)
         };
         let types = ["click", "click", "click", "view", "view", "start", "end"];
@@ -627,6 +629,7 @@ proptest! {
         starts in any::<bool>(),
         ends in any::<bool>(),
         split in any::<bool>(),
+        lists in any::<bool>(),
         key_delays in proptest::collection::vec(any::<u16>(), 5),
         advance in advance_schedule(),
     ) {
@@ -637,6 +640,7 @@ proptest! {
             ends: ends.then_some("end"),
             split_camp: split,
             stats: true,
+            no_lists: !lists,
             ..Spec::gap_only(Time::Event, idle)
         };
         let types = ["click", "click", "view", "view", "start", "end"];

@@ -19,6 +19,7 @@
 pub mod arena;
 pub mod capture;
 pub mod ids;
+mod in_block;
 pub mod index;
 pub mod markers;
 pub mod numa;
@@ -927,9 +928,7 @@ fn captured(raw: &[u8], max: usize) -> &[u8] {
 
 impl State {
     fn value_hash(&self, f: crate::decode::Field<'_>) -> Option<u64> {
-        let bytes = f.key_bytes().or_else(|| f.raw_json())?;
-        // Zero marks "never seen" in the payload.
-        Some(self.hasher.hash_one(bytes).max(1))
+        in_block::value_hash(&self.hasher, f)
     }
 
     /// A rule boundary between session `s` and the event (precedence per docs/semantics.md).
@@ -1097,12 +1096,34 @@ impl State {
 
     /// Update session `s` with the event: head fields, counters, aggregates, captured values.
     ///
-    /// Only the fixed part of the payload (key, counters, aggregates, split hashes) is read
-    /// and written on every event. The var area is read only when a value or list may change:
+    /// Most events are applied inside the payload's first block (`in_block`). Otherwise only
+    /// the fixed part of the payload (key, counters, aggregates, split hashes) is read and
+    /// written on every event. The var area is read only when a value or list may change:
     /// metadata until all of it is captured (`FLAG_META_DONE`), state, lists. A state value
     /// of unchanged length is overwritten in place; anything else rebuilds the var area.
     fn apply(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) {
         self.cow(s);
+        if !self.apply_in_block(rules, rule, s, ev, t) {
+            self.apply_general(rules, rule, s, ev, t);
+        }
+        let h = self.table.get_mut(s);
+        h.count = h.count.saturating_add(1);
+        h.last_ts = h.last_ts.max(t);
+        if t < h.start_ts {
+            h.start_ts = t;
+            let w = h.profile as usize;
+            // A start moved back can bring the max_duration deadline forward.
+            if rule.max_duration_ms.is_some() {
+                let due = due_s(self.deadline(rules, s));
+                self.cow_unlink(s);
+                self.cow_link(w, s, due);
+                self.wheels[w].relink(self.table.heads_mut(), s, due);
+            }
+        }
+    }
+
+    /// `apply` for what `apply_in_block` leaves: the payload copied out, changed, written back.
+    fn apply_general(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) {
         let old = *self.table.get(s);
         let base = old.key_len as usize;
         let l = &rule.layout;
@@ -1141,20 +1162,6 @@ impl State {
         };
         if fixed_dirty && !stored {
             self.arena.write(old.data, base, &self.pay[base..fixed_end]);
-        }
-        let h = self.table.get_mut(s);
-        h.count = h.count.saturating_add(1);
-        h.last_ts = h.last_ts.max(t);
-        if t < h.start_ts {
-            h.start_ts = t;
-            // A start moved back can bring the max_duration deadline forward.
-            if rule.max_duration_ms.is_some() {
-                let due = due_s(self.deadline(rules, s));
-                let w = old.profile as usize;
-                self.cow_unlink(s);
-                self.cow_link(w, s, due);
-                self.wheels[w].relink(self.table.heads_mut(), s, due);
-            }
         }
     }
 

@@ -1,0 +1,105 @@
+//! The common case of an event joining its session, done inside the session's first arena block.
+//!
+//! Most events of a long session change only the fixed part of its payload (counters,
+//! aggregates, split hashes) and perhaps a state value of the same length. When all of that lies
+//! in the first block, it is updated where it lies: no copy of the payload into the scratch
+//! buffer and back, which is most of what `State::apply` costs per event. Anything else (metadata
+//! still being captured, a list append, a state value changing length, a payload whose fixed part
+//! spans blocks) takes the general path, with nothing changed here.
+
+use std::hash::BuildHasher;
+
+use super::rules::{ProfileRule, Rules};
+use super::{captured, payload, State, FLAG_META_DONE};
+use crate::decode::{Event, Field};
+
+impl State {
+    /// Applies `ev` to session `s` in place and returns true, or returns false having changed
+    /// nothing when the event needs the general path. The caller has made the copy-on-write
+    /// copy of `s` and updates the head (count, times) afterwards.
+    pub(super) fn apply_in_block(
+        &mut self,
+        rules: &Rules,
+        rule: &ProfileRule,
+        s: u32,
+        ev: &Event<'_>,
+        t: i64,
+    ) -> bool {
+        let h = *self.table.get(s);
+        if h.flags & FLAG_META_DONE == 0 && !rule.metadata.is_empty() {
+            return false;
+        }
+        let base = h.key_len as usize;
+        let l = &rule.layout;
+        let fixed_end = base + l.fixed_bytes;
+        let block = self.arena.block_bytes() as usize;
+        if fixed_end > block {
+            return false;
+        }
+        let lists_touched = rule.lists.iter().any(|list| {
+            list.when.is_none_or(|w| rules.eval(w, ev)) && !ev.get(list.field).is_missing()
+        });
+        if lists_touched {
+            return false;
+        }
+        let max = self.value_bytes_max;
+        let hasher = &self.hasher;
+        let Some(head) = self.arena.slice_mut(h.data, 0, block) else {
+            return false;
+        };
+
+        // State (the front of the var area): every value the event carries must keep its
+        // stored length and lie in this block. Checked before anything is written.
+        let state = !rule.state.is_empty() && (t >= h.last_ts || h.count == 0);
+        if state {
+            let mut at = fixed_end;
+            for &f in &rule.state {
+                if at + 2 > block {
+                    return false;
+                }
+                let len = usize::from(payload::get_u16(head, at));
+                if let Some(raw) = ev.get(f).raw_json() {
+                    if captured(raw, max).len() != len || at + 2 + len > block {
+                        return false;
+                    }
+                }
+                at += 2 + len;
+            }
+        }
+
+        for (i, c) in rule.counters.iter().enumerate() {
+            if c.when.is_none_or(|w| rules.eval(w, ev)) {
+                payload::counter_add(head, base, l, i, 1);
+            }
+        }
+        for (i, a) in rule.aggregates.iter().enumerate() {
+            if a.when.is_none_or(|w| rules.eval(w, ev)) {
+                if let Some(v) = ev.get(a.field).as_f64() {
+                    payload::aggregate_apply(head, base, l, i, a.op, v);
+                }
+            }
+        }
+        for (i, &f) in rule.split_on_change.iter().enumerate() {
+            if let Some(h) = value_hash(hasher, ev.get(f)) {
+                payload::set_split_hash(head, base, l, i, h);
+            }
+        }
+        if state {
+            let mut at = fixed_end;
+            for &f in &rule.state {
+                let len = usize::from(payload::get_u16(head, at));
+                if let Some(raw) = ev.get(f).raw_json() {
+                    head[at + 2..at + 2 + len].copy_from_slice(captured(raw, max));
+                }
+                at += 2 + len;
+            }
+        }
+        true
+    }
+}
+
+/// A split-on-change field's stored hash; zero marks "never seen" in the payload.
+pub(super) fn value_hash(hasher: &impl BuildHasher, f: Field<'_>) -> Option<u64> {
+    let bytes = f.key_bytes().or_else(|| f.raw_json())?;
+    Some(hasher.hash_one(bytes).max(1))
+}
