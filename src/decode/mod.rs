@@ -227,6 +227,15 @@ impl<'a> Field<'a> {
         matches!(self, Field::Missing)
     }
 
+    /// A string's unescaped text; None for every other kind.
+    #[inline]
+    pub fn text(&self) -> Option<&'a [u8]> {
+        match *self {
+            Field::String { text, .. } => Some(text),
+            _ => None,
+        }
+    }
+
     /// Number -> parsed f64 (None if not finite); other kinds -> None.
     pub fn as_f64(&self) -> Option<f64> {
         let Field::Number(text) = *self else {
@@ -255,7 +264,13 @@ impl<'a> Field<'a> {
         }
         let mut v: u64 = 0;
         if digits.len() <= 19 {
-            // 19 digits stay below 10^19 < 2^64: no overflow to check.
+            // 19 digits stay below 10^19 < 2^64: no overflow to check. Epoch timestamps have
+            // 10 to 16 digits: eight at a time first.
+            let mut digits = digits;
+            while let Some((chunk, rest)) = digits.split_first_chunk::<8>() {
+                v = v * 100_000_000 + eight_digits(u64::from_le_bytes(*chunk))?;
+                digits = rest;
+            }
             for &c in digits {
                 let d = c.wrapping_sub(b'0');
                 if d > 9 {
@@ -310,6 +325,22 @@ impl<'a> Field<'a> {
             Field::Missing | Field::Null | Field::Object(_) | Field::Array(_) => None,
         }
     }
+}
+
+/// Eight ASCII digits, the first in the lowest byte, as their value; None unless all are digits.
+#[inline(always)]
+fn eight_digits(chunk: u64) -> Option<u64> {
+    let d = chunk.wrapping_sub(0x3030_3030_3030_3030);
+    // A byte below '0' leaves a high nibble (it wraps to 0xcf or more); one above '9' reaches
+    // 0x10 once 6 is added.
+    if (d | d.wrapping_add(0x0606_0606_0606_0606)) & 0xf0f0_f0f0_f0f0_f0f0 != 0 {
+        return None;
+    }
+    // Pairs of digits into bytes, then pairs of pairs into the two halves, then the halves.
+    let d = d * 10 + (d >> 8);
+    let hi = (d & 0x0000_00ff_0000_00ff).wrapping_mul(100 + (1_000_000 << 32));
+    let lo = ((d >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32));
+    Some(hi.wrapping_add(lo) >> 32)
 }
 
 /// Why a line was rejected. Each kind has a static metric / dead-letter label.

@@ -1182,3 +1182,25 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// `as_i64` (eight digits at a time) against the standard parser, over JSON number text.
+    #[test]
+    fn prop_as_i64_matches_std(
+        neg in any::<bool>(),
+        int in "0|[1-9][0-9]{0,24}",
+        frac in proptest::option::of("[0-9]{1,3}"),
+        exp in proptest::option::of("[eE][+-]?[0-9]{1,2}"),
+    ) {
+        let mut text = String::from(if neg { "-" } else { "" });
+        text += &int;
+        if let Some(f) = &frac {
+            text = format!("{text}.{f}");
+        }
+        if let Some(e) = &exp {
+            text += e;
+        }
+        let want = if frac.is_some() || exp.is_some() { None } else { text.parse::<i64>().ok() };
+        prop_assert_eq!(Field::Number(text.as_bytes()).as_i64(), want, "{}", text);
+    }
+}

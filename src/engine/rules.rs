@@ -285,7 +285,20 @@ impl Rules {
             })
     }
 
+    /// Whether predicate `id` holds for `ev`. A string `eq`, by far the most common leaf
+    /// (counters and `ends_when` on an event type), is decided here, inlined into the caller;
+    /// everything else goes through the recursive `eval_node`, whose call costs more than the
+    /// comparison itself.
+    #[inline(always)]
     pub fn eval(&self, id: PredId, ev: &Event<'_>) -> bool {
+        match &self.nodes[id as usize] {
+            Node::Eq(f, Lit::Str(s)) => ev.get(*f).text().is_some_and(|t| short_eq(t, s)),
+            _ => self.eval_node(id, ev),
+        }
+    }
+
+    #[inline(never)]
+    fn eval_node(&self, id: PredId, ev: &Event<'_>) -> bool {
         match &self.nodes[id as usize] {
             Node::Eq(f, lit) => lit.matches(&ev.get(*f)),
             Node::Ne(f, lit) => !lit.matches(&ev.get(*f)),
@@ -326,6 +339,23 @@ impl Rules {
     /// Every profile id (top-level and sub-session) -> its display name.
     pub fn record_profile_count(&self) -> usize {
         self.profiles.len() + self.profiles.iter().map(|p| p.subs.len()).sum::<usize>()
+    }
+}
+
+/// `a == b` for the short strings predicates compare (event types, flags), without a call to
+/// `memcmp`: two overlapping word loads cover 4 to 16 bytes.
+#[inline(always)]
+fn short_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let word8 = |x: &[u8], at: usize| u64::from_le_bytes(x[at..at + 8].try_into().unwrap());
+    let word4 = |x: &[u8], at: usize| u32::from_le_bytes(x[at..at + 4].try_into().unwrap());
+    match n {
+        8..=16 => word8(a, 0) == word8(b, 0) && word8(a, n - 8) == word8(b, n - 8),
+        4..=7 => word4(a, 0) == word4(b, 0) && word4(a, n - 4) == word4(b, n - 4),
+        _ => a == b,
     }
 }
 
@@ -547,5 +577,28 @@ fn lit(key: &str, v: &toml::Value) -> Result<Lit, ConfigError> {
             key: key.into(),
             message: format!("literal {other} must be a string, number or boolean"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod short_eq_tests {
+    use super::short_eq;
+
+    /// Against `==` for every length up to 20 and a difference at every position.
+    #[test]
+    fn agrees_with_slice_eq() {
+        for n in 0..=20usize {
+            let a: Vec<u8> = (0..n as u8).map(|i| b'a' + i).collect();
+            assert!(short_eq(&a, &a.clone()), "len {n}");
+            for m in 0..=20usize {
+                let b: Vec<u8> = (0..m as u8).map(|i| b'a' + i).collect();
+                assert_eq!(short_eq(&a, &b), a == b, "{n} vs {m}");
+            }
+            for at in 0..n {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!short_eq(&a, &b), "len {n}, differs at {at}");
+            }
+        }
     }
 }
