@@ -332,6 +332,7 @@ impl Rules {
         }
     }
 
+    #[inline(always)]
     pub fn eval_opt(&self, id: Option<PredId>, ev: &Event<'_>) -> bool {
         id.is_some_and(|p| self.eval(p, ev))
     }
@@ -360,7 +361,20 @@ fn short_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Event timestamp in epoch milliseconds, or None when missing, of the wrong type or out of range.
+/// Integer epoch milliseconds, the common form, are read inline; the rest in `timestamp_ms_any`.
+#[inline(always)]
 pub fn timestamp_ms(f: Field<'_>, format: TsFormat) -> Option<i64> {
+    const MS_MAX: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
+    if format == TsFormat::EpochMs {
+        if let Some(v) = f.as_i64() {
+            return (0..=MS_MAX).contains(&v).then_some(v);
+        }
+    }
+    timestamp_ms_any(f, format)
+}
+
+#[inline(never)]
+fn timestamp_ms_any(f: Field<'_>, format: TsFormat) -> Option<i64> {
     const MS_MAX: f64 = 253_402_300_799_999.0; // 9999-12-31T23:59:59.999Z
     let scaled = |x: f64, mult: f64| {
         let ms = (x * mult).floor();
