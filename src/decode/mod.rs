@@ -227,15 +227,6 @@ impl<'a> Field<'a> {
         matches!(self, Field::Missing)
     }
 
-    /// A string's unescaped text; None for every other kind.
-    #[inline]
-    pub fn text(&self) -> Option<&'a [u8]> {
-        match *self {
-            Field::String { text, .. } => Some(text),
-            _ => None,
-        }
-    }
-
     /// Number -> parsed f64 (None if not finite); other kinds -> None.
     pub fn as_f64(&self) -> Option<f64> {
         let Field::Number(text) = *self else {

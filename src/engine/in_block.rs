@@ -7,11 +7,9 @@
 //! still being captured, a list append, a state value changing length, a payload whose fixed part
 //! spans blocks) takes the general path, with nothing changed here.
 
-use std::hash::BuildHasher;
-
 use super::rules::{ProfileRule, Rules};
-use super::{captured, payload, State, FLAG_META_DONE};
-use crate::decode::{Event, Field};
+use super::{captured, payload, value_hash, State, FLAG_META_DONE};
+use crate::decode::Event;
 
 impl State {
     /// Applies `ev` to session `s` in place and returns true, or returns false having changed
@@ -96,10 +94,4 @@ impl State {
         }
         true
     }
-}
-
-/// A split-on-change field's stored hash; zero marks "never seen" in the payload.
-pub(super) fn value_hash(hasher: &impl BuildHasher, f: Field<'_>) -> Option<u64> {
-    let bytes = f.key_bytes().or_else(|| f.raw_json())?;
-    Some(hasher.hash_one(bytes).max(1))
 }

@@ -926,11 +926,13 @@ fn captured(raw: &[u8], max: usize) -> &[u8] {
     }
 }
 
-impl State {
-    fn value_hash(&self, f: crate::decode::Field<'_>) -> Option<u64> {
-        in_block::value_hash(&self.hasher, f)
-    }
+/// A split-on-change field's stored hash; zero marks "never seen" in the payload.
+fn value_hash(hasher: &impl BuildHasher, f: crate::decode::Field<'_>) -> Option<u64> {
+    let bytes = f.key_bytes().or_else(|| f.raw_json())?;
+    Some(hasher.hash_one(bytes).max(1))
+}
 
+impl State {
     /// A rule boundary between session `s` and the event (precedence per docs/semantics.md).
     fn split_reason(
         &mut self,
@@ -954,7 +956,7 @@ impl State {
             let base = h.key_len as usize;
             for (i, &f) in rule.split_on_change.iter().enumerate() {
                 let stored = payload::split_hash(&self.pay, base, &rule.layout, i);
-                if let Some(v) = self.value_hash(ev.get(f)) {
+                if let Some(v) = value_hash(&self.hasher, ev.get(f)) {
                     if stored != 0 && stored != v {
                         return Some(EndReason::SplitOnChange);
                     }
@@ -1147,7 +1149,7 @@ impl State {
             }
         }
         for (i, &f) in rule.split_on_change.iter().enumerate() {
-            if let Some(h) = self.value_hash(ev.get(f)) {
+            if let Some(h) = value_hash(&self.hasher, ev.get(f)) {
                 payload::set_split_hash(&mut self.pay, base, l, i, h);
                 fixed_dirty = true;
             }

@@ -25,10 +25,10 @@ enum Lit {
 }
 
 impl Lit {
-    #[inline]
+    #[inline(always)]
     fn matches(&self, f: &Field<'_>) -> bool {
         match (self, f) {
-            (Lit::Str(s), Field::String { text, .. }) => **s == **text,
+            (Lit::Str(s), Field::String { text, .. }) => short_eq(s, text),
             (Lit::Num(n), Field::Number(_)) => f.as_f64() == Some(*n),
             (Lit::Bool(b), Field::Bool(v)) => b == v,
             _ => false,
@@ -292,7 +292,7 @@ impl Rules {
     #[inline(always)]
     pub fn eval(&self, id: PredId, ev: &Event<'_>) -> bool {
         match &self.nodes[id as usize] {
-            Node::Eq(f, Lit::Str(s)) => ev.get(*f).text().is_some_and(|t| short_eq(t, s)),
+            Node::Eq(f, lit @ Lit::Str(_)) => lit.matches(&ev.get(*f)),
             _ => self.eval_node(id, ev),
         }
     }
@@ -360,11 +360,13 @@ fn short_eq(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
+/// The latest timestamp accepted: 9999-12-31T23:59:59.999Z, in epoch milliseconds.
+const MS_MAX: i64 = 253_402_300_799_999;
+
 /// Event timestamp in epoch milliseconds, or None when missing, of the wrong type or out of range.
 /// Integer epoch milliseconds, the common form, are read inline; the rest in `timestamp_ms_any`.
 #[inline(always)]
 pub fn timestamp_ms(f: Field<'_>, format: TsFormat) -> Option<i64> {
-    const MS_MAX: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
     if format == TsFormat::EpochMs {
         if let Some(v) = f.as_i64() {
             return (0..=MS_MAX).contains(&v).then_some(v);
@@ -375,14 +377,13 @@ pub fn timestamp_ms(f: Field<'_>, format: TsFormat) -> Option<i64> {
 
 #[inline(never)]
 fn timestamp_ms_any(f: Field<'_>, format: TsFormat) -> Option<i64> {
-    const MS_MAX: f64 = 253_402_300_799_999.0; // 9999-12-31T23:59:59.999Z
     let scaled = |x: f64, mult: f64| {
         let ms = (x * mult).floor();
-        (0.0..=MS_MAX).contains(&ms).then_some(ms as i64)
+        (0.0..=MS_MAX as f64).contains(&ms).then_some(ms as i64)
     };
     match format {
         TsFormat::EpochMs => match f.as_i64() {
-            Some(v) if (0..=MS_MAX as i64).contains(&v) => Some(v),
+            Some(v) if (0..=MS_MAX).contains(&v) => Some(v),
             Some(_) => None,
             None => scaled(f.as_f64()?, 1.0),
         },
