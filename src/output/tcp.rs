@@ -47,6 +47,10 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 const IDLE_WAIT: Duration = Duration::from_millis(10);
 const BACKLOG_WAIT_MIN: Duration = Duration::from_millis(1);
 const BACKLOG_WAIT_MAX: Duration = Duration::from_millis(16);
+/// Bytes per `write` to a consumer. On loopback the kernel delivers to the reader inside the
+/// writer's system call, which is not preempted: a multi-megabyte write held a CPU that a shard
+/// was waiting for for 12 ms (`perf sched`). Smaller writes return to user space in between.
+const MAX_WRITE_BYTES: usize = 64 << 10;
 /// How often consumers are read from (to discard input and notice resets).
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -198,7 +202,8 @@ impl Consumer {
     fn pump(&mut self) -> io::Result<usize> {
         let mut written = 0;
         while self.sent < self.buf.len() {
-            match self.stream.write(&self.buf[self.sent..]) {
+            let end = self.buf.len().min(self.sent + MAX_WRITE_BYTES);
+            match self.stream.write(&self.buf[self.sent..end]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.sent += n;
