@@ -61,6 +61,8 @@ pub const RECORD_FLAG_SUB: u8 = FLAG_SUB;
 
 /// How many records ahead restore hashes keys and prefetches index buckets and heads.
 const PREFETCH_AHEAD: usize = 16;
+/// Records per pass between two calls of a paced export's hook (well under a millisecond).
+const PACE_RECORDS: usize = 4096;
 
 /// Timestamps outside +-this many milliseconds (about year 33658) are rejected on import, so
 /// deadline arithmetic cannot overflow.
@@ -450,13 +452,17 @@ impl<W: Write> Write for CrcWriter<W> {
 }
 
 impl Captured {
-    /// Units in slot order, the profile images with their wheels, the free runs.
-    fn plan(&self) -> Plan {
+    /// Units in slot order, the profile images with their wheels, the free runs. `pace` is
+    /// called every [`PACE_RECORDS`] records of each pass.
+    fn plan(&self, pace: &mut dyn FnMut()) -> Plan {
         let recs = &self.bufs.records;
         let mut units: Vec<Unit> = Vec::with_capacity(recs.len());
         let mut at = 0u64;
         let (mut sessions, mut sub_sessions) = (0u64, 0u64);
         for (i, r) in recs.iter().enumerate() {
+            if i % PACE_RECORDS == PACE_RECORDS - 1 {
+                pace();
+            }
             if r.head.flags & FLAG_SUB == 0 {
                 sessions += 1;
                 units.push(Unit {
@@ -486,6 +492,9 @@ impl Captured {
         // Slot -> record, for the wheel walks (and to assert each slot is captured once).
         let mut rec_of = vec![NIL; self.globals.table_capacity as usize];
         for (i, r) in recs.iter().enumerate() {
+            if i % PACE_RECORDS == PACE_RECORDS - 1 {
+                pace();
+            }
             let e = &mut rec_of[r.slot as usize];
             assert!(*e == NIL, "slot {} captured twice", r.slot);
             *e = i as u32;
@@ -526,6 +535,9 @@ impl Captured {
                 let start = image.wheel_slots.len();
                 let mut s = first;
                 while s != NIL {
+                    if image.wheel_slots.len() % PACE_RECORDS == PACE_RECORDS - 1 {
+                        pace();
+                    }
                     let r = rec_of.get(s as usize).copied().unwrap_or(NIL);
                     assert!(r != NIL, "wheel entry {s} was not captured");
                     let h = &recs[r as usize].head;
@@ -598,7 +610,20 @@ impl Captured {
     /// length and CRC-32 on the way. Fails with `InvalidInput` (before writing anything) when the
     /// body would exceed what 32-bit relative pointers reach (2 GiB).
     pub fn write_body<W: Write>(&self, w: W, meta: SnapshotMeta) -> io::Result<SnapshotSummary> {
-        let plan = self.plan();
+        self.write_body_paced(w, meta, &mut || {})
+    }
+
+    /// [`Captured::write_body`] calling `pace` every few thousand records while it plans the
+    /// archive (the caller's writer sees the bytes as they are produced, and can pace those).
+    /// Why: a background thread sharing a shard's CPU gives the CPU back there
+    /// (`persist::pace`).
+    pub fn write_body_paced<W: Write>(
+        &self,
+        w: W,
+        meta: SnapshotMeta,
+        pace: &mut dyn FnMut(),
+    ) -> io::Result<SnapshotSummary> {
+        let plan = self.plan(pace);
         let records = self.bufs.records.len() as u64;
         let estimate = plan.payload_bytes
             + records * std::mem::size_of::<ArchivedRecordImage>() as u64

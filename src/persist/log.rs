@@ -802,7 +802,7 @@ pub fn delete_covered(
             break;
         };
         if next_header.first_seq.saturating_sub(1) <= covered {
-            fs::remove_file(path).map_err(|e| LogError::io(path, "remove", e))?;
+            super::pace::remove_file(path).map_err(|e| LogError::io(path, "remove", e))?;
             deleted += 1;
         } else {
             break;

@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod inspect;
 pub mod log;
+pub mod pace;
 pub mod producer;
 pub mod snapshot_file;
 

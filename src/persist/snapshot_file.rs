@@ -347,8 +347,13 @@ impl SnapshotWriter {
         let mut body = buffer;
         body.clear();
         body.reserve(captured.body_bytes_hint());
+        // Paced: this runs on the blocking thread that shares the shard's CPU (`pace`).
         let summary = captured
-            .write_body(&mut body, meta)
+            .write_body_paced(
+                super::pace::Paced::new(&mut body),
+                meta,
+                &mut super::pace::yield_cpu,
+            )
             .map_err(|e| SnapshotError::io(&tmp, "capture", e))?;
         let file = OpenOptions::new()
             .write(true)
@@ -490,7 +495,7 @@ fn prune(dir: &Path, shard: u32, newest: u64) {
                 .unwrap_or(newest);
             for (g, path) in gens {
                 if g < keep_from {
-                    if let Err(e) = fs::remove_file(&path) {
+                    if let Err(e) = super::pace::remove_file(&path) {
                         log::warn!("cannot remove old snapshot {}: {e}", path.display());
                     }
                 }

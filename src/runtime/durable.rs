@@ -383,8 +383,9 @@ const CAPTURE_STEP_BUDGET: u32 = 1024;
 /// runnable (an idle executor parks until it ends: the capture takes a little longer).
 const CAPTURE_SLICE_PAUSE: std::time::Duration = std::time::Duration::from_micros(20);
 /// Bytes written per `write` of a snapshot (each chunk also starts its writeback, so the final
-/// fsync has little left).
-const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// fsync has little left). Small, and the thread yields between chunks: a `write` is not
+/// preempted, and 1 MiB ones held the shard's CPU for milliseconds (`persist::pace`).
+const SNAPSHOT_CHUNK_BYTES: usize = 128 << 10;
 /// Attempts at writing a snapshot file before the snapshot fails (the previous one stays valid).
 const SNAPSHOT_WRITE_ATTEMPTS: u32 = 5;
 /// How long a snapshot waits for the log to be durable up to its checkpoint before it fails.
@@ -461,7 +462,7 @@ fn write_file_blocking(w: &mut SnapshotWriter) -> std::io::Result<()> {
     loop {
         match w.write_chunk(SNAPSHOT_CHUNK_BYTES) {
             Ok(true) => return Ok(()),
-            Ok(false) => {}
+            Ok(false) => crate::persist::pace::yield_cpu(),
             Err(e) => {
                 failures += 1;
                 if failures >= SNAPSHOT_WRITE_ATTEMPTS {

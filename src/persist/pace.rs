@@ -1,0 +1,116 @@
+//! Background file work that gives its CPU back often.
+//!
+//! Snapshots are built, written and deleted on the executor's blocking thread, which shares the
+//! shard's CPU at `SCHED_IDLE`. That class alone does not keep the shard from waiting: on a
+//! kernel without full preemption a woken shard only gets the CPU at the next tick (4 ms at
+//! HZ=250) while the background thread runs in user space, and not before a long system call
+//! returns (the unlink of a snapshot whose tens of megabytes are in the page cache ran 12 ms in
+//! one go, measured with `perf sched`). So the work is cut into small steps with a
+//! `sched_yield` between them: the shard, when it is waiting, runs at the next step boundary;
+//! when it is not, the yield returns at once.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Bytes serialised between two yields (tens of microseconds of work).
+pub const PACE_BYTES: usize = 16 << 10;
+/// Bytes of page cache dropped per step before a file is deleted.
+const EVICT_STEP_BYTES: u64 = 1 << 20;
+
+/// Let a runnable thread of a better class have this CPU now.
+pub fn yield_cpu() {
+    std::thread::yield_now();
+}
+
+/// A writer that yields the CPU after every [`PACE_BYTES`] written through it.
+pub struct Paced<W> {
+    inner: W,
+    since_yield: usize,
+}
+
+impl<W: Write> Paced<W> {
+    pub fn new(inner: W) -> Paced<W> {
+        Paced {
+            inner,
+            since_yield: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for Paced<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.since_yield += n;
+        if self.since_yield >= PACE_BYTES {
+            self.since_yield = 0;
+            yield_cpu();
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Delete a file whose pages may be in the page cache: drop them a step at a time first, so
+/// that the unlink has nothing left to free in one long system call. The pages of a published
+/// snapshot or a finished log are clean (they were synced), so dropping them writes nothing.
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    if let Ok(file) = File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut at = 0;
+        while at < len {
+            // SAFETY: fadvise only reads the descriptor, which `file` keeps open for the call;
+            // it is advice (an error leaves the pages to the unlink).
+            unsafe {
+                libc::posix_fadvise(
+                    file.as_raw_fd(),
+                    at as libc::off_t,
+                    EVICT_STEP_BYTES as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+            at += EVICT_STEP_BYTES;
+            yield_cpu();
+        }
+    }
+    std::fs::remove_file(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paced_writer_passes_every_byte_through() {
+        let mut out = Vec::new();
+        let mut w = Paced::new(&mut out);
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        for piece in data.chunks(777) {
+            w.write_all(piece).unwrap();
+        }
+        w.flush().unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn remove_file_removes_cached_and_empty_files() {
+        let dir = std::env::temp_dir().join(format!("sz-pace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big");
+        std::fs::write(&big, vec![7u8; 3 * EVICT_STEP_BYTES as usize + 5]).unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        remove_file(&big).unwrap();
+        remove_file(&empty).unwrap();
+        assert!(!big.exists() && !empty.exists());
+        assert_eq!(
+            remove_file(&big).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        std::fs::remove_dir(&dir).unwrap();
+    }
+}
