@@ -21,7 +21,8 @@ use sessionizer::engine::snapshot::SnapshotMeta;
 use sessionizer::engine::{Clock, Engine, Out};
 use sessionizer::persist::log::{self as plog, LogConfig, LogError, LogReader, LogWriter};
 use sessionizer::persist::snapshot_file::{
-    self, open_latest, open_latest_with_report, SnapshotError, SnapshotWriter, HEADER_BYTES,
+    self, open_latest, open_latest_with_report, LoadedSnapshot, SnapshotError, SnapshotWriter,
+    HEADER_BYTES,
 };
 
 const CONFIG: &str = r#"
@@ -44,7 +45,11 @@ when = { field = "type", eq = "click" }
 /// An engine holding `sessions` sessions (asserted: a decoder that lost the key would make every
 /// test below pass on empty snapshots).
 fn engine_with(sessions: u32) -> Engine {
-    let cfg = Config::from_toml(CONFIG).unwrap();
+    engine_of(CONFIG, sessions)
+}
+
+fn engine_of(config: &str, sessions: u32) -> Engine {
+    let cfg = Config::from_toml(config).unwrap();
     let rules = Arc::new(Rules::compile(&cfg).unwrap());
     let mut e = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
     let mut dec = Decoder::new(rules.field_table(), 32, 65536);
@@ -133,6 +138,35 @@ fn bit_flipped_body_falls_back_to_previous() {
     flip(&p2, HEADER_BYTES as u64 + 77);
     let report = open_latest_with_report(dir.path(), 0).unwrap();
     assert_eq!(report.snapshot.as_ref().unwrap().header().generation, 1);
+    assert!(
+        matches!(report.rejected[..], [SnapshotError::Checksum { .. }]),
+        "{:?}",
+        report.rejected
+    );
+}
+
+/// A body of several megabytes is checksummed on a helper thread while the archive is validated
+/// (`snapshot_file::open`): a flipped bit there is still rejected, and an intact one loads.
+#[test]
+fn large_body_checked_in_parallel_is_rejected_when_flipped() {
+    let config = CONFIG
+        .replace(r#"arena_bytes = "1MiB""#, r#"arena_bytes = "64MiB""#)
+        .replace("max_sessions = 1000", "max_sessions = 200000");
+    let dir = tempfile::tempdir().unwrap();
+    let (p1, _) = snapshot_file::write_file(dir.path(), &engine_of(&config, 100), meta(1)).unwrap();
+    let (p2, _) =
+        snapshot_file::write_file(dir.path(), &engine_of(&config, 150_000), meta(2)).unwrap();
+    let len = fs::metadata(&p2).unwrap().len();
+    assert!(
+        len > 12 << 20,
+        "{len} bytes: too small for the parallel check"
+    );
+    let s = LoadedSnapshot::open(&p2).unwrap();
+    assert_eq!(s.body().records.len(), 150_000);
+    drop(s);
+    flip(&p2, len - 4096);
+    let report = open_latest_with_report(dir.path(), 0).unwrap();
+    assert_eq!(report.snapshot.as_ref().unwrap().path(), p1.as_path());
     assert!(
         matches!(report.rejected[..], [SnapshotError::Checksum { .. }]),
         "{:?}",
