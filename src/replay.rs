@@ -195,7 +195,7 @@ impl Replayer {
             self.line(data, line);
             if self.spans.len() == WINDOW_LINES {
                 self.run_window(data);
-                if self.out.buf.len() >= OUT_WRITE_BYTES {
+                if self.out.buf.len() >= OUT_WRITE_BYTES || self.out.half_full() {
                     self.write_out(w)?;
                 }
             }
@@ -269,7 +269,10 @@ impl Replayer {
         if self.since_advance >= ADVANCE_EVERY_EVENTS {
             self.since_advance = 0;
             for e in &mut self.engines {
-                e.advance(Clock::Replay, &mut self.out);
+                if e.advance_bounded(Clock::Replay, &mut self.out) {
+                    // The rest after this window's output is written.
+                    self.since_advance = ADVANCE_EVERY_EVENTS;
+                }
             }
         }
     }
@@ -283,12 +286,17 @@ impl Replayer {
         Ok(())
     }
 
+    /// End every open session (`end_of_input` unless due), writing the output in batches.
     fn finish<W: Write>(&mut self, w: &mut W) -> io::Result<()> {
-        for e in &mut self.engines {
-            e.advance(Clock::Replay, &mut self.out);
+        for i in 0..self.engines.len() {
+            while self.engines[i].advance_bounded(Clock::Replay, &mut self.out) {
+                self.write_out(w)?;
+            }
         }
-        for e in &mut self.engines {
-            e.finish(&mut self.out);
+        for i in 0..self.engines.len() {
+            while self.engines[i].finish_bounded(&mut self.out) {
+                self.write_out(w)?;
+            }
         }
         self.write_out(w)
     }

@@ -228,6 +228,8 @@ struct State {
     pkey: Vec<u8>,
     /// Sessions detached from a wheel bucket, processed after the drain.
     expired: Vec<u32>,
+    /// The next slot a bounded `finish` looks at.
+    finish_from: u32,
     /// `on_batch`'s events in flight, by position modulo the ring size.
     ring: [Lookahead; LOOKAHEAD_RING],
     stats: Stats,
@@ -295,6 +297,7 @@ impl Engine {
             keybuf: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
             pkey: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
             expired: Vec::with_capacity(m.max_sessions as usize),
+            finish_from: 0,
             ring: [Lookahead::default(); LOOKAHEAD_RING],
             stats,
             cap: capture::Capture::default(),
@@ -421,25 +424,63 @@ impl Engine {
         Ok(())
     }
 
+    /// End every session whose time has come by `clock` (tools and tests; the runtime uses
+    /// [`Engine::advance_bounded`]).
     pub fn advance(&mut self, clock: Clock, out: &mut Out) {
+        self.advance_with(clock, out, false);
+    }
+
+    /// [`Engine::advance`] that stops adding end markers to `out` once it is half full
+    /// ([`Out::half_full`]), having ended at least one session per profile with any due. The
+    /// sessions it did not reach stay due at the front of their wheel and the next call ends
+    /// them; an event for one of them meanwhile ends it first, as it would any due session.
+    /// Returns whether some are left. Why: a mass expiry (a clock jump, a restart after downtime,
+    /// the end of a burst of keys) would otherwise write every marker at once, and `out` would
+    /// grow past its reserved size instead of being delivered in steps.
+    pub fn advance_bounded(&mut self, clock: Clock, out: &mut Out) -> bool {
+        self.advance_with(clock, out, true)
+    }
+
+    fn advance_with(&mut self, clock: Clock, out: &mut Out, bounded: bool) -> bool {
         let rules = &*self.rules;
+        let mut left = false;
         for p in 0..rules.profiles.len() {
-            self.st.expire(rules, p, clock, out);
+            left |= self.st.expire(rules, p, clock, out, bounded);
         }
         self.st.stats.blocks_used =
             u64::from(self.st.arena.blocks_total() - self.st.arena.blocks_free());
+        left
     }
 
+    /// End every open session: the due ones with their reason, the rest with `end_of_input`.
     pub fn finish(&mut self, out: &mut Out) {
+        while self.finish_with(out, false) {}
+    }
+
+    /// [`Engine::finish`] in steps bounded like [`Engine::advance_bounded`]: true while sessions
+    /// are left for another call (after `out` is delivered).
+    pub fn finish_bounded(&mut self, out: &mut Out) -> bool {
+        self.finish_with(out, true)
+    }
+
+    fn finish_with(&mut self, out: &mut Out, bounded: bool) -> bool {
+        if self.advance_with(Clock::Replay, out, bounded) {
+            return true;
+        }
         let rules = &*self.rules;
         let st = &mut self.st;
-        for p in 0..rules.profiles.len() {
-            st.expire(rules, p, Clock::Replay, out);
-        }
-        for s in 0..st.table.capacity() {
+        let mut ended = false;
+        while st.finish_from < st.table.capacity() {
+            let s = st.finish_from;
             if !st.table.is_live(s) || st.table.get(s).flags & FLAG_SUB != 0 {
+                st.finish_from += 1;
                 continue;
             }
+            if bounded && ended && out.half_full() {
+                return true;
+            }
+            ended = true;
+            st.finish_from += 1;
             let p = st.table.get(s).profile as usize;
             let now = st.profile_clock(&rules.profiles[p], p, Clock::Replay);
             let reason = st
@@ -447,8 +488,10 @@ impl Engine {
                 .unwrap_or(EndReason::EndOfInput);
             st.end_session(rules, s, reason, now, out);
         }
+        st.finish_from = 0;
         debug_assert_eq!(st.table.live(), 0);
         st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
+        false
     }
 }
 
@@ -556,18 +599,16 @@ impl State {
         }
     }
 
-    /// Why a top-level session is over at clock `now`, if it is.
+    /// Why a top-level session is over at clock `now`, if it is: the deadline it passed first
+    /// (idle on a tie), so the reason does not depend on how late the expiry runs.
     fn due_reason(&self, rule: &ProfileRule, s: u32, now: i64) -> Option<EndReason> {
         let h = self.table.get(s);
-        if now > h.last_ts + rule.idle_timeout_ms {
-            Some(EndReason::Idle)
-        } else if rule
-            .max_duration_ms
-            .is_some_and(|m| now > h.start_ts.saturating_add(m))
-        {
-            Some(EndReason::MaxDuration)
-        } else {
-            None
+        let idle = h.last_ts + rule.idle_timeout_ms;
+        let max = rule.max_duration_ms.map(|m| h.start_ts.saturating_add(m));
+        match max {
+            Some(m) if m < idle && now > m => Some(EndReason::MaxDuration),
+            _ if now > idle => Some(EndReason::Idle),
+            _ => None,
         }
     }
 
@@ -1008,6 +1049,9 @@ impl State {
                 (Some(slot), Some(data)) => break (slot, data),
                 (Some(slot), None) => self.table.free(slot),
                 _ => {}
+            }
+            if self.end_one_due(rules, clock, out) {
+                continue;
             }
             if self.on_full == OnFull::Reject || !self.make_room(rules, p, now, out) {
                 return None;
@@ -1592,6 +1636,30 @@ impl State {
         self.release(p, s);
     }
 
+    /// End a session whose time has come but that no expiry pass has ended yet (a bounded pass
+    /// leaves some for the next one), found at the front of a wheel, with its own reason: when
+    /// the table or arena is full it makes room before anything is evicted or refused.
+    fn end_one_due(&mut self, rules: &Rules, clock: Clock, out: &mut Out) -> bool {
+        for q in 0..self.wheels.len() {
+            let Some(v) = self.wheels[q].earliest(self.table.heads()) else {
+                continue;
+            };
+            let rule = &rules.profiles[q];
+            let now = self.profile_clock(rule, q, clock);
+            if now == NONE_TS || now <= self.deadline(rules, v) {
+                continue;
+            }
+            let reason = if self.table.get(v).flags & FLAG_SUB != 0 {
+                EndReason::Idle
+            } else {
+                self.due_reason(rule, v, now).unwrap_or(EndReason::Idle)
+            };
+            self.end_session(rules, v, reason, now, out);
+            return true;
+        }
+        false
+    }
+
     /// Evict the session of profile `p` (or any profile) closest to its deadline.
     fn make_room(&mut self, rules: &Rules, p: usize, now: i64, out: &mut Out) -> bool {
         let order = std::iter::once(p).chain((0..self.wheels.len()).filter(|&q| q != p));
@@ -1625,27 +1693,42 @@ impl State {
     }
 
     /// Drain profile `p`'s wheel up to its clock: end what is due, re-link what is not.
-    fn expire(&mut self, rules: &Rules, p: usize, clock: Clock, out: &mut Out) {
+    /// Returns whether `bounded` stopped it with due sessions left (see `advance_bounded`).
+    fn expire(
+        &mut self,
+        rules: &Rules,
+        p: usize,
+        clock: Clock,
+        out: &mut Out,
+        bounded: bool,
+    ) -> bool {
         let rule = &rules.profiles[p];
         let now = self.profile_clock(rule, p, clock);
         if now == NONE_TS {
-            return;
+            return false;
         }
-        self.cow_drain(p, now.div_euclid(1000));
-        let mut s = self.wheels[p].drain_until(self.table.heads_mut(), now.div_euclid(1000));
+        let until_s = now.div_euclid(1000);
+        self.cow_drain(p, until_s);
+        let mut s = self.wheels[p].drain_until(self.table.heads_mut(), until_s);
         self.expired.clear();
         while s != NIL {
             self.expired.push(s);
             s = Wheel::next_detached(self.table.heads(), s);
         }
+        let mut ended = false;
         for i in 0..self.expired.len() {
             let s = self.expired[i];
             // Ending a parent ends its sub-sessions, which may be later in this list.
             if !self.table.is_live(s) || self.wheels[p].is_linked(self.table.heads(), s) {
                 continue;
             }
+            if bounded && ended && out.half_full() {
+                self.requeue_expired(rules, p, i, now, until_s);
+                return true;
+            }
             let deadline = self.deadline(rules, s);
             if now > deadline {
+                ended = true;
                 let h = self.table.get(s);
                 let reason = if h.flags & FLAG_SUB != 0 {
                     EndReason::Idle
@@ -1656,6 +1739,28 @@ impl State {
             } else {
                 self.cow_link(p, s, due_s(deadline));
                 self.wheels[p].link(self.table.heads_mut(), s, due_s(deadline));
+            }
+        }
+        false
+    }
+
+    /// Put the drained sessions from `expired[from..]` that are still live and detached back:
+    /// the due ones at second `until_s`, the one just drained, with the wheel's cursor moved back
+    /// to it so that the next drain takes them first; the others (drained early) at their own
+    /// second, as the pass would have.
+    fn requeue_expired(&mut self, rules: &Rules, p: usize, from: usize, now: i64, until_s: i64) {
+        self.wheels[p].rewind(until_s);
+        for i in from..self.expired.len() {
+            let s = self.expired[i];
+            if self.table.is_live(s) && !self.wheels[p].is_linked(self.table.heads(), s) {
+                let deadline = self.deadline(rules, s);
+                let due = if now > deadline {
+                    until_s
+                } else {
+                    due_s(deadline)
+                };
+                self.cow_link(p, s, due);
+                self.wheels[p].link(self.table.heads_mut(), s, due);
             }
         }
     }

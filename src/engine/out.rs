@@ -42,6 +42,12 @@ impl Out {
         self.recs.len()
     }
 
+    /// Half its reserved bytes or records used: producers of many records at once (a mass
+    /// expiry) stop here and resume after the batch is delivered, so it never grows.
+    pub fn half_full(&self) -> bool {
+        self.buf.len() >= self.buf.capacity() / 2 || self.recs.len() >= self.recs.capacity() / 2
+    }
+
     /// Records in production order: (stream, line bytes including the trailing '\n').
     pub fn iter(&self) -> impl Iterator<Item = (Stream, &[u8])> + '_ {
         let mut start = 0usize;

@@ -337,3 +337,79 @@ max_len = 3
         serde_json::json!({"ip": "1.1.1.1", "ua": "u"})
     );
 }
+
+/// A mass expiry in bounded steps: each step stops at half the output batch's reserved room
+/// (which therefore never grows), the sessions left stay due at the front of the wheel, and the
+/// steps together end exactly the sessions one unbounded pass ends. The same for `finish`.
+#[test]
+fn bounded_expiry_and_finish_end_everything_in_steps_within_the_batch() {
+    let mut r = Rig::new(WEB);
+    for i in 0..600 {
+        r.send(&format!(
+            r#"{{"user":"u{i}","ts":{},"page":"/p"}}"#,
+            1000 + 3 * i
+        ));
+    }
+    r.records();
+    // The sessions whose deadline fell in second 11 are due once this event moves the clock
+    // into second 12 (the wheel drains whole seconds).
+    r.send(r#"{"user":"late","ts":12600}"#);
+    r.records();
+    let mut twin = Rig::new(WEB);
+    for i in 0..600 {
+        twin.send(&format!(
+            r#"{{"user":"u{i}","ts":{},"page":"/p"}}"#,
+            1000 + 3 * i
+        ));
+    }
+    twin.send(r#"{"user":"late","ts":12600}"#);
+    twin.records();
+    twin.engine.advance(Clock::Replay, &mut twin.out);
+    let mut expected: Vec<String> = twin.records().iter().map(|v| v.to_string()).collect();
+    let due = expected.len();
+    assert_eq!(due, 334, "sessions u0..=u333 are due");
+
+    let mut small = Out::with_capacity(8 << 10, 64);
+    let (bytes, recs) = (small.buf.capacity(), small.recs.capacity());
+    let mut got = Vec::new();
+    let mut steps = 0;
+    loop {
+        let left = r.engine.advance_bounded(Clock::Replay, &mut small);
+        assert_eq!(
+            (small.buf.capacity(), small.recs.capacity()),
+            (bytes, recs),
+            "the batch never grows"
+        );
+        got.extend(small.iter().map(|(_, l)| {
+            serde_json::from_slice::<serde_json::Value>(l)
+                .unwrap()
+                .to_string()
+        }));
+        small.clear();
+        steps += 1;
+        if !left {
+            break;
+        }
+    }
+    assert!(
+        steps > 5,
+        "{steps} steps: the batch should have stopped the pass"
+    );
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected);
+    assert_eq!(r.engine.live_sessions() as usize, 601 - due);
+
+    let mut ends = 0;
+    while {
+        let left = r.engine.finish_bounded(&mut small);
+        assert_eq!((small.buf.capacity(), small.recs.capacity()), (bytes, recs));
+        ends += small
+            .iter()
+            .filter(|(_, l)| l.starts_with(br#"{"kind":"session_end""#))
+            .count();
+        small.clear();
+        left
+    } {}
+    assert_eq!((ends, r.engine.live_sessions()), (601 - due, 0));
+}

@@ -142,6 +142,19 @@ impl Wheel {
         self.link(heads, slot, due_s);
     }
 
+    /// Move the cursor back to `until_s` right after `drain_until(until_s)`, so that what is
+    /// linked at `until_s` now fires at the next drain (an expiry pass putting back what it did
+    /// not reach). Entries linked meanwhile stay where they are: one clamped to the old horizon
+    /// shares the bucket of `until_s` and fires early, which the engine handles by re-linking.
+    pub fn rewind(&mut self, until_s: i64) {
+        assert_eq!(
+            self.cursor_s,
+            until_s + 1,
+            "rewind({until_s}) is only valid right after drain_until({until_s})"
+        );
+        self.cursor_s = until_s;
+    }
+
     pub fn is_linked(&self, heads: &[Head], slot: u32) -> bool {
         heads[slot as usize].flags & FLAG_WHEEL_LINKED != 0
     }

@@ -788,7 +788,9 @@ pub async fn recover(
             }
         }
         if r.wall_ms >= last_advance.saturating_add(super::ADVANCE_INTERVAL_MS) {
-            st.advance(r.wall_ms);
+            while st.advance(r.wall_ms) {
+                drain_outputs(st).await;
+            }
             last_advance = r.wall_ms;
         }
         st.replay_line(t.line, r.wall_ms);
@@ -810,7 +812,11 @@ pub async fn recover(
     .map_err(|e| e.to_string())?;
     // The shard must not wait in fdatasync (`persist::log`): its helper thread does.
     log.sync_in_background().map_err(|e| e.to_string())?;
-    st.advance(super::shard::now_ms());
+    // Sessions whose time passed while the process was down end now, a batch at a time.
+    let now = super::shard::now_ms();
+    while st.advance(now) {
+        drain_outputs(st).await;
+    }
     drain_outputs(st).await;
     st.output.set_lossless(false);
     let mut d = Durable::new(

@@ -650,7 +650,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         let mut st = ctx.st.borrow_mut();
         let started = Instant::now();
         if started >= advance_due {
-            st.advance(now);
+            let left = st.advance(now);
             // A busy executor runs the ticker late, and a large expiry burst makes the pass
             // itself long: both delay the end of sessions whose time has come.
             st.c.expiry_lag_us = u64::try_from(
@@ -659,7 +659,12 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
                     .as_micros(),
             )
             .unwrap_or(u64::MAX);
-            advance_due = started + Duration::from_millis(ADVANCE_INTERVAL_MS as u64);
+            // A pass stopped by a full output batch goes on at the next tick, after delivery.
+            advance_due = if left {
+                started
+            } else {
+                started + Duration::from_millis(ADVANCE_INTERVAL_MS as u64)
+            };
         }
         if (!st.out.is_empty() || !st.output.is_idle() || ctx.blocked.get())
             && st.deliver_and_flush()

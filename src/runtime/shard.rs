@@ -509,8 +509,11 @@ impl Shard {
         c.replayed_events = d.stats.replayed;
     }
 
-    pub fn advance(&mut self, now_ms: i64) {
-        self.engine.advance(Clock::Wall(now_ms), &mut self.out);
+    /// One bounded expiry pass (`Engine::advance_bounded`): true when due sessions are left
+    /// for another pass once `out` has been delivered.
+    pub fn advance(&mut self, now_ms: i64) -> bool {
+        self.engine
+            .advance_bounded(Clock::Wall(now_ms), &mut self.out)
     }
 }
 
