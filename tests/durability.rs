@@ -1,7 +1,8 @@
 //! Durability with the real binary: kill -9 under acknowledged load, restart, resend after the
 //! last acknowledgement, and compare the session end markers with a reference computed from
-//! everything the client meant to send; a graceful restart that resumes open sessions; a
-//! corrupt newest snapshot that falls back to the previous generation; the hello protocol.
+//! everything the client meant to send; a graceful restart that resumes open sessions; sessions
+//! that fall due while the process is down, ended at the next start; a corrupt newest snapshot
+//! that falls back to the previous generation; the hello protocol.
 
 mod util;
 
@@ -432,6 +433,68 @@ fn graceful_restart_resumes_open_sessions_from_the_final_snapshot() {
     // Nothing was replayed: the final snapshot covered everything.
     let starts = out.iter().filter(|v| v["kind"] == "session_start").count();
     assert_eq!(starts, 3);
+}
+
+/// Sessions whose idle timeout passes while the process is down end at the next start, each
+/// exactly once with reason `idle`. There are more of them per shard than the shard's output
+/// batch takes at once, so recovery ends them in bounded passes with deliveries in between.
+#[test]
+fn sessions_due_after_downtime_end_once_at_restart_in_bounded_passes() {
+    const USERS: usize = 12_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(r#"idle_timeout = "30m""#, r#"idle_timeout = "4s""#);
+    std::fs::write(&config, text).unwrap();
+    let lines: Vec<String> = (1..=USERS)
+        .map(|n| format!(r#"{{"user":"u{n}","type":"click","n":{n}}}"#))
+        .collect();
+    let p = Proc::start(&config);
+    let t0 = Instant::now();
+    assert_eq!(
+        send_acked(p.tcp_addr(), "d", &lines, 1, Duration::ZERO),
+        USERS as u64
+    );
+    p.terminate();
+    let sent_in = t0.elapsed();
+    let ended_before = output_lines(dir.path())
+        .iter()
+        .filter(|v| v["kind"] == "session_end")
+        .count();
+    assert!(
+        ended_before == 0 || sent_in >= Duration::from_secs(4),
+        "{ended_before} sessions ended before their idle timeout"
+    );
+    std::thread::sleep(Duration::from_secs(5));
+
+    let p = Proc::start(&config);
+    p.terminate();
+    let out = output_lines(dir.path());
+    let mut ends: HashMap<String, (String, u64)> = HashMap::new();
+    for e in out.iter().filter(|v| v["kind"] == "session_end") {
+        let key = e["key"].as_str().unwrap().to_string();
+        let prev = ends.insert(
+            key.clone(),
+            (
+                e["reason"].as_str().unwrap().to_string(),
+                e["count"].as_u64().unwrap(),
+            ),
+        );
+        assert!(prev.is_none(), "the session of {key} ended twice");
+    }
+    assert_eq!(
+        ends.len(),
+        USERS,
+        "every session ended (sent in {sent_in:?})"
+    );
+    assert!(
+        ends.values()
+            .all(|(reason, count)| reason == "idle" && *count == 1),
+        "every session ended idle with its one event"
+    );
+    let starts = out.iter().filter(|v| v["kind"] == "session_start").count();
+    assert_eq!(starts, USERS);
 }
 
 fn session_ids_by_key(dir: &Path) -> HashMap<String, String> {
