@@ -454,7 +454,7 @@ impl Engine {
 
     /// End every open session: the due ones with their reason, the rest with `end_of_input`.
     pub fn finish(&mut self, out: &mut Out) {
-        while self.finish_with(out, false) {}
+        self.finish_with(out, false);
     }
 
     /// [`Engine::finish`] in steps bounded like [`Engine::advance_bounded`]: true while sessions
@@ -609,6 +609,16 @@ impl State {
             Some(m) if m < idle && now > m => Some(EndReason::MaxDuration),
             _ if now > idle => Some(EndReason::Idle),
             _ => None,
+        }
+    }
+
+    /// Why session `s` of `rule`'s wheel, past its deadline at `now`, ends: a sub-session idles
+    /// out; a session ends with the deadline it passed first.
+    fn timed_reason(&self, rule: &ProfileRule, s: u32, now: i64) -> EndReason {
+        if self.table.get(s).flags & FLAG_SUB != 0 {
+            EndReason::Idle
+        } else {
+            self.due_reason(rule, s, now).unwrap_or(EndReason::Idle)
         }
     }
 
@@ -1649,11 +1659,7 @@ impl State {
             if now == NONE_TS || now <= self.deadline(rules, v) {
                 continue;
             }
-            let reason = if self.table.get(v).flags & FLAG_SUB != 0 {
-                EndReason::Idle
-            } else {
-                self.due_reason(rule, v, now).unwrap_or(EndReason::Idle)
-            };
+            let reason = self.timed_reason(rule, v, now);
             self.end_session(rules, v, reason, now, out);
             return true;
         }
@@ -1729,12 +1735,7 @@ impl State {
             let deadline = self.deadline(rules, s);
             if now > deadline {
                 ended = true;
-                let h = self.table.get(s);
-                let reason = if h.flags & FLAG_SUB != 0 {
-                    EndReason::Idle
-                } else {
-                    self.due_reason(rule, s, now).unwrap_or(EndReason::Idle)
-                };
+                let reason = self.timed_reason(rule, s, now);
                 self.end_session(rules, s, reason, now, out);
             } else {
                 self.cow_link(p, s, due_s(deadline));
