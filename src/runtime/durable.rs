@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// In-flight marks per shard; a connection that finds them all taken waits for durability.
 pub const MARKS_MAX: usize = 1 << 14;
@@ -338,6 +338,13 @@ impl Durable {
             log_seq: self.log.last_seq(),
         };
         engine.capture_begin(self.capture_buffers.take().unwrap_or_default());
+        // A new log file starts with the checkpoint, so every earlier file is covered by this
+        // snapshot once it is published (and deleted in turn), and recovery from it opens the
+        // new file without reading through the old ones. If the rotation fails the checkpoint
+        // goes to the current file: recovery reads the same, only further.
+        if let Err(e) = self.log.rotate() {
+            self.log_error(&e);
+        }
         self.producers.checkpoint(&mut self.scratch);
         let mut appended = self.log.append(meta.wall_ms, &self.scratch);
         if appended.is_err() {
@@ -658,23 +665,14 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, 
         }
         glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
-    // The log moves to a new file, so the files before it can go once the snapshot is
-    // published (a failed publish leaves them all: a split log reads the same). With
-    // background syncing this writes and creates, and syncs nothing here.
+    // The log moved to a new file at the cut: the files before it can go once the snapshot is
+    // published (a failed publish leaves them all: a split log reads the same).
     let (dir, log_generation) = {
-        let mut st = ctx.st.borrow_mut();
-        let Some(d) = st.durable.as_mut() else {
+        let st = ctx.st.borrow();
+        let Some(d) = st.durable.as_ref() else {
             w.abort();
             return Ok(None);
         };
-        if let Err(e) = d.log.rotate() {
-            d.log_error(&e);
-            w.abort();
-            d.capture_failed();
-            return Err(format!(
-                "snapshot generation {generation} not published: the log did not rotate: {e}"
-            ));
-        }
         (d.log.dir().to_path_buf(), d.log.generation())
     };
     times.log_us = us_since(t_log);
@@ -721,6 +719,14 @@ pub struct Recovered {
     pub sessions: u64,
     pub replayed: u64,
     pub duplicates: u64,
+    /// Log records the snapshot already covered that recovery read through to reach the rest
+    /// (0 unless a rotation at a snapshot's cut failed).
+    pub read_past: u64,
+    /// Where the time went: finding, mapping and validating the snapshot; restoring it into
+    /// the engine; replaying the log and ending what fell due meanwhile.
+    pub open: Duration,
+    pub restore: Duration,
+    pub replay: Duration,
 }
 
 /// Build the shard's durable state from `dir`: restore the newest valid snapshot, replay the log
@@ -734,7 +740,9 @@ pub async fn recover(
 ) -> Result<Recovered, String> {
     let (id, shards) = (st.id, st.shards);
     let mut rec = Recovered::default();
+    let t = Instant::now();
     let latest = open_latest_with_report(dir, id).map_err(|e| e.to_string())?;
+    rec.open = t.elapsed();
     let mut after = 0;
     let mut generation = 1;
     if let Some(s) = &latest.snapshot {
@@ -747,7 +755,9 @@ pub async fn recover(
                 dir.display()
             ));
         }
+        let t = Instant::now();
         let report = st.engine.restore_from(s.body(), shards, id);
+        rec.restore = t.elapsed();
         if report.dropped() > 0 {
             log::warn!("shard {id}: snapshot restore dropped records: {report:?}");
         }
@@ -763,6 +773,7 @@ pub async fn recover(
         generation = generation.max(g.0 + 1);
     }
     drop(latest);
+    let t_replay = Instant::now();
 
     // What the replay emits re-emits what the crash may have lost (at-least-once): it must
     // not meet a `drop` sink's full queue, so every output waits for room until ingest starts.
@@ -800,6 +811,7 @@ pub async fn recover(
         }
     }
     let report = reader.report();
+    rec.read_past = report.skipped;
     if report.damaged() {
         log::warn!("shard {id}: event log damage handled during recovery: {report:?}");
     }
@@ -828,6 +840,7 @@ pub async fn recover(
         handoffs,
         generation,
     );
+    rec.replay = t_replay.elapsed();
     d.stats.recovered_sessions = rec.sessions;
     d.stats.replayed = rec.replayed;
     st.durable = Some(d);

@@ -539,14 +539,18 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("recovering from {dir}: {e}"))?;
         log::info!(
-            "shard {id}: recovered in {:?}: {} sessions from {}, {} logged events replayed ({} duplicates skipped)",
+            "shard {id}: recovered in {:?}: {} sessions from {}, {} logged events replayed ({} duplicates skipped, {} covered records read past); open {:?}, restore {:?}, replay {:?}",
             t0.elapsed(),
             rec.sessions,
             rec.snapshot
                 .as_ref()
                 .map_or("no snapshot".to_string(), |(p, g)| format!("{} (generation {g})", p.display())),
             rec.replayed,
-            rec.duplicates
+            rec.duplicates,
+            rec.read_past,
+            rec.open,
+            rec.restore,
+            rec.replay
         );
     }
 
