@@ -74,6 +74,22 @@ pub enum Command {
     /// Start the appliance with many open sessions and compare latency with snapshots written
     /// back to back and far apart, in pairs.
     SnapshotLatency(SnapshotLatencyArgs),
+    /// Start the appliance, open many sessions, stop it, and time the restart that recovers
+    /// them against a start on an empty persist directory.
+    ///
+    /// Each round: start the appliance with persistence on (`snapshot_interval` 1 h, so none
+    /// during the preload) and a 30 min idle timeout, send every key once over TCP flat out (no
+    /// logouts: `--keys` open sessions), stop it with SIGTERM (the graceful shutdown writes a
+    /// snapshot per shard), start it on an empty persist directory (the start-up cost with
+    /// nothing to recover), then restart it on the preloaded directory. Fails if the sessions
+    /// recovered differ from the sessions open before the stop.
+    ///
+    /// The figures to compare with the durability target: the slowest shard's `recovered in`
+    /// (the appliance's own measure of loading the snapshot, restoring the sessions and replaying
+    /// the log; shards recover in parallel) and the READY difference (spawn to READY recovering,
+    /// minus spawn to READY on an empty directory: the restart's extra cost as a client sees
+    /// it).
+    Recovery(RecoveryArgs),
 }
 
 fn parse_scaled(text: &str) -> Result<f64, String> {
@@ -473,6 +489,19 @@ pub struct SnapshotLatencyArgs {
     pub transport: Transport,
 }
 
+/// `recovery`: see [`Command::Recovery`].
+#[derive(Args, Debug, serde::Serialize)]
+pub struct RecoveryArgs {
+    #[command(flatten)]
+    pub suite: SuiteArgs,
+    /// Rounds (preload and stop, empty start, recovering start).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Sessions to recover (every key is sent once before the stop).
+    #[arg(long, default_value = "10M", value_parser = parse_count)]
+    pub keys: u64,
+}
+
 /// `--appliance-cores`: a list, or `all` (every online cpu).
 fn appliance_cpus(text: Option<&str>, default: &str) -> Result<Vec<usize>, Failure> {
     let text = text.unwrap_or(default).trim();
@@ -600,6 +629,26 @@ fn snapshot_latency_command(a: &SnapshotLatencyArgs, argv: &[String]) -> Result<
     };
     let setup = suite_setup(&a.suite, "all")?;
     let md = crate::suite::snapshot_latency(&setup, &o, argv)?;
+    print!("{md}");
+    println!("  results in {}", setup.dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn recovery_command(a: &RecoveryArgs, argv: &[String]) -> Result<ExitCode, Failure> {
+    check_range(
+        "--rounds",
+        a.rounds,
+        1,
+        100,
+        "3 rounds at least for a median",
+    )?;
+    check_range("--keys", a.keys, 1, crate::traffic::KEYS_MAX, "e.g. 10M")?;
+    let o = crate::suite::RecoveryOptions {
+        rounds: a.rounds,
+        keys: a.keys,
+    };
+    let setup = suite_setup(&a.suite, "all")?;
+    let md = crate::suite::recovery(&setup, &o, argv)?;
     print!("{md}");
     println!("  results in {}", setup.dir.display());
     Ok(ExitCode::SUCCESS)
@@ -978,6 +1027,7 @@ pub fn dispatch(cli: Cli, argv: &[String]) -> Result<ExitCode, Failure> {
         Command::Reproduce(args) => reproduce_command(&args, argv),
         Command::MetricsCost(args) => metrics_cost_command(&args, argv),
         Command::SnapshotLatency(args) => snapshot_latency_command(&args, argv),
+        Command::Recovery(args) => recovery_command(&args, argv),
         Command::BaselineRecv(args) => {
             let threads = args.threads.unwrap_or_else(cores);
             check_range(

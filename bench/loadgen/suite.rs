@@ -12,6 +12,9 @@
 //! - [`snapshot_latency`]: open-loop latency with many open sessions while snapshots are being
 //!   written back to back, against the same load with persistence on and snapshots far apart,
 //!   and with no persistence at all.
+//! - [`recovery`]: open `keys` sessions, stop (the graceful shutdown snapshots every shard), and
+//!   time the restart that recovers them (spawn to READY, and each shard's own `recovered in`)
+//!   against a start on an empty persist directory; fails if a session is lost.
 //!
 //! Why this shape: the machines these run on are shared and noisy, so no figure stands alone.
 //! Every comparison is made within a round (A then B, minutes apart at most), repeated, and
@@ -219,7 +222,8 @@ fn min_max(values: &[f64]) -> (f64, f64) {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Row {
     pub name: String,
-    /// `rate` (events/s, shown as 1.23M), `ratio`, `ms`, `count`, `pct`.
+    /// `rate` (events/s, shown as 1.23M), `ratio`, `ms`, `s`, `bytes` (shown as 1.23MB),
+    /// `count`, `pct`.
     pub unit: &'static str,
     pub values: Vec<f64>,
     pub median: f64,
@@ -244,6 +248,8 @@ impl Row {
             "rate" => format!("{}/s", svg::short_number((v / 1e3).round() * 1e3)),
             "ratio" => format!("{v:.3}"),
             "ms" => format!("{v:.3} ms"),
+            "s" => format!("{v:.3} s"),
+            "bytes" => format!("{}B", svg::short_number(v)),
             "pct" => format!("{:.1}%", v * 100.0),
             _ => format!("{v:.0}"),
         }
@@ -1253,6 +1259,504 @@ pub fn snapshot_latency(
     Ok(md)
 }
 
+// ---------------------------------------------------------------------------------------------
+// recovery
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecoveryOptions {
+    pub rounds: u32,
+    pub keys: u64,
+}
+
+/// One shard's `shard N: recovered in …` line.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ShardRecovery {
+    pub shard: u32,
+    /// The shard's own measure of its recovery (load the snapshot, restore, replay the log).
+    pub recovered_s: f64,
+    pub sessions: u64,
+    pub replayed: u64,
+    /// Log records the snapshot covered that the shard read through (absent from older builds).
+    pub read_past: Option<u64>,
+    /// The shard's breakdown (absent from older builds): open and validate the snapshot,
+    /// restore it, replay the log.
+    pub open_s: Option<f64>,
+    pub restore_s: Option<f64>,
+    pub replay_s: Option<f64>,
+}
+
+/// One round: preload and stop, start on an empty directory, start on the preloaded one.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecoveryRound {
+    pub label: String,
+    pub keys: u64,
+    /// `sessionizer_sessions_active` once the preload was processed, before the stop.
+    pub sessions_before_stop: u64,
+    /// From the load run's `final snapshot written` lines, by shard.
+    pub final_snapshot_sessions: Vec<u64>,
+    /// Every file in the persist directory after the stop, and the snapshot files among them.
+    pub state_bytes: u64,
+    pub snapshot_bytes: u64,
+    /// SIGTERM to exit of the load run: the drain and the final snapshot of every shard.
+    pub stop_s: f64,
+    /// Spawn to the READY line: on an empty persist directory, then on the preloaded one.
+    pub ready_empty_s: f64,
+    pub ready_recover_s: f64,
+    pub empty_shards: Vec<ShardRecovery>,
+    pub recover_shards: Vec<ShardRecovery>,
+    pub sessions_recovered: u64,
+    pub replayed: u64,
+}
+
+impl RecoveryRound {
+    fn slowest(shards: &[ShardRecovery]) -> f64 {
+        shards
+            .iter()
+            .map(|s| s.recovered_s)
+            .fold(f64::NAN, f64::max)
+    }
+}
+
+/// A Rust `Debug`-formatted `Duration` (`1.234567891s`, `812.3456ms`, `950µs`, `0ns`), in
+/// seconds.
+fn parse_debug_duration(text: &str) -> Option<f64> {
+    let text = text.trim();
+    let (number, scale) = [
+        ("ms", 1e-3),
+        ("µs", 1e-6),
+        ("us", 1e-6),
+        ("ns", 1e-9),
+        ("s", 1.0),
+    ]
+    .into_iter()
+    .find_map(|(unit, scale)| text.strip_suffix(unit).map(|n| (n, scale)))?;
+    let value: f64 = number.parse().ok()?;
+    (value.is_finite() && value >= 0.0).then_some(value * scale)
+}
+
+/// The appliance's `shard {id}: recovered in {:?}: {} sessions from {}, {} logged events
+/// replayed ({} duplicates skipped, {} covered records read past)` lines, by shard (older
+/// builds end at `skipped)`).
+fn recovery_lines(lines: &[String]) -> Vec<ShardRecovery> {
+    const KEY: &str = ": recovered in ";
+    let mut found: Vec<ShardRecovery> = lines
+        .iter()
+        .filter_map(|l| {
+            let at = l.find(KEY)?;
+            let shard = l[..at].rsplit("shard ").next()?.trim().parse().ok()?;
+            let rest = &l[at + KEY.len()..];
+            let (duration, rest) = rest.split_once(": ")?;
+            let (sessions, rest) = rest.split_once(" sessions from ")?;
+            let replayed = rest
+                .rsplit_once(" logged events replayed")?
+                .0
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            let read_past = rest
+                .rsplit_once(" covered records read past")
+                .and_then(|(head, _)| head.rsplit(' ').next()?.parse().ok());
+            let part = |name: &str| {
+                let (_, after) = rest
+                    .split_once(&format!("; {name} "))
+                    .or_else(|| rest.split_once(&format!(", {name} ")))?;
+                parse_debug_duration(after.split(',').next()?)
+            };
+            Some(ShardRecovery {
+                shard,
+                recovered_s: parse_debug_duration(duration)?,
+                sessions: sessions.trim().parse().ok()?,
+                replayed,
+                read_past,
+                open_s: part("open"),
+                restore_s: part("restore"),
+                replay_s: part("replay"),
+            })
+        })
+        .collect();
+    found.sort_by_key(|s| s.shard);
+    found
+}
+
+/// Sessions in each shard's `final snapshot written: generation G: S sessions, …` line.
+fn final_snapshot_sessions(lines: &[String]) -> Vec<u64> {
+    let mut found: Vec<(u32, u64)> = lines
+        .iter()
+        .filter_map(|l| {
+            let (head, rest) = l.split_once(": final snapshot written: generation ")?;
+            let shard = head.rsplit("shard ").next()?.trim().parse().ok()?;
+            let sessions = rest.split_once(": ")?.1.split(' ').next()?.parse().ok()?;
+            Some((shard, sessions))
+        })
+        .collect();
+    found.sort_unstable();
+    found.into_iter().map(|(_, s)| s).collect()
+}
+
+/// (every file, the `snap-*` files) under `dir`, in bytes.
+fn dir_bytes(dir: &Path) -> Result<(u64, u64), String> {
+    let mut total = (0, 0);
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| format!("{}: {e}", entry.path().display()))?;
+        if meta.is_dir() {
+            let (all, snap) = dir_bytes(&entry.path())?;
+            total.0 += all;
+            total.1 += snap;
+        } else {
+            total.0 += meta.len();
+            if entry.file_name().to_string_lossy().starts_with("snap-") {
+                total.1 += meta.len();
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// A persist directory, removed when dropped (they reach gigabytes) unless kept as evidence.
+struct StateDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl StateDir {
+    fn fresh(path: PathBuf) -> StateDir {
+        let _ = std::fs::remove_dir_all(&path);
+        StateDir { path, keep: false }
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Start an appliance and time it from just before the spawn to its READY line.
+fn timed_start(
+    setup: &Setup,
+    label: &str,
+    config: &ConfigSpec,
+) -> Result<(Appliance, f64), String> {
+    let t0 = Instant::now();
+    let app = Appliance::start(&setup.binary, &setup.dir, label, &config.toml())?;
+    Ok((app, t0.elapsed().as_secs_f64()))
+}
+
+/// The `recovered in` line of every shard; they come before READY, so they are in already, but
+/// allow the reader thread a moment.
+fn shard_recoveries(
+    app: &Appliance,
+    label: &str,
+    shards: usize,
+) -> Result<Vec<ShardRecovery>, String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = recovery_lines(&app.lines());
+        if found.len() >= shards {
+            return Ok(found);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{label}: {} of {shards} shards logged `recovered in`; see {}",
+                found.len(),
+                app.log.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn recovery_round(
+    setup: &Setup,
+    o: &RecoveryOptions,
+    label: &str,
+) -> Result<RecoveryRound, String> {
+    let shards = setup.appliance_cpus.len();
+    let per_shard = o.keys.div_ceil(shards as u64);
+    let max_sessions = per_shard + per_shard / 4 + 1024;
+    let arena = (max_sessions * ARENA_BYTES_PER_SESSION).div_ceil(1 << 20) << 20;
+    let mut state = StateDir::fresh(setup.dir.join(format!("{label}-state")));
+    let empty = StateDir::fresh(setup.dir.join(format!("{label}-empty-state")));
+    let config = |dir: &Path| ConfigSpec {
+        cores: setup.cores_toml(),
+        arena_bytes: arena,
+        max_sessions,
+        metrics_publish: Some("1s".to_string()),
+        // No periodic snapshot during the preload: the stop writes the one that is recovered.
+        persist: Some((dir.to_path_buf(), "1h".to_string())),
+        idle_timeout: "30m".to_string(),
+    };
+    let load_cfg = config(&state.path);
+
+    // 1. Preload every key once over TCP (no logouts): `keys` open sessions. Then stop.
+    let app = Appliance::start(
+        &setup.binary,
+        &setup.dir,
+        &format!("{label}-load"),
+        &load_cfg.toml(),
+    )?;
+    let url = app.metrics_url().ok_or("no metrics endpoint")?;
+    let preload_model = SessionModel {
+        gap_mean_ns: 0,
+        pause_ns: 0,
+        burst_mean: 1.0,
+    };
+    let preload = spec(
+        &format!("{label} preload"),
+        click(o.keys, preload_model, 0),
+        setup.seed,
+        plan(
+            Transport::Tcp,
+            app.listener("tcp")?,
+            0.0,
+            None,
+            Some(o.keys),
+        ),
+        None,
+        None,
+    );
+    run::execute(&preload, serde_json::Value::Null)?;
+    let deadline = Instant::now() + PRELOAD_WAIT;
+    let waited = |what: &str| -> Result<(), String> {
+        if Instant::now() >= deadline {
+            return Err(format!("{label}: {what} within {PRELOAD_WAIT:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    };
+    loop {
+        let body = scrape::http_get(&url)?;
+        if metric(&body, "sessionizer_events_in_total") >= o.keys as f64 {
+            break;
+        }
+        waited("the preload was not processed")?;
+    }
+    // An event is counted in where it is read and opens its session on the shard that owns the
+    // key, after a hand-off: wait until the gauge has reached the keys or stopped moving (the
+    // same value in two publications in a row).
+    let mut last = f64::NAN;
+    let sessions_before_stop = loop {
+        let active = metric(&scrape::http_get(&url)?, "sessionizer_sessions_active");
+        if active >= o.keys as f64 || active == last {
+            break active as u64;
+        }
+        last = active;
+        waited("the open sessions did not settle")?;
+        std::thread::sleep(Duration::from_millis(900));
+    };
+    let log = app.log.clone();
+    let stopped = app.stop()?;
+    let final_sessions = final_snapshot_sessions(
+        &std::fs::read_to_string(&log)
+            .map_err(|e| format!("{}: {e}", log.display()))?
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>(),
+    );
+    let (state_bytes, snapshot_bytes) = dir_bytes(&state.path)?;
+    std::thread::sleep(BETWEEN_RUNS);
+
+    // 2. The start-up cost without anything to recover.
+    let (app, ready_empty_s) = timed_start(setup, &format!("{label}-empty"), &config(&empty.path))?;
+    let empty_shards = shard_recoveries(&app, &format!("{label}-empty"), shards)?;
+    app.stop()?;
+    drop(empty);
+    std::thread::sleep(BETWEEN_RUNS);
+
+    // 3. The restart on the preloaded directory.
+    let (app, ready_recover_s) = timed_start(setup, &format!("{label}-recover"), &load_cfg)?;
+    let recover_shards = shard_recoveries(&app, &format!("{label}-recover"), shards);
+    app.stop()?;
+    let recover_shards = recover_shards?;
+    let sessions_recovered = recover_shards.iter().map(|s| s.sessions).sum();
+    let round = RecoveryRound {
+        label: label.to_string(),
+        keys: o.keys,
+        sessions_before_stop,
+        final_snapshot_sessions: final_sessions,
+        state_bytes,
+        snapshot_bytes,
+        stop_s: stopped.stop_s,
+        ready_empty_s,
+        ready_recover_s,
+        replayed: recover_shards.iter().map(|s| s.replayed).sum(),
+        empty_shards,
+        recover_shards,
+        sessions_recovered,
+    };
+    if sessions_recovered != sessions_before_stop {
+        state.keep = true;
+        return Err(format!(
+            "{label}: RECOVERY LOST OR INVENTED SESSIONS: {sessions_before_stop} open before the stop \
+             (sessions_active), {sessions_recovered} recovered ({:?} by shard; the final snapshots \
+             held {:?}); the state is kept in {} and the log in {}",
+            round.recover_shards.iter().map(|s| s.sessions).collect::<Vec<_>>(),
+            round.final_snapshot_sessions,
+            state.path.display(),
+            setup.dir.join(format!("{label}-recover.log")).display()
+        ));
+    }
+    Ok(round)
+}
+
+/// Rounds of (preload `keys` sessions and stop, start on an empty directory, restart on the
+/// preloaded one): the time a restart takes to recover them.
+pub fn recovery(setup: &Setup, o: &RecoveryOptions, argv: &[String]) -> Result<String, String> {
+    let mut rounds: Vec<RecoveryRound> = Vec::new();
+    for r in 1..=o.rounds {
+        if crate::interrupted() {
+            break;
+        }
+        eprintln!("recovery: round {r}/{}", o.rounds);
+        let round = recovery_round(setup, o, &format!("recovery-{r}"))?;
+        eprintln!(
+            "recovery: round {r}: {} sessions, {:.1} MB of snapshots; stop {:.3} s; READY {:.3} s empty, {:.3} s recovering; slowest shard recovered in {:.3} s",
+            round.sessions_recovered,
+            round.snapshot_bytes as f64 / 1e6,
+            round.stop_s,
+            round.ready_empty_s,
+            round.ready_recover_s,
+            RecoveryRound::slowest(&round.recover_shards)
+        );
+        rounds.push(round);
+        std::thread::sleep(BETWEEN_RUNS);
+    }
+    let each = |f: &dyn Fn(&RecoveryRound) -> f64| rounds.iter().map(f).collect::<Vec<f64>>();
+    let mut rows = vec![
+        Row::new("keys preloaded", "count", each(&|r| r.keys as f64)),
+        Row::new(
+            "open sessions before the stop",
+            "count",
+            each(&|r| r.sessions_before_stop as f64),
+        ),
+        Row::new(
+            "sessions recovered (all shards)",
+            "count",
+            each(&|r| r.sessions_recovered as f64),
+        ),
+        Row::new(
+            "logged events replayed at the restart",
+            "count",
+            each(&|r| r.replayed as f64),
+        ),
+        Row::new(
+            "covered log records read past at the restart",
+            "count",
+            each(&|r| {
+                r.recover_shards
+                    .iter()
+                    .map(|s| s.read_past.map_or(f64::NAN, |n| n as f64))
+                    .sum()
+            }),
+        ),
+        Row::new(
+            "snapshot files on disk after the stop",
+            "bytes",
+            each(&|r| r.snapshot_bytes as f64),
+        ),
+        Row::new(
+            "persist directory after the stop (snapshots + log)",
+            "bytes",
+            each(&|r| r.state_bytes as f64),
+        ),
+        Row::new(
+            "stop: SIGTERM to exit, incl. the final snapshot",
+            "s",
+            each(&|r| r.stop_s),
+        ),
+        Row::new(
+            "READY, empty persist directory",
+            "s",
+            each(&|r| r.ready_empty_s),
+        ),
+        Row::new("READY, recovering", "s", each(&|r| r.ready_recover_s)),
+        Row::new(
+            "READY difference (recovering − empty)",
+            "s",
+            each(&|r| r.ready_recover_s - r.ready_empty_s),
+        ),
+        Row::new(
+            "slowest shard's \"recovered in\", empty directory",
+            "s",
+            each(&|r| RecoveryRound::slowest(&r.empty_shards)),
+        ),
+        Row::new(
+            "slowest shard's \"recovered in\", recovering",
+            "s",
+            each(&|r| RecoveryRound::slowest(&r.recover_shards)),
+        ),
+    ];
+    let shard_ids: Vec<u32> = rounds
+        .first()
+        .map(|r| r.recover_shards.iter().map(|s| s.shard).collect())
+        .unwrap_or_default();
+    for (name, f) in [
+        (
+            "open",
+            (|s: &ShardRecovery| s.open_s) as fn(&ShardRecovery) -> Option<f64>,
+        ),
+        ("restore", |s| s.restore_s),
+        ("replay", |s| s.replay_s),
+    ] {
+        rows.push(Row::new(
+            format!("slowest shard's {name} (its own breakdown)"),
+            "s",
+            each(&|r| {
+                r.recover_shards
+                    .iter()
+                    .map(|s| f(s).unwrap_or(f64::NAN))
+                    .fold(f64::NAN, f64::max)
+            }),
+        ));
+    }
+    for id in shard_ids {
+        let of = |r: &RecoveryRound| {
+            r.recover_shards
+                .iter()
+                .find(|s| s.shard == id)
+                .map_or(f64::NAN, |s| s.recovered_s)
+        };
+        let sessions = |r: &RecoveryRound| {
+            r.recover_shards
+                .iter()
+                .find(|s| s.shard == id)
+                .map_or(f64::NAN, |s| s.sessions as f64)
+        };
+        rows.push(Row::new(
+            format!("shard {id}: \"recovered in\""),
+            "s",
+            each(&of),
+        ));
+        rows.push(Row::new(
+            format!("shard {id}: sessions recovered"),
+            "count",
+            each(&sessions),
+        ));
+    }
+    let md = table(&rows);
+    let shards = setup.appliance_cpus.len() as u64;
+    let per_shard = o.keys.div_ceil(shards);
+    let json = serde_json::json!({
+        "command": "recovery",
+        "started_utc": report::utc_now(),
+        "options": o,
+        "placement": { "appliance_cpus": setup.appliance_cpus, "client_cpus": setup.client_cpus },
+        "max_sessions_per_shard": per_shard + per_shard / 4 + 1024,
+        "rounds": rounds,
+        "rows": rows,
+    });
+    write_results(setup, argv, "recovery.json", &json, &md, &[])?;
+    Ok(md)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1284,5 +1788,72 @@ mod tests {
                 (60.2, 0.412, 500.0)
             ]
         );
+    }
+
+    #[test]
+    fn debug_durations_are_read_back() {
+        let close = |text: &str, want: f64| {
+            let got = parse_debug_duration(text).unwrap_or_else(|| panic!("{text:?}"));
+            assert!(
+                (got - want).abs() <= want * 1e-12,
+                "{text:?}: {got} != {want}"
+            );
+        };
+        close("1.234567891s", 1.234567891);
+        close("2s", 2.0);
+        close("812.3456ms", 0.8123456);
+        close("950µs", 950e-6);
+        close("12.5us", 12.5e-6);
+        close("100ns", 100e-9);
+        assert_eq!(parse_debug_duration("0ns"), Some(0.0));
+        // Formatting a Duration with `{:?}` reads back.
+        for d in [
+            Duration::new(3, 141_592_653),
+            Duration::from_micros(81_234),
+            Duration::from_nanos(950_123),
+            Duration::from_nanos(7),
+        ] {
+            close(&format!("{d:?}"), d.as_secs_f64());
+        }
+        for bad in ["", "s", "ms", "1.5", "1.5 min", "-1s", "fast"] {
+            assert_eq!(parse_debug_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn recovery_lines_are_read_back() {
+        let lines = [
+            "[2026-12-06T10:00:00.000Z INFO  sessionizer::runtime] shard 1: recovered in 1.234567891s: 5000000 sessions from /tmp/s/snap-1-3.szs (generation 3), 0 logged events replayed (0 duplicates skipped, 7 covered records read past); open 101.5ms, restore 1.0235s, replay 3.2µs",
+            "[2026-12-06T10:00:00.000Z INFO  sessionizer::runtime] shard 0: recovered in 812.3456ms: 4999999 sessions from /tmp/s/snap-0-3.szs (generation 3), 12 logged events replayed (2 duplicates skipped)",
+            "[2026-12-06T10:00:00.000Z INFO  sessionizer::runtime] shard 2: recovered in 950µs: 0 sessions from no snapshot, 0 logged events replayed (0 duplicates skipped)",
+            "READY {}",
+        ]
+        .map(String::from);
+        let got = recovery_lines(&lines);
+        assert_eq!(got.len(), 3);
+        assert_eq!(
+            got.iter()
+                .map(|s| (s.shard, s.sessions, s.replayed))
+                .collect::<Vec<_>>(),
+            vec![(0, 4_999_999, 12), (1, 5_000_000, 0), (2, 0, 0)]
+        );
+        assert_eq!(
+            got.iter().map(|s| s.read_past).collect::<Vec<_>>(),
+            vec![None, Some(7), None]
+        );
+        assert_eq!(got[1].open_s, Some(0.1015));
+        assert_eq!(got[1].restore_s, Some(1.0235));
+        assert!((got[1].replay_s.unwrap() - 3.2e-6).abs() < 1e-15);
+        assert_eq!(got[0].open_s, None);
+        assert!((got[0].recovered_s - 0.8123456).abs() < 1e-12);
+        assert!((got[1].recovered_s - 1.234567891).abs() < 1e-12);
+        assert!((got[2].recovered_s - 950e-6).abs() < 1e-15);
+        let fin = [
+            "[..] shard 1: final snapshot written: generation 4: 5000000 sessions, 61234567 bytes in 400.0 ms (capture 40.5 ms)",
+            "[..] shard 0: final snapshot written: generation 4: 4999999 sessions, 61234567 bytes in 400.0 ms (capture 40.5 ms)",
+            "[..] shard 0: snapshot written: generation 3: 7 sessions, 1 bytes in 1.0 ms (capture 0.1 ms)",
+        ]
+        .map(String::from);
+        assert_eq!(final_snapshot_sessions(&fin), vec![4_999_999, 5_000_000]);
     }
 }
