@@ -1026,6 +1026,53 @@ fn snapshot_lines(lines: &[String]) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
+/// `(max_sessions, arena_bytes)` per shard for `keys` open sessions over the appliance's shards,
+/// with a quarter to spare.
+fn open_sessions_sizing(setup: &Setup, keys: u64) -> (u64, u64) {
+    let per_shard = keys.div_ceil(setup.appliance_cpus.len() as u64);
+    let max_sessions = per_shard + per_shard / 4 + 1024;
+    let arena = (max_sessions * ARENA_BYTES_PER_SESSION).div_ceil(1 << 20) << 20;
+    (max_sessions, arena)
+}
+
+/// Send every one of `keys` keys once, flat out over TCP (lossless), no logouts: `keys` open
+/// sessions. Waits until the appliance has read them all; returns that `/metrics` body.
+fn preload_keys(
+    setup: &Setup,
+    app: &Appliance,
+    url: &str,
+    label: &str,
+    keys: u64,
+    deadline: Instant,
+) -> Result<String, String> {
+    let preload_model = SessionModel {
+        gap_mean_ns: 0,
+        pause_ns: 0,
+        burst_mean: 1.0,
+    };
+    let preload = spec(
+        &format!("{label} preload"),
+        click(keys, preload_model, 0),
+        setup.seed,
+        plan(Transport::Tcp, app.listener("tcp")?, 0.0, None, Some(keys)),
+        None,
+        None,
+    );
+    run::execute(&preload, serde_json::Value::Null)?;
+    loop {
+        let body = scrape::http_get(url)?;
+        if metric(&body, "sessionizer_events_in_total") >= keys as f64 {
+            return Ok(body);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{label}: the preload was not processed within {PRELOAD_WAIT:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// `interval`: `persist.snapshot_interval`, or `None` for no `[persist]` section at all.
 fn snapshot_run(
     setup: &Setup,
@@ -1034,9 +1081,7 @@ fn snapshot_run(
     interval: Option<&str>,
 ) -> Result<SnapshotRun, String> {
     let shards = setup.appliance_cpus.len() as u64;
-    let per_shard = o.keys.div_ceil(shards);
-    let max_sessions = per_shard + per_shard / 4 + 1024;
-    let arena = (max_sessions * ARENA_BYTES_PER_SESSION).div_ceil(1 << 20) << 20;
+    let (max_sessions, arena) = open_sessions_sizing(setup, o.keys);
     let state = setup.dir.join(format!("{label}-state"));
     let _ = std::fs::remove_dir_all(&state);
     let config = ConfigSpec {
@@ -1049,40 +1094,14 @@ fn snapshot_run(
     };
     let app = Appliance::start(&setup.binary, &setup.dir, label, &config.toml())?;
     let url = app.metrics_url().ok_or("no metrics endpoint")?;
-    // Preload: every key once, flat out over TCP (lossless), no logouts: `keys` open sessions.
-    let preload_model = SessionModel {
-        gap_mean_ns: 0,
-        pause_ns: 0,
-        burst_mean: 1.0,
-    };
-    let preload = spec(
-        &format!("{label} preload"),
-        click(o.keys, preload_model, 0),
-        setup.seed,
-        plan(
-            Transport::Tcp,
-            app.listener("tcp")?,
-            0.0,
-            None,
-            Some(o.keys),
-        ),
-        None,
-        None,
-    );
-    run::execute(&preload, serde_json::Value::Null)?;
-    let deadline = Instant::now() + PRELOAD_WAIT;
-    let before = loop {
-        let body = scrape::http_get(&url)?;
-        if metric(&body, "sessionizer_events_in_total") >= o.keys as f64 {
-            break body;
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "{label}: the preload was not processed within {PRELOAD_WAIT:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let before = preload_keys(
+        setup,
+        &app,
+        &url,
+        label,
+        o.keys,
+        Instant::now() + PRELOAD_WAIT,
+    )?;
     let lines_before = app.lines().len();
     let measured = spec(
         label,
@@ -1480,9 +1499,7 @@ fn recovery_round(
     label: &str,
 ) -> Result<RecoveryRound, String> {
     let shards = setup.appliance_cpus.len();
-    let per_shard = o.keys.div_ceil(shards as u64);
-    let max_sessions = per_shard + per_shard / 4 + 1024;
-    let arena = (max_sessions * ARENA_BYTES_PER_SESSION).div_ceil(1 << 20) << 20;
+    let (max_sessions, arena) = open_sessions_sizing(setup, o.keys);
     let mut state = StateDir::fresh(setup.dir.join(format!("{label}-state")));
     let empty = StateDir::fresh(setup.dir.join(format!("{label}-empty-state")));
     let config = |dir: &Path| ConfigSpec {
@@ -1504,27 +1521,8 @@ fn recovery_round(
         &load_cfg.toml(),
     )?;
     let url = app.metrics_url().ok_or("no metrics endpoint")?;
-    let preload_model = SessionModel {
-        gap_mean_ns: 0,
-        pause_ns: 0,
-        burst_mean: 1.0,
-    };
-    let preload = spec(
-        &format!("{label} preload"),
-        click(o.keys, preload_model, 0),
-        setup.seed,
-        plan(
-            Transport::Tcp,
-            app.listener("tcp")?,
-            0.0,
-            None,
-            Some(o.keys),
-        ),
-        None,
-        None,
-    );
-    run::execute(&preload, serde_json::Value::Null)?;
     let deadline = Instant::now() + PRELOAD_WAIT;
+    preload_keys(setup, &app, &url, label, o.keys, deadline)?;
     let waited = |what: &str| -> Result<(), String> {
         if Instant::now() >= deadline {
             return Err(format!("{label}: {what} within {PRELOAD_WAIT:?}"));
@@ -1532,13 +1530,6 @@ fn recovery_round(
         std::thread::sleep(Duration::from_millis(200));
         Ok(())
     };
-    loop {
-        let body = scrape::http_get(&url)?;
-        if metric(&body, "sessionizer_events_in_total") >= o.keys as f64 {
-            break;
-        }
-        waited("the preload was not processed")?;
-    }
     // An event is counted in where it is read and opens its session on the shard that owns the
     // key, after a hand-off: wait until the gauge has reached the keys or stopped moving (the
     // same value in two publications in a row).
@@ -1742,14 +1733,12 @@ pub fn recovery(setup: &Setup, o: &RecoveryOptions, argv: &[String]) -> Result<S
         ));
     }
     let md = table(&rows);
-    let shards = setup.appliance_cpus.len() as u64;
-    let per_shard = o.keys.div_ceil(shards);
     let json = serde_json::json!({
         "command": "recovery",
         "started_utc": report::utc_now(),
         "options": o,
         "placement": { "appliance_cpus": setup.appliance_cpus, "client_cpus": setup.client_cpus },
-        "max_sessions_per_shard": per_shard + per_shard / 4 + 1024,
+        "max_sessions_per_shard": open_sessions_sizing(setup, o.keys).0,
         "rounds": rounds,
         "rows": rows,
     });
