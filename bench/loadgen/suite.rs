@@ -1324,11 +1324,17 @@ pub struct RecoveryRound {
     pub ready_recover_s: f64,
     pub empty_shards: Vec<ShardRecovery>,
     pub recover_shards: Vec<ShardRecovery>,
-    pub sessions_recovered: u64,
-    pub replayed: u64,
 }
 
 impl RecoveryRound {
+    fn sessions_recovered(&self) -> u64 {
+        self.recover_shards.iter().map(|s| s.sessions).sum()
+    }
+
+    fn replayed(&self) -> u64 {
+        self.recover_shards.iter().map(|s| s.replayed).sum()
+    }
+
     fn slowest(shards: &[ShardRecovery]) -> f64 {
         shards
             .iter()
@@ -1469,28 +1475,22 @@ fn timed_start(
     Ok((app, t0.elapsed().as_secs_f64()))
 }
 
-/// The `recovered in` line of every shard; they come before READY, so they are in already, but
-/// allow the reader thread a moment.
+/// The `recovered in` line of every shard. Each shard logs it before READY, and the lines are
+/// kept in order, so once `Appliance::start` has seen READY they are all in.
 fn shard_recoveries(
     app: &Appliance,
     label: &str,
     shards: usize,
 ) -> Result<Vec<ShardRecovery>, String> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let found = recovery_lines(&app.lines());
-        if found.len() >= shards {
-            return Ok(found);
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "{label}: {} of {shards} shards logged `recovered in`; see {}",
-                found.len(),
-                app.log.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let found = recovery_lines(&app.lines());
+    if found.len() < shards {
+        return Err(format!(
+            "{label}: {} of {shards} shards logged `recovered in`; see {}",
+            found.len(),
+            app.log.display()
+        ));
     }
+    Ok(found)
 }
 
 fn recovery_round(
@@ -1566,8 +1566,6 @@ fn recovery_round(
     let (app, ready_recover_s) = timed_start(setup, &format!("{label}-recover"), &load_cfg)?;
     let recover_shards = shard_recoveries(&app, &format!("{label}-recover"), shards);
     app.stop()?;
-    let recover_shards = recover_shards?;
-    let sessions_recovered = recover_shards.iter().map(|s| s.sessions).sum();
     let round = RecoveryRound {
         label: label.to_string(),
         keys: o.keys,
@@ -1578,11 +1576,10 @@ fn recovery_round(
         stop_s: stopped.stop_s,
         ready_empty_s,
         ready_recover_s,
-        replayed: recover_shards.iter().map(|s| s.replayed).sum(),
         empty_shards,
-        recover_shards,
-        sessions_recovered,
+        recover_shards: recover_shards?,
     };
+    let sessions_recovered = round.sessions_recovered();
     if sessions_recovered != sessions_before_stop {
         state.keep = true;
         return Err(format!(
@@ -1610,7 +1607,7 @@ pub fn recovery(setup: &Setup, o: &RecoveryOptions, argv: &[String]) -> Result<S
         let round = recovery_round(setup, o, &format!("recovery-{r}"))?;
         eprintln!(
             "recovery: round {r}: {} sessions, {:.1} MB of snapshots; stop {:.3} s; READY {:.3} s empty, {:.3} s recovering; slowest shard recovered in {:.3} s",
-            round.sessions_recovered,
+            round.sessions_recovered(),
             round.snapshot_bytes as f64 / 1e6,
             round.stop_s,
             round.ready_empty_s,
@@ -1631,12 +1628,12 @@ pub fn recovery(setup: &Setup, o: &RecoveryOptions, argv: &[String]) -> Result<S
         Row::new(
             "sessions recovered (all shards)",
             "count",
-            each(&|r| r.sessions_recovered as f64),
+            each(&|r| r.sessions_recovered() as f64),
         ),
         Row::new(
             "logged events replayed at the restart",
             "count",
-            each(&|r| r.replayed as f64),
+            each(&|r| r.replayed() as f64),
         ),
         Row::new(
             "covered log records read past at the restart",
