@@ -26,6 +26,7 @@ pub mod numa;
 pub mod out;
 pub mod payload;
 pub mod prefetch;
+pub mod restore;
 pub mod rules;
 pub mod snapshot;
 pub mod table;
