@@ -18,7 +18,9 @@ use proptest::prelude::*;
 use sessionizer::config::Config;
 use sessionizer::decode::Decoder;
 use sessionizer::engine::rules::Rules;
-use sessionizer::engine::snapshot::{ArchivedSnapshotBody, CaptureBuffers, SnapshotMeta};
+use sessionizer::engine::snapshot::{
+    ArchivedSnapshotBody, CaptureBuffers, SnapshotMeta, RECORD_FLAG_SUB,
+};
 use sessionizer::engine::{route, Clock, Engine, Out, Route};
 use sessionizer::persist::snapshot_file::access_body;
 
@@ -525,6 +527,74 @@ fn sliced(
     Ok(())
 }
 
+/// Ways to make an archive that exact mode cannot reproduce but compact mode restores whole,
+/// each found at another point of the exact import.
+#[derive(Clone, Copy, Debug)]
+enum Forgery {
+    /// The last sub-session's `link` no longer names its parent: found at that record, after
+    /// most records are in place.
+    SubLink,
+    /// The free list misses a slot: found after every record is in place.
+    FreeList,
+}
+
+/// An exact import that fails part-way is undone, and the archive is restored compactly: as
+/// many sessions and arena blocks as an exact restore of the intact archive, and after the same
+/// events the same session ends as the original.
+fn undone_exact(
+    prefix: &[EvSpec],
+    suffix: &[EvSpec],
+    forgery: Forgery,
+) -> Result<(), TestCaseError> {
+    let mut t0 = 1_700_000_000_000i64;
+    let (prefix, mut suffix) = (render(prefix, &mut t0), render(suffix, &mut t0));
+    suffix.extend(ticks(t0 + 3_600_000, 1));
+    let mut original = Cluster::new(1);
+    for s in &prefix {
+        original.step(s);
+    }
+    let mut bufs = original.snapshot();
+    let old = old_ids(&bufs);
+    // (offset in the archive, forged value) of a little-endian u32.
+    let patch = {
+        let body = access_body(&bufs[0]).expect("a fresh snapshot validates");
+        let offset =
+            |field: &rkyv::rend::u32_le| field as *const _ as usize - bufs[0].as_ptr() as usize;
+        match forgery {
+            Forgery::SubLink => body
+                .records
+                .iter()
+                .rev()
+                .find(|r| r.flags & RECORD_FLAG_SUB != 0)
+                .map(|r| (offset(&r.link), r.link.to_native() ^ 1)),
+            Forgery::FreeList => body
+                .free_runs
+                .last()
+                .map(|run| (offset(&run.len), run.len.to_native() - 1)),
+        }
+    };
+    let Some((at, value)) = patch else {
+        return Ok(());
+    };
+    bufs[0][at..at + 4].copy_from_slice(&value.to_le_bytes());
+    let (reference, _) = restore(&original.snapshot(), 1);
+    let (mut restored, exact) = restore(&bufs, 1);
+    prop_assert_eq!(exact, vec![false]);
+    let (a, b) = (&reference.engines[0], &restored.engines[0]);
+    prop_assert_eq!(a.live_sessions(), b.live_sessions());
+    prop_assert_eq!(a.stats().blocks_used, b.stats().blocks_used);
+    prop_assert_eq!(&a.stats().active_by_profile, &b.stats().active_by_profile);
+    original.lines[0].clear();
+    for s in &suffix {
+        original.step(s);
+        restored.step(s);
+    }
+    original.finish();
+    restored.finish();
+    prop_assert_eq!(ends(&original, &old), ends(&restored, &old));
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -551,6 +621,16 @@ proptest! {
     #[test]
     fn one_shard_restores_byte_for_byte(prefix in prop::collection::vec(ev_spec(60_000), 0..120), suffix in prop::collection::vec(ev_spec(60_000), 0..80)) {
         one_to_one(&prefix, &suffix)?;
+    }
+
+    #[test]
+    fn exact_import_undone_at_a_record_restores_compactly(prefix in prop::collection::vec(ev_spec(5_000), 1..120), suffix in prop::collection::vec(ev_spec(5_000), 0..80)) {
+        undone_exact(&prefix, &suffix, Forgery::SubLink)?;
+    }
+
+    #[test]
+    fn exact_import_undone_after_every_record_restores_compactly(prefix in prop::collection::vec(ev_spec(5_000), 1..120), suffix in prop::collection::vec(ev_spec(5_000), 0..80)) {
+        undone_exact(&prefix, &suffix, Forgery::FreeList)?;
     }
 
     #[test]

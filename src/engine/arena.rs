@@ -90,13 +90,7 @@ impl Arena {
 
         // From here on `arena` owns the mapping, so an early return or a panic unmaps it.
         let next: Box<[u32]> = (0..blocks_total)
-            .map(|block| {
-                if block + 1 == blocks_total {
-                    NIL
-                } else {
-                    block + 1
-                }
-            })
+            .map(|block| Self::initial_next(block, blocks_total))
             .collect();
         let arena = Arena {
             base,
@@ -135,6 +129,26 @@ impl Arena {
         Ok(arena)
     }
 
+    /// A fresh arena's free list runs through the blocks in ascending order.
+    fn initial_next(block: u32, blocks_total: u32) -> u32 {
+        if block + 1 == blocks_total {
+            NIL
+        } else {
+            block + 1
+        }
+    }
+
+    /// Frees every chain at once: the free list is as `new` left it. The mapping is kept (a
+    /// block is zeroed when it is next taken).
+    pub fn reset(&mut self) {
+        let blocks_total = self.blocks_total;
+        for (block, next) in (0..blocks_total).zip(self.next.iter_mut()) {
+            *next = Self::initial_next(block, blocks_total);
+        }
+        self.free_head = 0;
+        self.blocks_free = blocks_total;
+    }
+
     pub fn block_bytes(&self) -> u32 {
         self.block_bytes
     }
@@ -163,6 +177,38 @@ impl Arena {
             return None;
         }
         let handle = self.take(blocks);
+        debug_assert!(handle < self.blocks_total);
+        Some(handle)
+    }
+
+    /// `alloc(src.len())` then `write(handle, 0, src)`, storing each byte once: only the last
+    /// block's bytes past `src` are zeroed. For bulk imports, where the copy is the cost.
+    pub fn alloc_copy(&mut self, src: &[u8]) -> Option<u32> {
+        let blocks = self.blocks_for(src.len());
+        if blocks > self.blocks_free {
+            return None;
+        }
+        let block_bytes = self.block_bytes as usize;
+        let handle = if self.free_prefix_is_consecutive(blocks) {
+            // One copy for the whole chain: in a fresh arena, as at restore, it always is.
+            let first = self.free_head;
+            // SAFETY: blocks `first..first + blocks` are distinct blocks of the arena, so all
+            // `blocks * block_bytes` bytes from the first one's start lie in the mapping; they
+            // are free, so no chain (and no slice handed out) covers them, and `&mut self` is held.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(self.block_ptr(first), blocks as usize * block_bytes)
+            };
+            dst[..src.len()].copy_from_slice(src);
+            dst[src.len()..].fill(0);
+            self.take_with(blocks, |_| {})
+        } else {
+            let mut pieces = src.chunks(block_bytes);
+            self.take_with(blocks, |dst| {
+                let piece = pieces.next().unwrap_or_default();
+                dst[..piece.len()].copy_from_slice(piece);
+                dst[piece.len()..].fill(0);
+            })
+        };
         debug_assert!(handle < self.blocks_total);
         Some(handle)
     }
@@ -285,13 +331,24 @@ impl Arena {
     /// Pops `blocks` zeroed blocks off the free list as one chain and returns its first block.
     /// The chain is the free list's prefix, so this needs no relinking beyond cutting it off.
     fn take(&mut self, blocks: u32) -> u32 {
+        self.take_with(blocks, |block| block.fill(0))
+    }
+
+    /// [`Arena::take`], with each block's bytes, in chain order, set by `fill` instead of zeroed.
+    fn take_with(&mut self, blocks: u32, mut fill: impl FnMut(&mut [u8])) -> u32 {
         assert!(blocks > 0);
         assert!(blocks <= self.blocks_free);
         let first = self.free_head;
         let mut block = first;
         for taken in 1..=blocks {
             debug_assert_ne!(block, NIL, "free list shorter than blocks_free");
-            self.zero_block(block);
+            // SAFETY: `block` came off the free list, so `block < blocks_total` and
+            // `block_bytes` bytes from its start lie in the mapping; `&mut self` is held and no
+            // chain (so no slice handed out) covers a free block.
+            let bytes = unsafe {
+                std::slice::from_raw_parts_mut(self.block_ptr(block), self.block_bytes as usize)
+            };
+            fill(bytes);
             if taken < blocks {
                 block = self.next[block as usize];
             }
@@ -301,6 +358,20 @@ impl Arena {
         self.blocks_free -= blocks;
         debug_assert!(self.blocks_free == 0 || self.free_head != NIL);
         first
+    }
+
+    /// Whether the first `blocks` blocks of the free list (at least that many are free) are
+    /// consecutive in memory.
+    fn free_prefix_is_consecutive(&self, blocks: u32) -> bool {
+        let mut block = self.free_head;
+        for _ in 1..blocks {
+            let next = self.next[block as usize];
+            if next != block + 1 {
+                return false;
+            }
+            block = next;
+        }
+        true
     }
 
     /// Pushes the chain starting at `first` onto the front of the free list; returns its length.
@@ -412,14 +483,6 @@ impl Arena {
             assert_ne!(block, NIL, "access beyond the chain of handle {handle}");
             within = 0;
         }
-    }
-
-    fn zero_block(&mut self, block: u32) {
-        // SAFETY: `block_ptr` is in bounds for `block_bytes` bytes; `&mut self` is held.
-        unsafe {
-            self.block_ptr(block)
-                .write_bytes(0, self.block_bytes as usize)
-        };
     }
 
     /// Start of `block` in the mapping.
@@ -578,7 +641,9 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Alloc(usize),
+        AllocCopy(Vec<u8>),
         Free(usize),
+        Reset,
         Resize(usize, usize),
         Write(usize, usize, Vec<u8>),
         Read(usize, usize, usize),
@@ -588,12 +653,14 @@ mod tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             3 => (0usize..100).prop_map(Op::Alloc),
+            2 => prop::collection::vec(any::<u8>(), 0..100).prop_map(Op::AllocCopy),
             2 => any::<usize>().prop_map(Op::Free),
             2 => (any::<usize>(), 0usize..100).prop_map(|(i, n)| Op::Resize(i, n)),
             3 => (any::<usize>(), any::<usize>(), prop::collection::vec(any::<u8>(), 0..40))
                 .prop_map(|(i, o, b)| Op::Write(i, o, b)),
             2 => (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(i, o, n)| Op::Read(i, o, n)),
             1 => (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(i, o, n)| Op::Slice(i, o, n)),
+            1 => Just(Op::Reset),
         ]
     }
 
@@ -622,6 +689,23 @@ mod tests {
                             }
                             None => prop_assert!(!fits),
                         }
+                    }
+                    Op::AllocCopy(src) => {
+                        let fits = blocks_for(src.len()) <= arena.blocks_free();
+                        match arena.alloc_copy(&src) {
+                            Some(handle) => {
+                                prop_assert!(fits);
+                                prop_assert!(model.iter().all(|(h, _)| *h != handle));
+                                model.push((handle, src));
+                            }
+                            None => prop_assert!(!fits),
+                        }
+                    }
+                    Op::Reset => {
+                        arena.reset();
+                        model.clear();
+                        prop_assert_eq!(arena.alloc(0), Some(0), "the free list starts over");
+                        model.push((0, Vec::new()));
                     }
                     Op::Free(i) if !model.is_empty() => {
                         let (handle, _) = model.swap_remove(i % model.len());

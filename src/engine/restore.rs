@@ -54,8 +54,6 @@ impl Engine {
         let st = &mut self.st;
         let mut report = RestoreReport::default();
         let map = profile_map(rules, body, &mut report);
-        let exact = st.exact_plan(rules, body, &map, shards, shard);
-        report.exact = exact.is_some();
         if body.format.to_native() != BODY_FORMAT {
             report.invalid = body.records.len() as u64;
             log::warn!(
@@ -64,29 +62,80 @@ impl Engine {
             );
             return report;
         }
+        // Exact mode validates as it imports, so that the archive is streamed once; a record or
+        // structure it cannot reproduce undoes the import, and the archive is restored compactly.
+        if st.exact_eligible(body, &map, shards, shard) {
+            match st.import_exact(rules, body, &map, shards, shard) {
+                Ok(imported) => {
+                    report.exact = true;
+                    report.sessions = imported.sessions;
+                    report.sub_sessions = imported.sub_sessions;
+                    st.restore_clocks(body, &map, true);
+                    st.finish_exact(rules, body, &map, imported);
+                }
+                Err(reason) => {
+                    log::warn!(
+                        "snapshot of shard {shard} cannot be restored slot for slot ({reason}); restoring compactly"
+                    );
+                    st.undo_import();
+                }
+            }
+        }
+        if !report.exact {
+            st.restore_clocks(body, &map, false);
+            st.import_compact(rules, body, &map, shards, shard, &mut report);
+        }
+        st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
+        if report.dropped() > 0 || !report.changed_profiles.is_empty() {
+            log::warn!(
+                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; {} of changed profiles {:?}, {} invalid, {} without room not restored",
+                body.shard.to_native(),
+                body.generation.to_native(),
+                report.sessions,
+                report.sub_sessions,
+                report.profile_changed,
+                report.changed_profiles,
+                report.invalid,
+                report.no_room
+            );
+        }
+        report
+    }
+}
 
-        // Clocks: the latest over every archive restored.
+impl State {
+    /// Clocks and wheel cursors: the latest over every archive restored. The id sequence resumes
+    /// after the archive's.
+    fn restore_clocks(&mut self, body: &ArchivedSnapshotBody, map: &[Option<u8>], exact: bool) {
         for (old, image) in body.profiles.iter().enumerate() {
             let Some(p) = map[old] else { continue };
-            if (p as usize) < st.clocks.len() {
-                let c = &mut st.clocks[p as usize];
+            if (p as usize) < self.clocks.len() {
+                let c = &mut self.clocks[p as usize];
                 c.max_ts = c.max_ts.max(image.max_ts.to_native());
                 c.wall_last = c.wall_last.max(image.wall_last.to_native());
                 // A wheel starting near the archived cursor avoids re-linking every session at
                 // the first drain (far deadlines would otherwise sit clamped at the horizon).
                 let cursor = image.wheel_cursor_s.to_native();
-                let w = &mut st.wheels[p as usize];
-                if exact.is_some() || (w.is_empty() && cursor_ok(cursor) && cursor > w.cursor_s()) {
+                let w = &mut self.wheels[p as usize];
+                if exact || (w.is_empty() && cursor_ok(cursor) && cursor > w.cursor_s()) {
                     *w = Wheel::new(w.slots_max(), cursor);
                 }
             }
         }
-        st.ids.resume_after(body.id_seq.to_native());
+        self.ids.resume_after(body.id_seq.to_native());
+    }
 
-        if exact.is_some() {
-            // Every slot live, records in place, then free the rest in reverse free-list order.
-            while st.table.alloc().is_some() {}
-        }
+    /// Compact mode: every importable record this shard owns, in a fresh slot, its key chain and
+    /// wheel bucket rebuilt; the others are counted in `report`.
+    fn import_compact(
+        &mut self,
+        rules: &Rules,
+        body: &ArchivedSnapshotBody,
+        map: &[Option<u8>],
+        shards: u32,
+        shard: u32,
+        report: &mut RestoreReport,
+    ) {
         let records = body.records.as_slice();
         let payload = body.payload.as_slice();
         // Fate of the last top-level record, which its sub-sessions share.
@@ -97,18 +146,12 @@ impl Engine {
             Dropped,
         }
         let mut top = Top::None;
-        // Compact mode inserts into the index (and walks chains) as it goes: keys are hashed a
-        // few records ahead and their buckets prefetched. Exact mode collects (hash, slot) and
-        // inserts in bucket order at the end, turning random index writes into a sweep.
+        // Keys are hashed a few records ahead and their index buckets prefetched, so the index
+        // inserts below overlap their cache misses. The slot of record i in the ring is reused
+        // for record i + PREFETCH_AHEAD.
         let mut ring = [None; PREFETCH_AHEAD];
-        if exact.is_none() {
-            for (i, r) in records.iter().enumerate().take(PREFETCH_AHEAD) {
-                ring[i] = st.prefetch_index(body, &map, r);
-            }
-        }
-        let mut pending = PendingIndex::default();
-        if exact.is_some() {
-            pending.reserve(records.len());
+        for (i, r) in records.iter().enumerate().take(PREFETCH_AHEAD) {
+            ring[i] = self.prefetch_index(body, map, r);
         }
         for (i, r) in records.iter().enumerate() {
             let is_sub = r.flags & FLAG_SUB != 0;
@@ -131,16 +174,11 @@ impl Engine {
                     }
                 }
             }
-            // Hash the key of a record a few ahead and prefetch its index bucket, so the index
-            // inserts below overlap their cache misses.
-            // (The slot of record i in the ring is reused for record i + PREFETCH_AHEAD.)
             let ahead_hash = ring[i % PREFETCH_AHEAD];
-            if exact.is_none() {
-                if let Some(ahead) = records.get(i + PREFETCH_AHEAD) {
-                    ring[i % PREFETCH_AHEAD] = st.prefetch_index(body, &map, ahead);
-                }
+            if let Some(ahead) = records.get(i + PREFETCH_AHEAD) {
+                ring[i % PREFETCH_AHEAD] = self.prefetch_index(body, map, ahead);
             }
-            let checked = match st.check_record(rules, body, &map, r, exact.is_none()) {
+            let checked = match self.check_record(rules, body, map, r) {
                 Ok(c) => c,
                 Err(Reject::ProfileChanged) => {
                     report.profile_changed += 1;
@@ -165,7 +203,7 @@ impl Engine {
             };
             let bytes = &payload[checked.off..checked.off + checked.len];
             let key = &bytes[..r.key_len.to_native() as usize];
-            if !is_sub && exact.is_none() && fnv1a32(key) % shards != shard {
+            if !is_sub && fnv1a32(key) % shards != shard {
                 report.other_shard += 1;
                 top = Top::OtherShard;
                 continue;
@@ -174,7 +212,7 @@ impl Engine {
             let parent = match top {
                 Top::Imported { index, slot } if is_sub => {
                     let parent_rec = &records[index as usize];
-                    let layout = st.layouts[st.table.get(slot).profile as usize];
+                    let layout = self.layouts[self.table.get(slot).profile as usize];
                     let position = sub_position(body, parent_rec, &layout, r.slot.to_native());
                     match position.filter(|_| key[..8] == parent_rec.id.to_native().to_le_bytes()) {
                         Some(pos) => Some((slot, pos)),
@@ -186,93 +224,40 @@ impl Engine {
                 }
                 _ => None,
             };
-            let slot = match &exact {
-                Some(_) => r.slot.to_native(),
-                None => match st.table.alloc() {
-                    Some(s) => s,
-                    None => {
-                        report.no_room += 1;
-                        if !is_sub {
-                            top = Top::Dropped;
-                        }
-                        continue;
-                    }
-                },
-            };
-            let Some(data) = st.arena.alloc(bytes.len()) else {
-                debug_assert!(exact.is_none(), "exact mode checked the arena has room");
-                st.table.free(slot);
+            let Some(slot) = self.table.alloc() else {
                 report.no_room += 1;
                 if !is_sub {
                     top = Top::Dropped;
                 }
                 continue;
             };
-            st.arena.write(data, 0, bytes);
+            let Some(data) = self.arena.alloc_copy(bytes) else {
+                self.table.free(slot);
+                report.no_room += 1;
+                if !is_sub {
+                    top = Top::Dropped;
+                }
+                continue;
+            };
             let p = checked.profile;
-            let base = key.len();
-            if !is_sub {
-                // Sub-session slots start empty; imported sub-sessions fill their old positions.
-                let layout = st.layouts[p as usize];
-                for k in 0..payload::sub_slots(&layout) {
-                    st.arena
-                        .write(data, base + layout.subs_off + 4 * k, &NIL.to_le_bytes());
-                }
-            }
-            let link = match (&exact, parent) {
-                (_, Some((parent_slot, _))) => parent_slot,
-                (Some(_), None) => r.link.to_native(),
-                (None, None) => NIL,
-            };
-            *st.table.get_mut(slot) = Head {
-                id: r.id.to_native(),
-                start_ts: r.start_ts.to_native(),
-                last_ts: r.last_ts.to_native(),
-                count: r.count.to_native(),
-                data,
-                link,
-                profile: p,
-                flags: r.flags & FLAGS_ENGINE,
-                key_len: key.len() as u16,
-                ..*st.table.get(slot)
-            };
-            st.stats.active_by_profile[p as usize] += 1;
+            let link = parent.map_or(NIL, |(parent_slot, _)| parent_slot);
+            self.place(r, slot, data, p, key.len(), link);
             if let Some((parent_slot, pos)) = parent {
-                let ph = *st.table.get(parent_slot);
-                let layout = st.layouts[ph.profile as usize];
-                st.arena.write(
-                    ph.data,
-                    ph.key_len as usize + layout.subs_off + 4 * pos,
-                    &slot.to_le_bytes(),
-                );
-                let hash = st.hasher.hash_one((p, key));
-                if exact.is_some() {
-                    pending.push(hash, slot);
-                } else {
-                    st.index.insert(hash, slot);
-                    let due = due_s(st.deadline(rules, slot));
-                    let wheel = ph.profile as usize;
-                    st.wheels[wheel].link(st.table.heads_mut(), slot, due);
-                }
+                self.set_sub_slot(parent_slot, pos, slot);
+                self.index.insert(self.hasher.hash_one((p, key)), slot);
+                let due = due_s(self.deadline(rules, slot));
+                let wheel = self.table.get(parent_slot).profile as usize;
+                self.wheels[wheel].link(self.table.heads_mut(), slot, due);
                 report.sub_sessions += 1;
             } else {
                 let hash = match ahead_hash {
                     Some((q, h)) if q == p => h,
-                    _ => st.key_hash(p, key),
+                    _ => self.key_hash(p, key),
                 };
-                debug_assert_eq!(hash, st.key_hash(p, key));
-                match &exact {
-                    Some(plan) => {
-                        if !plan.referenced.get(slot as usize) {
-                            pending.push(hash, slot);
-                        }
-                    }
-                    None => {
-                        st.chain_insert(p, slot, hash, key);
-                        let due = due_s(st.deadline(rules, slot));
-                        st.wheels[p as usize].link(st.table.heads_mut(), slot, due);
-                    }
-                }
+                debug_assert_eq!(hash, self.key_hash(p, key));
+                self.chain_insert(p, slot, hash, key);
+                let due = due_s(self.deadline(rules, slot));
+                self.wheels[p as usize].link(self.table.heads_mut(), slot, due);
                 top = Top::Imported {
                     index: i as u32,
                     slot,
@@ -280,33 +265,50 @@ impl Engine {
                 report.sessions += 1;
             }
         }
+    }
 
-        if let Some(plan) = &exact {
-            for run in body.free_runs.iter().rev() {
-                let (start, len) = (run.start.to_native(), run.len.to_native());
-                for s in (start..start + len).rev() {
-                    st.table.free(s);
-                }
+    /// Fills the head of `slot` for record `r`, whose payload is in `data`. A top-level
+    /// record's sub-session slots start empty (its imported sub-sessions fill them).
+    fn place(
+        &mut self,
+        r: &ArchivedRecordImage,
+        slot: u32,
+        data: u32,
+        p: u8,
+        key_len: usize,
+        link: u32,
+    ) {
+        if r.flags & FLAG_SUB == 0 {
+            let layout = self.layouts[p as usize];
+            for k in 0..payload::sub_slots(&layout) {
+                self.arena
+                    .write(data, key_len + layout.subs_off + 4 * k, &NIL.to_le_bytes());
             }
-            debug_assert_eq!(st.table.live() as usize, records.len());
-            pending.insert_all(&mut st.index);
-            st.relink_exact(rules, body, &map, plan);
         }
-        st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
-        if report.dropped() > 0 || !report.changed_profiles.is_empty() {
-            log::warn!(
-                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; {} of changed profiles {:?}, {} invalid, {} without room not restored",
-                body.shard.to_native(),
-                body.generation.to_native(),
-                report.sessions,
-                report.sub_sessions,
-                report.profile_changed,
-                report.changed_profiles,
-                report.invalid,
-                report.no_room
-            );
-        }
-        report
+        *self.table.get_mut(slot) = Head {
+            id: r.id.to_native(),
+            start_ts: r.start_ts.to_native(),
+            last_ts: r.last_ts.to_native(),
+            count: r.count.to_native(),
+            data,
+            link,
+            profile: p,
+            flags: r.flags & FLAGS_ENGINE,
+            key_len: key_len as u16,
+            ..*self.table.get(slot)
+        };
+        self.stats.active_by_profile[p as usize] += 1;
+    }
+
+    /// Records sub-session `slot` at position `pos` of its parent's sub-session slots.
+    fn set_sub_slot(&mut self, parent_slot: u32, pos: usize, slot: u32) {
+        let ph = *self.table.get(parent_slot);
+        let layout = self.layouts[ph.profile as usize];
+        self.arena.write(
+            ph.data,
+            ph.key_len as usize + layout.subs_off + 4 * pos,
+            &slot.to_le_bytes(),
+        );
     }
 }
 
@@ -326,11 +328,15 @@ struct Checked {
     len: usize,
 }
 
-/// What exact mode needs beyond the archive: which slots some older chain member links to (so
-/// the others are chain heads, reachable from the index).
-struct ExactPlan {
-    referenced: Bitmap,
+/// An exact import that checked out, before its index inserts.
+struct ExactImport {
+    pending: PendingIndex,
+    sessions: u64,
+    sub_sessions: u64,
 }
+
+/// Exact import's per-slot state once a slot's wheel entry is found (see `import_exact`).
+const SEEN: u8 = u8::MAX;
 
 /// Index entries collected during an exact restore, inserted sorted by their hash's top bits:
 /// the index's home bucket is a monotone function of those bits, so the inserts sweep the index
@@ -351,6 +357,10 @@ impl PendingIndex {
 
     fn push(&mut self, hash: u64, slot: u32) {
         self.packed.push((hash & Self::TAG_MASK) | u64::from(slot));
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(u32) -> bool) {
+        self.packed.retain(|&e| keep(e as u32));
     }
 
     /// Counting sort on the top `BUCKET_BITS` bits (within a bucket the order is free: its
@@ -512,15 +522,13 @@ impl State {
         Some((p, hash))
     }
 
-    /// Validates one record; `full` also walks the captured values (skipped when exact mode
-    /// validated the whole archive already).
+    /// Validates one record, its captured values included.
     fn check_record(
         &self,
         rules: &Rules,
         body: &ArchivedSnapshotBody,
         map: &[Option<u8>],
         r: &ArchivedRecordImage,
-        full: bool,
     ) -> Result<Checked, Reject> {
         let old = r.profile as usize;
         let Some(&mapped) = map.get(old) else {
@@ -577,13 +585,11 @@ impl State {
                 return Err(Reject::Invalid("payload length disagrees with its var_len"));
             }
             let rule = &rules.profiles[p as usize];
-            if full
-                && !var_area_ok(
-                    &bytes[key_len + l.fixed_bytes..],
-                    rule.metadata.len() + rule.state.len(),
-                    rule.lists.len(),
-                )
-            {
+            if !var_area_ok(
+                &bytes[key_len + l.fixed_bytes..],
+                rule.metadata.len() + rule.state.len(),
+                rule.lists.len(),
+            ) {
                 return Err(Reject::Invalid("malformed captured values"));
             }
         }
@@ -594,34 +600,29 @@ impl State {
         })
     }
 
-    /// Whether `body` can be restored exactly (see the module doc), checking every structural
-    /// reference exact mode would follow. Its random accesses go to a byte per slot (wheel
-    /// membership) rather than to the archive, so it stays cheap at ten million sessions.
-    fn exact_plan(
+    /// Whether `body` may be restored exactly, by what is known before reading its records: the
+    /// engine is empty, and the archive is this shard's, of this table capacity and wheel size,
+    /// with every profile unchanged.
+    fn exact_eligible(
         &self,
-        rules: &Rules,
         body: &ArchivedSnapshotBody,
         map: &[Option<u8>],
         shards: u32,
         shard: u32,
-    ) -> Option<ExactPlan> {
-        let cap = self.table.capacity();
+    ) -> bool {
         let eligible = self.table.live() == 0
-            && body.format.to_native() == BODY_FORMAT
+            && self.arena.blocks_free() == self.arena.blocks_total()
             && body.shard.to_native() == shard
             && body.shards.to_native() == shards
-            && body.table_capacity.to_native() == cap
+            && body.table_capacity.to_native() == self.table.capacity()
             && self
                 .wheels
                 .first()
                 .is_some_and(|w| w.slots_max() == body.slots_max.to_native())
             && map.iter().all(Option::is_some);
         if !eligible {
-            return None;
+            return false;
         }
-        let why = |reason: &str| {
-            log::warn!("snapshot of shard {shard} cannot be restored slot for slot ({reason}); restoring compactly");
-        };
         // Exact mode relinks wheels by each image's archived kind and indexes them by its
         // current profile: the two must agree (a forged `parent` would index past the wheels).
         let top = self.layouts.len();
@@ -630,13 +631,30 @@ impl State {
             p.is_some_and(|p| (usize::from(p) < top) == archived_top)
         });
         if !kinds_agree {
-            why("a profile image of another kind than the rules' profile");
-            return None;
+            log::warn!(
+                "snapshot of shard {shard} cannot be restored slot for slot (a profile image of another kind than the rules' profile); restoring compactly"
+            );
         }
+        kinds_agree
+    }
+
+    /// Exact mode's import, validating as it goes: every record into its old slot, checking
+    /// every structural reference exact mode follows (slots, sub-session parents, key chains,
+    /// the free list, wheel membership). Writes only table heads, arena payloads and the
+    /// per-profile counts: on `Err` [`State::undo_import`] returns the engine to empty. The
+    /// index, wheels and free list are rebuilt by [`State::finish_exact`] once all is checked.
+    fn import_exact(
+        &mut self,
+        rules: &Rules,
+        body: &ArchivedSnapshotBody,
+        map: &[Option<u8>],
+        shards: u32,
+        shard: u32,
+    ) -> Result<ExactImport, &'static str> {
+        let cap = self.table.capacity();
         let records = body.records.as_slice();
         if records.len() > cap as usize {
-            why("more records than slots");
-            return None;
+            return Err("more records than slots");
         }
         let payload = body.payload.as_slice();
         let key_of = |r: &ArchivedRecordImage| {
@@ -644,66 +662,76 @@ impl State {
             &payload[off..off + r.key_len.to_native() as usize]
         };
         // Per slot: 0 free, 1 + wheel index while live, SEEN once found in a wheel list.
-        const SEEN: u8 = u8::MAX;
         let mut slot_state = vec![0u8; cap as usize];
-        let mut blocks = 0u64;
+        let mut pending = PendingIndex::default();
+        pending.reserve(records.len());
+        // Every slot live, records in place; the free list is rebuilt from the archive's.
+        while self.table.alloc().is_some() {}
         let mut top = u32::MAX;
-        let mut tops = 0u64;
-        let mut links = 0u64;
+        let (mut tops, mut subs, mut links) = (0u64, 0u64, 0u64);
         for (i, r) in records.iter().enumerate() {
-            let c = match self.check_record(rules, body, map, r, true) {
-                Ok(c) => c,
-                Err(Reject::Invalid(reason)) => {
-                    why(reason);
-                    return None;
-                }
-                Err(Reject::ProfileChanged) => return None,
-            };
+            let c = self
+                .check_record(rules, body, map, r)
+                .map_err(|e| match e {
+                    Reject::Invalid(reason) => reason,
+                    Reject::ProfileChanged => "a changed profile",
+                })?;
             let slot = r.slot.to_native();
             if slot >= cap || slot_state[slot as usize] != 0 {
-                why("a slot out of range or used twice");
-                return None;
+                return Err("a slot out of range or used twice");
             }
-            blocks += u64::from(self.arena.blocks_for(c.len));
-            let wheel = if r.flags & FLAG_SUB != 0 {
+            let bytes = &payload[c.off..c.off + c.len];
+            let key = &bytes[..r.key_len.to_native() as usize];
+            let (wheel, parent, link) = if r.flags & FLAG_SUB != 0 {
                 let Some(parent) = records.get(top as usize) else {
-                    why("a sub-session without a parent");
-                    return None;
+                    return Err("a sub-session without a parent");
                 };
-                let layout = &self.layouts[map[parent.profile as usize]? as usize];
-                let ok = r.parent.to_native() == top
-                    && r.link.to_native() == parent.slot.to_native()
-                    && key_of(r)[..8] == parent.id.to_native().to_le_bytes()
-                    && sub_position(body, parent, layout, slot).is_some();
-                if !ok {
-                    why("a sub-session disagrees with its parent");
-                    return None;
-                }
-                body.profiles[r.profile as usize].parent.to_native()
+                let layout = &self.layouts
+                    [map[parent.profile as usize].ok_or("a changed profile")? as usize];
+                let position = sub_position(body, parent, layout, slot).filter(|_| {
+                    r.parent.to_native() == top
+                        && r.link.to_native() == parent.slot.to_native()
+                        && key[..8] == parent.id.to_native().to_le_bytes()
+                });
+                let Some(pos) = position else {
+                    return Err("a sub-session disagrees with its parent");
+                };
+                let parent_slot = parent.slot.to_native();
+                let wheel = body.profiles[r.profile as usize].parent.to_native();
+                (wheel, Some((parent_slot, pos)), parent_slot)
             } else {
                 top = i as u32;
                 tops += 1;
                 links += u64::from(r.link.to_native() != NIL);
-                if fnv1a32(key_of(r)) % shards != shard {
-                    why("a key another shard owns");
-                    return None;
+                if fnv1a32(key) % shards != shard {
+                    return Err("a key another shard owns");
                 }
-                u32::from(r.profile)
+                (u32::from(r.profile), None, r.link.to_native())
             };
             if wheel >= u32::from(SEEN) - 1 {
-                why("a wheel index out of range");
-                return None;
+                return Err("a wheel index out of range");
             }
             slot_state[slot as usize] = wheel as u8 + 1;
-        }
-        if blocks > u64::from(self.arena.blocks_free()) {
-            why("the arena is smaller");
-            return None;
+            let Some(data) = self.arena.alloc_copy(bytes) else {
+                return Err("the arena is smaller");
+            };
+            let p = c.profile;
+            self.place(r, slot, data, p, key.len(), link);
+            let hash = match parent {
+                Some((parent_slot, pos)) => {
+                    self.set_sub_slot(parent_slot, pos, slot);
+                    subs += 1;
+                    self.hasher.hash_one((p, key))
+                }
+                None => self.key_hash(p, key),
+            };
+            pending.push(hash, slot);
         }
         // Chains: each link names a live, older session of the same profile and key, each slot
         // is linked to at most once, and walking from the heads reaches every session (no cycle).
-        let mut referenced = Bitmap::new(cap as usize);
+        // Only chain heads are indexed.
         if links > 0 {
+            let mut referenced = Bitmap::new(cap as usize);
             let mut slot_rec = vec![NIL; cap as usize];
             for (i, r) in records.iter().enumerate() {
                 slot_rec[r.slot.to_native() as usize] = i as u32;
@@ -714,8 +742,7 @@ impl State {
                     continue;
                 }
                 let Some(&t) = slot_rec.get(link as usize).filter(|&&t| t != NIL) else {
-                    why("a chain link to a free slot");
-                    return None;
+                    return Err("a chain link to a free slot");
                 };
                 let tr = &records[t as usize];
                 if tr.flags & FLAG_SUB != 0
@@ -724,8 +751,7 @@ impl State {
                     || tr.start_ts.to_native() > r.start_ts.to_native()
                     || referenced.get(link as usize)
                 {
-                    why("a malformed key chain");
-                    return None;
+                    return Err("a malformed key chain");
                 }
                 referenced.set(link as usize);
             }
@@ -742,30 +768,27 @@ impl State {
                 }
             }
             if reached != tops {
-                why("a cycle in a key chain");
-                return None;
+                return Err("a cycle in a key chain");
             }
+            pending.retain(|slot| !referenced.get(slot as usize));
         }
         // Free list: the complement of the live slots, each free slot once.
         let mut total = records.len() as u64;
         for run in body.free_runs.iter() {
             let (start, len) = (run.start.to_native(), run.len.to_native());
             if start.checked_add(len).is_none_or(|end| end > cap) {
-                why("a free run out of range");
-                return None;
+                return Err("a free run out of range");
             }
             for s in &mut slot_state[start as usize..(start + len) as usize] {
                 if *s != 0 {
-                    why("a slot both free and live, or free twice");
-                    return None;
+                    return Err("a slot both free and live, or free twice");
                 }
                 *s = SEEN;
             }
             total += u64::from(len);
         }
         if total != u64::from(cap) {
-            why("the free list does not cover the free slots");
-            return None;
+            return Err("the free list does not cover the free slots");
         }
         // Wheels: every record in exactly one bucket of its own wheel.
         let slots_max = body.slots_max.to_native();
@@ -775,8 +798,7 @@ impl State {
             let slots = image.wheel_slots.as_slice();
             if image.parent.to_native() != u32::MAX {
                 if !spans.is_empty() || !slots.is_empty() {
-                    why("a wheel on a sub-session kind");
-                    return None;
+                    return Err("a wheel on a sub-session kind");
                 }
                 continue;
             }
@@ -787,15 +809,13 @@ impl State {
                     .sum::<u64>()
                     != slots.len() as u64
             {
-                why("a malformed wheel");
-                return None;
+                return Err("a malformed wheel");
             }
             let mut buckets = Bitmap::new(slots_max as usize);
             for span in spans {
                 let b = span.bucket.to_native();
                 if b >= slots_max || buckets.get(b as usize) {
-                    why("a wheel bucket out of range or listed twice");
-                    return None;
+                    return Err("a wheel bucket out of range or listed twice");
                 }
                 buckets.set(b as usize);
             }
@@ -803,38 +823,64 @@ impl State {
                 if let Some(&ahead) = slots.get(k + PREFETCH_AHEAD) {
                     prefetch(slot_state.as_ptr().wrapping_add(ahead.to_native() as usize));
                 }
-                let state = slot_state.get_mut(s.to_native() as usize);
-                match state {
+                match slot_state.get_mut(s.to_native() as usize) {
                     Some(state)
                         if *state != 0 && *state != SEEN && usize::from(*state - 1) == old =>
                     {
                         *state = SEEN
                     }
                     _ => {
-                        why("a wheel entry for a free slot, in the wrong wheel, or listed twice");
-                        return None;
+                        return Err(
+                            "a wheel entry for a free slot, in the wrong wheel, or listed twice",
+                        )
                     }
                 }
                 linked += 1;
             }
         }
         if linked != records.len() as u64 {
-            why("a session in no wheel");
-            return None;
+            return Err("a session in no wheel");
         }
-        Some(ExactPlan { referenced })
+        Ok(ExactImport {
+            pending,
+            sessions: tops,
+            sub_sessions: subs,
+        })
+    }
+
+    /// Exact mode, once the import checked out: the archive's free list (in its order), the
+    /// index, and the wheels as archived.
+    fn finish_exact(
+        &mut self,
+        rules: &Rules,
+        body: &ArchivedSnapshotBody,
+        map: &[Option<u8>],
+        imported: ExactImport,
+    ) {
+        // Freed in reverse, so the free list pops in the archived order.
+        for run in body.free_runs.iter().rev() {
+            let (start, len) = (run.start.to_native(), run.len.to_native());
+            for s in (start..start + len).rev() {
+                self.table.free(s);
+            }
+        }
+        debug_assert_eq!(self.table.live() as usize, body.records.len());
+        imported.pending.insert_all(&mut self.index);
+        self.relink_exact(rules, body, map);
+    }
+
+    /// Back to the empty engine an exact import started from: every slot and block free, in
+    /// their initial order, and no session counted. The index and wheels were not touched yet.
+    fn undo_import(&mut self) {
+        self.table.reset();
+        self.arena.reset();
+        self.stats.active_by_profile.fill(0);
     }
 
     /// Exact mode: relink every wheel bucket as archived, list order included (links push to the
     /// front, so each bucket is linked back to front). A session whose bucket is later than its
     /// deadline under the current rules (a shortened timeout) is moved to its deadline second.
-    fn relink_exact(
-        &mut self,
-        rules: &Rules,
-        body: &ArchivedSnapshotBody,
-        map: &[Option<u8>],
-        _plan: &ExactPlan,
-    ) {
+    fn relink_exact(&mut self, rules: &Rules, body: &ArchivedSnapshotBody, map: &[Option<u8>]) {
         let mut early = Vec::new();
         for (old, image) in body.profiles.iter().enumerate() {
             if image.parent.to_native() != u32::MAX {

@@ -116,11 +116,7 @@ impl Table {
         assert!(capacity < NIL);
         let mut heads: Vec<Head> = Vec::with_capacity(capacity as usize);
         super::prefetch::advise_huge_pages(heads.as_mut_ptr(), heads.capacity());
-        heads.extend((0..capacity).map(|slot| Head {
-            flags: FLAG_FREE,
-            link: if slot + 1 == capacity { NIL } else { slot + 1 },
-            ..Head::FRESH
-        }));
+        heads.extend((0..capacity).map(|slot| Self::initial_head(slot, capacity)));
         let heads = heads.into_boxed_slice();
         assert_eq!(heads.len(), capacity as usize);
         Table {
@@ -137,6 +133,26 @@ impl Table {
                 runs: Vec::new(),
             },
         }
+    }
+
+    /// A fresh table's free list runs through the slots in ascending order.
+    fn initial_head(slot: u32, capacity: u32) -> Head {
+        Head {
+            flags: FLAG_FREE,
+            link: if slot + 1 == capacity { NIL } else { slot + 1 },
+            ..Head::FRESH
+        }
+    }
+
+    /// Frees every slot at once: the table is as `new` left it. Not during a capture.
+    pub fn reset(&mut self) {
+        assert!(!self.cut.active, "table reset during a capture");
+        let capacity = self.capacity();
+        for (slot, head) in (0..capacity).zip(self.heads.iter_mut()) {
+            *head = Self::initial_head(slot, capacity);
+        }
+        self.free_head = 0;
+        self.live = 0;
     }
 
     pub fn capacity(&self) -> u32 {
@@ -447,6 +463,23 @@ mod tests {
         assert!(!table.is_live(NIL));
         assert_eq!(table.alloc(), Some(2));
         assert_eq!(*table.get(2), Head::FRESH);
+        assert_eq!(table.alloc(), None);
+    }
+
+    #[test]
+    fn reset_frees_every_slot_in_the_initial_order() {
+        let mut table = Table::new(4);
+        for _ in 0..3 {
+            table.alloc().unwrap();
+        }
+        table.get_mut(1).flags = FLAGS_ENGINE | FLAG_WHEEL_LINKED;
+        table.free(2);
+        table.reset();
+        assert_eq!(table.live(), 0);
+        assert!((0..4).all(|s| !table.is_live(s)));
+        let slots: Vec<u32> = (0..4).map(|_| table.alloc().unwrap()).collect();
+        assert_eq!(slots, vec![0, 1, 2, 3]);
+        assert!(slots.iter().all(|&s| *table.get(s) == Head::FRESH));
         assert_eq!(table.alloc(), None);
     }
 
