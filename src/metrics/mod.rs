@@ -72,6 +72,8 @@ pub const HANDOFF_QUEUE_BATCHES: &str = "sessionizer_handoff_queue_batches";
 pub const HANDOFF_LOST: &str = "sessionizer_handoff_lost_events_total";
 /// Counter {shard}: times every hand-off buffer to a peer was in flight and the sender waited.
 pub const HANDOFF_STALLS: &str = "sessionizer_handoff_stalls_total";
+/// Counter {shard}: times the executor was found asleep with work and woken (`runtime::Beat`).
+pub const EXECUTOR_KICKS: &str = "sessionizer_executor_kicks_total";
 /// Counter {transport, shard}: datagrams (UDP) or connections (TCP) refused by a listener's
 /// `allow` list.
 pub const REFUSED: &str = "sessionizer_refused_total";
@@ -177,6 +179,10 @@ pub const ALL_METRICS: &[(&str, &str)] = &[
     (
         HANDOFF_STALLS,
         "Times a shard waited for a free hand-off buffer.",
+    ),
+    (
+        EXECUTOR_KICKS,
+        "Times a shard's executor was found asleep with work and woken (each a stall of ~2 ms).",
     ),
     (
         REFUSED,
@@ -464,6 +470,7 @@ pub struct ShardSample {
     pub handoff_queue_batches: u64,
     pub handoff_lost_events: u64,
     pub handoff_stalls: u64,
+    pub executor_kicks: u64,
     /// Refused by a listener's `allow` list, by [`transport_index`]: datagrams (UDP),
     /// connections (TCP).
     pub refused: [u64; TRANSPORTS.len()],
@@ -520,6 +527,7 @@ impl ShardSample {
             handoff_queue_batches: 0,
             handoff_lost_events: 0,
             handoff_stalls: 0,
+            executor_kicks: 0,
             refused: [0; TRANSPORTS.len()],
             udp_kernel_drops: 0,
             tcp_connections: 0,
@@ -557,6 +565,7 @@ impl ShardSample {
             handoff_queue_batches,
             handoff_lost_events,
             handoff_stalls,
+            executor_kicks,
             refused,
             udp_kernel_drops,
             tcp_connections,
@@ -584,6 +593,7 @@ impl ShardSample {
         *handoff_queue_batches = cur.handoff_queue_batches;
         *handoff_lost_events = cur.handoff_lost_events;
         *handoff_stalls = cur.handoff_stalls;
+        *executor_kicks = cur.executor_kicks;
         *refused = cur.refused;
         *udp_kernel_drops = cur.udp_kernel_drops;
         *tcp_connections = cur.tcp_connections;
@@ -725,6 +735,11 @@ pub fn publish(shard: usize, sample: &ShardSample, prev: &mut ShardSample) {
         counter!(HANDOFF_STALLS, LABEL_SHARD => sh),
         sample.handoff_stalls,
         prev.handoff_stalls,
+    );
+    bump(
+        counter!(EXECUTOR_KICKS, LABEL_SHARD => sh),
+        sample.executor_kicks,
+        prev.executor_kicks,
     );
     for (i, t) in TRANSPORTS.iter().enumerate() {
         let c = counter!(REFUSED, LABEL_TRANSPORT => *t, LABEL_SHARD => sh);

@@ -119,6 +119,9 @@ counters! {
     /// Gauge: how late the last expiry pass finished, in microseconds: from when it was due
     /// (`ADVANCE_INTERVAL_MS` after the previous one) to its end, so it includes the pass itself.
     expiry_lag_us,
+    /// Times the kicker found this shard's executor asleep with its ticker stalled and woke it
+    /// (the glommio park race, `runtime::Beat`); each is a stall of up to `KICK_AFTER` or so.
+    executor_kicks,
     /// Gauge: CPU time the shard's thread has used (user + system), in microseconds, as of the
     /// last publication. Load tests divide events by it to get events per CPU-second.
     cpu_us,

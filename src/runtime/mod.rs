@@ -58,7 +58,11 @@ const FINAL_SNAPSHOT_BUDGET: Duration = Duration::from_secs(60);
 /// and so how often a busy executor polls its timers and I/O.
 const PREEMPT: Duration = Duration::from_millis(5);
 /// How often the kicker checks that every shard's ticker still advances (see [`Beat`]).
-const KICK_CHECK: Duration = Duration::from_millis(10);
+const KICK_CHECK: Duration = Duration::from_millis(1);
+/// How long a shard's ticker (every `TICK`) may stand still while its thread sleeps before the
+/// kicker wakes it: the bound on a park-race stall. Two ticks, so that a ticker merely late by
+/// a timer's slack is not woken for nothing.
+const KICK_AFTER: Duration = Duration::from_millis(2);
 
 #[derive(Debug)]
 pub enum RunError {
@@ -88,9 +92,9 @@ impl std::error::Error for RunError {}
 /// here under load (a shard asleep with full socket buffers); fixed upstream in glommio/glommio
 /// PR #53 ("do not park the executor while a task queue is still runnable"). Any foreign wake
 /// gets it going again, so the ticker bumps `ticks` every millisecond and the kicker wakes the
-/// ticker's task from outside when a shard's `ticks` stood still for a whole check period while
-/// its thread sleeps (a shard that is merely busy, or waiting for a CPU, is runnable, not
-/// sleeping, and is left alone). Healthy shards cost the kicker one atomic load per period.
+/// ticker's task from outside when a shard's `ticks` stood still for `KICK_AFTER` while its
+/// thread sleeps (a shard that is merely busy, or waiting for a CPU, is runnable, not sleeping,
+/// and is left alone). Healthy shards cost the kicker one atomic load per check.
 #[derive(Default)]
 pub struct Beat {
     ticks: AtomicU64,
@@ -105,23 +109,29 @@ fn spawn_kicker(beats: Arc<[Beat]>, done: Arc<AtomicBool>) -> std::io::Result<()
     std::thread::Builder::new()
         .name("shard-kicker".into())
         .spawn(move || {
-            let mut last: Vec<u64> = beats
+            // Per shard: the ticks last seen, and since when they stand still.
+            let mut last: Vec<(u64, Instant)> = beats
                 .iter()
-                .map(|b| b.ticks.load(Ordering::Relaxed))
+                .map(|b| (b.ticks.load(Ordering::Relaxed), Instant::now()))
                 .collect();
             while !done.load(Ordering::Acquire) {
                 std::thread::sleep(KICK_CHECK);
-                for (b, seen) in beats.iter().zip(last.iter_mut()) {
+                for (b, (seen, since)) in beats.iter().zip(last.iter_mut()) {
                     let now = b.ticks.load(Ordering::Relaxed);
-                    if now == *seen && thread_sleeping(b.tid.load(Ordering::Relaxed)) {
+                    if now != *seen {
+                        (*seen, *since) = (now, Instant::now());
+                    } else if since.elapsed() >= KICK_AFTER
+                        && thread_sleeping(b.tid.load(Ordering::Relaxed))
+                    {
                         if let Ok(w) = b.waker.lock() {
                             if let Some(w) = w.as_ref() {
                                 w.wake_by_ref();
                                 b.kicks.fetch_add(1, Ordering::Relaxed);
                             }
                         }
+                        // Counted once per stall; woken again only if it lasts another period.
+                        *since = Instant::now();
                     }
-                    *seen = now;
                 }
             }
         })
@@ -652,6 +662,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         a.ops.beats.beat(id as usize);
         let now = now_ms();
         let mut st = ctx.st.borrow_mut();
+        st.c.executor_kicks = beat.kicks.load(Ordering::Relaxed);
         let started = Instant::now();
         if started >= advance_due {
             let left = st.advance(now);

@@ -248,6 +248,7 @@ impl Ops {
         s.handoff_queue_batches = c.handoff_in_flight;
         s.handoff_lost_events = c.handoff_events_lost;
         s.handoff_stalls = c.handoff_stalls;
+        s.executor_kicks = c.executor_kicks;
         s.refused = [c.udp_refused, c.tcp_refused];
         s.udp_kernel_drops = c.udp_drops;
         s.tcp_connections = c.tcp_open;
