@@ -183,7 +183,7 @@ fn probe_unshared(kind: Transport, addr: SocketAddr) -> io::Result<()> {
     })
 }
 
-fn bind_one(kind: Transport, addr: SocketAddr) -> io::Result<Socket> {
+pub(crate) fn bind_one(kind: Transport, addr: SocketAddr) -> io::Result<Socket> {
     let domain = Domain::for_address(addr);
     let s = match kind {
         Transport::Udp => Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?,
@@ -198,19 +198,26 @@ fn bind_one(kind: Transport, addr: SocketAddr) -> io::Result<Socket> {
     if kind == Transport::Udp {
         // Best effort: the kernel clamps to net.core.rmem_max.
         let _ = s.set_recv_buffer_size(UDP_RCVBUF_BYTES);
-        let one: libc::c_int = 1;
-        // SAFETY: a valid socket fd and a c_int option value that outlives the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&s),
-                libc::SOL_SOCKET,
-                SO_RXQ_OVFL,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            log::debug!("SO_RXQ_OVFL not available: {}", io::Error::last_os_error());
+        // The drop counter, and each datagram's kernel receive time (the latency metric
+        // counts the time a datagram waited in the socket).
+        for (option, name) in [
+            (SO_RXQ_OVFL, "SO_RXQ_OVFL"),
+            (libc::SO_TIMESTAMPNS, "SO_TIMESTAMPNS"),
+        ] {
+            let one: libc::c_int = 1;
+            // SAFETY: a valid socket fd and a c_int option value that outlives the call.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                log::debug!("{name} not available: {}", io::Error::last_os_error());
+            }
         }
     }
     s.bind(&SockAddr::from(addr))?;

@@ -6,7 +6,9 @@
 //! shared/PLATFORM.md). Each datagram is checked against the allowlist, its length against the
 //! limit (`MSG_TRUNC`: the kernel cut it, so it was longer than the buffer), its optional steering
 //! header stripped, and its '\n'-separated events fed to the shard. The socket's kernel drop
-//! counter arrives with every datagram as an `SO_RXQ_OVFL` control message.
+//! counter arrives with every datagram as an `SO_RXQ_OVFL` control message, and its kernel
+//! receive time as an `SCM_TIMESTAMPNS` one: the latency metric starts there, so it includes
+//! the time a datagram waited in the socket while the shard was busy or descheduled.
 
 use crate::config::Transport;
 use crate::ingest::lines::TOO_LONG_PREFIX_BYTES;
@@ -21,7 +23,8 @@ use std::time::Duration;
 
 /// Datagrams per `recvmmsg`.
 pub const BATCH_DATAGRAMS: usize = 64;
-/// Control buffer per message: room for `SO_RXQ_OVFL` (a u32) with headers, 8-byte aligned.
+/// Control buffer per message, 8-byte aligned: room for `SO_RXQ_OVFL` (a u32, 24 bytes with
+/// its header) and `SCM_TIMESTAMPNS` (a timespec, 32 bytes with its header).
 const CMSG_WORDS: usize = 8;
 /// At shutdown, datagrams already queued in the kernel are still read, up to this many rounds.
 const DRAIN_ROUNDS_MAX: u32 = 1024;
@@ -130,27 +133,66 @@ impl RecvBatch {
         }
     }
 
-    /// The socket's cumulative drop counter, if the kernel attached it to datagram `i`.
-    fn drops(&self, i: usize) -> Option<u32> {
+    /// What the kernel attached to datagram `i`: the socket's cumulative drop counter and the
+    /// datagram's receive time (`CLOCK_REALTIME`, ns), each if present.
+    fn control(&self, i: usize) -> Control {
+        let mut found = Control::default();
         let h = &self.hdrs[i].msg_hdr;
         if (h.msg_controllen as u64) < std::mem::size_of::<libc::cmsghdr>() as u64 {
-            return None;
+            return found;
         }
         // SAFETY: the CMSG_* helpers walk the control buffer the kernel filled, bounded by
-        // msg_controllen, which the kernel set to the bytes it wrote (at most our buffer).
+        // msg_controllen, which the kernel set to the bytes it wrote (at most our buffer); each
+        // payload is read unaligned, at the size its type has.
         unsafe {
             let mut c = libc::CMSG_FIRSTHDR(h);
             while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET
-                    && (*c).cmsg_type == crate::ingest::SO_RXQ_OVFL
-                {
-                    return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+                if (*c).cmsg_level == libc::SOL_SOCKET {
+                    let data = libc::CMSG_DATA(c);
+                    match (*c).cmsg_type {
+                        crate::ingest::SO_RXQ_OVFL => {
+                            found.drops = Some(std::ptr::read_unaligned(data.cast::<u32>()));
+                        }
+                        libc::SCM_TIMESTAMPNS => {
+                            let ts = std::ptr::read_unaligned(data.cast::<libc::timespec>());
+                            found.received_ns = Some(timespec_ns(&ts));
+                        }
+                        _ => {}
+                    }
                 }
                 c = libc::CMSG_NXTHDR(h, c);
             }
         }
-        None
+        found
     }
+}
+
+/// Control messages of one datagram.
+#[derive(Default)]
+struct Control {
+    drops: Option<u32>,
+    received_ns: Option<i128>,
+}
+
+fn timespec_ns(ts: &libc::timespec) -> i128 {
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// `CLOCK_REALTIME` in ns: the clock of the kernel's receive times.
+fn realtime_ns() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec the call may write.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    timespec_ns(&ts)
+}
+
+/// How long a datagram received at `received_ns` had waited at `now_ns`; 0 when the kernel
+/// gave no time or the clock was stepped back, and at most a minute (the histogram's ceiling).
+fn waited_ns(received_ns: Option<i128>, now_ns: i128) -> u64 {
+    received_ns.map_or(0, |r| (now_ns - r).clamp(0, 60_000_000_000) as u64)
 }
 
 /// Receive on one UDP socket until the shard stops.
@@ -202,14 +244,16 @@ pub async fn run(ctx: Rc<Ctx>, sock: ShardSocket) {
             }
         };
         let now = now_ms();
+        let now_rt = realtime_ns();
         for i in 0..n {
             let (d, truncated) = rx.datagram(i);
+            let control = rx.control(i);
             let refused = !allow_all && !rx.source(i).is_some_and(|ip| sock.allow.allows(ip));
             let header = {
                 let mut st = ctx.st.borrow_mut();
                 st.c.udp_datagrams += 1;
                 st.c.udp_bytes += d.len() as u64;
-                if let Some(total) = rx.drops(i) {
+                if let Some(total) = control.drops {
                     st.c.udp_drops += u64::from(total.wrapping_sub(drops_seen));
                     drops_seen = total;
                 }
@@ -230,6 +274,9 @@ pub async fn run(ctx: Rc<Ctx>, sock: ShardSocket) {
                         st.c.udp_missteered += 1;
                     }
                 }
+                let events = st.c.udp_events + st.c.tcp_events;
+                st.metrics
+                    .datagram_begin(events, waited_ns(control.received_ns, now_rt));
                 h
             };
             let payload = strip_header(d).1;
@@ -248,5 +295,50 @@ pub async fn run(ctx: Rc<Ctx>, sock: ShardSocket) {
             }
         }
         glommio::yield_if_needed().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::bind_one;
+    use std::os::fd::AsRawFd;
+
+    /// The kernel's receive time arrives with the datagram, so a datagram left in the socket
+    /// for a while is seen to have waited at least that long. The kernel turns receive
+    /// timestamps on asynchronously after the first socket asks for them (until then it stamps
+    /// a datagram when it is read), hence a few attempts.
+    #[test]
+    fn a_datagram_carries_its_kernel_receive_time() {
+        let sock = bind_one(Transport::Udp, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = sock.local_addr().unwrap().as_socket().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut rx = RecvBatch::new(2048);
+        let pause = Duration::from_millis(30);
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            client.send_to(b"{\"user\":\"a\"}\n", addr).unwrap();
+            std::thread::sleep(pause);
+            assert_eq!(rx.recv(sock.as_raw_fd()).unwrap(), 1);
+            let now = realtime_ns();
+            let control = rx.control(0);
+            assert!(control.received_ns.is_some(), "SCM_TIMESTAMPNS attached");
+            // (No SO_RXQ_OVFL message: the kernel attaches it only once the socket dropped.)
+            assert_eq!(control.drops, None);
+            assert_eq!(rx.datagram(0).0, b"{\"user\":\"a\"}\n");
+            waits.push(waited_ns(control.received_ns, now));
+            if waits.last() >= Some(&(pause.as_nanos() as u64)) {
+                return;
+            }
+        }
+        panic!("no datagram was seen to wait {pause:?}: {waits:?} ns");
+    }
+
+    #[test]
+    fn a_wait_is_never_negative_nor_over_a_minute() {
+        assert_eq!(waited_ns(None, 5), 0);
+        assert_eq!(waited_ns(Some(10), 5), 0, "clock stepped back");
+        assert_eq!(waited_ns(Some(0), 7), 7);
+        assert_eq!(waited_ns(Some(0), i128::from(u64::MAX)), 60_000_000_000);
     }
 }

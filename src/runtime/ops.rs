@@ -8,8 +8,9 @@
 //!   reload slot. Shards touch it once per tick (one heartbeat store, one atomic load of the
 //!   reload generation), never per event.
 //! - [`ShardMetrics`] lives inside each `Shard` and is touched on the data path: one clock read
-//!   per receive round (not per event) and one weighted histogram record when the round's
-//!   records are handed to the sinks; one increment per output record by stream. Without a
+//!   per receive round (not per event) and one weighted histogram record per datagram (UDP, with
+//!   the datagram's wait in the socket added) or per round (TCP) when the round's records are
+//!   handed to the sinks; one increment per output record by stream. Without a
 //!   metrics endpoint none of that happens (one predictable branch per round and batch).
 //! - [`Coordinator`] is the parent's: it publishes the output sinks' counters on the metrics
 //!   cadence and performs reloads.
@@ -289,6 +290,10 @@ pub struct ShardMetrics {
     /// When the current receive round's first line was taken up, and the shard's event count
     /// then; `None` between rounds.
     round: Option<(Instant, u64)>,
+    /// The round's datagrams ([`ShardMetrics::datagram_begin`]): how long each had waited in
+    /// the socket when the round began, and the event count before its first line.
+    waits: [(u64, u64); crate::ingest::udp::BATCH_DATAGRAMS],
+    waits_len: usize,
     /// False when there is no endpoint: rounds are not timed and records not counted by stream.
     enabled: bool,
 }
@@ -300,6 +305,8 @@ impl ShardMetrics {
             sample: ShardSample::new(p.clone()),
             prev: ShardSample::new(p),
             round: None,
+            waits: [(0, 0); crate::ingest::udp::BATCH_DATAGRAMS],
+            waits_len: 0,
             enabled: true,
         }
     }
@@ -309,6 +316,7 @@ impl ShardMetrics {
     pub fn set_enabled(&mut self, enabled: bool) {
         self.enabled = enabled;
         self.round = None;
+        self.waits_len = 0;
     }
 
     /// New rules: new `profile` labels (appended profiles only, see `check_compatible`).
@@ -325,16 +333,43 @@ impl ShardMetrics {
         }
     }
 
-    /// The round's records were handed to the sinks: every event of the round waited this long.
+    /// A datagram is about to be fed (`events` = events counted so far) that had waited
+    /// `waited_ns` in the socket, by the kernel's receive time, when the round began: its
+    /// events' latency includes that wait. Opens the round if it is the first.
+    #[inline]
+    pub fn datagram_begin(&mut self, events: u64, waited_ns: u64) {
+        if !self.enabled {
+            return;
+        }
+        self.round_begin(events);
+        if let Some(w) = self.waits.get_mut(self.waits_len) {
+            *w = (waited_ns, events);
+            self.waits_len += 1;
+        }
+    }
+
+    /// The round's records were handed to the sinks: every event of the round waited this long,
+    /// plus, for a datagram's events, the datagram's wait in the socket.
     #[inline]
     pub fn round_end(&mut self, events: u64) {
+        let waits = std::mem::take(&mut self.waits_len);
         if let Some((t0, e0)) = self.round.take() {
-            let n = events.saturating_sub(e0);
-            if n > 0 {
-                let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                // `record_latency_ns` once per event would be the same values n times.
-                self.sample.latency.saturating_record_n(ns, n);
+            let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            // Events before the first datagram, then each datagram's up to the next one's.
+            let latency = &mut self.sample.latency;
+            // `record_latency_ns` once per event would be the same values n times.
+            let mut record = |ns: u64, n: u64| {
+                if n > 0 {
+                    latency.saturating_record_n(ns, n);
+                }
+            };
+            let mut from = e0;
+            let mut waited = 0;
+            for &(w, start) in &self.waits[..waits] {
+                record(ns.saturating_add(waited), start.saturating_sub(from));
+                (from, waited) = (start, w);
             }
+            record(ns.saturating_add(waited), events.saturating_sub(from));
         }
     }
 
@@ -504,5 +539,37 @@ idle_timeout = "30m"
         m.round_begin(10);
         m.round_end(10);
         assert_eq!(m.sample.latency.len(), 7, "an empty round records nothing");
+    }
+
+    #[test]
+    fn a_datagram_adds_its_socket_wait_to_its_events() {
+        let rules = Rules::compile(&Config::from_toml(MIN).unwrap()).unwrap();
+        let mut m = ShardMetrics::new(&rules);
+        let ms = 1_000_000;
+        m.datagram_begin(0, 50 * ms);
+        m.datagram_begin(3, 90 * ms); // no events: its lines were all empty
+        m.datagram_begin(3, 20 * ms);
+        m.datagram_begin(5, 0);
+        m.round_end(6);
+        let h = &m.sample.latency;
+        assert_eq!(h.len(), 6);
+        let at_least = |lo: u64| {
+            h.iter_recorded()
+                .filter(|v| v.value_iterated_to() >= lo)
+                .map(|v| v.count_at_value())
+                .sum::<u64>()
+        };
+        assert_eq!(at_least(90 * ms), 0, "the empty datagram records nothing");
+        assert_eq!(at_least(49 * ms), 3);
+        assert_eq!(at_least(19 * ms), 5);
+        // The next round starts afresh.
+        m.round_begin(6);
+        m.round_end(7);
+        assert_eq!(m.sample.latency.len(), 7);
+        assert_eq!(
+            m.sample.latency.count_between(0, ms),
+            2,
+            "the last datagram's event and the new round's"
+        );
     }
 }
