@@ -980,6 +980,11 @@ pub struct SnapshotRun {
     pub capture_ms: Vec<f64>,
     pub longest_step_ms: Vec<f64>,
     pub total_ms: Vec<f64>,
+    /// The appliance's own p99 at the end of the run (`sessionizer_event_latency_seconds`: its
+    /// last ~10 s, from the kernel's receipt of a datagram to the output's queueing), ms.
+    pub appliance_p99_ms: f64,
+    /// Times an executor was found parked with work and woken during the run, all shards.
+    pub executor_kicks: f64,
 }
 
 /// Every sample of `name` in `body`, summed.
@@ -1127,6 +1132,7 @@ fn snapshot_run(
     let result = result?;
     save_run(setup, label, &result)?;
     let after = after?;
+    let kicks = |b: &str| metric(b, "sessionizer_executor_kicks_total");
     let snaps = |b: &str| metric(b, "sessionizer_snapshots_total");
     let snap_us = |b: &str| metric(b, "sessionizer_snapshot_microseconds_total");
     let during = snapshot_lines(&lines[lines_before.min(lines.len())..]);
@@ -1143,6 +1149,12 @@ fn snapshot_run(
         capture_ms: during.iter().map(|d| d.0).collect(),
         longest_step_ms: during.iter().map(|d| d.1).collect(),
         total_ms: during.iter().map(|d| d.2).collect(),
+        appliance_p99_ms: 1e3
+            * metric(
+                &after,
+                r#"sessionizer_event_latency_seconds{quantile="0.99"}"#,
+            ),
+        executor_kicks: kicks(&after) - kicks(&before),
     })
 }
 
@@ -1256,6 +1268,32 @@ pub fn snapshot_latency(
             format!("{name}, no persistence"),
             "ms",
             each(&off, &|a| lat(a, f)),
+        ));
+    }
+    for (name, f) in [
+        (
+            "the appliance's own p99, last ~10 s",
+            &(|r: &SnapshotRun| r.appliance_p99_ms) as &dyn Fn(&SnapshotRun) -> f64,
+        ),
+        ("executors found parked with work", &|r: &SnapshotRun| {
+            r.executor_kicks
+        }),
+    ] {
+        let unit = if name.contains("p99") { "ms" } else { "count" };
+        rows.push(Row::new(
+            format!("{name}, snapshots back to back"),
+            unit,
+            each(&with, f),
+        ));
+        rows.push(Row::new(
+            format!("{name}, snapshots far apart"),
+            unit,
+            each(&far, f),
+        ));
+        rows.push(Row::new(
+            format!("{name}, no persistence"),
+            unit,
+            each(&off, f),
         ));
     }
     rows.push(Row::new(
