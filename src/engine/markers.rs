@@ -3,7 +3,7 @@
 //! `_session` member spliced into enriched events. Values captured from events are copied as the
 //! JSON tokens they were, so nothing is re-escaped.
 
-use super::out::{write_f64, write_i64, write_id, write_u64, Out};
+use super::out::{write_f64, write_i64, write_id, write_u64, Out, Tail};
 use super::payload::{self, VarReader};
 use super::rules::{ProfileRule, SubRule};
 use super::EndReason;
@@ -19,20 +19,26 @@ pub struct Summary {
     pub count: u32,
 }
 
-/// The longest `session_member` beyond the profile name's bytes.
+/// The longest `session_member` beyond the profile name's bytes (99 at most, and the slack of
+/// its number stores).
 pub const SESSION_MEMBER_BYTES_MAX: usize = 128;
 
+/// `"_session":{"id":"<hex>","profile":"<name>","seq":<n>,"start_ts":<ms>}`, on every enriched
+/// event: written in one piece into reserved room (see [`Tail`]).
 #[inline]
 pub fn session_member(buf: &mut Vec<u8>, profile: &str, id: u64, seq: u32, start_ts: i64) {
-    buf.extend_from_slice(b"\"_session\":{\"id\":");
-    buf.extend_from_slice(&super::out::id_text(id));
-    buf.extend_from_slice(b",\"profile\":\"");
-    buf.extend_from_slice(profile.as_bytes());
-    buf.extend_from_slice(b"\",\"seq\":");
-    buf.extend_from_slice(itoa::Buffer::new().format(seq).as_bytes());
-    buf.extend_from_slice(b",\"start_ts\":");
-    buf.extend_from_slice(itoa::Buffer::new().format(start_ts).as_bytes());
-    buf.push(b'}');
+    const _: () =
+        assert!(17 + 18 + 13 + 8 + 10 + 12 + 20 + 1 + Tail::SLACK <= SESSION_MEMBER_BYTES_MAX);
+    let mut t = Tail::new(buf, SESSION_MEMBER_BYTES_MAX + profile.len());
+    t.put(b"\"_session\":{\"id\":");
+    t.put(&super::out::id_text(id));
+    t.put(b",\"profile\":\"");
+    t.put_slice(profile.as_bytes());
+    t.put(b"\",\"seq\":");
+    t.put_u64(u64::from(seq));
+    t.put(b",\"start_ts\":");
+    t.put_i64(start_ts);
+    t.put(b"}");
 }
 
 fn open(out: &mut Out, kind: &str, profile: &str, key: &[u8]) {
@@ -321,4 +327,32 @@ pub fn late_event(
     b.extend_from_slice(event);
     b.push(b'}');
     out.finish(Stream::Late);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_member_renders_the_contract() {
+        for (name, id, seq, start_ts) in [
+            ("web", 0x0001_0400_0000_002a_u64, 1u32, 1_750_000_000_000i64),
+            ("", 0, 0, 0),
+            (
+                "a profile name longer than sixteen",
+                u64::MAX,
+                u32::MAX,
+                i64::MIN,
+            ),
+            ("checkout", 7, 123_456_789, -5),
+            ("seven77", 1 << 42, 99_999_999, 99_999_999_999_999_999),
+        ] {
+            let mut buf = b"{\"a\":1,".to_vec();
+            session_member(&mut buf, name, id, seq, start_ts);
+            let want = format!(
+                "{{\"a\":1,\"_session\":{{\"id\":\"{id:016x}\",\"profile\":\"{name}\",\"seq\":{seq},\"start_ts\":{start_ts}}}"
+            );
+            assert_eq!(String::from_utf8(buf).unwrap(), want);
+        }
+    }
 }

@@ -152,6 +152,150 @@ fn hex8(v: u32) -> [u8; 8] {
     (x + 0x3030_3030_3030_3030 + letters * u64::from(b'a' - b'0' - 10)).to_le_bytes()
 }
 
+/// Appends into a `Vec`'s spare capacity through a raw cursor, for a record part of bounded
+/// length written on every event (the `_session` member): one capacity check for the whole part
+/// instead of one per piece, and fixed-size stores instead of a `memcpy` call per piece.
+pub struct Tail<'a> {
+    buf: &'a mut Vec<u8>,
+    at: usize,
+    end: usize,
+}
+
+impl<'a> Tail<'a> {
+    /// Room for `bytes` more bytes; stores may reach up to [`Tail::SLACK`] bytes past what is
+    /// kept, so `bytes` must count that slack once.
+    #[inline]
+    pub fn new(buf: &'a mut Vec<u8>, bytes: usize) -> Tail<'a> {
+        buf.reserve(bytes);
+        let at = buf.len();
+        Tail {
+            buf,
+            at,
+            end: at + bytes,
+        }
+    }
+
+    /// How far past the kept bytes a number store may write.
+    pub const SLACK: usize = 8;
+
+    /// A constant piece: the copy of a literal compiles to a few moves.
+    #[inline(always)]
+    pub fn put<const N: usize>(&mut self, bytes: &[u8; N]) {
+        assert!(self.at + N <= self.end);
+        // SAFETY: `at + N <= end <= capacity` (reserved in `new`); the source is a separate
+        // array, not part of `buf`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.buf.as_mut_ptr().add(self.at), N)
+        };
+        self.at += N;
+    }
+
+    /// A short variable piece (a profile name) by overlapping word stores; longer ones by copy.
+    #[inline(always)]
+    pub fn put_slice(&mut self, bytes: &[u8]) {
+        let n = bytes.len();
+        assert!(self.at + n <= self.end);
+        // SAFETY: every store lies in `[at, at + n)`, inside the capacity reserved in `new`;
+        // every load lies inside `bytes`, which cannot alias the spare capacity of `buf`.
+        unsafe {
+            let dst = self.buf.as_mut_ptr().add(self.at);
+            let src = bytes.as_ptr();
+            match n {
+                8..=16 => {
+                    dst.cast::<u64>()
+                        .write_unaligned(src.cast::<u64>().read_unaligned());
+                    dst.add(n - 8)
+                        .cast::<u64>()
+                        .write_unaligned(src.add(n - 8).cast::<u64>().read_unaligned());
+                }
+                4..=7 => {
+                    dst.cast::<u32>()
+                        .write_unaligned(src.cast::<u32>().read_unaligned());
+                    dst.add(n - 4)
+                        .cast::<u32>()
+                        .write_unaligned(src.add(n - 4).cast::<u32>().read_unaligned());
+                }
+                _ => std::ptr::copy_nonoverlapping(src, dst, n),
+            }
+        }
+        self.at += n;
+    }
+
+    /// A u64 in decimal. Below 10^16 (every epoch-millisecond time, every sequence) as two
+    /// eight-digit words; above, through `itoa`.
+    #[inline(always)]
+    pub fn put_u64(&mut self, v: u64) {
+        const E8: u64 = 100_000_000;
+        if v >= E8 * E8 {
+            let mut b = itoa::Buffer::new();
+            self.put_slice(b.format(v).as_bytes());
+            return;
+        }
+        assert!(self.at + 16 <= self.end);
+        let (hi, lo) = ((v / E8) as u32, (v % E8) as u32);
+        // SAFETY: both stores lie in `[at, at + 16)`, inside the reserved capacity.
+        unsafe {
+            let dst = self.buf.as_mut_ptr().add(self.at);
+            if hi == 0 {
+                let (word, len) = digits8_trimmed(lo);
+                dst.cast::<u64>().write_unaligned(word.to_le());
+                self.at += len;
+            } else {
+                let (word, len) = digits8_trimmed(hi);
+                dst.cast::<u64>().write_unaligned(word.to_le());
+                dst.add(len)
+                    .cast::<u64>()
+                    .write_unaligned(digits8(lo).to_le());
+                self.at += len + 8;
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub fn put_i64(&mut self, v: i64) {
+        if v < 0 {
+            self.put(b"-");
+        }
+        self.put_u64(v.unsigned_abs());
+    }
+}
+
+impl Drop for Tail<'_> {
+    fn drop(&mut self) {
+        debug_assert!(self.at <= self.end);
+        // SAFETY: every byte below `at` was written by a `put*` (they advance `at` only over
+        // the bytes they stored), and `at <= end <= capacity`.
+        unsafe { self.buf.set_len(self.at) };
+    }
+}
+
+/// The eight decimal digits of `v < 10^8`, leading zeros included, as ASCII bytes in a
+/// little-endian word (the first digit in the lowest byte). Each step splits every lane in two
+/// by a multiply-shift that is exact in the lane's range: 4+4 digits, then 2+2, then 1+1.
+#[inline(always)]
+fn digits8(v: u32) -> u64 {
+    debug_assert!(v < 100_000_000);
+    let v = u64::from(v);
+    let x = (v / 10_000) | ((v % 10_000) << 32);
+    // x / 100 per 32-bit lane: (x * 5243) >> 19 is exact below 43_699.
+    let q = ((x * 5243) >> 19) & 0x0000_007f_0000_007f;
+    let x = q | ((x - q * 100) << 16);
+    // x / 10 per 16-bit lane: (x * 103) >> 10 is exact below 179.
+    let q = ((x * 103) >> 10) & 0x000f_000f_000f_000f;
+    let x = q | ((x - q * 10) << 8);
+    x + 0x3030_3030_3030_3030
+}
+
+/// `digits8(v)` without its leading zeros (at least one digit), moved to the lowest bytes, and
+/// the number of digits.
+#[inline(always)]
+fn digits8_trimmed(v: u32) -> (u64, usize) {
+    let word = digits8(v);
+    // A leading zero is a low byte equal to '0'; for zero, a bit in the top byte keeps one.
+    let zeros = ((word ^ 0x3030_3030_3030_3030) | (u64::from(v == 0) << 56)).trailing_zeros() / 8;
+    (word >> (8 * zeros), 8 - zeros as usize)
+}
+
 pub fn id_string(id: u64) -> String {
     format!("{id:016x}")
 }
@@ -181,6 +325,48 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             assert_eq!(id_text(x), format!("\"{x:016x}\"").as_bytes(), "{x:x}");
+        }
+    }
+
+    #[test]
+    fn tail_numbers_match_itoa() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut values: Vec<i64> = vec![0, 1, 9, 10, 99, 100, -1, i64::MIN, i64::MAX];
+        for k in 0..19 {
+            let p = 10i64.pow(k);
+            values.extend([p - 1, p, p + 1, -p, 1_750_000_000_000 + p]);
+        }
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push(x as i64);
+            values.push((x % 100_000_000_000_000_000) as i64);
+            values.push((x % 1_000_000_000) as i64);
+        }
+        values.extend(0..100_000);
+        let mut buf = b"x".to_vec();
+        for v in values {
+            buf.truncate(1);
+            let mut t = Tail::new(&mut buf, 48);
+            t.put_i64(v);
+            t.put(b",");
+            drop(t);
+            assert_eq!(&buf[1..], format!("{v},").as_bytes(), "{v}");
+        }
+    }
+
+    #[test]
+    fn tail_short_slices_are_copied_whole() {
+        let text: Vec<u8> = (b'a'..=b'z').collect();
+        for n in 0..=text.len() {
+            let mut buf = Vec::new();
+            let mut t = Tail::new(&mut buf, n + 1);
+            t.put_slice(&text[..n]);
+            t.put(b"!");
+            drop(t);
+            assert_eq!(&buf[..n], &text[..n]);
+            assert_eq!(buf[n..], *b"!");
         }
     }
 }
