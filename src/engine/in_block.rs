@@ -11,6 +11,10 @@ use super::rules::{ProfileRule, Rules};
 use super::{captured, payload, value_hash, State, FLAG_META_DONE};
 use crate::decode::Event;
 
+/// State values remembered between the length check and the write (JSON tokens are never
+/// empty, so an empty slice means absent); further ones are looked up again.
+const STATE_KEPT: usize = 4;
+
 impl State {
     /// Applies `ev` to session `s` in place and returns true, or returns false having changed
     /// nothing when the event needs the general path. The caller has made the copy-on-write
@@ -47,18 +51,24 @@ impl State {
         };
 
         // State (the front of the var area): every value the event carries must keep its
-        // stored length and lie in this block. Checked before anything is written.
+        // stored length and lie in this block. Checked before anything is written; the first
+        // values found are kept for the write (an empty slice: absent from the event).
         let state = !rule.state.is_empty() && (t >= h.last_ts || h.count == 0);
+        let mut found: [&[u8]; STATE_KEPT] = [&[]; STATE_KEPT];
         if state {
             let mut at = fixed_end;
-            for &f in &rule.state {
+            for (k, &f) in rule.state.iter().enumerate() {
                 if at + 2 > block {
                     return false;
                 }
                 let len = usize::from(payload::get_u16(head, at));
                 if let Some(raw) = ev.get(f).raw_json() {
-                    if captured(raw, max).len() != len || at + 2 + len > block {
+                    let v = captured(raw, max);
+                    if v.len() != len || at + 2 + len > block {
                         return false;
+                    }
+                    if k < STATE_KEPT {
+                        found[k] = v;
                     }
                 }
                 at += 2 + len;
@@ -84,10 +94,14 @@ impl State {
         }
         if state {
             let mut at = fixed_end;
-            for &f in &rule.state {
+            for (k, &f) in rule.state.iter().enumerate() {
                 let len = usize::from(payload::get_u16(head, at));
-                if let Some(raw) = ev.get(f).raw_json() {
-                    head[at + 2..at + 2 + len].copy_from_slice(captured(raw, max));
+                let v = match found.get(k) {
+                    Some(v) => Some(*v).filter(|v| !v.is_empty()),
+                    None => ev.get(f).raw_json().map(|raw| captured(raw, max)),
+                };
+                if let Some(v) = v {
+                    payload::copy_short(&mut head[at + 2..at + 2 + len], v);
                 }
                 at += 2 + len;
             }

@@ -174,12 +174,19 @@ const _: () = assert!(LOOKAHEAD_INDEX < LOOKAHEAD_RING && LOOKAHEAD_RING.is_powe
 const _: () = assert!(LOOKAHEAD_PAYLOAD < LOOKAHEAD_HEAD && LOOKAHEAD_HEAD < LOOKAHEAD_INDEX);
 
 /// What `on_batch` learnt about an upcoming event while requesting its memory.
-#[derive(Clone, Copy, Debug, Default)]
-struct Lookahead {
-    /// The key hash, when the event has a usable key (reused when it is processed).
-    hash: Option<u64>,
+#[derive(Clone, Copy, Debug)]
+struct Lookahead<'e> {
+    /// The key and its hash, when the event has a usable key (reused when it is processed).
+    keyed: Option<(&'e [u8], u64)>,
     /// The slot its index entry probably names (`NIL`: none).
     slot: u32,
+}
+
+impl Lookahead<'_> {
+    const NONE: Self = Lookahead {
+        keyed: None,
+        slot: NIL,
+    };
 }
 /// Record flag (engine-owned bit): the record is a sub-session.
 const FLAG_SUB: u8 = 1;
@@ -231,8 +238,6 @@ struct State {
     expired: Vec<u32>,
     /// The next slot a bounded `finish` looks at.
     finish_from: u32,
-    /// `on_batch`'s events in flight, by position modulo the ring size.
-    ring: [Lookahead; LOOKAHEAD_RING],
     stats: Stats,
     /// A sliced snapshot capture in progress, if any (`capture.rs`).
     cap: capture::Capture,
@@ -299,7 +304,6 @@ impl Engine {
             pkey: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
             expired: Vec::with_capacity(m.max_sessions as usize),
             finish_from: 0,
-            ring: [Lookahead::default(); LOOKAHEAD_RING],
             stats,
             cap: capture::Capture::default(),
         };
@@ -356,28 +360,35 @@ impl Engine {
     ) {
         let rules = &*self.rules;
         let st = &mut self.st;
-        let stage = |st: &mut State, j: usize, which: u8| {
+        // The events in flight, by position modulo the ring size. Only the first level reads
+        // the event; the others work from what it left in the ring.
+        let mut ring = [Lookahead::NONE; LOOKAHEAD_RING];
+        let request_index = |st: &State, ring: &mut [Lookahead<'e>; LOOKAHEAD_RING], j: usize| {
             if j < n {
                 let (p, ev) = item(j);
-                st.lookahead(rules, j % LOOKAHEAD_RING, p, &ev, which);
+                ring[j % LOOKAHEAD_RING] = st.lookahead_index(rules, p, &ev);
             }
         };
         for j in 0..LOOKAHEAD_INDEX.min(n) {
-            stage(st, j, 0);
+            request_index(st, &mut ring, j);
         }
         for j in 0..LOOKAHEAD_HEAD.min(n) {
-            stage(st, j, 1);
+            st.lookahead_head(&mut ring[j % LOOKAHEAD_RING]);
         }
         for j in 0..LOOKAHEAD_PAYLOAD.min(n) {
-            stage(st, j, 2);
+            st.lookahead_payload(&ring[j % LOOKAHEAD_RING]);
         }
         for i in 0..n {
-            stage(st, i + LOOKAHEAD_INDEX, 0);
-            stage(st, i + LOOKAHEAD_HEAD, 1);
-            stage(st, i + LOOKAHEAD_PAYLOAD, 2);
-            let hash = st.ring[i % LOOKAHEAD_RING].hash;
+            request_index(st, &mut ring, i + LOOKAHEAD_INDEX);
+            if i + LOOKAHEAD_HEAD < n {
+                st.lookahead_head(&mut ring[(i + LOOKAHEAD_HEAD) % LOOKAHEAD_RING]);
+            }
+            if i + LOOKAHEAD_PAYLOAD < n {
+                st.lookahead_payload(&ring[(i + LOOKAHEAD_PAYLOAD) % LOOKAHEAD_RING]);
+            }
+            let keyed = ring[i % LOOKAHEAD_RING].keyed;
             let (p, ev) = item(i);
-            st.on_event(rules, p, &ev, clock, out, hash);
+            st.on_event(rules, p, &ev, clock, out, keyed);
         }
     }
 
@@ -501,36 +512,35 @@ impl State {
         self.hasher.hash_one((p, key))
     }
 
-    /// One level of `on_batch`'s lookahead for an upcoming event, kept at `ring[at]`: 0 hashes
-    /// the key and requests the index entry, 1 reads that entry (now cached) and requests the
-    /// head, 2 reads the head and requests the first payload block. Hints only: nothing here
-    /// changes the engine, and a wrong guess costs a wasted request.
+    /// The first level of `on_batch`'s lookahead for an upcoming event: find its key, hash it
+    /// and request the index entry. Like the next two levels, a hint only: nothing here changes
+    /// the engine, and a wrong guess costs a wasted request.
     #[inline]
-    fn lookahead(&mut self, rules: &Rules, at: usize, p: ProfileId, ev: &Event<'_>, which: u8) {
-        match which {
-            0 => {
-                let key = ev.get(rules.profiles[p as usize].key).key_bytes();
-                let hash = key
-                    .filter(|k| k.len() <= self.key_bytes_max)
-                    .map(|k| self.key_hash(p, k));
-                if let Some(h) = hash {
-                    self.index.prefetch(h);
-                }
-                self.ring[at] = Lookahead { hash, slot: NIL };
-            }
-            1 => {
-                if let Some(h) = self.ring[at].hash {
-                    let slot = self.index.guess(h);
-                    self.ring[at].slot = slot;
-                    self.table.prefetch(slot);
-                }
-            }
-            _ => {
-                let slot = self.ring[at].slot;
-                if slot != NIL && self.table.is_live(slot) {
-                    self.arena.prefetch(self.table.get(slot).data);
-                }
-            }
+    fn lookahead_index<'e>(&self, rules: &Rules, p: ProfileId, ev: &Event<'e>) -> Lookahead<'e> {
+        let key = ev.get(rules.profiles[p as usize].key).key_bytes();
+        let keyed = key
+            .filter(|k| k.len() <= self.key_bytes_max)
+            .map(|k| (k, self.key_hash(p, k)));
+        if let Some((_, h)) = keyed {
+            self.index.prefetch(h);
+        }
+        Lookahead { keyed, slot: NIL }
+    }
+
+    /// The second level: read the index entry (now cached) and request the head it names.
+    #[inline]
+    fn lookahead_head(&self, la: &mut Lookahead<'_>) {
+        if let Some((_, h)) = la.keyed {
+            la.slot = self.index.guess(h);
+            self.table.prefetch(la.slot);
+        }
+    }
+
+    /// The third level: read the head (now cached) and request the first payload block.
+    #[inline]
+    fn lookahead_payload(&self, la: &Lookahead<'_>) {
+        if la.slot != NIL && self.table.is_live(la.slot) {
+            self.arena.prefetch(self.table.get(la.slot).data);
         }
     }
 
@@ -539,7 +549,7 @@ impl State {
         self.index
             .find(hash, |s| {
                 let h = table.get(s);
-                h.profile == p && h.key_len as usize == key.len() && arena.starts_with(h.data, key)
+                h.profile == p && h.key_len as usize == key.len() && key_is(arena, h.data, key)
             })
             .unwrap_or(NIL)
     }
@@ -623,20 +633,24 @@ impl State {
         }
     }
 
-    /// `hash`: the key's hash when the caller has computed it already (`on_batch`).
-    fn on_event(
+    /// `keyed`: the event's key and its hash when the caller has found them already
+    /// (`on_batch`; an event without a usable key has none).
+    fn on_event<'e>(
         &mut self,
         rules: &Rules,
         p: ProfileId,
-        ev: &Event<'_>,
+        ev: &Event<'e>,
         clock: Clock,
         out: &mut Out,
-        hash: Option<u64>,
+        keyed: Option<(&'e [u8], u64)>,
     ) {
         let pi = p as usize;
         let rule = &rules.profiles[pi];
         self.stats.events += 1;
-        let key = match ev.get(rule.key).key_bytes() {
+        let key = match keyed
+            .map(|(k, _)| k)
+            .or_else(|| ev.get(rule.key).key_bytes())
+        {
             Some(k) if k.len() <= self.key_bytes_max => k,
             found => {
                 let reason = if found.is_some() {
@@ -678,7 +692,7 @@ impl State {
             c.wall_last = now;
         }
         let now = self.profile_clock(rule, pi, clock);
-        let hash = hash.unwrap_or_else(|| self.key_hash(p, key));
+        let hash = keyed.map_or_else(|| self.key_hash(p, key), |(_, h)| h);
         debug_assert_eq!(hash, self.key_hash(p, key));
 
         // Walk the key's open sessions: end the ones already due, keep those the event touches.
@@ -966,6 +980,17 @@ fn summary(h: &Head) -> Summary {
         start_ts: h.start_ts,
         last_ts: h.last_ts,
         count: h.count,
+    }
+}
+
+/// Whether the payload at `data` starts with `key`. A key within the first block (nearly all) is
+/// compared in place by word loads (`rules::short_eq`) rather than a `bcmp` call: this confirms
+/// the index match of every event.
+#[inline(always)]
+fn key_is(arena: &Arena, data: u32, key: &[u8]) -> bool {
+    match arena.slice(data, 0, key.len()) {
+        Some(stored) => rules::short_eq(stored, key),
+        None => arena.starts_with(data, key),
     }
 }
 

@@ -215,6 +215,11 @@ impl<'a> Tail<'a> {
                         .cast::<u32>()
                         .write_unaligned(src.add(n - 4).cast::<u32>().read_unaligned());
                 }
+                1..=3 => {
+                    *dst = *src;
+                    *dst.add(n / 2) = *src.add(n / 2);
+                    *dst.add(n - 1) = *src.add(n - 1);
+                }
                 _ => std::ptr::copy_nonoverlapping(src, dst, n),
             }
         }

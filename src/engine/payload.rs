@@ -290,6 +290,25 @@ fn push_value(dst: &mut Vec<u8>, v: &[u8]) {
     dst.extend_from_slice(v);
 }
 
+/// `dst.copy_from_slice(src)` for the short values of the event path (state values, keys):
+/// up to 16 bytes by two overlapping word copies instead of a `memcpy` call.
+#[inline(always)]
+pub fn copy_short(dst: &mut [u8], src: &[u8]) {
+    let n = src.len();
+    assert_eq!(dst.len(), n);
+    match n {
+        8..=16 => {
+            dst[..8].copy_from_slice(&src[..8]);
+            dst[n - 8..].copy_from_slice(&src[n - 8..]);
+        }
+        4..=7 => {
+            dst[..4].copy_from_slice(&src[..4]);
+            dst[n - 4..].copy_from_slice(&src[n - 4..]);
+        }
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 pub fn get_u16(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }
