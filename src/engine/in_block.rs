@@ -7,7 +7,7 @@
 //! still being captured, a list append, a state value changing length, a payload whose fixed part
 //! spans blocks) takes the general path, with nothing changed here.
 
-use super::rules::{ProfileRule, Rules};
+use super::rules::{LastField, ProfileRule, Rules};
 use super::{captured, payload, value_hash, State, FLAG_META_DONE};
 use crate::decode::Event;
 
@@ -19,13 +19,14 @@ impl State {
     /// Applies `ev` to session `s` in place and returns true, or returns false having changed
     /// nothing when the event needs the general path. The caller has made the copy-on-write
     /// copy of `s` and updates the head (count, times) afterwards.
-    pub(super) fn apply_in_block(
+    pub(super) fn apply_in_block<'e>(
         &mut self,
         rules: &Rules,
         rule: &ProfileRule,
         s: u32,
-        ev: &Event<'_>,
+        ev: &Event<'e>,
         t: i64,
+        last: &mut LastField<'e>,
     ) -> bool {
         let h = *self.table.get(s);
         if h.flags & FLAG_META_DONE == 0 && !rule.metadata.is_empty() {
@@ -76,7 +77,7 @@ impl State {
         }
 
         for (i, c) in rule.counters.iter().enumerate() {
-            if c.when.is_none_or(|w| rules.eval(w, ev)) {
+            if c.when.is_none_or(|w| rules.eval_reusing(w, ev, last)) {
                 payload::counter_add(head, base, l, i, 1);
             }
         }

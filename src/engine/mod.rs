@@ -739,7 +739,8 @@ impl State {
                 }
             };
         }
-        self.apply(rules, rule, target, ev, t);
+        let mut last = rules::LastField::NONE;
+        self.apply(rules, rule, target, ev, t, &mut last);
         let h = *self.table.get(target);
         if created {
             self.stats.sessions_started += 1;
@@ -764,7 +765,11 @@ impl State {
         if !rule.subs.is_empty() {
             self.on_event_subs(rules, pi, target, ev, t, clock, out);
         }
-        if rules.eval_opt(rule.ends_when, ev) {
+        let ends = match rule.ends_when {
+            Some(w) => rules.eval_reusing(w, ev, &mut last),
+            None => false,
+        };
+        if ends {
             self.end_session(rules, target, EndReason::EndsWhen, now, out);
         }
     }
@@ -1183,9 +1188,19 @@ impl State {
     /// written on every event. The var area is read only when a value or list may change:
     /// metadata until all of it is captured (`FLAG_META_DONE`), state, lists. A state value
     /// of unchanged length is overwritten in place; anything else rebuilds the var area.
-    fn apply(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) {
+    ///
+    /// `last`: see [`Rules::eval_reusing`].
+    fn apply<'e>(
+        &mut self,
+        rules: &Rules,
+        rule: &ProfileRule,
+        s: u32,
+        ev: &Event<'e>,
+        t: i64,
+        last: &mut rules::LastField<'e>,
+    ) {
         self.cow(s);
-        if !self.apply_in_block(rules, rule, s, ev, t) {
+        if !self.apply_in_block(rules, rule, s, ev, t, last) {
             self.apply_general(rules, rule, s, ev, t);
         }
         let h = self.table.get_mut(s);

@@ -157,6 +157,10 @@ fn hex8(v: u32) -> [u8; 8] {
 /// instead of one per piece, and fixed-size stores instead of a `memcpy` call per piece.
 pub struct Tail<'a> {
     buf: &'a mut Vec<u8>,
+    /// `buf`'s allocation, taken once: `buf` is borrowed exclusively, so it cannot move, and
+    /// a copy here lets the compiler keep it in a register (a byte store through a pointer may
+    /// alias the `Vec` itself, which would make it reload the pointer after every piece).
+    base: *mut u8,
     at: usize,
     end: usize,
 }
@@ -169,6 +173,7 @@ impl<'a> Tail<'a> {
         buf.reserve(bytes);
         let at = buf.len();
         Tail {
+            base: buf.as_mut_ptr(),
             buf,
             at,
             end: at + bytes,
@@ -184,9 +189,7 @@ impl<'a> Tail<'a> {
         assert!(self.at + N <= self.end);
         // SAFETY: `at + N <= end <= capacity` (reserved in `new`); the source is a separate
         // array, not part of `buf`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.buf.as_mut_ptr().add(self.at), N)
-        };
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(self.at), N) };
         self.at += N;
     }
 
@@ -198,7 +201,7 @@ impl<'a> Tail<'a> {
         // SAFETY: every store lies in `[at, at + n)`, inside the capacity reserved in `new`;
         // every load lies inside `bytes`, which cannot alias the spare capacity of `buf`.
         unsafe {
-            let dst = self.buf.as_mut_ptr().add(self.at);
+            let dst = self.base.add(self.at);
             let src = bytes.as_ptr();
             match n {
                 8..=16 => {
@@ -240,7 +243,7 @@ impl<'a> Tail<'a> {
         let (hi, lo) = ((v / E8) as u32, (v % E8) as u32);
         // SAFETY: both stores lie in `[at, at + 16)`, inside the reserved capacity.
         unsafe {
-            let dst = self.buf.as_mut_ptr().add(self.at);
+            let dst = self.base.add(self.at);
             if hi == 0 {
                 let (word, len) = digits8_trimmed(lo);
                 dst.cast::<u64>().write_unaligned(word.to_le());

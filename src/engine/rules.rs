@@ -332,6 +332,27 @@ impl Rules {
         }
     }
 
+    /// [`Rules::eval`] that remembers, in `last`, the text of the field a string `eq` read, and
+    /// reuses it for the next string `eq` on the same field: an event's counters and its
+    /// `ends_when` usually all test one field (the event type), and looking a field up costs
+    /// more than comparing it.
+    #[inline(always)]
+    pub fn eval_reusing<'e>(&self, id: PredId, ev: &Event<'e>, last: &mut LastField<'e>) -> bool {
+        match &self.nodes[id as usize] {
+            Node::Eq(f, Lit::Str(lit)) => {
+                if last.field != *f {
+                    let text = match ev.get(*f) {
+                        Field::String { text, .. } => Some(text),
+                        _ => None,
+                    };
+                    *last = LastField { field: *f, text };
+                }
+                last.text.is_some_and(|text| short_eq(lit, text))
+            }
+            _ => self.eval_node(id, ev),
+        }
+    }
+
     /// A `match` rather than `Option::is_some_and`, which the compiler left as a call in the
     /// event path (more instructions than the comparison it wraps).
     #[inline(always)]
@@ -346,6 +367,22 @@ impl Rules {
     pub fn record_profile_count(&self) -> usize {
         self.profiles.len() + self.profiles.iter().map(|p| p.subs.len()).sum::<usize>()
     }
+}
+
+/// The string text of one field of one event, kept by [`Rules::eval_reusing`].
+#[derive(Clone, Copy, Debug)]
+pub struct LastField<'e> {
+    /// `FieldId::MAX`: nothing kept yet.
+    field: FieldId,
+    /// The field's text when it is a string.
+    text: Option<&'e [u8]>,
+}
+
+impl LastField<'_> {
+    pub const NONE: Self = LastField {
+        field: FieldId::MAX,
+        text: None,
+    };
 }
 
 /// `a == b` for the short strings predicates compare (event types, flags), without a call to
@@ -665,6 +702,72 @@ mod short_eq_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reusing a field's text across predicates decides as evaluating each on its own does,
+    /// whatever the order of fields and the kinds of their values.
+    #[test]
+    fn eval_reusing_agrees_with_eval() {
+        let cfg = Config::from_toml(
+            r#"
+[[profile]]
+name = "p"
+key = "user"
+idle_timeout = "1m"
+ends_when = { field = "type", eq = "logout" }
+
+[[profile.counter]]
+name = "clicks"
+when = { field = "type", eq = "click" }
+
+[[profile.counter]]
+name = "a"
+when = { field = "kind", eq = "a" }
+
+[[profile.counter]]
+name = "pages"
+when = { field = "type", eq = "page" }
+
+[[profile.counter]]
+name = "typed"
+when = { field = "type", exists = true }
+
+[[profile.counter]]
+name = "one"
+when = { field = "type", eq = 1 }
+"#,
+        )
+        .unwrap();
+        let rules = Rules::compile(&cfg).unwrap();
+        let p = &rules.profiles[0];
+        let preds: Vec<PredId> = p
+            .counters
+            .iter()
+            .filter_map(|c| c.when)
+            .chain(p.ends_when)
+            .collect();
+        let mut dec = crate::decode::Decoder::new(rules.field_table(), 8, 4096);
+        for line in [
+            r#"{"user":"u","type":"click","kind":"a"}"#,
+            r#"{"user":"u","type":"page"}"#,
+            r#"{"user":"u","type":"logout","kind":"b"}"#,
+            r#"{"user":"u","kind":"a"}"#,
+            r#"{"user":"u","type":1,"kind":"a"}"#,
+            r#"{"user":"u","type":"click"}"#,
+            r#"{"user":"u","type":null}"#,
+        ] {
+            let ev = dec.decode(line.as_bytes()).unwrap();
+            for start in 0..preds.len() {
+                let mut last = LastField::NONE;
+                for &id in preds[start..].iter().chain(&preds[..start]) {
+                    assert_eq!(
+                        rules.eval_reusing(id, &ev, &mut last),
+                        rules.eval(id, &ev),
+                        "{line} pred {id}"
+                    );
+                }
+            }
+        }
+    }
 
     /// The word-at-a-time epoch-millisecond reading against the general one.
     #[test]
