@@ -98,7 +98,11 @@ impl std::error::Error for RunError {}
 #[derive(Default)]
 pub struct Beat {
     ticks: AtomicU64,
+    /// Kicks while the ticker ran. Before it starts and after it ends (queue connection, the
+    /// shutdown's drain and final snapshot) the shard's ticks stand still by design, so a wake
+    /// then is not evidence of the race: it is made (harmless) but not counted.
     kicks: AtomicU64,
+    ticking: AtomicBool,
     /// The shard thread's kernel thread id, to read its scheduler state.
     tid: std::sync::atomic::AtomicI32,
     /// The ticker task's waker; taken back (and dropped) on the shard's own thread at exit.
@@ -126,7 +130,9 @@ fn spawn_kicker(beats: Arc<[Beat]>, done: Arc<AtomicBool>) -> std::io::Result<()
                         if let Ok(w) = b.waker.lock() {
                             if let Some(w) = w.as_ref() {
                                 w.wake_by_ref();
-                                b.kicks.fetch_add(1, Ordering::Relaxed);
+                                if b.ticking.load(Ordering::Relaxed) {
+                                    b.kicks.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                         // Counted once per stall; woken again only if it lasts another period.
@@ -656,6 +662,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
     let mut advance_due = Instant::now() + Duration::from_millis(ADVANCE_INTERVAL_MS as u64);
     let mut last_publish = now_ms();
     let mut ops_tick = ops::ShardTick::new(last_publish);
+    beat.ticking.store(true, Ordering::Relaxed);
     while !a.stop.load(Ordering::Acquire) {
         glommio::timer::sleep(TICK).await;
         beat.ticks.fetch_add(1, Ordering::Relaxed);
@@ -703,6 +710,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         a.ops.publish_shard(&mut st, &mut ops_tick, now, false);
         a.ops.apply_rules_if_offered(&mut st, &mut ops_tick, cfg);
     }
+    beat.ticking.store(false, Ordering::Relaxed);
 
     // Shutdown.
     let deadline = Instant::now() + SHARD_DRAIN_BUDGET;
