@@ -319,8 +319,9 @@ impl<'a> Field<'a> {
 }
 
 /// Eight ASCII digits, the first in the lowest byte, as their value; None unless all are digits.
+/// Shared with the engine's epoch-millisecond timestamp read.
 #[inline(always)]
-fn eight_digits(chunk: u64) -> Option<u64> {
+pub(crate) fn eight_digits(chunk: u64) -> Option<u64> {
     let d = chunk.wrapping_sub(0x3030_3030_3030_3030);
     // A byte below '0' leaves a high nibble (it wraps to 0xcf or more); one above '9' reaches
     // 0x10 once 6 is added.

@@ -8,7 +8,9 @@
 use crate::config::{
     AggregateOp, Config, ConfigError, PredicateSpec, TimeMode, TsFormat, FIELDS_MAX,
 };
-use crate::decode::{Event, Field, FieldId, FieldTable, PATHS_MAX, SEGMENT_BYTES_MAX};
+use crate::decode::{
+    eight_digits, Event, Field, FieldId, FieldTable, PATHS_MAX, SEGMENT_BYTES_MAX,
+};
 
 // Every path a rule set may read must fit one field table.
 const _: () = assert!(FIELDS_MAX <= PATHS_MAX);
@@ -438,22 +440,6 @@ fn digits_9_to_16(text: &[u8]) -> Option<u64> {
     let pad = 8 * (8 - lead) as u32;
     let hi = (word(0) << pad) | (0x3030_3030_3030_3030u64.checked_shr(64 - pad).unwrap_or(0));
     Some(eight_digits(hi)? * 100_000_000 + eight_digits(word(lead))?)
-}
-
-/// Eight ASCII digits, the first in the lowest byte, as their value; None unless all are digits.
-/// (The decoder's `as_i64` has its own copy: the two modules share no private helpers.)
-#[inline(always)]
-fn eight_digits(chunk: u64) -> Option<u64> {
-    let d = chunk.wrapping_sub(0x3030_3030_3030_3030);
-    // A byte below '0' wraps to 0xcf or more; one above '9' reaches 0x10 once 6 is added.
-    if (d | d.wrapping_add(0x0606_0606_0606_0606)) & 0xf0f0_f0f0_f0f0_f0f0 != 0 {
-        return None;
-    }
-    // Pairs of digits into bytes, then pairs of pairs into the two halves, then the halves.
-    let d = d * 10 + (d >> 8);
-    let hi = (d & 0x0000_00ff_0000_00ff).wrapping_mul(100 + (1_000_000 << 32));
-    let lo = ((d >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32));
-    Some(hi.wrapping_add(lo) >> 32)
 }
 
 #[inline(never)]
