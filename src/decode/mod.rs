@@ -240,8 +240,9 @@ impl<'a> Field<'a> {
     /// Number -> exact i64 if the text is an integer that fits; else None. By hand rather
     /// than `str::parse`: every event-time event's timestamp goes through here, and the
     /// scanner has already admitted only JSON number grammar (`-?(0|[1-9][0-9]*)` for an
-    /// integer), so digits are all that is left to check.
-    #[inline]
+    /// integer), so digits are all that is left to check. The 9-to-16-digit case (epoch times)
+    /// is read inline; the rest in `integer_any`.
+    #[inline(always)]
     pub fn as_i64(&self) -> Option<i64> {
         let Field::Number(text) = *self else {
             return None;
@@ -250,45 +251,11 @@ impl<'a> Field<'a> {
             Some((b'-', rest)) => (true, rest),
             _ => (false, text),
         };
-        if digits.is_empty() {
-            return None;
+        if let Some(v) = digits_9_to_16(digits) {
+            // Below 10^16: no overflow either way.
+            return Some(if negative { -(v as i64) } else { v as i64 });
         }
-        let mut v: u64 = 0;
-        if digits.len() <= 19 {
-            // 19 digits stay below 10^19 < 2^64: no overflow to check. Epoch timestamps have
-            // 10 to 16 digits: eight at a time first.
-            let mut digits = digits;
-            while let Some((chunk, rest)) = digits.split_first_chunk::<8>() {
-                v = v * 100_000_000 + eight_digits(u64::from_le_bytes(*chunk))?;
-                digits = rest;
-            }
-            for &c in digits {
-                let d = c.wrapping_sub(b'0');
-                if d > 9 {
-                    return None;
-                }
-                v = v * 10 + u64::from(d);
-            }
-            return if negative {
-                // Down to i64::MIN, whose magnitude is one more than i64::MAX.
-                (v <= i64::MAX as u64 + 1).then(|| (v as i64).wrapping_neg())
-            } else {
-                i64::try_from(v).ok()
-            };
-        }
-        for &c in digits {
-            let d = c.wrapping_sub(b'0');
-            if d > 9 {
-                return None;
-            }
-            v = v.checked_mul(10)?.checked_add(u64::from(d))?;
-        }
-        if negative {
-            // Down to i64::MIN, whose magnitude is one more than i64::MAX.
-            (v <= i64::MAX as u64 + 1).then(|| (v as i64).wrapping_neg())
-        } else {
-            i64::try_from(v).ok()
-        }
+        integer_any(negative, digits)
     }
 
     /// The JSON token text to copy verbatim into output. Missing -> None.
@@ -318,10 +285,65 @@ impl<'a> Field<'a> {
     }
 }
 
-/// Eight ASCII digits, the first in the lowest byte, as their value; None unless all are digits.
-/// Shared with the engine's epoch-millisecond timestamp read.
+/// An integer's digits (sign already taken off) as an i64, if they are all digits and it fits.
+#[inline(never)]
+fn integer_any(negative: bool, digits: &[u8]) -> Option<i64> {
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    if digits.len() <= 19 {
+        // 19 digits stay below 10^19 < 2^64: no overflow to check.
+        let mut digits = digits;
+        while let Some((chunk, rest)) = digits.split_first_chunk::<8>() {
+            v = v * 100_000_000 + eight_digits(u64::from_le_bytes(*chunk))?;
+            digits = rest;
+        }
+        for &c in digits {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                return None;
+            }
+            v = v * 10 + u64::from(d);
+        }
+    } else {
+        for &c in digits {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                return None;
+            }
+            v = v.checked_mul(10)?.checked_add(u64::from(d))?;
+        }
+    }
+    if negative {
+        // Down to i64::MIN, whose magnitude is one more than i64::MAX.
+        (v <= i64::MAX as u64 + 1).then(|| (v as i64).wrapping_neg())
+    } else {
+        i64::try_from(v).ok()
+    }
+}
+
+/// The value of 9 to 16 ASCII digits (every epoch-millisecond time from 2001 to 2286 has 12 or
+/// 13, epoch seconds have 10), else None: two eight-digit words instead of one word and a digit
+/// loop. The first word is the leading digits shifted up, below '0' padding.
 #[inline(always)]
-pub(crate) fn eight_digits(chunk: u64) -> Option<u64> {
+fn digits_9_to_16(text: &[u8]) -> Option<u64> {
+    let n = text.len();
+    if !(9..=16).contains(&n) {
+        return None;
+    }
+    let word = |at: usize| u64::from_le_bytes(text[at..at + 8].try_into().expect("8 bytes"));
+    let lead = n - 8;
+    // Little-endian: the first digit is the lowest byte, so shifting up by the bytes the
+    // leading part lacks puts its digits in the top bytes; '0's fill the bytes shifted in.
+    let pad = 8 * (8 - lead) as u32;
+    let hi = (word(0) << pad) | (0x3030_3030_3030_3030u64.checked_shr(64 - pad).unwrap_or(0));
+    Some(eight_digits(hi)? * 100_000_000 + eight_digits(word(lead))?)
+}
+
+/// Eight ASCII digits, the first in the lowest byte, as their value; None unless all are digits.
+#[inline(always)]
+fn eight_digits(chunk: u64) -> Option<u64> {
     let d = chunk.wrapping_sub(0x3030_3030_3030_3030);
     // A byte below '0' leaves a high nibble (it wraps to 0xcf or more); one above '9' reaches
     // 0x10 once 6 is added.

@@ -8,9 +8,7 @@
 use crate::config::{
     AggregateOp, Config, ConfigError, PredicateSpec, TimeMode, TsFormat, FIELDS_MAX,
 };
-use crate::decode::{
-    eight_digits, Event, Field, FieldId, FieldTable, PATHS_MAX, SEGMENT_BYTES_MAX,
-};
+use crate::decode::{Event, Field, FieldId, FieldTable, PATHS_MAX, SEGMENT_BYTES_MAX};
 
 // Every path a rule set may read must fit one field table.
 const _: () = assert!(FIELDS_MAX <= PATHS_MAX);
@@ -412,34 +410,11 @@ const MS_MAX: i64 = 253_402_300_799_999;
 #[inline(always)]
 pub fn timestamp_ms(f: Field<'_>, format: TsFormat) -> Option<i64> {
     if format == TsFormat::EpochMs {
-        if let Field::Number(text) = f {
-            if let Some(v) = digits_9_to_16(text) {
-                return (v <= MS_MAX as u64).then_some(v as i64);
-            }
-        }
         if let Some(v) = f.as_i64() {
             return (0..=MS_MAX).contains(&v).then_some(v);
         }
     }
     timestamp_ms_any(f, format)
-}
-
-/// The value of 9 to 16 ASCII digits (every epoch-millisecond time from 2001 to 2286 has 12 or
-/// 13), else None: as `Field::as_i64`, but as two eight-digit words instead of one word and a
-/// digit loop. The first word is the leading digits shifted up, below '0' padding.
-#[inline(always)]
-fn digits_9_to_16(text: &[u8]) -> Option<u64> {
-    let n = text.len();
-    if !(9..=16).contains(&n) {
-        return None;
-    }
-    let word = |at: usize| u64::from_le_bytes(text[at..at + 8].try_into().expect("8 bytes"));
-    let lead = n - 8;
-    // Little-endian: the first digit is the lowest byte, so shifting up by the bytes the
-    // leading part lacks puts its digits in the top bytes; '0's fill the bytes shifted in.
-    let pad = 8 * (8 - lead) as u32;
-    let hi = (word(0) << pad) | (0x3030_3030_3030_3030u64.checked_shr(64 - pad).unwrap_or(0));
-    Some(eight_digits(hi)? * 100_000_000 + eight_digits(word(lead))?)
 }
 
 #[inline(never)]
@@ -755,7 +730,8 @@ when = { field = "type", eq = 1 }
         }
     }
 
-    /// The word-at-a-time epoch-millisecond reading against the general one.
+    /// The word-at-a-time epoch-millisecond reading against the general one, and the decoder's
+    /// integer read (whose eight-digit words it is) against the standard library's parse.
     #[test]
     fn epoch_ms_digits_read_as_the_general_path_does() {
         let mut texts: Vec<String> = [
@@ -796,6 +772,7 @@ when = { field = "type", eq = 1 }
                 timestamp_ms_any(f, TsFormat::EpochMs),
                 "{t}"
             );
+            assert_eq!(f.as_i64(), t.parse::<i64>().ok(), "{t}");
         }
     }
 }
