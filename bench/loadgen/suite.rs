@@ -1248,54 +1248,30 @@ pub fn snapshot_latency(
             }),
         ),
     ];
+    // A figure of each of the three runs.
+    let mut three = |name: &str, unit: &'static str, f: &dyn Fn(&SnapshotRun) -> f64| {
+        for (runs, which) in [
+            (&with, "snapshots back to back"),
+            (&far, "snapshots far apart"),
+            (&off, "no persistence"),
+        ] {
+            rows.push(Row::new(format!("{name}, {which}"), unit, each(runs, f)));
+        }
+    };
     for (name, f) in [
         ("p50", &(|l: &Latency| l.p50_ms) as &dyn Fn(&Latency) -> f64),
         ("p99", &|l: &Latency| l.p99_ms),
         ("p99.9", &|l: &Latency| l.p999_ms),
         ("max", &|l: &Latency| l.max_ms),
     ] {
-        rows.push(Row::new(
-            format!("{name}, snapshots back to back"),
-            "ms",
-            each(&with, &|a| lat(a, f)),
-        ));
-        rows.push(Row::new(
-            format!("{name}, snapshots far apart"),
-            "ms",
-            each(&far, &|a| lat(a, f)),
-        ));
-        rows.push(Row::new(
-            format!("{name}, no persistence"),
-            "ms",
-            each(&off, &|a| lat(a, f)),
-        ));
+        three(name, "ms", &|a| lat(a, f));
     }
-    for (name, f) in [
-        (
-            "the appliance's own p99, last ~10 s",
-            &(|r: &SnapshotRun| r.appliance_p99_ms) as &dyn Fn(&SnapshotRun) -> f64,
-        ),
-        ("executors found parked with work", &|r: &SnapshotRun| {
-            r.executor_kicks
-        }),
-    ] {
-        let unit = if name.contains("p99") { "ms" } else { "count" };
-        rows.push(Row::new(
-            format!("{name}, snapshots back to back"),
-            unit,
-            each(&with, f),
-        ));
-        rows.push(Row::new(
-            format!("{name}, snapshots far apart"),
-            unit,
-            each(&far, f),
-        ));
-        rows.push(Row::new(
-            format!("{name}, no persistence"),
-            unit,
-            each(&off, f),
-        ));
-    }
+    three("the appliance's own p99, last ~10 s", "ms", &|r| {
+        r.appliance_p99_ms
+    });
+    three("executors found parked with work", "count", &|r| {
+        r.executor_kicks
+    });
     rows.push(Row::new(
         "p99 difference (back to back − far apart)",
         "ms",
