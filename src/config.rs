@@ -68,6 +68,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
     }
 }
 
+/// The lowest non-zero `persist.snapshot_write_rate`, bytes a second.
+pub const SNAPSHOT_WRITE_RATE_MIN: u64 = 1 << 20;
+
 /// A byte size: an integer, or a string with a binary unit (`"256MiB"`, `"64KiB"`, `"4GiB"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
@@ -371,6 +374,49 @@ pub struct Persist {
     /// full the shard writes it out at once (and, if the disk refuses, applies events unlogged:
     /// counted, and not acknowledged until the next snapshot).
     pub log_buffer_bytes: ByteSize,
+    /// How fast periodic snapshot files are written. Why not flat out: on hosts where disk
+    /// writes cost CPU time (a VM whose host does its I/O on the VM's own CPU allowance), a
+    /// snapshot written at full speed takes the CPU from ingest in stalls of tens of
+    /// milliseconds. The snapshot at shutdown, and one in flight when shutdown begins, are
+    /// written at full speed.
+    pub snapshot_write_rate: SnapshotWriteRate,
+}
+
+/// `persist.snapshot_write_rate`: `"auto"` (the default), `0` (no limit), or bytes a second
+/// summed over the shards (`"8MiB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotWriteRate {
+    /// Each shard spreads its file over half the snapshot interval (at least
+    /// [`SNAPSHOT_WRITE_RATE_MIN`] a second): as gently as the interval allows, and done
+    /// before the next snapshot is due.
+    #[default]
+    Auto,
+    Unlimited,
+    /// Bytes a second for the whole appliance; each shard writes its share.
+    BytesPerSecond(u64),
+}
+
+impl<'de> Deserialize<'de> for SnapshotWriteRate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        let bytes = match Raw::deserialize(d)? {
+            Raw::Text(s) if s.trim() == "auto" => return Ok(SnapshotWriteRate::Auto),
+            Raw::Int(n) => n,
+            Raw::Text(s) => parse_byte_size(&s).map_err(|e| {
+                serde::de::Error::custom(format!("{e}, or \"auto\", or 0 for no limit"))
+            })?,
+        };
+        Ok(if bytes == 0 {
+            SnapshotWriteRate::Unlimited
+        } else {
+            SnapshotWriteRate::BytesPerSecond(bytes)
+        })
+    }
 }
 
 impl Default for Persist {
@@ -381,6 +427,7 @@ impl Default for Persist {
             fsync: FsyncPolicy::Interval,
             fsync_interval: HumanDuration(Duration::from_millis(10)),
             log_buffer_bytes: ByteSize(16 << 20),
+            snapshot_write_rate: SnapshotWriteRate::Auto,
         }
     }
 }
@@ -759,6 +806,11 @@ impl Config {
         if log_bytes < log_min || log_bytes > 1 << 30 {
             return Err(err("persist.log_buffer_bytes", format!("{log_bytes} is outside {log_min}..={}; it must hold two of the longest lines (limits.line_bytes_max = {}) and stays below 1 GiB", 1u64 << 30, l.line_bytes_max)));
         }
+        if let SnapshotWriteRate::BytesPerSecond(rate) = self.persist.snapshot_write_rate {
+            if rate < SNAPSHOT_WRITE_RATE_MIN {
+                return Err(err("persist.snapshot_write_rate", format!("{rate} bytes a second is below the limit {SNAPSHOT_WRITE_RATE_MIN} (1 MiB); a snapshot of a million sessions (~90 MB) would take minutes while the log grows; raise it, or write \"auto\" or 0 for no limit")));
+            }
+        }
         if l.sub_sessions_per_session_max > 64 {
             return Err(err(
                 "limits.sub_sessions_per_session_max",
@@ -942,8 +994,37 @@ idle_timeout = "30m"
             "cores = []\n",
             "cores = \"some\"\n",
             "[slots]\nmax = 0\n",
+            "[persist]\nsnapshot_write_rate = \"1KiB\"\n",
         ] {
             assert!(Config::from_toml(&format!("{bad}{MIN}")).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn snapshot_write_rate_is_auto_unlimited_or_at_least_a_mebibyte() {
+        let rate = |v: &str| {
+            Config::from_toml(&format!("[persist]\nsnapshot_write_rate = {v}\n{MIN}"))
+                .map(|c| c.persist.snapshot_write_rate)
+        };
+        use SnapshotWriteRate::*;
+        assert_eq!(
+            Config::from_toml(MIN).unwrap().persist.snapshot_write_rate,
+            Auto
+        );
+        assert_eq!(rate("\"auto\"").unwrap(), Auto);
+        assert_eq!(rate("0").unwrap(), Unlimited);
+        assert_eq!(rate("\"0MiB\"").unwrap(), Unlimited);
+        assert_eq!(
+            rate("\"1MiB\"").unwrap(),
+            BytesPerSecond(SNAPSHOT_WRITE_RATE_MIN)
+        );
+        assert_eq!(rate("\"64MiB\"").unwrap(), BytesPerSecond(64 << 20));
+        let e = rate("1048575").unwrap_err().to_string();
+        assert!(
+            e.contains("persist.snapshot_write_rate") && e.contains("raise it"),
+            "{e}"
+        );
+        let e = rate("\"fast\"").unwrap_err().to_string();
+        assert!(e.contains("auto"), "{e}");
     }
 }

@@ -592,6 +592,103 @@ fn a_corrupt_newest_snapshot_falls_back_to_the_previous_generation_and_its_log()
     }
 }
 
+/// `(bytes, write ms, budget MiB/s)` of a periodic `snapshot written` line under a budget.
+fn paced_write(line: &str) -> Option<(f64, f64, f64)> {
+    let (_, rest) = line.split_once(": snapshot written: generation ")?;
+    let bytes = rest
+        .split(" bytes in ")
+        .next()?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    let (_, w) = rest.split_once(", write ")?;
+    let (ms, w) = w.split_once(" ms at ")?;
+    let mib = w.split(' ').next()?.parse().ok()?;
+    Some((bytes, ms.parse().ok()?, mib))
+}
+
+/// Under `persist.snapshot_write_rate` periodic snapshots take at least their size over the
+/// shard's share of the budget; a shutdown during one finishes it at full speed, then writes the
+/// final snapshot, and the restart recovers every session.
+#[test]
+fn paced_snapshots_keep_the_budget_and_a_shutdown_does_not_wait_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "fsync_interval = \"5ms\"",
+        "fsync_interval = \"5ms\"\nsnapshot_write_rate = \"1MiB\"",
+    );
+    std::fs::write(&config, text).unwrap();
+    let users = 19_000;
+    let lines: Vec<String> = (0..users)
+        .map(|u| format!(r#"{{"user":"u{u}","type":"click","n":{u}}}"#))
+        .collect();
+    let p = Proc::start(&config);
+    assert_eq!(
+        send_acked(p.tcp_addr(), "p", &lines, 1, Duration::ZERO),
+        users as u64
+    );
+    // A periodic snapshot big enough to be paced (each shard's share: 512 KiB a second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let paced = loop {
+        let found = p
+            .stderr()
+            .iter()
+            .find_map(|l| paced_write(l).filter(|&(bytes, _, _)| bytes > 256_000.0));
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no paced snapshot: {:#?}",
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (bytes, ms, mib) = paced;
+    assert_eq!(mib, 0.5, "each of the two shards writes half the budget");
+    assert!(
+        ms >= 0.95 * bytes / (mib * f64::from(1 << 20)) * 1e3,
+        "{bytes} bytes written in {ms} ms, faster than {mib} MiB/s"
+    );
+    // The next ones are in flight now (150 ms apart, each over a second long).
+    std::thread::sleep(Duration::from_millis(400));
+    let before = p.stderr().len();
+    let stderr = p.terminate();
+    let after_stop: Vec<(f64, f64, f64)> = stderr[before..]
+        .iter()
+        .filter_map(|l| paced_write(l))
+        .collect();
+    assert!(!after_stop.is_empty(), "{:#?}", &stderr[before..]);
+    for (bytes, ms, mib) in after_stop {
+        assert!(
+            ms < 0.95 * bytes / (mib * f64::from(1 << 20)) * 1e3,
+            "the snapshot in flight at the stop kept its pace: {bytes} bytes in {ms} ms"
+        );
+    }
+    assert_eq!(
+        stderr
+            .iter()
+            .filter(|l| l.contains("final snapshot written"))
+            .count(),
+        2,
+        "{stderr:#?}"
+    );
+    let p = Proc::start(&config);
+    let restored: u64 = p
+        .stderr()
+        .iter()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once(": recovered in ")?;
+            let (_, rest) = rest.split_once(": ")?;
+            rest.split(' ').next()?.parse::<u64>().ok()
+        })
+        .sum();
+    assert_eq!(restored, users as u64, "{:#?}", p.stderr());
+    p.terminate();
+}
+
 #[test]
 fn a_malformed_hello_is_refused_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();

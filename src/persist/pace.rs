@@ -9,10 +9,14 @@
 //! `sched_yield` between them: the shard, when it is waiting, runs at the next step boundary;
 //! when it is not, the yield returns at once.
 
+use crate::config::{SnapshotWriteRate, SNAPSHOT_WRITE_RATE_MIN};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Bytes serialised between two yields (tens of microseconds of work).
 pub const PACE_BYTES: usize = 16 << 10;
@@ -54,6 +58,75 @@ impl<W: Write> Write for Paced<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// A byte budget per second for a background write, which gives way when `hurry` is set
+/// (shutdown: nobody is left to protect). Why a budget at all: on a VM whose host does the
+/// guest's disk I/O on the guest's own CPU allowance, every megabyte written takes CPU time from
+/// the VM, in stalls of 15-20 ms at a time (`bench/RESULTS.md`, "Snapshot latency"); a write
+/// spread over time spreads those stalls too.
+#[derive(Clone, Debug)]
+pub struct WriteRate {
+    bytes_per_second: u64,
+    hurry: Arc<AtomicBool>,
+}
+
+impl WriteRate {
+    /// `bytes_per_second` 0: no limit.
+    pub fn new(bytes_per_second: u64, hurry: Arc<AtomicBool>) -> WriteRate {
+        WriteRate {
+            bytes_per_second,
+            hurry,
+        }
+    }
+
+    pub fn unlimited() -> WriteRate {
+        WriteRate::new(0, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// The budget of one shard's periodic snapshot file of `file_bytes`, under `setting`, with
+    /// snapshots every `interval` and `shards` shards writing theirs at the same time.
+    pub fn for_snapshot(
+        setting: SnapshotWriteRate,
+        interval: Duration,
+        shards: u32,
+        file_bytes: u64,
+        hurry: Arc<AtomicBool>,
+    ) -> WriteRate {
+        let bytes_per_second = match setting {
+            SnapshotWriteRate::Unlimited => 0,
+            SnapshotWriteRate::BytesPerSecond(b) => (b / u64::from(shards.max(1))).max(1),
+            SnapshotWriteRate::Auto => {
+                let half = (interval.as_secs_f64() / 2.0).max(1e-3);
+                ((file_bytes as f64 / half) as u64).max(SNAPSHOT_WRITE_RATE_MIN)
+            }
+        };
+        WriteRate::new(bytes_per_second, hurry)
+    }
+
+    pub fn bytes_per_second(&self) -> u64 {
+        self.bytes_per_second
+    }
+
+    /// How long to wait, `elapsed` after the write began with `written` bytes done, so as to
+    /// stay within the budget; `None`: go on now.
+    pub fn delay(&self, written: u64, elapsed: Duration) -> Option<Duration> {
+        if self.bytes_per_second == 0 || self.hurry.load(Ordering::Relaxed) {
+            return None;
+        }
+        let due = Duration::from_secs_f64(written as f64 / self.bytes_per_second as f64);
+        due.checked_sub(elapsed).filter(|d| !d.is_zero())
+    }
+
+    /// Bytes to write between two waits: about 50 ms of the budget (within 128 KiB..=4 MiB), so
+    /// the writes come in small, even steps; everything at once without a budget.
+    pub fn step_bytes(&self) -> u64 {
+        if self.bytes_per_second == 0 {
+            u64::MAX
+        } else {
+            (self.bytes_per_second / 20).clamp(128 << 10, 4 << 20)
+        }
     }
 }
 
@@ -104,6 +177,44 @@ mod tests {
         let mut twice = data.clone();
         twice.extend_from_slice(&data);
         assert_eq!(out, twice);
+    }
+
+    #[test]
+    fn write_rate_waits_for_the_budget_unless_hurried() {
+        let hurry = Arc::new(AtomicBool::new(false));
+        let rate = WriteRate::new(1 << 20, hurry.clone());
+        let ms = Duration::from_millis;
+        // Half a MiB is due at 500 ms.
+        assert_eq!(rate.delay(512 << 10, ms(200)), Some(ms(300)));
+        assert_eq!(rate.delay(512 << 10, ms(500)), None);
+        assert_eq!(rate.delay(512 << 10, ms(900)), None, "behind: no wait");
+        hurry.store(true, Ordering::Relaxed);
+        assert_eq!(
+            rate.delay(512 << 10, ms(200)),
+            None,
+            "shutdown writes flat out"
+        );
+        assert_eq!(WriteRate::unlimited().delay(u64::MAX, ms(0)), None);
+        assert_eq!(rate.step_bytes(), 128 << 10);
+        assert_eq!(WriteRate::new(40 << 20, hurry).step_bytes(), 2 << 20);
+        assert_eq!(WriteRate::unlimited().step_bytes(), u64::MAX);
+    }
+
+    #[test]
+    fn a_snapshot_budget_is_the_shards_share_or_half_the_interval() {
+        let no = || Arc::new(AtomicBool::new(false));
+        let secs = Duration::from_secs;
+        let of = |setting, interval, shards, bytes| {
+            WriteRate::for_snapshot(setting, interval, shards, bytes, no()).bytes_per_second()
+        };
+        use SnapshotWriteRate::*;
+        assert_eq!(of(Unlimited, secs(60), 2, 1 << 30), 0);
+        assert_eq!(of(BytesPerSecond(8 << 20), secs(60), 2, 1 << 30), 4 << 20);
+        // 900 MB over half a minute.
+        assert_eq!(of(Auto, secs(60), 2, 900_000_000), 30_000_000);
+        // A small file is still written at the floor, not over the whole half interval.
+        assert_eq!(of(Auto, secs(60), 2, 1 << 20), SNAPSHOT_WRITE_RATE_MIN);
+        assert_eq!(of(Auto, Duration::ZERO, 1, 1 << 20), (1 << 20) * 1000);
     }
 
     #[test]

@@ -422,6 +422,11 @@ impl SnapshotWriter {
         (HEADER_BYTES + self.body.len()) as u64
     }
 
+    /// Bytes of the file written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
     /// Write up to `budget_bytes` more (at least one byte); once everything is written, one
     /// further call fsyncs the file. `Ok(true)` once the temp file is durable: then [`publish`].
     /// After an error (e.g. a full disk) the call can be retried: it resumes where it stopped.

@@ -20,9 +20,10 @@
 //! it is reported durable until a snapshot captured after it is published.
 
 use super::shard::Shard;
-use crate::config::Config;
+use crate::config::{Config, SnapshotWriteRate};
 use crate::engine::snapshot::{CaptureBuffers, SnapshotMeta};
 use crate::engine::Engine;
+use crate::persist::pace::WriteRate;
 use crate::persist::producer::{self, Producers, Seen};
 use crate::persist::snapshot_file::{self, open_latest_with_report};
 use crate::persist::{LogConfig, LogError, LogReader, LogWriter, SnapshotWriter};
@@ -425,6 +426,8 @@ pub struct SnapshotTimes {
     pub capture_copied_on_write: u64,
     /// Building the archive, writing the file and its fsync, off the executor.
     pub write_us: u64,
+    /// The file's write budget, bytes a second (0: none).
+    pub write_rate: u64,
     /// Waiting for the outputs of the captured events to reach the sinks (yields while waiting).
     pub drain_us: u64,
     /// Waiting (yielding) for the log to be durable up to the producers' checkpoint, and the
@@ -439,7 +442,7 @@ impl std::fmt::Display for SnapshotTimes {
         let ms = |us: u64| us as f64 / 1e3;
         write!(
             f,
-            "generation {}: {} sessions, {} bytes in {:.1} ms (capture {:.1} ms held in {} slices over {:.1} ms, {} sessions copied on write, longest slice {:.3} ms, cut {:.3} ms, write {:.1} ms, drain {:.1} ms, log {:.1} ms, publish {:.1} ms)",
+            "generation {}: {} sessions, {} bytes in {:.1} ms (capture {:.1} ms held in {} slices over {:.1} ms, {} sessions copied on write, longest slice {:.3} ms, cut {:.3} ms, write {:.1} ms {}, drain {:.1} ms, log {:.1} ms, publish {:.1} ms)",
             self.generation,
             self.sessions,
             self.bytes,
@@ -451,6 +454,10 @@ impl std::fmt::Display for SnapshotTimes {
             ms(self.capture_longest_us),
             ms(self.capture_begin_us),
             ms(self.write_us),
+            match self.write_rate {
+                0 => "unpaced".to_string(),
+                r => format!("at {:.1} MiB/s", r as f64 / f64::from(1 << 20)),
+            },
             ms(self.drain_us),
             ms(self.log_us),
             ms(self.publish_us)
@@ -462,22 +469,65 @@ fn us_since(t: Instant) -> u64 {
     u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
-/// Write the captured snapshot to its temp file and fsync it, retrying a failing write a few
-/// times (a disk that fills up may free space). Blocking: runs off the executor.
-fn write_file_blocking(w: &mut SnapshotWriter) -> std::io::Result<()> {
+/// How a shard's periodic snapshots are written (the one at shutdown goes flat out).
+pub struct Pace {
+    pub rate: SnapshotWriteRate,
+    pub interval: Duration,
+    /// Set when shutdown begins: the file in flight is finished at full speed.
+    pub hurry: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Write the snapshot's temp file and fsync it, off the executor, retrying a failing write a
+/// few times (a disk that fills up may free space). Under a write rate the file goes to the
+/// blocking thread a step at a time, and the wait between steps is a timer on the executor: the
+/// blocking thread is shared (metrics rendering, log deletion) and must not sleep. On failure
+/// the temp file is removed and the error returned.
+async fn write_file(mut w: SnapshotWriter, rate: &WriteRate) -> Result<SnapshotWriter, String> {
+    let step = rate.step_bytes();
+    let start = Instant::now();
     let mut failures = 0u32;
     loop {
-        match w.write_chunk(SNAPSHOT_CHUNK_BYTES) {
-            Ok(true) => return Ok(()),
-            Ok(false) => crate::persist::pace::yield_cpu(),
+        // Wait until the budget covers the step about to be written: never ahead of it.
+        let next = w.written().saturating_add(step).min(w.file_bytes());
+        if let Some(d) = rate.delay(next, start.elapsed()) {
+            glommio::timer::sleep(d).await;
+        }
+        let (back, r) = glommio::executor()
+            .spawn_blocking(move || {
+                let r = write_step(&mut w, step);
+                (w, r)
+            })
+            .await;
+        w = back;
+        match r {
+            Ok(true) => return Ok(w),
+            Ok(false) => {}
             Err(e) => {
                 failures += 1;
                 if failures >= SNAPSHOT_WRITE_ATTEMPTS {
-                    return Err(e);
+                    let generation = w.generation();
+                    w.abort();
+                    return Err(format!("writing snapshot generation {generation}: {e}"));
                 }
-                std::thread::sleep(std::time::Duration::from_millis(100 << failures));
+                glommio::timer::sleep(Duration::from_millis(100 << failures)).await;
             }
         }
+    }
+}
+
+/// Write up to `step` more bytes of the file (once all are written, the fsync), yielding the
+/// CPU between chunks. `Ok(true)` once the file is durable.
+fn write_step(w: &mut SnapshotWriter, step: u64) -> std::io::Result<bool> {
+    let until = w.written().saturating_add(step);
+    loop {
+        let left = usize::try_from(until - w.written()).unwrap_or(usize::MAX);
+        if w.write_chunk(SNAPSHOT_CHUNK_BYTES.min(left))? {
+            return Ok(true);
+        }
+        if w.written() >= until {
+            return Ok(false);
+        }
+        crate::persist::pace::yield_cpu();
     }
 }
 
@@ -520,7 +570,10 @@ fn yield_cpu_to_shards() {
 /// either processes nothing. Now the executor is held for the cut and for slices of
 /// `CAPTURE_STEP_BUDGET`, with a pause between slices in which the shard polls its I/O and
 /// processes what arrived.
-pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, String> {
+pub async fn snapshot(
+    ctx: &super::shard::Ctx,
+    pace: Option<&Pace>,
+) -> Result<Option<SnapshotTimes>, String> {
     let t0 = Instant::now();
     let mut times = SnapshotTimes::default();
     // The cut, then the capture in slices between the shard's other tasks.
@@ -573,30 +626,41 @@ pub async fn snapshot(ctx: &super::shard::Ctx) -> Result<Option<SnapshotTimes>, 
         (d.dir.clone(), d.snap_buffer.take().unwrap_or_default())
     };
     let t_write = Instant::now();
-    let (captured, written) = glommio::executor()
+    let (captured, built) = glommio::executor()
         .spawn_blocking(move || {
             yield_cpu_to_shards();
             let w = SnapshotWriter::from_capture(&dir, &captured, meta, buffer);
-            let written = w
-                .map_err(|e| e.to_string())
-                .and_then(|mut w| match write_file_blocking(&mut w) {
-                    Ok(()) => Ok(w),
-                    Err(e) => {
-                        let generation = w.generation();
-                        w.abort();
-                        Err(format!("writing snapshot generation {generation}: {e}"))
-                    }
-                });
-            (captured, written)
+            (captured, w.map_err(|e| e.to_string()))
         })
         .await;
+    if let Some(d) = ctx.st.borrow_mut().durable.as_mut() {
+        d.capture_buffers = Some(captured.into_buffers());
+    }
+    let written = match built {
+        Ok(w) => {
+            let rate = pace.map_or_else(WriteRate::unlimited, |p| {
+                WriteRate::for_snapshot(
+                    p.rate,
+                    p.interval,
+                    ctx.shards,
+                    w.file_bytes(),
+                    p.hurry.clone(),
+                )
+            });
+            times.write_rate = rate.bytes_per_second();
+            write_file(w, &rate).await
+        }
+        Err(e) => Err(e),
+    };
     times.write_us = us_since(t_write);
     let w = {
         let mut st = ctx.st.borrow_mut();
         let Some(d) = st.durable.as_mut() else {
+            if let Ok(w) = written {
+                w.abort();
+            }
             return Ok(None);
         };
-        d.capture_buffers = Some(captured.into_buffers());
         match written {
             Ok(w) => w,
             Err(e) => {

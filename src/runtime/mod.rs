@@ -19,7 +19,7 @@ pub mod handoff;
 pub mod ops;
 pub mod shard;
 
-use crate::config::{Config, Transport};
+use crate::config::{Config, SnapshotWriteRate, Transport};
 use crate::decode::Decoder;
 use crate::engine::rules::Rules;
 use crate::engine::{numa, Engine};
@@ -639,10 +639,13 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
     if id == 0 {
         a.ops.spawn_shard0_tasks();
     }
-    let snapshots =
-        cfg.persist.dir.is_some().then(|| {
-            glommio::spawn_local(snapshot_loop(ctx.clone(), cfg.persist.snapshot_interval.0))
-        });
+    let snapshots = cfg.persist.dir.is_some().then(|| {
+        glommio::spawn_local(snapshot_loop(
+            ctx.clone(),
+            cfg.persist.snapshot_interval.0,
+            cfg.persist.snapshot_write_rate,
+        ))
+    });
     let _ = a.msgs.send(Msg::Ready(id));
 
     // The ticker: engine timers, output flushes, counter publication, the stop flag, and the
@@ -768,7 +771,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         // The periodic task ends at the stop; wait for a snapshot it is writing, then take the
         // final one, so a restart resumes every open session without replaying a log.
         task.await;
-        match durable::snapshot(&ctx).await {
+        match durable::snapshot(&ctx, None).await {
             Ok(Some(t)) => log::info!("shard {id}: final snapshot written: {t}"),
             Ok(None) => {}
             Err(e) => log::error!(
@@ -795,14 +798,20 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Snapshots every `interval` until the shard stops.
-async fn snapshot_loop(ctx: Rc<Ctx>, interval: Duration) {
+/// Snapshots every `interval` until the shard stops, each file written at the pace `rate`
+/// sets.
+async fn snapshot_loop(ctx: Rc<Ctx>, interval: Duration, rate: SnapshotWriteRate) {
+    let pace = durable::Pace {
+        rate,
+        interval,
+        hurry: ctx.hurry.clone(),
+    };
     loop {
         match shard::first(glommio::timer::sleep(interval), ctx.stopped()).await {
             shard::Either::Left(()) => {}
             shard::Either::Right(()) => return,
         }
-        match durable::snapshot(&ctx).await {
+        match durable::snapshot(&ctx, Some(&pace)).await {
             Ok(Some(t)) => log::info!("shard {}: snapshot written: {t}", ctx.id),
             Ok(None) => {}
             Err(e) => log::warn!(

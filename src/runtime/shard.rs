@@ -28,6 +28,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -551,6 +552,9 @@ pub struct Ctx {
     pub blocked: Cell<bool>,
     /// Live ingest tasks (listeners and connections); shutdown waits for zero.
     pub ingest_tasks: Cell<u32>,
+    /// Set with `stopping`, for the blocking thread: a snapshot file being written under
+    /// `persist.snapshot_write_rate` finishes at full speed.
+    pub hurry: Arc<AtomicBool>,
 }
 
 impl Ctx {
@@ -566,6 +570,7 @@ impl Ctx {
             tx_lock,
             stop: Semaphore::new(0),
             stopping: Cell::new(false),
+            hurry: Arc::new(AtomicBool::new(false)),
             blocked: Cell::new(false),
             ingest_tasks: Cell::new(0),
         }
@@ -574,6 +579,7 @@ impl Ctx {
     /// Ask every ingest task to finish.
     pub fn stop_ingest(&self) {
         self.stopping.set(true);
+        self.hurry.store(true, Ordering::Relaxed);
         self.stop.close();
     }
 
