@@ -381,6 +381,8 @@ pub struct ConfigSpec {
     pub metrics_publish: Option<String>,
     /// `[persist]` dir and snapshot interval; `None`: no durability.
     pub persist: Option<(PathBuf, String)>,
+    /// `persist.snapshot_write_rate` (with `persist` only); `None`: the appliance's default.
+    pub snapshot_write_rate: Option<String>,
     /// The profile's idle timeout (`"1s"` for the clickstream bench, `"30m"` to keep sessions).
     pub idle_timeout: String,
 }
@@ -428,6 +430,9 @@ streams = ["events", "markers", "late", "dead_letter"]
                 "\n[persist]\ndir = {}\nsnapshot_interval = \"{interval}\"\n",
                 serde_json::Value::from(dir.display().to_string())
             );
+            if let Some(rate) = &self.snapshot_write_rate {
+                t += &format!("snapshot_write_rate = \"{rate}\"\n");
+            }
         }
         t += &format!(
             r#"
@@ -464,6 +469,7 @@ mod tests {
             max_sessions: 500_000,
             metrics_publish: None,
             persist: None,
+            snapshot_write_rate: None,
             idle_timeout: "1s".to_string(),
         };
         let plain = spec.toml();

@@ -485,6 +485,11 @@ pub struct SnapshotLatencyArgs {
     /// `persist.snapshot_interval` of the runs without (longer than the run).
     #[arg(long, default_value = "1h")]
     pub far_interval: String,
+    /// `persist.snapshot_write_rate` of the runs with persistence: bytes a second (`8MiB`: what
+    /// `auto` picks at the default 60 s interval for a shard of ~2.8M sessions), `0` for no
+    /// limit, or `auto` (at the back-to-back interval: no limit either)
+    #[arg(long, default_value = "8MiB")]
+    pub snapshot_write_rate: String,
     #[arg(long, value_enum, default_value_t = Transport::Udp)]
     pub transport: Transport,
 }
@@ -625,6 +630,7 @@ fn snapshot_latency_command(a: &SnapshotLatencyArgs, argv: &[String]) -> Result<
         duration: a.duration,
         snapshot_interval: a.snapshot_interval.clone(),
         far_interval: a.far_interval.clone(),
+        snapshot_write_rate: Some(a.snapshot_write_rate.clone()),
         transport: a.transport,
     };
     let setup = suite_setup(&a.suite, "all")?;

@@ -16,6 +16,30 @@ pub struct Machine {
     pub loadavg: String,
 }
 
+/// CPU time the hypervisor gave to others while this VM's CPUs wanted to run ("steal", summed
+/// over CPUs, from `/proc/stat`), ms since boot; `None` where the kernel does not count it.
+pub fn steal_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    steal_ms_in(&stat, clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// The `cpu` line's eighth number (steal, in clock ticks), in ms.
+fn steal_ms_in(stat: &str, ticks_per_second: f64) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: f64 = line.split_whitespace().nth(8)?.parse().ok()?;
+    Some(ticks * 1e3 / ticks_per_second)
+}
+
 fn read_trimmed(path: &str) -> Option<String> {
     std::fs::read_to_string(path)
         .ok()
@@ -113,5 +137,14 @@ mod tests {
             cpuinfo_field("model name\t: AMD EPYC\nflags : a b", "model name").as_deref(),
             Some("AMD EPYC")
         );
+    }
+
+    #[test]
+    fn steal_is_the_cpu_lines_eighth_number() {
+        let stat =
+            "cpu  8698750 208 994887 1791616 479852 0 68309 84990 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        assert_eq!(steal_ms_in(stat, 100.0), Some(849_900.0));
+        assert_eq!(steal_ms_in("cpu  1 2 3\n", 100.0), None);
+        assert!(steal_ms().is_some_and(|ms| ms >= 0.0));
     }
 }

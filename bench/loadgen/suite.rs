@@ -564,6 +564,7 @@ fn bench_config(setup: &Setup, metrics: bool) -> ConfigSpec {
         max_sessions: 500_000,
         metrics_publish: metrics.then(|| "1s".to_string()),
         persist: None,
+        snapshot_write_rate: None,
         idle_timeout: "1s".to_string(),
     }
 }
@@ -958,6 +959,8 @@ pub struct SnapshotOptions {
     pub duration: Duration,
     pub snapshot_interval: String,
     pub far_interval: String,
+    /// `persist.snapshot_write_rate` of the runs with persistence; `None`: the default.
+    pub snapshot_write_rate: Option<String>,
     pub transport: Transport,
 }
 
@@ -985,6 +988,8 @@ pub struct SnapshotRun {
     pub appliance_p99_ms: f64,
     /// Times an executor was found parked with work and woken during the run, all shards.
     pub executor_kicks: f64,
+    /// CPU time the hypervisor took from this VM during the run (steal, all CPUs), ms a second.
+    pub steal_ms_per_s: f64,
 }
 
 /// Every sample of `name` in `body`, summed.
@@ -1095,6 +1100,7 @@ fn snapshot_run(
         max_sessions,
         metrics_publish: Some("1s".to_string()),
         persist: interval.map(|i| (state.clone(), i.to_string())),
+        snapshot_write_rate: o.snapshot_write_rate.clone(),
         idle_timeout: "30m".to_string(),
     };
     let app = Appliance::start(&setup.binary, &setup.dir, label, &config.toml())?;
@@ -1122,7 +1128,11 @@ fn snapshot_run(
         Some(app.tcp_output()?),
         Some(url.clone()),
     );
+    let steal_before = crate::machine::steal_ms();
     let result = run::execute(&measured, serde_json::Value::Null);
+    let steal = crate::machine::steal_ms()
+        .zip(steal_before)
+        .map_or(f64::NAN, |(after, before)| after - before);
     // The counters are published once a second: wait for one more publication.
     std::thread::sleep(Duration::from_millis(1_100));
     let after = scrape::http_get(&url);
@@ -1155,6 +1165,7 @@ fn snapshot_run(
                 r#"sessionizer_event_latency_seconds{quantile="0.99"}"#,
             ),
         executor_kicks: kicks(&after) - kicks(&before),
+        steal_ms_per_s: steal / result.sending_s.max(1e-9),
     })
 }
 
@@ -1271,6 +1282,9 @@ pub fn snapshot_latency(
     });
     three("executors found parked with work", "count", &|r| {
         r.executor_kicks
+    });
+    three("host steal, all CPUs, per second", "ms", &|r| {
+        r.steal_ms_per_s
     });
     rows.push(Row::new(
         "p99 difference (back to back − far apart)",
@@ -1523,6 +1537,7 @@ fn recovery_round(
         metrics_publish: Some("1s".to_string()),
         // No periodic snapshot during the preload: the stop writes the one that is recovered.
         persist: Some((dir.to_path_buf(), "1h".to_string())),
+        snapshot_write_rate: None,
         idle_timeout: "30m".to_string(),
     };
     let load_cfg = config(&state.path);
