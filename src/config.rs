@@ -75,17 +75,19 @@ pub const SNAPSHOT_WRITE_RATE_MIN: u64 = 1 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
+/// A TOML value that is a count or a string with a unit (sizes, rates).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrText {
+    Int(u64),
+    Text(String),
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => parse_byte_size(&s)
+        match IntOrText::deserialize(d)? {
+            IntOrText::Int(n) => Ok(ByteSize(n)),
+            IntOrText::Text(s) => parse_byte_size(&s)
                 .map(ByteSize)
                 .map_err(serde::de::Error::custom),
         }
@@ -398,16 +400,10 @@ pub enum SnapshotWriteRate {
 
 impl<'de> Deserialize<'de> for SnapshotWriteRate {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        let bytes = match Raw::deserialize(d)? {
-            Raw::Text(s) if s.trim() == "auto" => return Ok(SnapshotWriteRate::Auto),
-            Raw::Int(n) => n,
-            Raw::Text(s) => parse_byte_size(&s).map_err(|e| {
+        let bytes = match IntOrText::deserialize(d)? {
+            IntOrText::Text(s) if s.trim() == "auto" => return Ok(SnapshotWriteRate::Auto),
+            IntOrText::Int(n) => n,
+            IntOrText::Text(s) => parse_byte_size(&s).map_err(|e| {
                 serde::de::Error::custom(format!("{e}, or \"auto\", or 0 for no limit"))
             })?,
         };
