@@ -379,8 +379,8 @@ pub struct Persist {
     /// How fast periodic snapshot files are written. Why not flat out: on hosts where disk
     /// writes cost CPU time (a VM whose host does its I/O on the VM's own CPU allowance), a
     /// snapshot written at full speed takes the CPU from ingest in stalls of tens of
-    /// milliseconds. The snapshot at shutdown, and one in flight when shutdown begins, are
-    /// written at full speed.
+    /// milliseconds. A periodic snapshot still being written when shutdown begins is
+    /// abandoned; the final snapshot is written at full speed.
     pub snapshot_write_rate: SnapshotWriteRate,
 }
 

@@ -609,8 +609,8 @@ fn paced_write(line: &str) -> Option<(f64, f64, f64)> {
 }
 
 /// Under `persist.snapshot_write_rate` periodic snapshots take at least their size over the
-/// shard's share of the budget; a shutdown during one finishes it at full speed, then writes the
-/// final snapshot, and the restart recovers every session.
+/// shard's share of the budget; a shutdown during one abandons it for the final snapshot, and
+/// the restart recovers every session.
 #[test]
 fn paced_snapshots_keep_the_budget_and_a_shutdown_does_not_wait_for_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -656,17 +656,19 @@ fn paced_snapshots_keep_the_budget_and_a_shutdown_does_not_wait_for_them() {
     std::thread::sleep(Duration::from_millis(400));
     let before = p.stderr().len();
     let stderr = p.terminate();
-    let after_stop: Vec<(f64, f64, f64)> = stderr[before..]
-        .iter()
-        .filter_map(|l| paced_write(l))
+    assert!(
+        stderr[before..]
+            .iter()
+            .any(|l| l.contains("snapshot abandoned at shutdown")),
+        "{:#?}",
+        &stderr[before..]
+    );
+    let temp_files: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
         .collect();
-    assert!(!after_stop.is_empty(), "{:#?}", &stderr[before..]);
-    for (bytes, ms, mib) in after_stop {
-        assert!(
-            ms < 0.95 * bytes / (mib * f64::from(1 << 20)) * 1e3,
-            "the snapshot in flight at the stop kept its pace: {bytes} bytes in {ms} ms"
-        );
-    }
+    assert!(temp_files.is_empty(), "{temp_files:?}");
     assert_eq!(
         stderr
             .iter()

@@ -14,8 +14,6 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Bytes serialised between two yields (tens of microseconds of work).
@@ -61,28 +59,23 @@ impl<W: Write> Write for Paced<W> {
     }
 }
 
-/// A byte budget per second for a background write, which gives way when `hurry` is set
-/// (shutdown: nobody is left to protect). Why a budget at all: on a VM whose host does the
-/// guest's disk I/O on the guest's own CPU allowance, every megabyte written takes CPU time from
-/// the VM, in stalls of 15-20 ms at a time (`bench/RESULTS.md`, "Snapshot latency"); a write
-/// spread over time spreads those stalls too.
-#[derive(Clone, Debug)]
+/// A byte budget per second for a background write. Why a budget at all: on a VM whose host
+/// does the guest's disk I/O on the guest's own CPU allowance, every megabyte written takes CPU
+/// time from the VM, in stalls of 15-20 ms at a time (`bench/RESULTS.md`, "Snapshot latency");
+/// a write spread over time spreads those stalls too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WriteRate {
     bytes_per_second: u64,
-    hurry: Arc<AtomicBool>,
 }
 
 impl WriteRate {
     /// `bytes_per_second` 0: no limit.
-    pub fn new(bytes_per_second: u64, hurry: Arc<AtomicBool>) -> WriteRate {
-        WriteRate {
-            bytes_per_second,
-            hurry,
-        }
+    pub fn new(bytes_per_second: u64) -> WriteRate {
+        WriteRate { bytes_per_second }
     }
 
     pub fn unlimited() -> WriteRate {
-        WriteRate::new(0, Arc::new(AtomicBool::new(false)))
+        WriteRate::new(0)
     }
 
     /// The budget of one shard's periodic snapshot file of `file_bytes`, under `setting`, with
@@ -92,7 +85,6 @@ impl WriteRate {
         interval: Duration,
         shards: u32,
         file_bytes: u64,
-        hurry: Arc<AtomicBool>,
     ) -> WriteRate {
         let bytes_per_second = match setting {
             SnapshotWriteRate::Unlimited => 0,
@@ -102,7 +94,7 @@ impl WriteRate {
                 ((file_bytes as f64 / half) as u64).max(SNAPSHOT_WRITE_RATE_MIN)
             }
         };
-        WriteRate::new(bytes_per_second, hurry)
+        WriteRate::new(bytes_per_second)
     }
 
     pub fn bytes_per_second(&self) -> u64 {
@@ -112,7 +104,7 @@ impl WriteRate {
     /// How long to wait, `elapsed` after the write began with `written` bytes done, so as to
     /// stay within the budget; `None`: go on now.
     pub fn delay(&self, written: u64, elapsed: Duration) -> Option<Duration> {
-        if self.bytes_per_second == 0 || self.hurry.load(Ordering::Relaxed) {
+        if self.bytes_per_second == 0 {
             return None;
         }
         let due = Duration::from_secs_f64(written as f64 / self.bytes_per_second as f64);
@@ -180,32 +172,24 @@ mod tests {
     }
 
     #[test]
-    fn write_rate_waits_for_the_budget_unless_hurried() {
-        let hurry = Arc::new(AtomicBool::new(false));
-        let rate = WriteRate::new(1 << 20, hurry.clone());
+    fn write_rate_waits_for_the_budget() {
+        let rate = WriteRate::new(1 << 20);
         let ms = Duration::from_millis;
         // Half a MiB is due at 500 ms.
         assert_eq!(rate.delay(512 << 10, ms(200)), Some(ms(300)));
         assert_eq!(rate.delay(512 << 10, ms(500)), None);
         assert_eq!(rate.delay(512 << 10, ms(900)), None, "behind: no wait");
-        hurry.store(true, Ordering::Relaxed);
-        assert_eq!(
-            rate.delay(512 << 10, ms(200)),
-            None,
-            "shutdown writes flat out"
-        );
         assert_eq!(WriteRate::unlimited().delay(u64::MAX, ms(0)), None);
         assert_eq!(rate.step_bytes(), 128 << 10);
-        assert_eq!(WriteRate::new(40 << 20, hurry).step_bytes(), 2 << 20);
+        assert_eq!(WriteRate::new(40 << 20).step_bytes(), 2 << 20);
         assert_eq!(WriteRate::unlimited().step_bytes(), u64::MAX);
     }
 
     #[test]
     fn a_snapshot_budget_is_the_shards_share_or_half_the_interval() {
-        let no = || Arc::new(AtomicBool::new(false));
         let secs = Duration::from_secs;
         let of = |setting, interval, shards, bytes| {
-            WriteRate::for_snapshot(setting, interval, shards, bytes, no()).bytes_per_second()
+            WriteRate::for_snapshot(setting, interval, shards, bytes).bytes_per_second()
         };
         use SnapshotWriteRate::*;
         assert_eq!(of(Unlimited, secs(60), 2, 1 << 30), 0);

@@ -30,7 +30,7 @@ use crate::persist::{LogConfig, LogError, LogReader, LogWriter, SnapshotWriter};
 use rkyv::util::AlignedVec;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -376,11 +376,16 @@ impl Durable {
     }
 
     fn capture_failed(&mut self) {
+        self.capture_dropped();
+        self.stats.snapshot_errors += 1;
+    }
+
+    /// The snapshot of the capture in flight will not be published.
+    fn capture_dropped(&mut self) {
         self.capture_applied = None;
         if let Some(f) = self.first_unlogged_after_capture.take() {
             self.first_unlogged.get_or_insert(f);
         }
-        self.stats.snapshot_errors += 1;
     }
 }
 
@@ -473,16 +478,28 @@ fn us_since(t: Instant) -> u64 {
 pub struct Pace {
     pub rate: SnapshotWriteRate,
     pub interval: Duration,
-    /// Set when shutdown begins: the file in flight is finished at full speed.
-    pub hurry: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when shutdown begins: a periodic snapshot still being written is abandoned, since
+    /// the final snapshot, taken right after, supersedes it.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Why a snapshot file was not written.
+enum WriteEnd {
+    /// Shutdown began (`Pace::stop`); the temp file is removed.
+    Abandoned,
+    Failed(String),
 }
 
 /// Write the snapshot's temp file and fsync it, off the executor, retrying a failing write a
 /// few times (a disk that fills up may free space). Under a write rate the file goes to the
 /// blocking thread a step at a time, and the wait between steps is a timer on the executor: the
-/// blocking thread is shared (metrics rendering, log deletion) and must not sleep. On failure
-/// the temp file is removed and the error returned.
-async fn write_file(mut w: SnapshotWriter, rate: &WriteRate) -> Result<SnapshotWriter, String> {
+/// blocking thread is shared (metrics rendering, log deletion) and must not sleep. Before each
+/// step, `stop` (when given) abandons the write. On failure the temp file is removed.
+async fn write_file(
+    mut w: SnapshotWriter,
+    rate: WriteRate,
+    stop: Option<&AtomicBool>,
+) -> Result<SnapshotWriter, WriteEnd> {
     let step = rate.step_bytes();
     let start = Instant::now();
     let mut failures = 0u32;
@@ -491,6 +508,10 @@ async fn write_file(mut w: SnapshotWriter, rate: &WriteRate) -> Result<SnapshotW
         let next = w.written().saturating_add(step).min(w.file_bytes());
         if let Some(d) = rate.delay(next, start.elapsed()) {
             glommio::timer::sleep(d).await;
+        }
+        if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            w.abort();
+            return Err(WriteEnd::Abandoned);
         }
         let (back, r) = glommio::executor()
             .spawn_blocking(move || {
@@ -507,7 +528,9 @@ async fn write_file(mut w: SnapshotWriter, rate: &WriteRate) -> Result<SnapshotW
                 if failures >= SNAPSHOT_WRITE_ATTEMPTS {
                     let generation = w.generation();
                     w.abort();
-                    return Err(format!("writing snapshot generation {generation}: {e}"));
+                    return Err(WriteEnd::Failed(format!(
+                        "writing snapshot generation {generation}: {e}"
+                    )));
                 }
                 glommio::timer::sleep(Duration::from_millis(100 << failures)).await;
             }
@@ -639,18 +662,12 @@ pub async fn snapshot(
     let written = match built {
         Ok(w) => {
             let rate = pace.map_or_else(WriteRate::unlimited, |p| {
-                WriteRate::for_snapshot(
-                    p.rate,
-                    p.interval,
-                    ctx.shards,
-                    w.file_bytes(),
-                    p.hurry.clone(),
-                )
+                WriteRate::for_snapshot(p.rate, p.interval, ctx.shards, w.file_bytes())
             });
             times.write_rate = rate.bytes_per_second();
-            write_file(w, &rate).await
+            write_file(w, rate, pace.map(|p| &*p.stop)).await
         }
-        Err(e) => Err(e),
+        Err(e) => Err(WriteEnd::Failed(e)),
     };
     times.write_us = us_since(t_write);
     let w = {
@@ -663,7 +680,15 @@ pub async fn snapshot(
         };
         match written {
             Ok(w) => w,
-            Err(e) => {
+            Err(WriteEnd::Abandoned) => {
+                d.capture_dropped();
+                log::info!(
+                    "shard {}: snapshot abandoned at shutdown (the final snapshot supersedes it)",
+                    ctx.id
+                );
+                return Ok(None);
+            }
+            Err(WriteEnd::Failed(e)) => {
                 d.capture_failed();
                 return Err(e);
             }

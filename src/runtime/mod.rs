@@ -768,8 +768,9 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         glommio::timer::sleep(TICK).await;
     }
     if let Some(task) = snapshots {
-        // The periodic task ends at the stop; wait for a snapshot it is writing, then take the
-        // final one, so a restart resumes every open session without replaying a log.
+        // The periodic task ends at the stop (a snapshot it is writing is abandoned at its next
+        // step); then take the final one, so a restart resumes every open session without
+        // replaying a log.
         task.await;
         match durable::snapshot(&ctx, None).await {
             Ok(Some(t)) => log::info!("shard {id}: final snapshot written: {t}"),
@@ -804,7 +805,7 @@ async fn snapshot_loop(ctx: Rc<Ctx>, interval: Duration, rate: SnapshotWriteRate
     let pace = durable::Pace {
         rate,
         interval,
-        hurry: ctx.hurry.clone(),
+        stop: ctx.stop_flag.clone(),
     };
     loop {
         match shard::first(glommio::timer::sleep(interval), ctx.stopped()).await {

@@ -552,9 +552,8 @@ pub struct Ctx {
     pub blocked: Cell<bool>,
     /// Live ingest tasks (listeners and connections); shutdown waits for zero.
     pub ingest_tasks: Cell<u32>,
-    /// Set with `stopping`, for the blocking thread: a snapshot file being written under
-    /// `persist.snapshot_write_rate` finishes at full speed.
-    pub hurry: Arc<AtomicBool>,
+    /// `stopping` for the snapshot writer (`durable::Pace`), which checks it between steps.
+    pub stop_flag: Arc<AtomicBool>,
 }
 
 impl Ctx {
@@ -570,7 +569,7 @@ impl Ctx {
             tx_lock,
             stop: Semaphore::new(0),
             stopping: Cell::new(false),
-            hurry: Arc::new(AtomicBool::new(false)),
+            stop_flag: Arc::new(AtomicBool::new(false)),
             blocked: Cell::new(false),
             ingest_tasks: Cell::new(0),
         }
@@ -579,7 +578,7 @@ impl Ctx {
     /// Ask every ingest task to finish.
     pub fn stop_ingest(&self) {
         self.stopping.set(true);
-        self.hurry.store(true, Ordering::Relaxed);
+        self.stop_flag.store(true, Ordering::Relaxed);
         self.stop.close();
     }
 
