@@ -416,6 +416,8 @@ fsync_interval = "5ms"
                 "sessionizer_snapshot_last_duration_seconds",
                 &[],
             )) > 0.0
+            // `"auto"` pacing: at least its floor of 1 MiB a second.
+            && min(per_shard(b, "sessionizer_snapshot_write_rate_bytes", &[])) >= 1_048_576.0
             && min(per_shard(b, "sessionizer_log_flushes_total", &[])) >= 1.0
             && min(per_shard(
                 b,

@@ -93,6 +93,8 @@ pub const SNAPSHOT_FAILURES: &str = "sessionizer_snapshot_failures_total";
 pub const SNAPSHOT_MICROSECONDS: &str = "sessionizer_snapshot_microseconds_total";
 /// Gauge {shard}: duration of the last snapshot.
 pub const SNAPSHOT_LAST_SECONDS: &str = "sessionizer_snapshot_last_duration_seconds";
+/// Gauge {shard}: the write budget of the last periodic snapshot, bytes a second (0: unpaced).
+pub const SNAPSHOT_WRITE_RATE: &str = "sessionizer_snapshot_write_rate_bytes";
 /// Counter {shard}: log flushes (write + fsync) completed.
 pub const LOG_FLUSHES: &str = "sessionizer_log_flushes_total";
 /// Counter {shard}: log flushes that failed.
@@ -207,6 +209,10 @@ pub const ALL_METRICS: &[(&str, &str)] = &[
     (
         SNAPSHOT_LAST_SECONDS,
         "Duration of the last snapshot, in seconds.",
+    ),
+    (
+        SNAPSHOT_WRITE_RATE,
+        "Write budget of the last periodic snapshot, bytes a second (0: unpaced).",
     ),
     (LOG_FLUSHES, "Log flushes completed."),
     (LOG_FLUSH_FAILURES, "Log flushes that failed."),
@@ -485,6 +491,8 @@ pub struct ShardSample {
     pub snapshot_us_total: u64,
     /// Gauge: duration of the last snapshot, in µs.
     pub snapshot_last_us: u64,
+    /// Gauge: the last periodic snapshot's write budget, bytes a second.
+    pub snapshot_write_rate: u64,
     pub log_flushes: u64,
     pub log_flush_failures: u64,
     /// Sum of log flush durations, in µs.
@@ -536,6 +544,7 @@ impl ShardSample {
             snapshot_failures: 0,
             snapshot_us_total: 0,
             snapshot_last_us: 0,
+            snapshot_write_rate: 0,
             log_flushes: 0,
             log_flush_failures: 0,
             log_flush_us_total: 0,
@@ -574,6 +583,7 @@ impl ShardSample {
             snapshot_failures,
             snapshot_us_total,
             snapshot_last_us,
+            snapshot_write_rate,
             log_flushes,
             log_flush_failures,
             log_flush_us_total,
@@ -602,6 +612,7 @@ impl ShardSample {
         *snapshot_failures = cur.snapshot_failures;
         *snapshot_us_total = cur.snapshot_us_total;
         *snapshot_last_us = cur.snapshot_last_us;
+        *snapshot_write_rate = cur.snapshot_write_rate;
         *log_flushes = cur.log_flushes;
         *log_flush_failures = cur.log_flush_failures;
         *log_flush_us_total = cur.log_flush_us_total;
@@ -770,6 +781,7 @@ pub fn publish(shard: usize, sample: &ShardSample, prev: &mut ShardSample) {
     let c = counter!(SNAPSHOT_MICROSECONDS, LABEL_SHARD => sh);
     bump(c, sample.snapshot_us_total, prev.snapshot_us_total);
     gauge!(SNAPSHOT_LAST_SECONDS, LABEL_SHARD => sh).set(us_to_s(sample.snapshot_last_us));
+    gauge!(SNAPSHOT_WRITE_RATE, LABEL_SHARD => sh).set(sample.snapshot_write_rate as f64);
     bump(
         counter!(LOG_FLUSHES, LABEL_SHARD => sh),
         sample.log_flushes,

@@ -86,6 +86,7 @@ fn publish_increments_counters_by_the_delta_and_sets_gauges() {
     s.expiry_lag_us = 1_500_000;
     s.snapshot_us_total = 250_000;
     s.snapshot_last_us = 250_000;
+    s.snapshot_write_rate = 8 << 20;
     metrics::with_local_recorder(&rec, || publish(3, &s, &mut prev));
     let t = h.render();
     let sh = ("shard", "3");
@@ -149,6 +150,10 @@ fn publish_increments_counters_by_the_delta_and_sets_gauges() {
     assert_eq!(value(&t, EXPIRY_LAG, &[sh]), Some(1.5));
     assert_eq!(value(&t, SNAPSHOT_MICROSECONDS, &[sh]), Some(250_000.0));
     assert_eq!(value(&t, SNAPSHOT_LAST_SECONDS, &[sh]), Some(0.25));
+    assert_eq!(
+        value(&t, SNAPSHOT_WRITE_RATE, &[sh]),
+        Some(f64::from(8u32 << 20))
+    );
 
     // Second tick: counters move by the difference, gauges follow the value.
     s.events_in = [12, 2];

@@ -157,6 +157,8 @@ counters! {
     /// Gauge: the longest the last snapshot's capture held the engine at once (its cut or one of
     /// its slices; ingest waits meanwhile), in microseconds.
     snapshot_capture_last_us,
+    /// Gauge: the last periodic snapshot's write budget, bytes a second (0: unpaced).
+    snapshot_write_rate,
     /// Sessions restored from the snapshot at start.
     recovered_sessions,
     /// Logged events replayed at start.

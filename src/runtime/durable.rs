@@ -145,6 +145,8 @@ pub struct DurableStats {
     pub snapshot_last_us: u64,
     pub snapshot_us_total: u64,
     pub snapshot_capture_last_us: u64,
+    /// The last periodic snapshot's write budget, bytes a second (0: unpaced).
+    pub snapshot_write_rate: u64,
     pub recovered_sessions: u64,
     pub replayed: u64,
 }
@@ -792,6 +794,9 @@ pub async fn snapshot(
             s.snapshot_last_us = times.total_us;
             s.snapshot_us_total += times.total_us;
             s.snapshot_capture_last_us = times.capture_longest_us;
+            if pace.is_some() {
+                s.snapshot_write_rate = times.write_rate;
+            }
             Ok(Some(times))
         }
         Err(e) => {

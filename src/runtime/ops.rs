@@ -259,6 +259,7 @@ impl Ops {
         s.snapshot_failures = c.snapshot_errors;
         s.snapshot_us_total = c.snapshot_us_total;
         s.snapshot_last_us = c.snapshot_last_us;
+        s.snapshot_write_rate = c.snapshot_write_rate;
         s.log_flushes = c.log_flushes;
         s.log_flush_failures = c.log_flush_errors;
         s.log_flush_us_total = c.log_flush_us_total;

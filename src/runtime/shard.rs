@@ -502,6 +502,7 @@ impl Shard {
         c.snapshot_last_us = d.stats.snapshot_last_us;
         c.snapshot_us_total = d.stats.snapshot_us_total;
         c.snapshot_capture_last_us = d.stats.snapshot_capture_last_us;
+        c.snapshot_write_rate = d.stats.snapshot_write_rate;
         c.log_flushes = l.fsyncs;
         c.log_flush_errors = l.write_errors + l.fsync_errors;
         c.log_flush_us_total = l.sync_us_total;
