@@ -266,7 +266,7 @@ fn refuse_hello(ctx: &Ctx, fd: i32, reason: &str) {
 /// The client ended its stream: acknowledge what becomes durable within [`ACK_LINGER`].
 async fn linger_for_acks(ctx: &Rc<Ctx>, fd: i32, acks: &mut Acks) {
     let deadline = Instant::now() + ACK_LINGER;
-    while acks.waiting() && Instant::now() < deadline && !ctx.stopping.get() {
+    while acks.waiting() && Instant::now() < deadline && !ctx.is_stopping() {
         if !acks.flush(ctx, fd) {
             return;
         }

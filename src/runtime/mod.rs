@@ -805,7 +805,7 @@ async fn snapshot_loop(ctx: Rc<Ctx>, interval: Duration, rate: SnapshotWriteRate
     let pace = durable::Pace {
         rate,
         interval,
-        stop: ctx.stop_flag.clone(),
+        stop: ctx.stopping.clone(),
     };
     loop {
         match shard::first(glommio::timer::sleep(interval), ctx.stopped()).await {

@@ -548,13 +548,13 @@ pub struct Ctx {
     tx_lock: Vec<Semaphore>,
     /// Zero permits; closed when ingest must stop, which wakes every waiter.
     stop: Semaphore,
-    pub stopping: Cell<bool>,
+    /// Set when ingest must stop; shared with the snapshot writer (`durable::Pace`), which
+    /// checks it between steps.
+    pub stopping: Arc<AtomicBool>,
     /// A `block` sink is full: ingest must not read until a flush succeeds.
     pub blocked: Cell<bool>,
     /// Live ingest tasks (listeners and connections); shutdown waits for zero.
     pub ingest_tasks: Cell<u32>,
-    /// `stopping` for the snapshot writer (`durable::Pace`), which checks it between steps.
-    pub stop_flag: Arc<AtomicBool>,
 }
 
 impl Ctx {
@@ -569,8 +569,7 @@ impl Ctx {
             tx,
             tx_lock,
             stop: Semaphore::new(0),
-            stopping: Cell::new(false),
-            stop_flag: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::new(AtomicBool::new(false)),
             blocked: Cell::new(false),
             ingest_tasks: Cell::new(0),
         }
@@ -578,9 +577,12 @@ impl Ctx {
 
     /// Ask every ingest task to finish.
     pub fn stop_ingest(&self) {
-        self.stopping.set(true);
-        self.stop_flag.store(true, Ordering::Relaxed);
+        self.stopping.store(true, Ordering::Relaxed);
         self.stop.close();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// Resolves once `stop_ingest` was called.
@@ -737,11 +739,11 @@ pub async fn end_round(ctx: &Rc<Ctx>) {
 /// Before reading input: wait while a `block` sink is full. False when ingest is stopping.
 pub async fn wait_unblocked(ctx: &Rc<Ctx>) -> bool {
     if !ctx.blocked.get() {
-        return !ctx.stopping.get();
+        return !ctx.is_stopping();
     }
     ctx.st.borrow_mut().c.output_blocked += 1;
     loop {
-        if ctx.stopping.get() {
+        if ctx.is_stopping() {
             return false;
         }
         glommio::timer::sleep(Duration::from_millis(1)).await;
