@@ -198,34 +198,9 @@ impl<'a> Tail<'a> {
     pub fn put_slice(&mut self, bytes: &[u8]) {
         let n = bytes.len();
         assert!(self.at + n <= self.end);
-        // SAFETY: every store lies in `[at, at + n)`, inside the capacity reserved in `new`;
-        // every load lies inside `bytes`, which cannot alias the spare capacity of `buf`.
-        unsafe {
-            let dst = self.base.add(self.at);
-            let src = bytes.as_ptr();
-            match n {
-                8..=16 => {
-                    dst.cast::<u64>()
-                        .write_unaligned(src.cast::<u64>().read_unaligned());
-                    dst.add(n - 8)
-                        .cast::<u64>()
-                        .write_unaligned(src.add(n - 8).cast::<u64>().read_unaligned());
-                }
-                4..=7 => {
-                    dst.cast::<u32>()
-                        .write_unaligned(src.cast::<u32>().read_unaligned());
-                    dst.add(n - 4)
-                        .cast::<u32>()
-                        .write_unaligned(src.add(n - 4).cast::<u32>().read_unaligned());
-                }
-                1..=3 => {
-                    *dst = *src;
-                    *dst.add(n / 2) = *src.add(n / 2);
-                    *dst.add(n - 1) = *src.add(n - 1);
-                }
-                _ => std::ptr::copy_nonoverlapping(src, dst, n),
-            }
-        }
+        // SAFETY: `[at, at + n)` lies inside the capacity reserved in `new`; `bytes` cannot
+        // alias the spare capacity of `buf`.
+        unsafe { super::payload::copy_short_to(self.base.add(self.at), bytes) };
         self.at += n;
     }
 

@@ -290,22 +290,48 @@ fn push_value(dst: &mut Vec<u8>, v: &[u8]) {
     dst.extend_from_slice(v);
 }
 
-/// `dst.copy_from_slice(src)` for the short values of the event path (state values, keys):
-/// up to 16 bytes by two overlapping word copies instead of a `memcpy` call.
+/// `dst.copy_from_slice(src)` for the short values of the event path (state values, keys).
 #[inline(always)]
 pub fn copy_short(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len());
+    // SAFETY: `dst` is `src.len()` writable bytes and, borrowed mutably, cannot alias `src`.
+    unsafe { copy_short_to(dst.as_mut_ptr(), src) }
+}
+
+/// Copies `src` to `dst`: up to 16 bytes by overlapping word (or byte) stores instead of a
+/// `memcpy` call, longer ones by `memcpy`.
+///
+/// # Safety
+/// `dst` must be valid for `src.len()` byte writes and must not overlap `src`.
+#[inline(always)]
+pub unsafe fn copy_short_to(dst: *mut u8, src: &[u8]) {
     let n = src.len();
-    assert_eq!(dst.len(), n);
-    match n {
-        8..=16 => {
-            dst[..8].copy_from_slice(&src[..8]);
-            dst[n - 8..].copy_from_slice(&src[n - 8..]);
+    let s = src.as_ptr();
+    // SAFETY (every arm): each load lies inside `src` and each store inside
+    // `[dst, dst + n)`, by the arm's range of `n`; the caller guarantees the rest.
+    unsafe {
+        match n {
+            8..=16 => {
+                dst.cast::<u64>()
+                    .write_unaligned(s.cast::<u64>().read_unaligned());
+                dst.add(n - 8)
+                    .cast::<u64>()
+                    .write_unaligned(s.add(n - 8).cast::<u64>().read_unaligned());
+            }
+            4..=7 => {
+                dst.cast::<u32>()
+                    .write_unaligned(s.cast::<u32>().read_unaligned());
+                dst.add(n - 4)
+                    .cast::<u32>()
+                    .write_unaligned(s.add(n - 4).cast::<u32>().read_unaligned());
+            }
+            1..=3 => {
+                *dst = *s;
+                *dst.add(n / 2) = *s.add(n / 2);
+                *dst.add(n - 1) = *s.add(n - 1);
+            }
+            _ => std::ptr::copy_nonoverlapping(s, dst, n),
         }
-        4..=7 => {
-            dst[..4].copy_from_slice(&src[..4]);
-            dst[n - 4..].copy_from_slice(&src[n - 4..]);
-        }
-        _ => dst.copy_from_slice(src),
     }
 }
 
@@ -338,6 +364,17 @@ pub fn put_f64(b: &mut [u8], off: usize, v: f64) {
 mod tests {
     use super::*;
     use crate::engine::rules::layout_for;
+
+    #[test]
+    fn copy_short_copies_every_length_and_nothing_else() {
+        let src: Vec<u8> = (1..=40u8).collect();
+        for n in 0..=40 {
+            let mut dst = [0u8; 48];
+            copy_short(&mut dst[3..3 + n], &src[..n]);
+            assert_eq!(&dst[3..3 + n], &src[..n], "len {n}");
+            assert!(dst[..3].iter().chain(&dst[3 + n..]).all(|&b| b == 0), "len {n}");
+        }
+    }
 
     fn list(max_len: u8, unique: bool) -> ListRule {
         ListRule {
