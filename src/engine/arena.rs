@@ -301,15 +301,16 @@ impl Arena {
     }
 
     /// Whether the chain starts with `bytes` (a key lookup's confirmation, on every event: a
-    /// key within the first block is compared in place).
-    #[inline]
+    /// key within the first block, nearly all, is compared in place by word loads rather than a
+    /// `bcmp` call).
+    #[inline(always)]
     pub fn starts_with(&self, handle: u32, bytes: &[u8]) -> bool {
         assert!(handle < self.blocks_total, "handle {handle}");
         if bytes.len() <= self.block_bytes as usize {
             // SAFETY: `handle < blocks_total`, so the block's `block_bytes` bytes lie in the
             // mapping; `&self` keeps them unwritten while the slice lives.
             let first = unsafe { std::slice::from_raw_parts(self.block_ptr(handle), bytes.len()) };
-            return first == bytes;
+            return super::rules::short_eq(first, bytes);
         }
         self.eq_at(handle, 0, bytes)
     }

@@ -549,7 +549,7 @@ impl State {
         self.index
             .find(hash, |s| {
                 let h = table.get(s);
-                h.profile == p && h.key_len as usize == key.len() && key_is(arena, h.data, key)
+                h.profile == p && h.key_len as usize == key.len() && arena.starts_with(h.data, key)
             })
             .unwrap_or(NIL)
     }
@@ -985,17 +985,6 @@ fn summary(h: &Head) -> Summary {
         start_ts: h.start_ts,
         last_ts: h.last_ts,
         count: h.count,
-    }
-}
-
-/// Whether the payload at `data` starts with `key`. A key within the first block (nearly all) is
-/// compared in place by word loads (`rules::short_eq`) rather than a `bcmp` call: this confirms
-/// the index match of every event.
-#[inline(always)]
-fn key_is(arena: &Arena, data: u32, key: &[u8]) -> bool {
-    match arena.slice(data, 0, key.len()) {
-        Some(stored) => rules::short_eq(stored, key),
-        None => arena.starts_with(data, key),
     }
 }
 

@@ -372,7 +372,10 @@ mod tests {
             let mut dst = [0u8; 48];
             copy_short(&mut dst[3..3 + n], &src[..n]);
             assert_eq!(&dst[3..3 + n], &src[..n], "len {n}");
-            assert!(dst[..3].iter().chain(&dst[3 + n..]).all(|&b| b == 0), "len {n}");
+            assert!(
+                dst[..3].iter().chain(&dst[3 + n..]).all(|&b| b == 0),
+                "len {n}"
+            );
         }
     }
 
