@@ -784,6 +784,25 @@ fn json_string_escaping() {
     }
 }
 
+/// Every byte value, alone and inside plain text, takes the copy or the escaping walk as it
+/// must: the literal always parses back to the input (invalid UTF-8 as U+FFFD).
+#[test]
+fn json_string_escaping_every_byte() {
+    for c in 0..=255u8 {
+        for input in [vec![c], [b"user-".as_slice(), &[c], b"-42"].concat()] {
+            let mut out = Vec::new();
+            write_json_string(&input, &mut out);
+            let back: String = serde_json::from_slice(&out).unwrap_or_else(|e| {
+                panic!("byte {c:#04x}: {e}: {:?}", String::from_utf8_lossy(&out))
+            });
+            assert_eq!(back, String::from_utf8_lossy(&input), "byte {c:#04x}");
+        }
+    }
+    let mut out = Vec::new();
+    write_json_string("ключ".as_bytes(), &mut out);
+    assert_eq!(out, "\"ключ\"".as_bytes());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Property tests against serde_json
 
