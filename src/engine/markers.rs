@@ -3,7 +3,7 @@
 //! `_session` member spliced into enriched events. Values captured from events are copied as the
 //! JSON tokens they were, so nothing is re-escaped.
 
-use super::out::{write_f64, write_i64, write_id, write_u64, Out, Tail};
+use super::out::{id_text, write_f64, write_i64, write_id, write_u64, Out, Tail};
 use super::payload::{self, VarReader};
 use super::rules::{ProfileRule, SubRule};
 use super::EndReason;
@@ -19,6 +19,65 @@ pub struct Summary {
     pub count: u32,
 }
 
+/// A profile's constant marker text, JSON-escaped once when the rules are compiled, so that a
+/// marker copies each piece whole instead of escaping the same names again (markers are a large
+/// part of the output when sessions are short).
+#[derive(Clone, Debug, Default)]
+pub struct ProfileText {
+    /// `{"kind":"session_start","profile":"<name>","key":`
+    start_open: Box<[u8]>,
+    /// `{"kind":"session_end","profile":"<name>","key":`
+    end_open: Box<[u8]>,
+    /// `"<path>":` of each metadata field, in the profile's order; likewise state.
+    metadata: Box<[Box<[u8]>]>,
+    state: Box<[Box<[u8]>]>,
+    /// `"<name>":` of each counter, aggregate and list.
+    counters: Box<[Box<[u8]>]>,
+    aggregates: Box<[Box<[u8]>]>,
+    lists: Box<[Box<[u8]>]>,
+}
+
+impl ProfileText {
+    pub fn new(rule: &ProfileRule, fields: &[String]) -> ProfileText {
+        let open = |kind: &str| {
+            let mut b = Vec::new();
+            b.extend_from_slice(b"{\"kind\":\"");
+            b.extend_from_slice(kind.as_bytes());
+            b.extend_from_slice(b"\",\"profile\":");
+            write_json_string(rule.name.as_bytes(), &mut b);
+            b.extend_from_slice(b",\"key\":");
+            b.into_boxed_slice()
+        };
+        let member = |name: &str| {
+            let mut b = Vec::new();
+            write_json_string(name.as_bytes(), &mut b);
+            b.push(b':');
+            b.into_boxed_slice()
+        };
+        let paths = |ids: &[crate::decode::FieldId]| {
+            ids.iter()
+                .map(|&f| member(&fields[usize::from(f)]))
+                .collect()
+        };
+        ProfileText {
+            start_open: open("session_start"),
+            end_open: open("session_end"),
+            metadata: paths(&rule.metadata),
+            state: paths(&rule.state),
+            counters: rule.counters.iter().map(|c| member(&c.name)).collect(),
+            aggregates: rule.aggregates.iter().map(|a| member(&a.name)).collect(),
+            lists: rule.lists.iter().map(|l| member(&l.name)).collect(),
+        }
+    }
+}
+
+/// `,"<name>":` as one constant piece.
+macro_rules! member {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":").as_bytes()
+    };
+}
+
 /// The longest `session_member` beyond the profile name's bytes (99 at most, and the slack of
 /// its number stores).
 pub const SESSION_MEMBER_BYTES_MAX: usize = 128;
@@ -31,7 +90,7 @@ pub fn session_member(buf: &mut Vec<u8>, profile: &str, id: u64, seq: u32, start
         assert!(17 + 18 + 13 + 8 + 10 + 12 + 20 + 1 + Tail::SLACK <= SESSION_MEMBER_BYTES_MAX);
     let mut t = Tail::new(buf, SESSION_MEMBER_BYTES_MAX + profile.len());
     t.put(b"\"_session\":{\"id\":");
-    t.put(&super::out::id_text(id));
+    t.put(&id_text(id));
     t.put(b",\"profile\":\"");
     t.put_slice(profile.as_bytes());
     t.put(b"\",\"seq\":");
@@ -51,56 +110,30 @@ fn open(out: &mut Out, kind: &str, profile: &str, key: &[u8]) {
     write_json_string(key, b);
 }
 
-fn field(b: &mut Vec<u8>, name: &str) {
-    b.extend_from_slice(b",\"");
-    b.extend_from_slice(name.as_bytes());
-    b.extend_from_slice(b"\":");
-}
-
-fn values_object(
-    b: &mut Vec<u8>,
-    name: &str,
-    paths: impl Iterator<Item = (usize, usize)>,
-    fields: &[String],
-    r: &mut VarReader<'_>,
-) {
-    field(b, name);
+/// `,"<object>":{"<name>":<value>,...}` with the captured values read in order from `r`.
+fn values_object(b: &mut Vec<u8>, object: &[u8], names: &[Box<[u8]>], r: &mut VarReader<'_>) {
+    b.extend_from_slice(object);
     b.push(b'{');
-    for (n, (_, field_id)) in paths.enumerate() {
+    for (n, name) in names.iter().enumerate() {
         if n > 0 {
             b.push(b',');
         }
-        write_json_string(fields[field_id].as_bytes(), b);
-        b.push(b':');
+        b.extend_from_slice(name);
         let v = r.value();
         b.extend_from_slice(if v.is_empty() { b"null" } else { v });
     }
     b.push(b'}');
 }
 
-pub fn session_start(
-    out: &mut Out,
-    rule: &ProfileRule,
-    fields: &[String],
-    key: &[u8],
-    s: Summary,
-    pay: &[u8],
-) {
-    open(out, "session_start", &rule.name, key);
+pub fn session_start(out: &mut Out, rule: &ProfileRule, key: &[u8], s: Summary, pay: &[u8]) {
+    let text = &rule.text;
     let b = &mut out.buf;
-    field(b, "session_id");
-    write_id(b, s.id);
-    field(b, "start_ts");
-    write_i64(b, s.start_ts);
+    b.extend_from_slice(&text.start_open);
+    write_json_string(key, b);
+    id_and_times(b, s, None);
     let mut r = VarReader::new(payload::var_area(pay, key.len(), &rule.layout));
     r.skip(rule.state.len());
-    values_object(
-        b,
-        "metadata",
-        rule.metadata.iter().map(|&f| f as usize).enumerate(),
-        fields,
-        &mut r,
-    );
+    values_object(b, member!("metadata"), &text.metadata, &mut r);
     b.push(b'}');
     out.finish(Stream::Markers);
 }
@@ -108,69 +141,54 @@ pub fn session_start(
 pub fn session_end(
     out: &mut Out,
     rule: &ProfileRule,
-    fields: &[String],
     key: &[u8],
     s: Summary,
     reason: EndReason,
     pay: &[u8],
 ) {
-    open(out, "session_end", &rule.name, key);
+    let text = &rule.text;
     let base = key.len();
     let l = &rule.layout;
     let b = &mut out.buf;
-    field(b, "session_id");
-    write_id(b, s.id);
-    common_end(b, s, reason);
+    b.extend_from_slice(&text.end_open);
+    write_json_string(key, b);
+    id_and_times(b, s, Some(reason));
     // Stored state first, metadata after; rendered metadata first, as the contract lists them.
     let mut state = VarReader::new(payload::var_area(pay, base, l));
     let mut metadata = state.clone();
     metadata.skip(rule.state.len());
-    values_object(
-        b,
-        "metadata",
-        rule.metadata.iter().map(|&f| f as usize).enumerate(),
-        fields,
-        &mut metadata,
-    );
-    values_object(
-        b,
-        "state",
-        rule.state.iter().map(|&f| f as usize).enumerate(),
-        fields,
-        &mut state,
-    );
+    values_object(b, member!("metadata"), &text.metadata, &mut metadata);
+    values_object(b, member!("state"), &text.state, &mut state);
     // Lists follow the metadata values.
     let mut r = metadata;
-    field(b, "counters");
+    b.extend_from_slice(member!("counters"));
     b.push(b'{');
-    for (i, c) in rule.counters.iter().enumerate() {
+    for (i, name) in text.counters.iter().enumerate() {
         if i > 0 {
             b.push(b',');
         }
-        write_json_string(c.name.as_bytes(), b);
-        b.push(b':');
+        b.extend_from_slice(name);
         write_u64(b, u64::from(payload::counter(pay, base, l, i)));
     }
     b.push(b'}');
-    field(b, "aggregates");
+    b.extend_from_slice(member!("aggregates"));
     b.push(b'{');
-    for (i, a) in rule.aggregates.iter().enumerate() {
+    for (i, name) in text.aggregates.iter().enumerate() {
         if i > 0 {
             b.push(b',');
         }
-        write_json_string(a.name.as_bytes(), b);
-        b.push(b':');
+        b.extend_from_slice(name);
         write_f64(b, payload::aggregate(pay, base, l, i));
     }
     b.push(b'}');
-    field(b, "lists");
+    b.extend_from_slice(member!("lists"));
     b.push(b'{');
-    for (i, list) in rule.lists.iter().enumerate() {
+    for (i, name) in text.lists.iter().enumerate() {
         if i > 0 {
             b.push(b',');
         }
-        write_json_string(list.name.as_bytes(), b);
-        b.extend_from_slice(b":[");
+        b.extend_from_slice(name);
+        b.push(b'[');
         for j in 0..r.list_len() {
             if j > 0 {
                 b.push(b',');
@@ -183,16 +201,43 @@ pub fn session_end(
     out.finish(Stream::Markers);
 }
 
+/// Room for `id_and_times`: the pieces' text, a sign and 20 digits per number, the longest
+/// reason, and the slack of a number store.
+const ID_AND_TIMES_BYTES_MAX: usize =
+    14 + 18 + 12 + 11 + 15 + 9 + 11 + 1 + 4 * 21 + 16 + Tail::SLACK;
+
+/// `,"session_id":"<hex>","start_ts":<ms>` and, for an end, `,"last_ts":..,"duration_ms":..,
+/// "count":..,"reason":".."`: in one piece into reserved room, like the `_session` member
+/// (these numbers are on every marker).
+fn id_and_times(b: &mut Vec<u8>, s: Summary, end: Option<EndReason>) {
+    let mut t = Tail::new(b, ID_AND_TIMES_BYTES_MAX);
+    t.put(b",\"session_id\":");
+    t.put(&id_text(s.id));
+    t.put(b",\"start_ts\":");
+    t.put_i64(s.start_ts);
+    if let Some(reason) = end {
+        t.put(b",\"last_ts\":");
+        t.put_i64(s.last_ts);
+        t.put(b",\"duration_ms\":");
+        t.put_i64(s.last_ts.wrapping_sub(s.start_ts));
+        t.put(b",\"count\":");
+        t.put_u64(u64::from(s.count));
+        t.put(b",\"reason\":\"");
+        t.put_slice(reason.label().as_bytes());
+        t.put(b"\"");
+    }
+}
+
 fn common_end(b: &mut Vec<u8>, s: Summary, reason: EndReason) {
-    field(b, "start_ts");
+    b.extend_from_slice(member!("start_ts"));
     write_i64(b, s.start_ts);
-    field(b, "last_ts");
+    b.extend_from_slice(member!("last_ts"));
     write_i64(b, s.last_ts);
-    field(b, "duration_ms");
+    b.extend_from_slice(member!("duration_ms"));
     write_i64(b, s.last_ts - s.start_ts);
-    field(b, "count");
+    b.extend_from_slice(member!("count"));
     write_u64(b, u64::from(s.count));
-    field(b, "reason");
+    b.extend_from_slice(member!("reason"));
     b.push(b'"');
     b.extend_from_slice(reason.label().as_bytes());
     b.push(b'"');
@@ -211,15 +256,15 @@ fn sub_open(
 ) {
     open(out, kind, &rule.name, parent_key);
     let b = &mut out.buf;
-    field(b, "sub_session");
+    b.extend_from_slice(member!("sub_session"));
     write_json_string(sub.name.as_bytes(), b);
     if let Some(k) = sub_key {
-        field(b, "sub_key");
+        b.extend_from_slice(member!("sub_key"));
         write_json_string(k, b);
     }
-    field(b, "session_id");
+    b.extend_from_slice(member!("session_id"));
     write_id(b, id);
-    field(b, "parent_session_id");
+    b.extend_from_slice(member!("parent_session_id"));
     write_id(b, parent_id);
 }
 
@@ -243,7 +288,7 @@ pub fn sub_session_start(
         s.id,
         parent_id,
     );
-    field(&mut out.buf, "start_ts");
+    out.buf.extend_from_slice(member!("start_ts"));
     write_i64(&mut out.buf, s.start_ts);
     out.buf.push(b'}');
     out.finish(Stream::Markers);
@@ -274,7 +319,7 @@ pub fn sub_session_end(
     );
     let b = &mut out.buf;
     common_end(b, s, reason);
-    field(b, "counters");
+    b.extend_from_slice(member!("counters"));
     b.push(b'{');
     let layout = super::rules::layout_for(sub.counters.len(), 0, 0, 0);
     for (i, c) in sub.counters.iter().enumerate() {
@@ -299,11 +344,11 @@ pub fn session_merged(
 ) {
     open(out, "session_merged", &rule.name, key);
     let b = &mut out.buf;
-    field(b, "session_id");
+    b.extend_from_slice(member!("session_id"));
     write_id(b, survivor);
-    field(b, "absorbed_session_id");
+    b.extend_from_slice(member!("absorbed_session_id"));
     write_id(b, absorbed);
-    field(b, "ts");
+    b.extend_from_slice(member!("ts"));
     write_i64(b, ts);
     b.push(b'}');
     out.finish(Stream::Markers);
@@ -319,11 +364,11 @@ pub fn late_event(
 ) {
     open(out, "late_event", &rule.name, key);
     let b = &mut out.buf;
-    field(b, "ts");
+    b.extend_from_slice(member!("ts"));
     write_i64(b, ts);
-    field(b, "watermark");
+    b.extend_from_slice(member!("watermark"));
     write_i64(b, watermark);
-    field(b, "event");
+    b.extend_from_slice(member!("event"));
     b.extend_from_slice(event);
     b.push(b'}');
     out.finish(Stream::Late);

@@ -748,7 +748,6 @@ impl State {
             markers::session_start(
                 out,
                 rule,
-                &rules.fields,
                 &self.pay[..h.key_len as usize],
                 summary,
                 &self.pay,
@@ -1660,7 +1659,6 @@ impl State {
         markers::session_end(
             out,
             rule,
-            &rules.fields,
             &self.pay[..key_len],
             summary(&h),
             reason,

@@ -126,6 +126,8 @@ pub struct ProfileRule {
     pub lists: Vec<ListRule>,
     pub subs: Vec<SubRule>,
     pub layout: Layout,
+    /// Its markers' constant text (filled once all fields are known).
+    pub text: super::markers::ProfileText,
 }
 
 #[derive(Debug, Clone)]
@@ -263,9 +265,15 @@ impl Rules {
                 lists,
                 subs,
                 layout,
+                text: Default::default(),
             });
         }
-        Ok(c.rules)
+        let mut rules = c.rules;
+        for i in 0..rules.profiles.len() {
+            rules.profiles[i].text =
+                super::markers::ProfileText::new(&rules.profiles[i], &rules.fields);
+        }
+        Ok(rules)
     }
 
     pub fn field_table(&self) -> FieldTable {
