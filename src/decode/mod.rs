@@ -168,6 +168,13 @@ impl<'a> Event<'a> {
         self.raw
     }
 
+    /// Whether the path occurred in the line: `!get(id).is_missing()` without building the
+    /// field (an `exists` predicate, often a profile's `match`, asks only this).
+    #[inline(always)]
+    pub fn has(&self, id: FieldId) -> bool {
+        self.seen & (1u64 << self.table.slot_of(id)) != 0
+    }
+
     /// `#[inline(always)]`: callers ask for a handful of constant ids per event (half a dozen
     /// per event in the engine), and inlined the call and the `Field` copy-out mostly disappear.
     #[inline(always)]

@@ -294,13 +294,14 @@ impl Rules {
     }
 
     /// Whether predicate `id` holds for `ev`. A string `eq`, by far the most common leaf
-    /// (counters and `ends_when` on an event type), is decided here, inlined into the caller;
-    /// everything else goes through the recursive `eval_node`, whose call costs more than the
-    /// comparison itself.
+    /// (counters and `ends_when` on an event type), and `exists`, the usual profile `match`,
+    /// are decided here, inlined into the caller; everything else goes through the recursive
+    /// `eval_node`, whose call costs more than the comparison itself.
     #[inline(always)]
     pub fn eval(&self, id: PredId, ev: &Event<'_>) -> bool {
         match &self.nodes[id as usize] {
             Node::Eq(f, lit @ Lit::Str(_)) => lit.matches(&ev.get(*f)),
+            Node::Exists(f, want) => ev.has(*f) == *want,
             _ => self.eval_node(id, ev),
         }
     }
@@ -316,7 +317,7 @@ impl Rules {
                     .iter()
                     .any(|l| l.matches(&v))
             }
-            Node::Exists(f, want) => ev.get(*f).is_missing() != *want,
+            Node::Exists(f, want) => ev.has(*f) == *want,
             Node::Cmp(f, op, x) => match ev.get(*f).as_f64() {
                 None => false,
                 Some(v) => match op {
