@@ -130,6 +130,32 @@ pub struct ProfileRule {
     pub text: super::markers::ProfileText,
 }
 
+/// The iterator of [`Rules::matching`]: a plain loop over the profiles, since it runs on every
+/// event (built from `enumerate` and `filter_map`, it cost about 200 instructions an event for a
+/// single profile).
+pub struct Matching<'r, 'e> {
+    rules: &'r Rules,
+    ev: &'r Event<'e>,
+    next: usize,
+}
+
+impl Iterator for Matching<'_, '_> {
+    type Item = ProfileId;
+
+    #[inline]
+    fn next(&mut self) -> Option<ProfileId> {
+        let profiles = &self.rules.profiles;
+        while let Some(p) = profiles.get(self.next) {
+            let i = self.next;
+            self.next += 1;
+            if p.match_.is_none_or(|m| self.rules.eval(m, self.ev)) {
+                return Some(i as ProfileId);
+            }
+        }
+        None
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Rules {
     pub fields: Vec<String>,
@@ -281,16 +307,12 @@ impl Rules {
     }
 
     /// Profiles whose `match` accepts the event, in configuration order.
-    pub fn matching<'r, 'e: 'r>(&'r self, ev: &Event<'e>) -> impl Iterator<Item = ProfileId> + 'r {
-        let ev = *ev;
-        self.profiles
-            .iter()
-            .enumerate()
-            .filter_map(move |(i, p)| match p.match_ {
-                None => Some(i as ProfileId),
-                Some(m) if self.eval(m, &ev) => Some(i as ProfileId),
-                Some(_) => None,
-            })
+    pub fn matching<'r, 'e>(&'r self, ev: &'r Event<'e>) -> Matching<'r, 'e> {
+        Matching {
+            rules: self,
+            ev,
+            next: 0,
+        }
     }
 
     /// Whether predicate `id` holds for `ev`. A string `eq`, by far the most common leaf
