@@ -125,26 +125,17 @@ impl Parsed {
 }
 
 impl Decoder {
-    /// [`Decoder::decode`] into a detached [`Parsed`] (made for this decoder's table).
+    /// [`Decoder::decode`] into a detached [`Parsed`] (made for this decoder's table). On an
+    /// error, `p` holds nothing usable.
     pub fn decode_into(&mut self, line: &[u8], p: &mut Parsed) -> Result<(), DecodeError> {
-        let ev = self.decode(line)?;
-        let start = ev.raw.as_ptr() as usize - line.as_ptr() as usize;
-        p.raw = (start as u32, (start + ev.raw.len()) as u32);
+        let sc = self.scan_into(line, &mut p.slots)?;
+        p.raw = (sc.start as u32, (sc.start + sc.len) as u32);
         p.line_len = line.len() as u32;
-        p.seen = ev.seen;
-        p.session = ev.session;
-        p.root_members = ev.root_members;
-        p.slots.copy_from_slice(ev.slots);
-        let used = ev
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|&(i, s)| ev.seen & (1u64 << i) != 0 && s.kind == SlotKind::StringScratch)
-            .map(|(_, s)| s.text_end as usize)
-            .max()
-            .unwrap_or(0);
+        p.seen = sc.seen;
+        p.session = sc.session;
+        p.root_members = sc.root_members;
         p.scratch.clear();
-        p.scratch.extend_from_slice(&ev.scratch[..used]);
+        p.scratch.extend_from_slice(&self.scratch[..sc.scratch_len]);
         Ok(())
     }
 }

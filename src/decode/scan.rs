@@ -296,10 +296,45 @@ struct Scanner<'s> {
     root_members: u32,
 }
 
+/// What a scan found, beside the slots it filled.
+pub(super) struct Scanned {
+    /// Offset of the trimmed object in the line given.
+    pub(super) start: usize,
+    pub(super) len: usize,
+    pub(super) seen: u64,
+    pub(super) session: Option<SessionSpan>,
+    pub(super) root_members: u32,
+    /// Bytes of `Decoder::scratch` holding extracted escaped strings.
+    pub(super) scratch_len: usize,
+}
+
 impl Decoder {
     /// `line` is one event without its trailing '\n' (a trailing '\r' and surrounding JSON
     /// whitespace are allowed and trimmed).
     pub fn decode<'a>(&'a mut self, line: &'a [u8]) -> Result<Event<'a>, DecodeError> {
+        let mut slots = std::mem::take(&mut self.slots);
+        let scanned = self.scan_into(line, &mut slots);
+        self.slots = slots;
+        let sc = scanned?;
+        Ok(Event {
+            raw: &line[sc.start..sc.start + sc.len],
+            table: &self.table,
+            slots: &self.slots,
+            scratch: &self.scratch,
+            seen: sc.seen,
+            session: sc.session,
+            root_members: sc.root_members,
+        })
+    }
+
+    /// The decode, with the extracted fields written to `slots` (this decoder's table's
+    /// `slot_count` long): the caller's own, so that a detached [`super::Parsed`] is filled
+    /// without a copy.
+    pub(super) fn scan_into(
+        &mut self,
+        line: &[u8],
+        slots: &mut [Slot],
+    ) -> Result<Scanned, DecodeError> {
         if line.len() > self.line_bytes_max {
             return Err(DecodeError::TooLong);
         }
@@ -317,7 +352,7 @@ impl Decoder {
             table: &self.table,
             frames: &mut self.frames,
             scratch: &mut self.scratch,
-            slots: &mut self.slots,
+            slots,
             depth_max: self.depth_max as usize,
             seen: 0,
             scratch_len: 0,
@@ -328,20 +363,18 @@ impl Decoder {
         if end != n {
             return Err(DecodeError::TrailingBytes);
         }
-        let (seen, session, root_members) = (s.seen, s.session, s.root_members);
         // Only string bodies can hold non-ASCII bytes once the grammar held (anywhere else they
         // were rejected as garbage), so one pass over the line checks exactly them.
         if any_non_ascii && std::str::from_utf8(b).is_err() {
             return Err(DecodeError::InvalidUtf8);
         }
-        Ok(Event {
-            raw: b,
-            table: &self.table,
-            slots: &self.slots,
-            scratch: &self.scratch,
-            seen,
-            session,
-            root_members,
+        Ok(Scanned {
+            start: b.as_ptr() as usize - line.as_ptr() as usize,
+            len: n,
+            seen: s.seen,
+            session: s.session,
+            root_members: s.root_members,
+            scratch_len: s.scratch_len,
         })
     }
 }
