@@ -3,9 +3,10 @@
 //! Most events of a long session change only the fixed part of its payload (counters,
 //! aggregates, split hashes) and perhaps a state value of the same length. When all of that lies
 //! in the first block, it is updated where it lies: no copy of the payload into the scratch
-//! buffer and back, which is most of what `State::apply` costs per event. Anything else (metadata
-//! still being captured, a list append, a state value changing length, a payload whose fixed part
-//! spans blocks) takes the general path, with nothing changed here.
+//! buffer and back, which is most of what `State::apply` costs per event. State values that
+//! change length (a page path) are rewritten here too when the whole record stays in the first
+//! block. Anything else (metadata still being captured, a list append, a record that spans
+//! blocks) takes the general path, with nothing changed here.
 
 use super::rules::{LastField, ProfileRule, Rules};
 use super::{captured, payload, value_hash, State, FLAG_META_DONE};
@@ -14,6 +15,15 @@ use crate::decode::Event;
 /// State values remembered between the length check and the write (JSON tokens are never
 /// empty, so an empty slice means absent); further ones are looked up again.
 const STATE_KEPT: usize = 4;
+
+/// State values change length in place: the var area from `old_end` to `end` moves to
+/// `new_end` (offsets in the first block).
+#[derive(Clone, Copy)]
+struct StateShift {
+    old_end: usize,
+    new_end: usize,
+    end: usize,
+}
 
 impl State {
     /// Applies `ev` to session `s` in place and returns true, or returns false having changed
@@ -51,28 +61,54 @@ impl State {
             return false;
         };
 
-        // State (the front of the var area): every value the event carries must keep its
-        // stored length and lie in this block. Checked before anything is written; the first
-        // values found are kept for the write (an empty slice: absent from the event).
+        // State (the front of the var area): every stored value must lie in this block. A
+        // value the event carries either keeps its stored length, or, when the event carries
+        // every state value and the whole record stays in this block, the rest of the var area
+        // shifts to make room (`shift`). Checked before anything is written; the first values
+        // found are kept for the write (an empty slice: absent from the event).
         let state = !rule.state.is_empty() && (t >= h.last_ts || h.count == 0);
         let mut found: [&[u8]; STATE_KEPT] = [&[]; STATE_KEPT];
+        let mut shift = None;
         if state {
             let mut at = fixed_end;
+            let mut new_end = fixed_end;
+            let mut lengths_change = false;
+            let mut all_found = rule.state.len() <= STATE_KEPT;
             for (k, &f) in rule.state.iter().enumerate() {
                 if at + 2 > block {
                     return false;
                 }
                 let len = usize::from(payload::get_u16(head, at));
-                if let Some(raw) = ev.get(f).raw_json() {
-                    let v = captured(raw, max);
-                    if v.len() != len || at + 2 + len > block {
-                        return false;
+                if at + 2 + len > block {
+                    return false;
+                }
+                match ev.get(f).raw_json() {
+                    Some(raw) => {
+                        let v = captured(raw, max);
+                        lengths_change |= v.len() != len;
+                        if k < STATE_KEPT {
+                            found[k] = v;
+                        }
+                        new_end += 2 + v.len();
                     }
-                    if k < STATE_KEPT {
-                        found[k] = v;
+                    None => {
+                        all_found = false;
+                        new_end += 2 + len;
                     }
                 }
                 at += 2 + len;
+            }
+            if lengths_change {
+                let end = fixed_end + usize::from(payload::get_u16(head, base + l.var_len_off));
+                let new_total = end + new_end - at;
+                if !all_found || end > block || new_total > block {
+                    return false;
+                }
+                shift = Some(StateShift {
+                    old_end: at,
+                    new_end,
+                    end,
+                });
             }
         }
 
@@ -93,7 +129,20 @@ impl State {
                 payload::set_split_hash(head, base, l, i, h);
             }
         }
-        if state {
+        if let Some(sh) = shift {
+            // The record, first block only, both before and after: no chain to resize. Bytes
+            // past a shrunk record are left as they are, as `Arena::resize` leaves them.
+            head.copy_within(sh.old_end..sh.end, sh.new_end);
+            let var_len = sh.end + sh.new_end - sh.old_end - fixed_end;
+            payload::put_u16(head, base + l.var_len_off, var_len as u16);
+            let mut at = fixed_end;
+            for v in &found[..rule.state.len()] {
+                payload::put_u16(head, at, v.len() as u16);
+                payload::copy_short(&mut head[at + 2..at + 2 + v.len()], v);
+                at += 2 + v.len();
+            }
+            debug_assert_eq!(at, sh.new_end);
+        } else if state {
             let mut at = fixed_end;
             for (k, &f) in rule.state.iter().enumerate() {
                 let len = usize::from(payload::get_u16(head, at));

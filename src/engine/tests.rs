@@ -274,6 +274,55 @@ fn reload_changes_predicates_in_place_and_refuses_layout_changes() {
     assert!(err.contains("needs a restart"), "{err}");
 }
 
+/// A state value that changes length inside the first block is rewritten there, moving the
+/// metadata after it; one that would leave the block, or an event without it, takes the
+/// general path. Either way the end marker shows the last page and the first metadata. (The
+/// default block is 64 bytes.)
+#[test]
+fn state_changing_length_in_the_first_block_keeps_the_metadata_after_it() {
+    let mut r = Rig::new(
+        r#"
+[[profile]]
+name = "p"
+key = "user"
+timestamp = { field = "ts" }
+idle_timeout = "10s"
+ends_when = { field = "type", eq = "logout" }
+metadata = ["tenant"]
+state = ["page"]
+[[profile.counter]]
+name = "clicks"
+when = { field = "type", eq = "click" }
+"#,
+    );
+    let pages = [
+        "/a",
+        "/bbbbbbbb",
+        "/c",
+        "/dddd",
+        &"/".repeat(50),
+        "/e",
+        "/ffffff",
+    ];
+    for (i, page) in pages.iter().enumerate() {
+        r.send(&format!(
+            r#"{{"user":"u1","ts":{i},"type":"click","tenant":"t{i}","page":"{page}"}}"#
+        ));
+        if i == 3 {
+            r.send(r#"{"user":"u1","ts":3,"type":"view"}"#);
+        }
+    }
+    r.send(r#"{"user":"u1","ts":9,"type":"logout","page":"/gg"}"#);
+    let recs = r.records();
+    let ends = Rig::ends(&recs);
+    assert_eq!(ends.len(), 1);
+    let e = ends[0];
+    assert_eq!(e["metadata"], serde_json::json!({"tenant": "t0"}));
+    assert_eq!(e["state"], serde_json::json!({"page": "/gg"}));
+    assert_eq!(e["counters"], serde_json::json!({"clicks": 7}));
+    assert_eq!(e["count"], 9);
+}
+
 /// Several state and metadata fields whose values change length, go missing, arrive late,
 /// and outgrow the front of the var area `apply` reads first: every end marker shows the
 /// first-seen metadata and the last-seen state (the in-place and rebuild paths agree).
