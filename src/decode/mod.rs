@@ -25,7 +25,7 @@ mod tests;
 pub use escape::write_json_string;
 pub use table::{FieldTable, PATHS_MAX, SEGMENT_BYTES_MAX};
 
-use scan::{Frame, SessionSpan, Slot, SlotKind};
+use scan::{Frame, KeyMemo, SessionSpan, Slot, SlotKind};
 
 /// Index of a path in the slice given to [`FieldTable::new`].
 pub type FieldId = u16;
@@ -46,6 +46,8 @@ pub struct Decoder {
     scratch: Box<[u8]>,
     /// One result per distinct path; valid only where the decode's `seen` bit is set.
     slots: Box<[Slot]>,
+    /// The top-level keys of the lines before, by member position (`Scanner::top_key`).
+    key_memo: Box<[KeyMemo]>,
 }
 
 impl Decoder {
@@ -60,6 +62,7 @@ impl Decoder {
             frames: vec![Frame::default(); frames_len].into_boxed_slice(),
             scratch: vec![0u8; line_bytes_max].into_boxed_slice(),
             slots: vec![Slot::default(); table.slot_count()].into_boxed_slice(),
+            key_memo: vec![KeyMemo::default(); scan::KEY_MEMOS].into_boxed_slice(),
             table,
             depth_max,
             line_bytes_max,

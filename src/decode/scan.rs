@@ -60,6 +60,28 @@ pub(super) struct Slot {
     pub(super) text_end: u32,
 }
 
+/// The top-level key last seen at one member position and its trie child (see
+/// `Scanner::top_key`); `len` is `u32::MAX` until one was.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct KeyMemo {
+    prefix: u64,
+    len: u32,
+    target: u32,
+}
+
+impl Default for KeyMemo {
+    fn default() -> KeyMemo {
+        KeyMemo {
+            prefix: 0,
+            len: u32::MAX,
+            target: NODE_NONE,
+        }
+    }
+}
+
+/// Top-level member positions remembered by `Scanner::top_key`.
+pub(super) const KEY_MEMOS: usize = 16;
+
 /// Where the top-level `"_session"` member sits, for `write_enriched` to cut it out. Its end
 /// is found there (a cold path) rather than tracked after every value here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,9 +305,32 @@ fn copy_padded(b: &[u8], padded: &mut [u8]) -> bool {
     b.iter().fold(0u8, |acc, &c| acc | c) >= 0x80
 }
 
+/// The trie child of the root for the top-level `key` of at most 8 bytes, whose zero-padded
+/// bytes are `prefix` (which then determine the key), at member position `m`. Producers write
+/// their members in the same order line after line, so the answer for the same position last
+/// time (`KeyMemo`) is usually this one, settled by one compare instead of a table probe.
+#[inline(always)]
+fn top_key(memo: &mut [KeyMemo], table: &FieldTable, m: u32, key: &[u8], prefix: u64) -> u32 {
+    debug_assert!(key.len() <= 8);
+    let Some(memo) = memo.get_mut(m as usize) else {
+        return table.child(NODE_ROOT, key, prefix);
+    };
+    if memo.len == key.len() as u32 && memo.prefix == prefix {
+        return memo.target;
+    }
+    let target = table.child(NODE_ROOT, key, prefix);
+    *memo = KeyMemo {
+        prefix,
+        len: key.len() as u32,
+        target,
+    };
+    target
+}
+
 struct Scanner<'s> {
     b: Padded<'s>,
     table: &'s FieldTable,
+    memo: &'s mut [KeyMemo],
     frames: &'s mut [Frame],
     scratch: &'s mut [u8],
     slots: &'s mut [Slot],
@@ -350,6 +395,7 @@ impl Decoder {
         let mut s = Scanner {
             b: Padded::new(padded, n),
             table: &self.table,
+            memo: &mut self.key_memo,
             frames: &mut self.frames,
             scratch: &mut self.scratch,
             slots,
@@ -636,7 +682,9 @@ impl Scanner<'_> {
                 let key = b.slice(open + 1, close);
                 (key, prefix8(b.word8(open + 1), key.len()))
             };
-            if node != NODE_NONE {
+            if depth == 1 && node == NODE_ROOT && key.len() <= 8 {
+                target = top_key(self.memo, self.table, self.root_members, key, prefix);
+            } else if node != NODE_NONE {
                 target = self.table.child(node, key, prefix);
             }
             if depth == 1 {

@@ -1203,6 +1203,30 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// One decoder over a run of lines (whose top-level keys repeat, move and change between
+    /// lines, as the key memo must survive) extracts exactly what a fresh decoder does.
+    #[test]
+    fn prop_a_reused_decoder_agrees_with_a_fresh_one(
+        lines in prop::collection::vec(arb_object(), 1..12),
+    ) {
+        let mut reused = prop_decoder();
+        for v in &lines {
+            let line = serde_json::to_vec(v).expect("serializable");
+            let mut fresh = prop_decoder();
+            let want = fresh
+                .decode(&line)
+                .map(|e| (0..PROP_PATHS.len()).map(|id| format!("{:?}", e.get(id as FieldId))).collect::<Vec<_>>());
+            let got = reused
+                .decode(&line)
+                .map(|e| (0..PROP_PATHS.len()).map(|id| format!("{:?}", e.get(id as FieldId))).collect::<Vec<_>>());
+            prop_assert_eq!(got, want);
+        }
+    }
+}
+
+proptest! {
     /// `as_i64` (eight digits at a time) against the standard parser, over JSON number text.
     #[test]
     fn prop_as_i64_matches_std(
