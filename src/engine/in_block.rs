@@ -5,8 +5,9 @@
 //! in the first block, it is updated where it lies: no copy of the payload into the scratch
 //! buffer and back, which is most of what `State::apply` costs per event. State values that
 //! change length (a page path) are rewritten here too when the whole record stays in the first
-//! block. Anything else (metadata still being captured, a list append, a record that spans
-//! blocks) takes the general path, with nothing changed here.
+//! block (`apply_in_block_resizing`, kept out of line so the usual event does not pay for it).
+//! Anything else (metadata still being captured, a list append, a record that spans blocks)
+//! takes the general path, with nothing changed here.
 
 use super::rules::{LastField, ProfileRule, Rules};
 use super::{captured, payload, value_hash, State, FLAG_META_DONE};
@@ -15,15 +16,6 @@ use crate::decode::Event;
 /// State values remembered between the length check and the write (JSON tokens are never
 /// empty, so an empty slice means absent); further ones are looked up again.
 const STATE_KEPT: usize = 4;
-
-/// State values change length in place: the var area from `old_end` to `end` moves to
-/// `new_end` (offsets in the first block).
-#[derive(Clone, Copy)]
-struct StateShift {
-    old_end: usize,
-    new_end: usize,
-    end: usize,
-}
 
 impl State {
     /// Applies `ev` to session `s` in place and returns true, or returns false having changed
@@ -61,88 +53,37 @@ impl State {
             return false;
         };
 
-        // State (the front of the var area): every stored value must lie in this block. A
-        // value the event carries either keeps its stored length, or, when the event carries
-        // every state value and the whole record stays in this block, the rest of the var area
-        // shifts to make room (`shift`). Checked before anything is written; the first values
-        // found are kept for the write (an empty slice: absent from the event).
+        // State (the front of the var area): every value the event carries must keep its
+        // stored length and lie in this block. Checked before anything is written; the first
+        // values found are kept for the write (an empty slice: absent from the event).
         let state = !rule.state.is_empty() && (t >= h.last_ts || h.count == 0);
         let mut found: [&[u8]; STATE_KEPT] = [&[]; STATE_KEPT];
-        let mut shift = None;
         if state {
             let mut at = fixed_end;
-            let mut new_end = fixed_end;
-            let mut lengths_change = false;
-            let mut all_found = rule.state.len() <= STATE_KEPT;
             for (k, &f) in rule.state.iter().enumerate() {
                 if at + 2 > block {
                     return false;
                 }
                 let len = usize::from(payload::get_u16(head, at));
-                if at + 2 + len > block {
-                    return false;
-                }
-                match ev.get(f).raw_json() {
-                    Some(raw) => {
-                        let v = captured(raw, max);
-                        lengths_change |= v.len() != len;
-                        if k < STATE_KEPT {
-                            found[k] = v;
-                        }
-                        new_end += 2 + v.len();
+                if let Some(raw) = ev.get(f).raw_json() {
+                    let v = captured(raw, max);
+                    if at + 2 + len > block {
+                        return false;
                     }
-                    None => {
-                        all_found = false;
-                        new_end += 2 + len;
+                    if v.len() != len {
+                        // Nothing is written yet: start over on the path that moves values.
+                        return self.apply_in_block_resizing(rules, rule, s, ev, last);
+                    }
+                    if k < STATE_KEPT {
+                        found[k] = v;
                     }
                 }
                 at += 2 + len;
             }
-            if lengths_change {
-                let end = fixed_end + usize::from(payload::get_u16(head, base + l.var_len_off));
-                let new_total = end + new_end - at;
-                if !all_found || end > block || new_total > block {
-                    return false;
-                }
-                shift = Some(StateShift {
-                    old_end: at,
-                    new_end,
-                    end,
-                });
-            }
         }
 
-        for (i, c) in rule.counters.iter().enumerate() {
-            if c.when.is_none_or(|w| rules.eval_reusing(w, ev, last)) {
-                payload::counter_add(head, base, l, i, 1);
-            }
-        }
-        for (i, a) in rule.aggregates.iter().enumerate() {
-            if a.when.is_none_or(|w| rules.eval(w, ev)) {
-                if let Some(v) = ev.get(a.field).as_f64() {
-                    payload::aggregate_apply(head, base, l, i, a.op, v);
-                }
-            }
-        }
-        for (i, &f) in rule.split_on_change.iter().enumerate() {
-            if let Some(h) = value_hash(hasher, ev.get(f)) {
-                payload::set_split_hash(head, base, l, i, h);
-            }
-        }
-        if let Some(sh) = shift {
-            // The record, first block only, both before and after: no chain to resize. Bytes
-            // past a shrunk record are left as they are, as `Arena::resize` leaves them.
-            head.copy_within(sh.old_end..sh.end, sh.new_end);
-            let var_len = sh.end + sh.new_end - sh.old_end - fixed_end;
-            payload::put_u16(head, base + l.var_len_off, var_len as u16);
-            let mut at = fixed_end;
-            for v in &found[..rule.state.len()] {
-                payload::put_u16(head, at, v.len() as u16);
-                payload::copy_short(&mut head[at + 2..at + 2 + v.len()], v);
-                at += 2 + v.len();
-            }
-            debug_assert_eq!(at, sh.new_end);
-        } else if state {
+        fixed_part(head, rules, rule, ev, last, base, hasher);
+        if state {
             let mut at = fixed_end;
             for (k, &f) in rule.state.iter().enumerate() {
                 let len = usize::from(payload::get_u16(head, at));
@@ -157,5 +98,96 @@ impl State {
             }
         }
         true
+    }
+
+    /// `apply_in_block` for an event whose state values change length: when the event carries
+    /// every state value and the whole record lies in the first block before and after, the var
+    /// area after the state values moves by the difference and the values are rewritten in
+    /// place. Otherwise returns false having changed nothing.
+    #[inline(never)]
+    fn apply_in_block_resizing<'e>(
+        &mut self,
+        rules: &Rules,
+        rule: &ProfileRule,
+        s: u32,
+        ev: &Event<'e>,
+        last: &mut LastField<'e>,
+    ) -> bool {
+        let h = *self.table.get(s);
+        let base = h.key_len as usize;
+        let l = &rule.layout;
+        let fixed_end = base + l.fixed_bytes;
+        let block = self.arena.block_bytes() as usize;
+        let max = self.value_bytes_max;
+        if rule.state.len() > STATE_KEPT {
+            return false;
+        }
+        let hasher = &self.hasher;
+        let Some(head) = self.arena.slice_mut(h.data, 0, block) else {
+            return false;
+        };
+        let mut found: [&[u8]; STATE_KEPT] = [&[]; STATE_KEPT];
+        let (mut at, mut new_end) = (fixed_end, fixed_end);
+        for (k, &f) in rule.state.iter().enumerate() {
+            let Some(raw) = ev.get(f).raw_json() else {
+                return false;
+            };
+            if at + 2 > block {
+                return false;
+            }
+            at += 2 + usize::from(payload::get_u16(head, at));
+            found[k] = captured(raw, max);
+            new_end += 2 + found[k].len();
+        }
+        let end = fixed_end + usize::from(payload::get_u16(head, base + l.var_len_off));
+        if at > end || end > block || end + new_end - at > block {
+            return false;
+        }
+
+        fixed_part(head, rules, rule, ev, last, base, hasher);
+        // The record stays in its one block: no chain to resize. Bytes past a shrunk record
+        // are left as they are, as `Arena::resize` leaves them.
+        head.copy_within(at..end, new_end);
+        let var_len = end + new_end - at - fixed_end;
+        payload::put_u16(head, base + l.var_len_off, var_len as u16);
+        let mut w = fixed_end;
+        for v in &found[..rule.state.len()] {
+            payload::put_u16(head, w, v.len() as u16);
+            payload::copy_short(&mut head[w + 2..w + 2 + v.len()], v);
+            w += 2 + v.len();
+        }
+        debug_assert_eq!(w, new_end);
+        true
+    }
+}
+
+/// Counters, aggregates and split hashes: the fixed part of the payload, updated in `head`.
+#[inline(always)]
+fn fixed_part<'e>(
+    head: &mut [u8],
+    rules: &Rules,
+    rule: &ProfileRule,
+    ev: &Event<'e>,
+    last: &mut LastField<'e>,
+    base: usize,
+    hasher: &foldhash::fast::FixedState,
+) {
+    let l = &rule.layout;
+    for (i, c) in rule.counters.iter().enumerate() {
+        if c.when.is_none_or(|w| rules.eval_reusing(w, ev, last)) {
+            payload::counter_add(head, base, l, i, 1);
+        }
+    }
+    for (i, a) in rule.aggregates.iter().enumerate() {
+        if a.when.is_none_or(|w| rules.eval(w, ev)) {
+            if let Some(v) = ev.get(a.field).as_f64() {
+                payload::aggregate_apply(head, base, l, i, a.op, v);
+            }
+        }
+    }
+    for (i, &f) in rule.split_on_change.iter().enumerate() {
+        if let Some(h) = value_hash(hasher, ev.get(f)) {
+            payload::set_split_hash(head, base, l, i, h);
+        }
     }
 }
