@@ -147,7 +147,18 @@ pub fn route(rules: &Rules, p: ProfileId, ev: &Event<'_>, shards: u32) -> Route 
     match ev.get(rules.profiles[p as usize].key).key_bytes() {
         None => Route::MissingKey,
         Some(k) if k.len() > rules.key_bytes_max as usize => Route::KeyTooLong,
-        Some(k) => Route::Owner(fnv1a32(k) % shards),
+        Some(k) => Route::Owner(shard_of(fnv1a32(k), shards)),
+    }
+}
+
+/// `hash % shards`, the documented owner rule, without a division for the usual power-of-two
+/// shard counts (the division was a quarter of `route`'s time on one shard).
+#[inline(always)]
+pub fn shard_of(hash: u32, shards: u32) -> u32 {
+    if shards.is_power_of_two() {
+        hash & (shards - 1)
+    } else {
+        hash % shards
     }
 }
 

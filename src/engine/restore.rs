@@ -32,7 +32,7 @@ use super::snapshot::{
 };
 use super::table::{Head, FLAGS_ENGINE, NIL};
 use super::wheel::Wheel;
-use super::{due_s, fnv1a32, Engine, State, FLAG_SUB};
+use super::{due_s, fnv1a32, shard_of, Engine, State, FLAG_SUB};
 use crate::config::RECORD_BYTES_MAX;
 
 impl Engine {
@@ -203,7 +203,7 @@ impl State {
             };
             let bytes = &payload[checked.off..checked.off + checked.len];
             let key = &bytes[..r.key_len.to_native() as usize];
-            if !is_sub && fnv1a32(key) % shards != shard {
+            if !is_sub && shard_of(fnv1a32(key), shards) != shard {
                 report.other_shard += 1;
                 top = Top::OtherShard;
                 continue;
@@ -703,7 +703,7 @@ impl State {
                 top = i as u32;
                 tops += 1;
                 links += u64::from(r.link.to_native() != NIL);
-                if fnv1a32(key) % shards != shard {
+                if shard_of(fnv1a32(key), shards) != shard {
                     return Err("a key another shard owns");
                 }
                 (u32::from(r.profile), None, r.link.to_native())

@@ -462,3 +462,26 @@ fn bounded_expiry_and_finish_end_everything_in_steps_within_the_batch() {
     } {}
     assert_eq!((ends, r.engine.live_sessions()), (601 - due, 0));
 }
+
+/// The owner rule clients compute for the steering header is `hash % shards`; the mask used
+/// for power-of-two shard counts must agree with it everywhere.
+#[test]
+fn shard_of_is_hash_modulo_shards() {
+    let mut h: u32 = 0x9e37_79b9;
+    for _ in 0..10_000 {
+        h ^= h << 13;
+        h ^= h >> 17;
+        h ^= h << 5;
+        for shards in 1..=crate::config::SHARDS_MAX as u32 {
+            assert_eq!(
+                shard_of(h, shards),
+                h % shards,
+                "hash {h:#x}, {shards} shards"
+            );
+        }
+    }
+    for shards in 1..=crate::config::SHARDS_MAX as u32 {
+        assert_eq!(shard_of(u32::MAX, shards), u32::MAX % shards);
+        assert_eq!(shard_of(0, shards), 0);
+    }
+}
