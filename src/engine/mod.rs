@@ -179,6 +179,10 @@ const NONE_TS: i64 = i64::MIN;
 const LOOKAHEAD_INDEX: usize = 12;
 const LOOKAHEAD_HEAD: usize = 8;
 const LOOKAHEAD_PAYLOAD: usize = 4;
+/// How far ahead an expiry pass requests the heads, then the payloads, of the sessions it
+/// is about to end.
+const EXPIRE_AHEAD_HEAD: usize = 8;
+const EXPIRE_AHEAD_PAYLOAD: usize = 4;
 /// Lookahead state per event in flight; a power of two above the longest distance.
 const LOOKAHEAD_RING: usize = 16;
 const _: () = assert!(LOOKAHEAD_INDEX < LOOKAHEAD_RING && LOOKAHEAD_RING.is_power_of_two());
@@ -1754,14 +1758,21 @@ impl State {
         }
         let until_s = now.div_euclid(1000);
         self.cow_drain(p, until_s);
-        let mut s = self.wheels[p].drain_until(self.table.heads_mut(), until_s);
         self.expired.clear();
-        while s != NIL {
-            self.expired.push(s);
-            s = Wheel::next_detached(self.table.heads(), s);
-        }
+        self.wheels[p].drain_until_into(self.table.heads_mut(), until_s, &mut self.expired);
         let mut ended = false;
         for i in 0..self.expired.len() {
+            // A pass can hold every session of a second, far more than the caches: request
+            // the heads and then the payloads of the entries ahead, so that their misses
+            // overlap instead of stalling one after another.
+            if let Some(&ahead) = self.expired.get(i + EXPIRE_AHEAD_HEAD) {
+                self.table.prefetch(ahead);
+            }
+            if let Some(&ahead) = self.expired.get(i + EXPIRE_AHEAD_PAYLOAD) {
+                if self.table.is_live(ahead) {
+                    self.arena.prefetch(self.table.get(ahead).data);
+                }
+            }
             let s = self.expired[i];
             // Ending a parent ends its sub-sessions, which may be later in this list.
             if !self.table.is_live(s) || self.wheels[p].is_linked(self.table.heads(), s) {

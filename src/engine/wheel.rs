@@ -25,6 +25,7 @@ use super::table::{Head, FLAG_FREE, FLAG_WHEEL_LINKED, NIL};
 /// Marks a `wheel_prev` that names a bucket rather than a slot.
 const BUCKET_BIT: u32 = 1 << 31;
 
+#[derive(Clone)]
 pub struct Wheel {
     /// First slot linked in each bucket, `NIL` if none.
     buckets: Box<[u32]>,
@@ -168,6 +169,18 @@ impl Wheel {
     /// The caller may link the detached entries again while walking, but linking overwrites
     /// `wheel_next`: read `next_detached` of an entry before re-linking it.
     pub fn drain_until(&mut self, heads: &mut [Head], until_s: i64) -> u32 {
+        self.drain(heads, until_s, |_| {})
+    }
+
+    /// [`Wheel::drain_until`] that also appends each detached entry to `into`, earliest second
+    /// first, in the same walk: the entries are scattered over the table, so walking the
+    /// detached list again would miss the cache on every entry a second time.
+    pub fn drain_until_into(&mut self, heads: &mut [Head], until_s: i64, into: &mut Vec<u32>) {
+        self.drain(heads, until_s, |slot| into.push(slot));
+    }
+
+    #[inline(always)]
+    fn drain(&mut self, heads: &mut [Head], until_s: i64, mut visit: impl FnMut(u32)) -> u32 {
         assert!(until_s < i64::MAX / 2, "until_s {until_s}");
         if until_s < self.cursor_s {
             return NIL;
@@ -195,6 +208,7 @@ impl Wheel {
                     head.wheel_prev = NIL;
                     drained += 1;
                     tail = slot;
+                    visit(slot);
                     slot = head.wheel_next;
                 }
             }
@@ -303,13 +317,23 @@ mod tests {
         vec![Head::FRESH; n]
     }
 
+    /// Drains by both `drain_until` (the list walked) and `drain_until_into`, on copies, and
+    /// checks they detach the same entries in the same order and leave the same state.
     fn drain(wheel: &mut Wheel, heads: &mut [Head], until_s: i64) -> Vec<u32> {
+        let (mut wheel_into, mut heads_into) = (wheel.clone(), heads.to_vec());
+        let mut into = vec![7];
+        wheel_into.drain_until_into(&mut heads_into, until_s, &mut into);
         let mut out = Vec::new();
         let mut slot = wheel.drain_until(heads, until_s);
         while slot != NIL {
             out.push(slot);
             slot = Wheel::next_detached(heads, slot);
         }
+        assert_eq!(into[0], 7, "appends");
+        assert_eq!(into[1..], out[..]);
+        assert_eq!(heads_into, heads);
+        assert_eq!(wheel_into.len(), wheel.len());
+        assert_eq!(wheel_into.cursor_s(), wheel.cursor_s());
         out
     }
 
