@@ -113,6 +113,34 @@ fn log_at_seq_max_reads_back() {
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
+/// fuzz/log, built mode, input `01 49 c2 7c e6 05 0a 00 00 00 ff ff ...` (after a snapshot at
+/// `SEQ_MAX`; five records from `SEQ_MAX - 4` in one file, then an empty file starting right
+/// after them, at `SEQ_MAX + 1`). The reader reports the second file's header as bad, as it
+/// should: no writer starts a file past `SEQ_MAX`. The target's model had counted the files as
+/// sound; it now counts a file it starts past `SEQ_MAX` as damage. The records of the sound
+/// file are read, and the exhausted log refuses to resume with a typed error.
+#[test]
+fn a_log_file_starting_past_seq_max_is_a_bad_header_beside_sound_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let records: [&[u8]; 5] = [b"{}", b"{\"a\":1}", b"{}", b"{}", b"{\"b\":2}"];
+    write_log(dir.path(), 1, SEQ_MAX - 4, &records);
+    write_log(dir.path(), 2, SEQ_MAX + 1, &[]);
+    for (after, want) in [(SEQ_MAX, vec![]), (SEQ_MAX - 2, vec![SEQ_MAX - 1, SEQ_MAX])] {
+        let mut r = LogReader::open(dir.path(), 0, after).unwrap();
+        let mut seqs = Vec::new();
+        while let Some(rec) = r.next_record().unwrap() {
+            seqs.push(rec.seq);
+        }
+        assert_eq!(seqs, want, "after {after}");
+        assert_eq!(r.report().bad_headers, 1);
+        assert_eq!(r.next_seq(), SEQ_MAX + 1);
+        assert!(matches!(
+            LogWriter::resume(dir.path(), 0, r.next_seq(), log_config()),
+            Err(LogError::Header { .. })
+        ));
+    }
+}
+
 /// fuzz/config, generated mode, input
 /// `29 66 75 74 78 78 70 00 00 00 00 72 65 f3 5f 2a 73 6b 65 77 5f 6d 61 78 3e 3e 3e 3e 31 3e 75
 /// 74 03 3b`, which stands for the text below: an idle timeout as long as a duration goes

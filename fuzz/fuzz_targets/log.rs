@@ -4,7 +4,8 @@
 //! The first byte picks the mode: up to three raw files, or well-formed files built from a model
 //! (records with fuzzer-chosen bytes and times, files covering consecutive, overlapping or gapped
 //! ranges of them, first sequence numbers at the edges of u64) that are then damaged (cut, a byte
-//! flipped, zeros or garbage appended, a header overwritten, a file removed). The reader starts
+//! flipped, zeros or garbage appended, a header overwritten, a file removed). A file that starts
+//! past `SEQ_MAX`, which no writer produces, counts as damage too. The reader starts
 //! after a fuzzer-chosen sequence, as after a snapshot. Checked:
 //! - nothing panics; reading never fails (damage is reported, not an error: the files are on
 //!   tmpfs, so there is no real I/O error);
@@ -98,6 +99,7 @@ fn built_files(b: &mut Bytes<'_>, dir: &Path) -> Model {
     let files = 1 + b.below(3);
     let mut start = 0usize;
     let mut gap_free = true;
+    let mut damaged_header = false;
     for g in 1..=files {
         let end = if g == files {
             records.len()
@@ -105,6 +107,11 @@ fn built_files(b: &mut Bytes<'_>, dir: &Path) -> Model {
             (start + b.below(records.len() + 1)).min(records.len())
         };
         let seq = first_seq.wrapping_add(start as u64);
+        // The writer never starts a file past SEQ_MAX (resuming there is a typed error), and the
+        // reader reports such a header as bad: a file the model writes there is damage.
+        if seq > SEQ_MAX {
+            damaged_header = true;
+        }
         let header = LogHeader {
             shard: 0,
             generation: g as u64,
@@ -130,7 +137,7 @@ fn built_files(b: &mut Bytes<'_>, dir: &Path) -> Model {
             gap_free = false;
         }
     }
-    let mut damaged = false;
+    let mut damaged = damaged_header;
     for _ in 0..b.below(4) {
         damaged = true;
         let g = 1 + b.below(files) as u64;
