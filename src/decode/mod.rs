@@ -46,7 +46,7 @@ pub struct Decoder {
     scratch: Box<[u8]>,
     /// One result per distinct path; valid only where the decode's `seen` bit is set.
     slots: Box<[Slot]>,
-    /// The top-level keys of the lines before, by member position (`Scanner::top_key`).
+    /// The top-level keys of the lines before, by member position (`scan::top_key`).
     key_memo: Box<[KeyMemo]>,
 }
 

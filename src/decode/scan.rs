@@ -60,8 +60,8 @@ pub(super) struct Slot {
     pub(super) text_end: u32,
 }
 
-/// The top-level key last seen at one member position and its trie child (see
-/// `Scanner::top_key`); `len` is `u32::MAX` until one was.
+/// The top-level key last seen at one member position and its trie child (see `top_key`);
+/// `len` is `u32::MAX` until one was.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct KeyMemo {
     prefix: u64,
@@ -79,7 +79,7 @@ impl Default for KeyMemo {
     }
 }
 
-/// Top-level member positions remembered by `Scanner::top_key`.
+/// Top-level member positions remembered by `top_key`.
 pub(super) const KEY_MEMOS: usize = 16;
 
 /// Where the top-level `"_session"` member sits, for `write_enriched` to cut it out. Its end

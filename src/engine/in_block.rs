@@ -53,9 +53,10 @@ impl State {
             return false;
         };
 
-        // State (the front of the var area): every value the event carries must keep its
-        // stored length and lie in this block. Checked before anything is written; the first
-        // values found are kept for the write (an empty slice: absent from the event).
+        // State (the front of the var area): every value the event carries must lie in this
+        // block; one that changes length sends the event to `apply_in_block_resizing`. Checked
+        // before anything is written; the first values found are kept for the write (an empty
+        // slice: absent from the event).
         let state = !rule.state.is_empty() && (t >= h.last_ts || h.count == 0);
         let mut found: [&[u8]; STATE_KEPT] = [&[]; STATE_KEPT];
         if state {
@@ -161,9 +162,11 @@ impl State {
     }
 }
 
-/// Counters, aggregates and split hashes: the fixed part of the payload, updated in `head`.
+/// Counters, aggregates and split hashes: the fixed part of the payload, updated in `head`
+/// (the session's first block here, the copied-out payload on the general path). Returns
+/// whether anything changed.
 #[inline(always)]
-fn fixed_part<'e>(
+pub(super) fn fixed_part<'e>(
     head: &mut [u8],
     rules: &Rules,
     rule: &ProfileRule,
@@ -171,23 +174,28 @@ fn fixed_part<'e>(
     last: &mut LastField<'e>,
     base: usize,
     hasher: &foldhash::fast::FixedState,
-) {
+) -> bool {
     let l = &rule.layout;
+    let mut changed = false;
     for (i, c) in rule.counters.iter().enumerate() {
         if c.when.is_none_or(|w| rules.eval_reusing(w, ev, last)) {
             payload::counter_add(head, base, l, i, 1);
+            changed = true;
         }
     }
     for (i, a) in rule.aggregates.iter().enumerate() {
         if a.when.is_none_or(|w| rules.eval(w, ev)) {
             if let Some(v) = ev.get(a.field).as_f64() {
                 payload::aggregate_apply(head, base, l, i, a.op, v);
+                changed = true;
             }
         }
     }
     for (i, &f) in rule.split_on_change.iter().enumerate() {
         if let Some(h) = value_hash(hasher, ev.get(f)) {
             payload::set_split_hash(head, base, l, i, h);
+            changed = true;
         }
     }
+    changed
 }

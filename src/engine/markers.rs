@@ -130,7 +130,9 @@ pub fn session_start(out: &mut Out, rule: &ProfileRule, key: &[u8], s: Summary, 
     let b = &mut out.buf;
     b.extend_from_slice(&text.start_open);
     write_json_string(key, b);
-    id_and_times(b, s, None);
+    b.extend_from_slice(member!("session_id"));
+    write_id(b, s.id);
+    times(b, s, None);
     let mut r = VarReader::new(payload::var_area(pay, key.len(), &rule.layout));
     r.skip(rule.state.len());
     values_object(b, member!("metadata"), &text.metadata, &mut r);
@@ -152,7 +154,9 @@ pub fn session_end(
     let b = &mut out.buf;
     b.extend_from_slice(&text.end_open);
     write_json_string(key, b);
-    id_and_times(b, s, Some(reason));
+    b.extend_from_slice(member!("session_id"));
+    write_id(b, s.id);
+    times(b, s, Some(reason));
     // Stored state first, metadata after; rendered metadata first, as the contract lists them.
     let mut state = VarReader::new(payload::var_area(pay, base, l));
     let mut metadata = state.clone();
@@ -201,18 +205,15 @@ pub fn session_end(
     out.finish(Stream::Markers);
 }
 
-/// Room for `id_and_times`: the pieces' text, a sign and 20 digits per number, the longest
-/// reason, and the slack of a number store.
-const ID_AND_TIMES_BYTES_MAX: usize =
-    14 + 18 + 12 + 11 + 15 + 9 + 11 + 1 + 4 * 21 + 16 + Tail::SLACK;
+/// Room for `times`: the pieces' text, a sign and 20 digits per number, the longest reason,
+/// and the slack of a number store.
+const TIMES_BYTES_MAX: usize = 12 + 11 + 15 + 9 + 11 + 1 + 4 * 21 + 16 + Tail::SLACK;
 
-/// `,"session_id":"<hex>","start_ts":<ms>` and, for an end, `,"last_ts":..,"duration_ms":..,
-/// "count":..,"reason":".."`: in one piece into reserved room, like the `_session` member
-/// (these numbers are on every marker).
-fn id_and_times(b: &mut Vec<u8>, s: Summary, end: Option<EndReason>) {
-    let mut t = Tail::new(b, ID_AND_TIMES_BYTES_MAX);
-    t.put(b",\"session_id\":");
-    t.put(&id_text(s.id));
+/// `,"start_ts":<ms>` and, for an end, `,"last_ts":..,"duration_ms":..,"count":..,
+/// "reason":".."`, the same in every marker: in one piece into reserved room, like the
+/// `_session` member (these numbers are on every marker).
+fn times(b: &mut Vec<u8>, s: Summary, end: Option<EndReason>) {
+    let mut t = Tail::new(b, TIMES_BYTES_MAX);
     t.put(b",\"start_ts\":");
     t.put_i64(s.start_ts);
     if let Some(reason) = end {
@@ -226,21 +227,6 @@ fn id_and_times(b: &mut Vec<u8>, s: Summary, end: Option<EndReason>) {
         t.put_slice(reason.label().as_bytes());
         t.put(b"\"");
     }
-}
-
-fn common_end(b: &mut Vec<u8>, s: Summary, reason: EndReason) {
-    b.extend_from_slice(member!("start_ts"));
-    write_i64(b, s.start_ts);
-    b.extend_from_slice(member!("last_ts"));
-    write_i64(b, s.last_ts);
-    b.extend_from_slice(member!("duration_ms"));
-    write_i64(b, s.last_ts - s.start_ts);
-    b.extend_from_slice(member!("count"));
-    write_u64(b, u64::from(s.count));
-    b.extend_from_slice(member!("reason"));
-    b.push(b'"');
-    b.extend_from_slice(reason.label().as_bytes());
-    b.push(b'"');
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -288,8 +274,7 @@ pub fn sub_session_start(
         s.id,
         parent_id,
     );
-    out.buf.extend_from_slice(member!("start_ts"));
-    write_i64(&mut out.buf, s.start_ts);
+    times(&mut out.buf, s, None);
     out.buf.push(b'}');
     out.finish(Stream::Markers);
 }
@@ -318,7 +303,7 @@ pub fn sub_session_end(
         parent_id,
     );
     let b = &mut out.buf;
-    common_end(b, s, reason);
+    times(b, s, Some(reason));
     b.extend_from_slice(member!("counters"));
     b.push(b'{');
     let layout = super::rules::layout_for(sub.counters.len(), 0, 0, 0);

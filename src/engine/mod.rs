@@ -1231,27 +1231,16 @@ impl State {
         self.pay.clear();
         self.pay.resize(fixed_end, 0);
         self.arena.read(old.data, 0, &mut self.pay);
-        let mut fixed_dirty = false;
-        for (i, c) in rule.counters.iter().enumerate() {
-            if c.when.is_none_or(|w| rules.eval(w, ev)) {
-                payload::counter_add(&mut self.pay, base, l, i, 1);
-                fixed_dirty = true;
-            }
-        }
-        for (i, a) in rule.aggregates.iter().enumerate() {
-            if a.when.is_none_or(|w| rules.eval(w, ev)) {
-                if let Some(v) = ev.get(a.field).as_f64() {
-                    payload::aggregate_apply(&mut self.pay, base, l, i, a.op, v);
-                    fixed_dirty = true;
-                }
-            }
-        }
-        for (i, &f) in rule.split_on_change.iter().enumerate() {
-            if let Some(h) = value_hash(&self.hasher, ev.get(f)) {
-                payload::set_split_hash(&mut self.pay, base, l, i, h);
-                fixed_dirty = true;
-            }
-        }
+        let mut last = rules::LastField::NONE;
+        let fixed_dirty = in_block::fixed_part(
+            &mut self.pay,
+            rules,
+            rule,
+            ev,
+            &mut last,
+            base,
+            &self.hasher,
+        );
         let metadata = old.flags & FLAG_META_DONE == 0 && !rule.metadata.is_empty();
         // State is the last value seen: in event time, that of the latest event.
         let state = !rule.state.is_empty() && (t >= old.last_ts || old.count == 0);
