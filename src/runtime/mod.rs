@@ -91,7 +91,8 @@ impl std::error::Error for RunError {}
 /// runnable, e.g. connections with data waiting), it sleeps in `io_uring_enter` for ever. Seen
 /// here under load (a shard asleep with full socket buffers); fixed upstream in glommio/glommio
 /// PR #53 ("do not park the executor while a task queue is still runnable"). Any foreign wake
-/// gets it going again, so the ticker bumps `ticks` every millisecond and the kicker wakes the
+/// gets it going again, so the ticker bumps `ticks` every millisecond (and so does each round
+/// of input processed, [`shard::Ctx::beat`]) and the kicker wakes the
 /// ticker's task from outside when a shard's `ticks` stood still for `KICK_AFTER` while its
 /// thread sleeps (a shard that is merely busy, or waiting for a CPU, is runnable, not sleeping,
 /// and is left alone). Healthy shards cost the kicker one atomic load per check.
@@ -107,6 +108,15 @@ pub struct Beat {
     tid: std::sync::atomic::AtomicI32,
     /// The ticker task's waker; taken back (and dropped) on the shard's own thread at exit.
     waker: Mutex<Option<Waker>>,
+}
+
+impl Beat {
+    /// Only the shard's own thread writes `ticks`: a load and a store, no locked add.
+    #[inline]
+    fn beat(&self) {
+        let t = self.ticks.load(Ordering::Relaxed);
+        self.ticks.store(t.wrapping_add(1), Ordering::Relaxed);
+    }
 }
 
 fn spawn_kicker(beats: Arc<[Beat]>, done: Arc<AtomicBool>) -> std::io::Result<()> {
@@ -615,7 +625,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
         tcp_idle_timeout: cfg.limits.tcp_idle_timeout.0,
         tcp_connections_per_shard: (cfg.limits.tcp_connections_max / shards).max(1),
     };
-    let ctx = Rc::new(Ctx::new(st, limits, tx));
+    let ctx = Rc::new(Ctx::new(st, limits, tx, a.beats.clone()));
 
     let mut receivers = Vec::new();
     for ((from, r), ret) in rx.into_iter().enumerate().zip(a.ret_tx) {
@@ -668,7 +678,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
     beat.ticking.store(true, Ordering::Relaxed);
     while !a.stop.load(Ordering::Acquire) {
         glommio::timer::sleep(TICK).await;
-        beat.ticks.fetch_add(1, Ordering::Relaxed);
+        beat.beat();
         a.ops.beats.beat(id as usize);
         let now = now_ms();
         let mut st = ctx.st.borrow_mut();
@@ -844,6 +854,7 @@ async fn handoff_receiver(
             st.process_handoff(&b, from, now_ms());
             st.deliver_and_flush()
         };
+        ctx.beat();
         if !ok {
             ctx.blocked.set(true);
         }

@@ -555,10 +555,17 @@ pub struct Ctx {
     pub blocked: Cell<bool>,
     /// Live ingest tasks (listeners and connections); shutdown waits for zero.
     pub ingest_tasks: Cell<u32>,
+    /// Every shard's heartbeat; this one's is `beats[id]` (see [`super::Beat`]).
+    beats: Arc<[super::Beat]>,
 }
 
 impl Ctx {
-    pub fn new(st: Shard, limits: IngestLimits, tx: Vec<Option<ConnectedSender<Batch>>>) -> Ctx {
+    pub fn new(
+        st: Shard,
+        limits: IngestLimits,
+        tx: Vec<Option<ConnectedSender<Batch>>>,
+        beats: Arc<[super::Beat]>,
+    ) -> Ctx {
         let (id, shards) = (st.id, st.shards);
         let tx_lock = (0..tx.len()).map(|_| Semaphore::new(1)).collect();
         Ctx {
@@ -572,7 +579,17 @@ impl Ctx {
             stopping: Arc::new(AtomicBool::new(false)),
             blocked: Cell::new(false),
             ingest_tasks: Cell::new(0),
+            beats,
         }
+    }
+
+    /// Tells the kicker that this executor runs. Under load the ticker's timer waits for the
+    /// preemption tick (up to `PREEMPT`), longer than the kicker's `KICK_AFTER`; without this
+    /// the kicker would read a busy shard's scheduler state from `/proc` every check, on the
+    /// shard's CPU.
+    #[inline]
+    pub fn beat(&self) {
+        self.beats[self.id as usize].beat();
     }
 
     /// Ask every ingest task to finish.
@@ -677,6 +694,7 @@ pub async fn run_lines(
             .st
             .borrow_mut()
             .process_lines(&data[pos..], t, now_ms, cursor.as_deref_mut());
+        ctx.beat();
         pos += p.consumed;
         total.handed_off += p.handed_off;
         total.lines += p.lines;
