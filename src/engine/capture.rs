@@ -50,8 +50,8 @@ pub(crate) struct CapRecord {
 #[derive(Debug, Default)]
 pub(crate) struct WheelCut {
     pub cursor_s: i64,
-    /// First slot of each bucket.
-    pub buckets: Vec<u32>,
+    /// First slot of each list (`Wheel::lists`).
+    pub lists: Vec<u32>,
     pub max_ts: i64,
     pub wall_last: i64,
 }
@@ -78,7 +78,7 @@ impl CaptureBuffers {
             + self
                 .wheels
                 .iter()
-                .map(|w| 4 * w.buckets.capacity())
+                .map(|w| 4 * w.lists.capacity())
                 .sum::<usize>()) as u64
     }
 }
@@ -238,8 +238,8 @@ fn cut_globals(st: &State, rules: &Rules, bufs: &mut CaptureBuffers) -> CutGloba
     bufs.wheels.resize_with(top, WheelCut::default);
     for (p, w) in bufs.wheels.iter_mut().enumerate() {
         w.cursor_s = st.wheels[p].cursor_s();
-        w.buckets.clear();
-        w.buckets.extend_from_slice(st.wheels[p].buckets());
+        w.lists.clear();
+        w.lists.extend_from_slice(st.wheels[p].lists());
         w.max_ts = st.clocks[p].max_ts;
         w.wall_last = st.clocks[p].wall_last;
     }
@@ -427,7 +427,7 @@ impl State {
     pub(super) fn cow_link(&mut self, w: usize, s: u32, due_s: i64) {
         if self.table.cut_active() {
             self.cow_cold(s);
-            let first = self.wheels[w].first_at(due_s);
+            let first = self.wheels[w].first_at(self.table.heads(), s, due_s);
             self.cow_cold(first);
         }
     }
@@ -453,12 +453,14 @@ impl State {
         let slots_max = self.wheels[w].slots_max();
         for k in 0..n {
             let b = (first + k) % slots_max;
-            let mut s = self.wheels[w].buckets()[b as usize];
-            while s != NIL {
-                // Capturing reads heads, never changes them: the link stays valid.
-                let next = self.table.heads()[s as usize].wheel_next;
-                self.cow_cold(s);
-                s = next;
+            for lane in 0..super::wheel::LANES {
+                let mut s = self.wheels[w].bucket_lists(b)[lane as usize];
+                while s != NIL {
+                    // Capturing reads heads, never changes them: the link stays valid.
+                    let next = self.table.heads()[s as usize].wheel_next;
+                    self.cow_cold(s);
+                    s = next;
+                }
             }
         }
     }

@@ -183,6 +183,9 @@ const LOOKAHEAD_PAYLOAD: usize = 4;
 /// is about to end.
 const EXPIRE_AHEAD_HEAD: usize = 8;
 const EXPIRE_AHEAD_PAYLOAD: usize = 4;
+/// Sessions an expiry pass detaches from its wheel at a time: few enough that their heads,
+/// read by the drain, are still in the cache when the pass ends or re-links them.
+const EXPIRE_CHUNK: usize = 256;
 /// Lookahead state per event in flight; a power of two above the longest distance.
 const LOOKAHEAD_RING: usize = 16;
 const _: () = assert!(LOOKAHEAD_INDEX < LOOKAHEAD_RING && LOOKAHEAD_RING.is_power_of_two());
@@ -424,6 +427,8 @@ impl Engine {
                 wall_last: NONE_TS,
             });
         }
+        // Shorter timeouts move deadlines without a link.
+        st.wheels.iter_mut().for_each(Wheel::forget_no_due);
         st.layouts = rules.profiles.iter().map(|p| p.layout).collect();
         st.sub_of.clear();
         st.sub_of
@@ -472,7 +477,8 @@ impl Engine {
         let rules = &*self.rules;
         let mut left = false;
         for p in 0..rules.profiles.len() {
-            left |= self.st.expire(rules, p, clock, out, bounded);
+            let stop = if bounded { Stop::HalfFull } else { Stop::Never };
+            left |= self.st.expire(rules, p, clock, out, stop);
         }
         self.st.stats.blocks_used =
             u64::from(self.st.arena.blocks_total() - self.st.arena.blocks_free());
@@ -1678,24 +1684,61 @@ impl State {
         self.release(p, s);
     }
 
-    /// End a session whose time has come but that no expiry pass has ended yet (a bounded pass
-    /// leaves some for the next one), found at the front of a wheel, with its own reason: when
-    /// the table or arena is full it makes room before anything is evicted or refused.
+    /// Make room, before anything is evicted or refused, by ending one session that is due at
+    /// the clock, if any is: first by the expiry pass due now, stopped at its first end, then in
+    /// the cursor's second, the one place such a pass leaves a
+    /// due session (each is linked at or before the second its deadline falls due). So room is
+    /// made exactly when some session is due, whatever the order within a wheel's seconds and
+    /// however far earlier bounded passes got.
     fn end_one_due(&mut self, rules: &Rules, clock: Clock, out: &mut Out) -> bool {
+        let live = self.table.live();
         for q in 0..self.wheels.len() {
-            let Some(v) = self.wheels[q].earliest(self.table.heads()) else {
-                continue;
-            };
+            self.expire(rules, q, clock, out, Stop::FirstEnd);
+            if self.table.live() < live {
+                return true;
+            }
+        }
+        for q in 0..self.wheels.len() {
             let rule = &rules.profiles[q];
             let now = self.profile_clock(rule, q, clock);
-            if now == NONE_TS || now <= self.deadline(rules, v) {
+            if now == NONE_TS {
                 continue;
             }
-            let reason = self.timed_reason(rule, v, now);
-            self.end_session(rules, v, reason, now, out);
-            return true;
+            if let Some(s) = self.due_at_cursor(rules, q, now) {
+                let reason = self.timed_reason(rule, s, now);
+                self.end_session(rules, s, reason, now, out);
+                return true;
+            }
         }
         false
+    }
+
+    /// A session of wheel `q` in the cursor's second that is due at `now`. Finding none, the
+    /// wheel notes when the first of them falls due, so that a full table refusing event after
+    /// event does not walk that second again until then or until something is linked.
+    fn due_at_cursor(&mut self, rules: &Rules, q: usize, now: i64) -> Option<u32> {
+        if self.wheels[q]
+            .no_due_until()
+            .is_some_and(|until_ms| now <= until_ms)
+        {
+            return None;
+        }
+        let mut firsts = [NIL; wheel::LANES as usize];
+        firsts.copy_from_slice(self.wheels[q].cursor_lists());
+        let mut first_due = i64::MAX;
+        for first in firsts {
+            let mut s = first;
+            while s != NIL {
+                let deadline = self.deadline(rules, s);
+                if now > deadline {
+                    return Some(s);
+                }
+                first_due = first_due.min(deadline);
+                s = Wheel::next_linked(self.table.heads(), s);
+            }
+        }
+        self.wheels[q].note_no_due_until(first_due);
+        None
     }
 
     /// Evict the session of profile `p` (or any profile) closest to its deadline.
@@ -1731,15 +1774,8 @@ impl State {
     }
 
     /// Drain profile `p`'s wheel up to its clock: end what is due, re-link what is not.
-    /// Returns whether `bounded` stopped it with due sessions left (see `advance_bounded`).
-    fn expire(
-        &mut self,
-        rules: &Rules,
-        p: usize,
-        clock: Clock,
-        out: &mut Out,
-        bounded: bool,
-    ) -> bool {
+    /// Returns whether `stop` stopped it with due sessions left (see `advance_bounded`).
+    fn expire(&mut self, rules: &Rules, p: usize, clock: Clock, out: &mut Out, stop: Stop) -> bool {
         let rule = &rules.profiles[p];
         let now = self.profile_clock(rule, p, clock);
         if now == NONE_TS {
@@ -1747,55 +1783,94 @@ impl State {
         }
         let until_s = now.div_euclid(1000);
         self.cow_drain(p, until_s);
-        self.expired.clear();
-        self.wheels[p].drain_until_into(self.table.heads_mut(), until_s, &mut self.expired);
         let mut ended = false;
-        for i in 0..self.expired.len() {
-            // A pass can hold every session of a second, far more than the caches: request
-            // the heads and then the payloads of the entries ahead, so that their misses
-            // overlap instead of stalling one after another.
-            if let Some(&ahead) = self.expired.get(i + EXPIRE_AHEAD_HEAD) {
-                self.table.prefetch(ahead);
-            }
-            if let Some(&ahead) = self.expired.get(i + EXPIRE_AHEAD_PAYLOAD) {
-                if self.table.is_live(ahead) {
-                    self.arena.prefetch(self.table.get(ahead).data);
+        // Looking for one session to end, take one at a time: nothing is left to put back.
+        let chunk = if stop == Stop::FirstEnd {
+            1
+        } else {
+            EXPIRE_CHUNK
+        };
+        loop {
+            self.expired.clear();
+            let complete = self.wheels[p].drain_some_into(
+                self.table.heads_mut(),
+                until_s,
+                chunk,
+                &mut self.expired,
+            );
+            for i in 0..self.expired.len() {
+                // The drain read the heads; a chunk as large as a whole wheel can outgrow the
+                // caches, and the payloads are still to be read: request both ahead, so that
+                // their misses overlap instead of stalling one after another.
+                if let Some(&ahead) = self.expired.get(i + EXPIRE_AHEAD_HEAD) {
+                    self.table.prefetch(ahead);
+                }
+                if let Some(&ahead) = self.expired.get(i + EXPIRE_AHEAD_PAYLOAD) {
+                    if self.table.is_live(ahead) {
+                        self.arena.prefetch(self.table.get(ahead).data);
+                    }
+                }
+                let s = self.expired[i];
+                // Ending a parent ends its sub-sessions, which may be later in this list.
+                if !self.table.is_live(s) || self.wheels[p].is_linked(self.table.heads(), s) {
+                    continue;
+                }
+                let stops = match stop {
+                    Stop::Never => false,
+                    Stop::HalfFull => out.half_full(),
+                    Stop::FirstEnd => true,
+                };
+                if ended && stops {
+                    self.requeue_expired(rules, p, i, now, until_s, complete);
+                    return true;
+                }
+                let deadline = self.deadline(rules, s);
+                if now > deadline {
+                    ended = true;
+                    let reason = self.timed_reason(rule, s, now);
+                    self.end_session(rules, s, reason, now, out);
+                } else {
+                    // Its second is after `until_s`: the drain does not meet it again.
+                    self.cow_link(p, s, due_s(deadline));
+                    self.wheels[p].link(self.table.heads_mut(), s, due_s(deadline));
                 }
             }
-            let s = self.expired[i];
-            // Ending a parent ends its sub-sessions, which may be later in this list.
-            if !self.table.is_live(s) || self.wheels[p].is_linked(self.table.heads(), s) {
-                continue;
+            if ended && stop == Stop::FirstEnd {
+                // Nothing drained is left over (one at a time), unless a range covering the
+                // whole wheel was taken at once: then the loop above put the rest back.
+                return !complete;
             }
-            if bounded && ended && out.half_full() {
-                self.requeue_expired(rules, p, i, now, until_s);
-                return true;
-            }
-            let deadline = self.deadline(rules, s);
-            if now > deadline {
-                ended = true;
-                let reason = self.timed_reason(rule, s, now);
-                self.end_session(rules, s, reason, now, out);
-            } else {
-                self.cow_link(p, s, due_s(deadline));
-                self.wheels[p].link(self.table.heads_mut(), s, due_s(deadline));
+            if complete {
+                return false;
             }
         }
-        false
     }
 
     /// Put the drained sessions from `expired[from..]` that are still live and detached back:
-    /// the due ones at second `until_s`, the one just drained, with the wheel's cursor moved back
-    /// to it so that the next drain takes them first; the others (drained early) at their own
-    /// second, as the pass would have.
-    fn requeue_expired(&mut self, rules: &Rules, p: usize, from: usize, now: i64, until_s: i64) {
-        self.wheels[p].rewind(until_s);
+    /// the due ones where the next drain starts (at `until_s`, the cursor moved back to it,
+    /// after a `complete` drain; else at the cursor's second, whose bucket keeps the rest), the
+    /// others (drained early) at their own second, as the pass would have.
+    fn requeue_expired(
+        &mut self,
+        rules: &Rules,
+        p: usize,
+        from: usize,
+        now: i64,
+        until_s: i64,
+        complete: bool,
+    ) {
+        let next_s = if complete {
+            self.wheels[p].rewind(until_s);
+            until_s
+        } else {
+            self.wheels[p].cursor_s()
+        };
         for i in from..self.expired.len() {
             let s = self.expired[i];
             if self.table.is_live(s) && !self.wheels[p].is_linked(self.table.heads(), s) {
                 let deadline = self.deadline(rules, s);
                 let due = if now > deadline {
-                    until_s
+                    next_s
                 } else {
                     due_s(deadline)
                 };
@@ -1804,6 +1879,17 @@ impl State {
             }
         }
     }
+}
+
+/// When an expiry pass stops before everything due is ended (having ended at least one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Never,
+    /// Once the output is half full (`Engine::advance_bounded`).
+    HalfFull,
+    /// After one session (`end_one_due`): whatever the output holds, so that an event's
+    /// records do not depend on how much of the output its caller delivered before.
+    FirstEnd,
 }
 
 /// The wheel second at which a deadline has certainly passed (fires when clock >= due * 1000).

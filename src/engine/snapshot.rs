@@ -6,7 +6,8 @@
 //! the runtime runs it off the shard's executor. Records are listed in slot order, each top-level
 //! session followed by its sub-sessions in the order of its sub-session slots, so a
 //! sub-session's `parent` is the index of the nearest preceding top-level record; the wheel
-//! buckets are rebuilt from the bucket heads at the cut and the captured heads' links. The
+//! buckets are rebuilt from the list heads at the cut and the captured heads' links (a bucket's
+//! lanes back to back, which a restore's links put back into the same lanes). The
 //! archive is the same, byte for byte, whether the capture was sliced between events or taken
 //! in one call ([`Engine::write_snapshot`]).
 //!
@@ -23,12 +24,13 @@ use rkyv::{Archive, Place, Serialize};
 pub use super::capture::{CaptureBuffers, Captured};
 use super::rules::{ProfileRule, Rules};
 use super::table::{FLAGS_ENGINE, FLAG_WHEEL_LINKED, NIL};
+use super::wheel::LANES;
 use super::{Engine, FLAG_SUB, NONE_TS};
 
 /// Version of the body layout below; bumped on any change to the archived types.
 pub const BODY_FORMAT: u32 = 1;
 
-/// `wheel.rs` marks the first entry of a bucket by storing `BUCKET_BIT | bucket` in `wheel_prev`.
+/// `wheel.rs` marks the first entry of a list by storing `BUCKET_BIT | list` in `wheel_prev`.
 /// Private there; duplicated here and pinned by the test `bucket_bit_matches_the_wheel`.
 const WHEEL_BUCKET_BIT: u32 = 1 << 31;
 
@@ -492,39 +494,42 @@ impl Captured {
             })
             .collect();
         // Each wheel's buckets by their first slot (the order a sweep of the table meets them),
-        // each walked through the captured heads' links, which are as at the cut.
+        // each walked lane by lane through the captured heads' links, which are as at the cut.
         let mut firsts: Vec<(u32, u32)> = Vec::new();
         for (image, w) in profiles.iter_mut().zip(&self.bufs.wheels) {
             image.max_ts = w.max_ts;
             image.wall_last = w.wall_last;
             image.wheel_cursor_s = w.cursor_s;
             firsts.clear();
-            firsts.extend(
-                w.buckets
-                    .iter()
-                    .enumerate()
-                    .filter(|&(_, &s)| s != NIL)
-                    .map(|(b, &s)| (s, b as u32)),
-            );
+            firsts.extend(w.lists.chunks_exact(LANES as usize).enumerate().filter_map(
+                |(b, lanes)| {
+                    let first = lanes.iter().copied().find(|&s| s != NIL)?;
+                    Some((first, b as u32))
+                },
+            ));
             firsts.sort_unstable();
-            for &(first, bucket) in &firsts {
+            for &(_, bucket) in &firsts {
                 let start = image.wheel_slots.len();
-                let mut s = first;
-                while s != NIL {
-                    if image.wheel_slots.len() % PACE_RECORDS == PACE_RECORDS - 1 {
-                        pace();
+                let lanes = &w.lists[(bucket * LANES) as usize..][..LANES as usize];
+                for (lane, &first) in lanes.iter().enumerate() {
+                    let list = bucket * LANES + lane as u32;
+                    let mut s = first;
+                    while s != NIL {
+                        if image.wheel_slots.len() % PACE_RECORDS == PACE_RECORDS - 1 {
+                            pace();
+                        }
+                        let r = rec_of.get(s as usize).copied().unwrap_or(NIL);
+                        assert!(r != NIL, "wheel entry {s} was not captured");
+                        let h = &recs[r as usize].head;
+                        assert!(
+                            h.flags & FLAG_WHEEL_LINKED != 0
+                                && (s != first || h.wheel_prev == WHEEL_BUCKET_BIT | list),
+                            "wheel entry {s} is not linked where its list says"
+                        );
+                        assert!(image.wheel_slots.len() < recs.len(), "a wheel list loops");
+                        image.wheel_slots.push(s);
+                        s = h.wheel_next;
                     }
-                    let r = rec_of.get(s as usize).copied().unwrap_or(NIL);
-                    assert!(r != NIL, "wheel entry {s} was not captured");
-                    let h = &recs[r as usize].head;
-                    assert!(
-                        h.flags & FLAG_WHEEL_LINKED != 0
-                            && (s != first || h.wheel_prev == WHEEL_BUCKET_BIT | bucket),
-                        "wheel entry {s} is not linked where its bucket says"
-                    );
-                    assert!(image.wheel_slots.len() < recs.len(), "a wheel list loops");
-                    image.wheel_slots.push(s);
-                    s = h.wheel_next;
                 }
                 image.wheel_spans.push(WheelSpan {
                     bucket,
@@ -577,7 +582,7 @@ impl Captured {
                 .bufs
                 .wheels
                 .iter()
-                .map(|w| w.buckets.len())
+                .map(|w| w.lists.len() / LANES as usize)
                 .sum::<usize>()
             + (1 << 16)
     }
@@ -692,11 +697,16 @@ mod tests {
     fn bucket_bit_matches_the_wheel() {
         let mut heads = vec![Head::FRESH; 4];
         let mut wheel = Wheel::new(8, 0);
-        wheel.link(&mut heads, 2, 5);
-        wheel.link(&mut heads, 3, 5);
-        assert_eq!(heads[3].wheel_prev, WHEEL_BUCKET_BIT | 5);
-        assert_eq!(heads[2].wheel_prev, 3);
-        assert_eq!(heads[3].flags & FLAG_WHEEL_LINKED, FLAG_WHEEL_LINKED);
+        let (a, b) = (2, 3); // ids 0: the same lane
+        wheel.link(&mut heads, a, 5);
+        wheel.link(&mut heads, b, 5);
+        let list = 5 * LANES + super::super::wheel::lane_of(0);
+        assert_eq!(heads[b as usize].wheel_prev, WHEEL_BUCKET_BIT | list);
+        assert_eq!(heads[a as usize].wheel_prev, b);
+        assert_eq!(
+            heads[b as usize].flags & FLAG_WHEEL_LINKED,
+            FLAG_WHEEL_LINKED
+        );
     }
 
     /// The byte offsets `docs/storage-format.md` documents.

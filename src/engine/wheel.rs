@@ -1,14 +1,24 @@
 //! A per-second expiry wheel for one profile clock: which sessions fall due in which second.
 //!
 //! `slots_max` one-second buckets cover the window `[cursor_s, cursor_s + slots_max - 1]`; second
-//! `s` lives in bucket `s mod slots_max`. Each bucket is an intrusive doubly-linked list threaded
-//! through the table's [`Head::wheel_prev`]/[`Head::wheel_next`], so the wheel itself is only one
-//! `u32` per second and linking, unlinking and relinking are O(1) with no allocation.
+//! `s` lives in bucket `s mod slots_max`. Each bucket is [`LANES`] intrusive doubly-linked lists
+//! threaded through the table's [`Head::wheel_prev`]/[`Head::wheel_next`], a session going to the
+//! lane its id hashes to ([`lane_of`]); so the wheel itself is `LANES` `u32`s per second and
+//! linking, unlinking and relinking are O(1) with no allocation.
 //!
-//! The first entry of a bucket stores `BUCKET_BIT | bucket` in `wheel_prev` instead of a slot (as
-//! in the kernel's hlist, the back link of the first node names the list head), so an entry can be
-//! unlinked knowing only its slot. That needs slots below 2^31, which the table guarantees for
-//! any configured size (`max_sessions <= 2^30`) and `link` asserts.
+//! Why lanes: walking one list is a chain of dependent cache misses, one per session (the table
+//! is far larger than the caches). A drain walks a bucket's lists side by side, so that up to
+//! `LANES` of those misses are in flight at once. The order within a second is therefore the
+//! lanes' entries taken in turn. The lane comes from the session id, not the slot: which slot a
+//! session gets depends on when earlier sessions ended (a bounded expiry pass ends them later
+//! than a full one), its id does not, so the order within a second, and with it the session
+//! [`Wheel::earliest`] picks, is the same however the expiry passes were cut.
+//!
+//! The first entry of a list stores `BUCKET_BIT | list` in `wheel_prev` instead of a slot (as in
+//! the kernel's hlist, the back link of the first node names the list head), where `list` is
+//! `bucket * LANES + lane`, so an entry can be unlinked knowing only its slot. That needs slots
+//! below 2^31, which the table guarantees for any configured size (`max_sessions <= 2^30`) and
+//! `link` asserts, and lists below 2^31 (`slots_max * LANES`, which `new` asserts).
 //!
 //! Deadlines outside the window are clamped into it: one already past fires at the next drain, one
 //! beyond the horizon sits in the last second of the window and the engine re-links it when it
@@ -17,36 +27,58 @@
 //! Invariants:
 //! - A slot is linked in at most one wheel, iff its [`FLAG_WHEEL_LINKED`] bit is set; `len` counts
 //!   the slots linked in this wheel.
-//! - Every linked slot is in the bucket of a second within the window.
+//! - Every linked slot is in the list of its lane in the bucket of a second within the window.
 //! - Unlinked and drained slots have their linked bit clear; their links mean nothing.
 
 use super::table::{Head, FLAG_FREE, FLAG_WHEEL_LINKED, NIL};
 
-/// Marks a `wheel_prev` that names a bucket rather than a slot.
+/// Marks a `wheel_prev` that names a list rather than a slot.
 const BUCKET_BIT: u32 = 1 << 31;
+
+/// Lists per bucket (a power of two): the misses a drain overlaps.
+pub const LANES: u32 = 8;
+const _: () = assert!(LANES.is_power_of_two());
+
+/// The lane of the session with id `id` within any bucket: the top bits of a multiplicative
+/// hash, since an id's low bits may not vary (a quiet live shard's sequence follows the clock in
+/// steps of eight).
+#[inline(always)]
+pub fn lane_of(id: u64) -> u32 {
+    (id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - LANES.trailing_zeros())) as u32
+}
 
 #[derive(Clone)]
 pub struct Wheel {
-    /// First slot linked in each bucket, `NIL` if none.
-    buckets: Box<[u32]>,
+    /// First slot linked in each list (`bucket * LANES + lane`), `NIL` if none.
+    lists: Box<[u32]>,
+    slots_max: u32,
     /// The next second not yet drained: the start of the window.
     cursor_s: i64,
     len: u32,
+    /// Links made so far: a caller that looked at the wheel can tell whether anything was
+    /// linked since.
+    links: u64,
+    /// The engine's finding that nothing in the cursor's second is due before a time, valid
+    /// while the cursor and `links` are as they were then: `(cursor_s, links, until_ms)`.
+    no_due: Option<(i64, u64, i64)>,
 }
 
 impl Wheel {
     pub fn new(slots_max: u32, start_s: i64) -> Wheel {
         assert!(slots_max > 0);
-        assert!(slots_max < BUCKET_BIT);
+        assert!(slots_max < BUCKET_BIT / LANES);
         // Keeps `cursor_s + slots_max` and `until_s + 1` from overflowing.
         assert!(
             start_s > i64::MIN / 2 && start_s < i64::MAX / 2,
             "start_s {start_s}"
         );
         Wheel {
-            buckets: vec![NIL; slots_max as usize].into_boxed_slice(),
+            lists: vec![NIL; (slots_max * LANES) as usize].into_boxed_slice(),
+            slots_max,
             cursor_s: start_s,
             len: 0,
+            links: 0,
+            no_due: None,
         }
     }
 
@@ -63,7 +95,7 @@ impl Wheel {
     }
 
     pub fn slots_max(&self) -> u32 {
-        self.buckets.len() as u32
+        self.slots_max
     }
 
     /// Link `slot` to fire at second `due_s`. A due second before the cursor fires at the next
@@ -74,8 +106,8 @@ impl Wheel {
             slot < BUCKET_BIT,
             "slot {slot} too large for the wheel's back links"
         );
-        let bucket = self.bucket_of(due_s);
-        let first = self.buckets[bucket as usize];
+        let list = self.list_of(due_s, &heads[slot as usize]);
+        let first = self.lists[list as usize];
         let head = &mut heads[slot as usize];
         debug_assert!(head.flags & FLAG_FREE == 0, "link of free slot {slot}");
         assert!(
@@ -83,14 +115,43 @@ impl Wheel {
             "slot {slot} linked twice"
         );
         head.flags |= FLAG_WHEEL_LINKED;
-        head.wheel_prev = BUCKET_BIT | bucket;
+        head.wheel_prev = BUCKET_BIT | list;
         head.wheel_next = first;
         if first != NIL {
-            debug_assert_eq!(heads[first as usize].wheel_prev, BUCKET_BIT | bucket);
+            debug_assert_eq!(heads[first as usize].wheel_prev, BUCKET_BIT | list);
             heads[first as usize].wheel_prev = slot;
         }
-        self.buckets[bucket as usize] = slot;
+        self.lists[list as usize] = slot;
         self.len += 1;
+        self.links += 1;
+    }
+
+    /// Links made since the wheel was built (see the field).
+    pub fn links(&self) -> u64 {
+        self.links
+    }
+
+    /// Record that no session in the cursor's second is due before `until_ms` (the engine
+    /// judges deadlines; the wheel only forgets the note once it moves or links anything).
+    pub fn note_no_due_until(&mut self, until_ms: i64) {
+        self.no_due = Some((self.cursor_s, self.links, until_ms));
+    }
+
+    /// The note of [`Wheel::note_no_due_until`], if still valid.
+    pub fn no_due_until(&self) -> Option<i64> {
+        match self.no_due {
+            Some((cursor_s, links, until_ms))
+                if cursor_s == self.cursor_s && links == self.links =>
+            {
+                Some(until_ms)
+            }
+            _ => None,
+        }
+    }
+
+    /// Drop the note (deadlines may have moved without a link: new rules).
+    pub fn forget_no_due(&mut self) {
+        self.no_due = None;
     }
 
     /// Asserts the slot is linked (in this wheel, as far as a debug build can tell).
@@ -106,12 +167,13 @@ impl Wheel {
         head.wheel_prev = NIL;
         head.wheel_next = NIL;
         if prev & BUCKET_BIT != 0 {
-            let bucket = prev & !BUCKET_BIT;
+            let list = prev & !BUCKET_BIT;
             assert_eq!(
-                self.buckets[bucket as usize], slot,
+                self.lists.get(list as usize).copied(),
+                Some(slot),
                 "slot {slot} unlinked from a wheel it is not in"
             );
-            self.buckets[bucket as usize] = next;
+            self.lists[list as usize] = next;
         } else {
             debug_assert_eq!(heads[prev as usize].wheel_next, slot);
             heads[prev as usize].wheel_next = next;
@@ -125,8 +187,9 @@ impl Wheel {
     }
 
     /// Moves `slot` to the bucket of `due_s` (clamped as in `link`), or links it if it is not
-    /// linked. O(1). A no-op when the slot is the first of that bucket already; a slot deeper in
-    /// that bucket moves to its front, which changes nothing but the order within the second.
+    /// linked. O(1). A no-op when the slot is the first of its list in that bucket already; a
+    /// slot deeper in that list moves to its front, which changes nothing but the order within
+    /// the second.
     ///
     /// The wheel cannot tell in O(1) which bucket a slot deeper in a list is in, and moving it
     /// touches the heads of its two neighbours: a caller that knows the previous due second
@@ -134,8 +197,9 @@ impl Wheel {
     pub fn relink(&mut self, heads: &mut [Head], slot: u32, due_s: i64) {
         let head = &heads[slot as usize];
         if head.flags & FLAG_WHEEL_LINKED != 0 {
-            if head.wheel_prev == BUCKET_BIT | self.bucket_of(due_s) {
-                debug_assert_eq!(self.buckets[self.bucket_of(due_s) as usize], slot);
+            let list = self.list_of(due_s, head);
+            if head.wheel_prev == BUCKET_BIT | list {
+                debug_assert_eq!(self.lists[list as usize], slot);
                 return;
             }
             self.unlink(heads, slot);
@@ -161,67 +225,125 @@ impl Wheel {
     }
 
     /// Detach and return every session linked in seconds [cursor, until_s], as a list threaded
-    /// through `wheel_next` (walk it with [`Wheel::next_detached`]), earliest second first;
-    /// advances the cursor to until_s + 1. The detached entries are no longer linked. Returns
-    /// [`NIL`] (and leaves the cursor) when until_s is before the cursor. Touches at most
-    /// `slots_max` buckets, however far until_s jumps.
+    /// through `wheel_next` (walk it with [`Wheel::next_detached`]), earliest second first (within
+    /// a second, the lanes' entries in turn); advances the cursor to until_s + 1. The detached
+    /// entries are no longer linked. Returns [`NIL`] (and leaves the cursor) when until_s is
+    /// before the cursor. Touches at most `slots_max` buckets, however far until_s jumps.
     ///
     /// The caller may link the detached entries again while walking, but linking overwrites
     /// `wheel_next`: read `next_detached` of an entry before re-linking it.
     pub fn drain_until(&mut self, heads: &mut [Head], until_s: i64) -> u32 {
-        self.drain(heads, until_s, |_| {})
+        self.drain(heads, until_s, usize::MAX, |_| {}).0
     }
 
-    /// [`Wheel::drain_until`] that also appends each detached entry to `into`, earliest second
-    /// first, in the same walk: the entries are scattered over the table, so walking the
-    /// detached list again would miss the cache on every entry a second time.
-    pub fn drain_until_into(&mut self, heads: &mut [Head], until_s: i64, into: &mut Vec<u32>) {
-        self.drain(heads, until_s, |slot| into.push(slot));
+    /// [`Wheel::drain_until`] that appends the detached entries to `into`, in the same order,
+    /// and stops after `max` of them: the caller handles a bounded number of sessions, whose
+    /// heads are still in the cache, instead of all of a second's. Returns whether it drained
+    /// everything up to `until_s` (the cursor is then `until_s + 1`); if not, the cursor is at
+    /// the second it stopped in, whose bucket keeps the rest. A range covering the whole wheel
+    /// is drained in one call whatever `max` is, so that each bucket is visited once.
+    pub fn drain_some_into(
+        &mut self,
+        heads: &mut [Head],
+        until_s: i64,
+        max: usize,
+        into: &mut Vec<u32>,
+    ) -> bool {
+        let whole = until_s.saturating_sub(self.cursor_s) >= i64::from(self.slots_max) - 1;
+        let max = if whole { usize::MAX } else { max };
+        self.drain(heads, until_s, max, |slot| into.push(slot)).1
     }
 
     #[inline(always)]
-    fn drain(&mut self, heads: &mut [Head], until_s: i64, mut visit: impl FnMut(u32)) -> u32 {
+    fn drain(
+        &mut self,
+        heads: &mut [Head],
+        until_s: i64,
+        max: usize,
+        mut visit: impl FnMut(u32),
+    ) -> (u32, bool) {
         assert!(until_s < i64::MAX / 2, "until_s {until_s}");
         if until_s < self.cursor_s {
-            return NIL;
+            return (NIL, true);
         }
-        let slots_max = self.slots_max();
+        let slots_max = self.slots_max;
         let seconds = (until_s - self.cursor_s).saturating_add(1);
         let buckets = seconds.min(i64::from(slots_max)) as u32;
         let mut bucket = self.bucket_of(self.cursor_s);
         let mut first = NIL;
         let mut tail = NIL;
-        let mut drained = 0u32;
-        for _ in 0..buckets {
-            let mut slot = self.buckets[bucket as usize];
-            self.buckets[bucket as usize] = NIL;
-            if slot != NIL {
-                if tail == NIL {
-                    first = slot;
-                } else {
-                    heads[tail as usize].wheel_next = slot;
-                }
-                while slot != NIL {
+        let mut drained = 0usize;
+        let mut stopped_at = None;
+        for k in 0..buckets {
+            let base = (bucket * LANES) as usize;
+            let mut cur = [NIL; LANES as usize];
+            cur.copy_from_slice(&self.lists[base..base + LANES as usize]);
+            let mut open = cur.iter().filter(|&&s| s != NIL).count();
+            // One entry of each open list a round: the loads of a round do not depend on one
+            // another, so their misses overlap.
+            'rounds: while open > 0 {
+                for c in &mut cur {
+                    let slot = *c;
+                    if slot == NIL {
+                        continue;
+                    }
+                    if drained == max {
+                        break 'rounds;
+                    }
                     let head = &mut heads[slot as usize];
                     debug_assert!(head.flags & FLAG_WHEEL_LINKED != 0);
+                    let next = head.wheel_next;
                     head.flags &= !FLAG_WHEEL_LINKED;
                     head.wheel_prev = NIL;
-                    drained += 1;
+                    // The detached list is threaded in visiting order; the tail's own next was
+                    // read when it was visited.
+                    if tail == NIL {
+                        first = slot;
+                    } else {
+                        heads[tail as usize].wheel_next = slot;
+                    }
                     tail = slot;
+                    drained += 1;
                     visit(slot);
-                    slot = head.wheel_next;
+                    *c = next;
+                    if next == NIL {
+                        open -= 1;
+                    }
                 }
+            }
+            // What is left of each list becomes the list.
+            for (lane, &rest) in cur.iter().enumerate() {
+                self.lists[base + lane] = rest;
+                if rest != NIL {
+                    heads[rest as usize].wheel_prev = BUCKET_BIT | (base + lane) as u32;
+                }
+            }
+            if open > 0 {
+                stopped_at = Some(k);
+                break;
             }
             bucket += 1;
             if bucket == slots_max {
                 bucket = 0;
             }
         }
+        if tail != NIL {
+            heads[tail as usize].wheel_next = NIL;
+        }
+        let drained = drained as u32;
         assert!(drained <= self.len);
         self.len -= drained;
-        debug_assert!(seconds < i64::from(slots_max) || self.len == 0);
-        self.cursor_s = until_s + 1;
-        first
+        match stopped_at {
+            Some(k) => {
+                self.cursor_s += i64::from(k);
+                (first, false)
+            }
+            None => {
+                debug_assert!(seconds < i64::from(slots_max) || self.len == 0);
+                self.cursor_s = until_s + 1;
+                (first, true)
+            }
+        }
     }
 
     /// The entry after `slot` on a list returned by [`Wheel::drain_until`], `NIL` at the end.
@@ -234,38 +356,56 @@ impl Wheel {
         head.wheel_next
     }
 
-    /// Slot of the linked session with the earliest due second (for on_full = evict_oldest):
+    /// Slot of a linked session with the earliest due second (for on_full = evict_oldest):
     /// scans buckets from the cursor, stops at the first non-empty one. O(slots_max) worst case.
     pub fn earliest(&self, heads: &[Head]) -> Option<u32> {
         if self.len == 0 {
             return None;
         }
-        let slots_max = self.slots_max();
         let mut bucket = self.bucket_of(self.cursor_s);
-        for _ in 0..slots_max {
-            let slot = self.buckets[bucket as usize];
-            if slot != NIL {
+        for _ in 0..self.slots_max {
+            if let Some(&slot) = self.bucket_lists(bucket).iter().find(|&&s| s != NIL) {
                 debug_assert!(heads[slot as usize].flags & FLAG_WHEEL_LINKED != 0);
                 return Some(slot);
             }
             bucket += 1;
-            if bucket == slots_max {
+            if bucket == self.slots_max {
                 bucket = 0;
             }
         }
         panic!("wheel of len {} has no linked slot", self.len);
     }
 
-    /// First slot of each bucket ([`NIL`]: empty), by bucket: with the slots' links, the whole
-    /// wheel (what a snapshot stores).
-    pub fn buckets(&self) -> &[u32] {
-        &self.buckets
+    /// First slot of each list ([`NIL`]: empty), list `bucket * LANES + lane`: with the slots'
+    /// links, the whole wheel (what a snapshot stores).
+    pub fn lists(&self) -> &[u32] {
+        &self.lists
     }
 
-    /// The slot a `link` at `due_s` would put `slot` in front of ([`NIL`] if none): the one entry
-    /// besides `slot` whose head that `link` changes.
-    pub fn first_at(&self, due_s: i64) -> u32 {
-        self.buckets[self.bucket_of(due_s) as usize]
+    /// First slot of each of `bucket`'s lists, by lane.
+    pub fn bucket_lists(&self, bucket: u32) -> &[u32] {
+        &self.lists[(bucket * LANES) as usize..][..LANES as usize]
+    }
+
+    /// First slot of each list of the cursor's second (the next to drain), by lane.
+    pub fn cursor_lists(&self) -> &[u32] {
+        self.bucket_lists(self.bucket_of(self.cursor_s))
+    }
+
+    /// The entry after `slot` in its list ([`NIL`] at the end). Asserts the slot is linked.
+    pub fn next_linked(heads: &[Head], slot: u32) -> u32 {
+        let head = &heads[slot as usize];
+        assert!(
+            head.flags & FLAG_WHEEL_LINKED != 0,
+            "slot {slot} is not linked"
+        );
+        head.wheel_next
+    }
+
+    /// The slot a `link` of `slot` at `due_s` would put `slot` in front of ([`NIL`] if none):
+    /// the one entry besides `slot` whose head that `link` changes.
+    pub fn first_at(&self, heads: &[Head], slot: u32, due_s: i64) -> u32 {
+        self.lists[self.list_of(due_s, &heads[slot as usize]) as usize]
     }
 
     /// The linked slots whose heads an `unlink` of `slot` changes besides its own: its previous
@@ -290,20 +430,26 @@ impl Wheel {
             return (0, 0);
         }
         let seconds = (until_s - self.cursor_s).saturating_add(1);
-        let n = seconds.min(i64::from(self.slots_max())) as u32;
+        let n = seconds.min(i64::from(self.slots_max)) as u32;
         (self.bucket_of(self.cursor_s), n)
     }
 
     pub fn bytes_reserved(&self) -> u64 {
-        self.buckets.len() as u64 * std::mem::size_of::<u32>() as u64
+        self.lists.len() as u64 * std::mem::size_of::<u32>() as u64
     }
 
     /// The bucket `due_s` lands in after clamping it into the window.
     #[inline]
     fn bucket_of(&self, due_s: i64) -> u32 {
-        let slots_max = i64::from(self.slots_max());
+        let slots_max = i64::from(self.slots_max);
         let due_s = due_s.clamp(self.cursor_s, self.cursor_s + slots_max - 1);
         due_s.rem_euclid(slots_max) as u32
+    }
+
+    /// The list the session with `head` goes to when linked at `due_s`.
+    #[inline]
+    fn list_of(&self, due_s: i64, head: &Head) -> u32 {
+        self.bucket_of(due_s) * LANES + lane_of(head.id)
     }
 }
 
@@ -313,16 +459,41 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
 
+    /// Heads with distinct ids (the lane comes from the id).
     fn heads(n: usize) -> Vec<Head> {
-        vec![Head::FRESH; n]
+        (0..n)
+            .map(|i| Head {
+                id: i as u64 + 1,
+                ..Head::FRESH
+            })
+            .collect()
     }
 
-    /// Drains by both `drain_until` (the list walked) and `drain_until_into`, on copies, and
-    /// checks they detach the same entries in the same order and leave the same state.
+    /// The slots among `heads` whose session is in `lane`.
+    fn in_lane(heads: &[Head], lane: u32) -> Vec<u32> {
+        (0..heads.len() as u32)
+            .filter(|&s| lane_of(heads[s as usize].id) == lane)
+            .collect()
+    }
+
+    #[test]
+    fn ids_spread_over_the_lanes() {
+        let mut per_lane = [0u32; LANES as usize];
+        // Sequences a quiet live shard hands out, in steps of eight.
+        for id in (1..=8 * 8_000u64).step_by(8) {
+            per_lane[lane_of(id) as usize] += 1;
+        }
+        for n in per_lane {
+            assert!((800..1_200).contains(&n), "{per_lane:?}");
+        }
+    }
+
+    /// Drains by both `drain_until` (the list walked) and `drain_some_into` without a limit, on
+    /// copies, and checks they detach the same entries in the same order and leave the same state.
     fn drain(wheel: &mut Wheel, heads: &mut [Head], until_s: i64) -> Vec<u32> {
         let (mut wheel_into, mut heads_into) = (wheel.clone(), heads.to_vec());
         let mut into = vec![7];
-        wheel_into.drain_until_into(&mut heads_into, until_s, &mut into);
+        assert!(wheel_into.drain_some_into(&mut heads_into, until_s, usize::MAX, &mut into));
         let mut out = Vec::new();
         let mut slot = wheel.drain_until(heads, until_s);
         while slot != NIL {
@@ -335,6 +506,30 @@ mod tests {
         assert_eq!(wheel_into.len(), wheel.len());
         assert_eq!(wheel_into.cursor_s(), wheel.cursor_s());
         out
+    }
+
+    #[test]
+    fn a_drain_in_steps_stops_inside_a_second_and_resumes_there() {
+        let mut heads = heads(8 * LANES as usize);
+        let mut wheel = Wheel::new(8, 0);
+        for slot in 0..20 {
+            wheel.link(&mut heads, slot, 1 + i64::from(slot % 2));
+        }
+        let mut got = Vec::new();
+        assert!(!wheel.drain_some_into(&mut heads, 3, 7, &mut got));
+        assert_eq!((got.len(), wheel.cursor_s(), wheel.len()), (7, 1, 13));
+        // The rest of second 1 is still linked, and unlinks from its new list front.
+        let front = *wheel.cursor_lists().iter().find(|&&s| s != NIL).unwrap();
+        wheel.unlink(&mut heads, front);
+        assert!(!wheel.drain_some_into(&mut heads, 3, 7, &mut got));
+        assert_eq!(
+            wheel.cursor_s(),
+            2,
+            "second 1 (10 entries, one unlinked) is done"
+        );
+        assert!(wheel.drain_some_into(&mut heads, 3, 7, &mut got));
+        assert_eq!((got.len(), wheel.cursor_s(), wheel.len()), (19, 4, 0));
+        assert!(got[..9].iter().all(|s| s % 2 == 0) && got[9..].iter().all(|s| s % 2 == 1));
     }
 
     #[test]
@@ -351,7 +546,9 @@ mod tests {
         assert_eq!(wheel.cursor_s(), 100);
         assert_eq!(drain(&mut wheel, &mut heads, 104), vec![1]);
         assert_eq!(wheel.cursor_s(), 105);
-        assert_eq!(drain(&mut wheel, &mut heads, 108), vec![3, 0]);
+        let mut second = drain(&mut wheel, &mut heads, 108);
+        second.sort_unstable();
+        assert_eq!(second, vec![0, 3]);
         assert!(!wheel.is_linked(&heads, 0));
         assert_eq!(wheel.earliest(&heads), Some(2));
         assert_eq!(drain(&mut wheel, &mut heads, 109), vec![2]);
@@ -381,18 +578,40 @@ mod tests {
     }
 
     #[test]
-    fn relink_to_the_same_bucket_front_is_a_no_op() {
-        let mut heads = heads(4);
+    fn relink_to_the_same_list_front_is_a_no_op() {
+        let mut heads = heads(8 * LANES as usize);
         let mut wheel = Wheel::new(8, 0);
-        wheel.link(&mut heads, 0, 3);
-        wheel.link(&mut heads, 1, 3);
+        let lane0 = in_lane(&heads, 0);
+        let (a, b, c) = (lane0[0], lane0[1], in_lane(&heads, 1)[0]);
+        wheel.link(&mut heads, a, 3);
+        wheel.link(&mut heads, b, 3);
         let before = heads.clone();
-        wheel.relink(&mut heads, 1, 3);
+        wheel.relink(&mut heads, b, 3);
         assert_eq!(heads, before);
-        wheel.relink(&mut heads, 0, 3); // deeper in the bucket: moves to the front
-        wheel.relink(&mut heads, 2, 4); // not linked: links
+        wheel.relink(&mut heads, a, 3); // deeper in the list: moves to the front
+        assert_ne!(heads, before);
+        wheel.relink(&mut heads, c, 4); // not linked: links
         assert_eq!(wheel.len(), 3);
-        assert_eq!(drain(&mut wheel, &mut heads, 4), vec![0, 1, 2]);
+        assert_eq!(drain(&mut wheel, &mut heads, 4), vec![a, b, c]);
+    }
+
+    /// Within a second the lanes give one entry each in turn, each lane newest first; the
+    /// next second follows.
+    #[test]
+    fn a_second_drains_its_lanes_in_turn() {
+        let mut heads = heads(8 * LANES as usize);
+        let mut wheel = Wheel::new(8, 0);
+        let (x, y, z) = (in_lane(&heads, 1), in_lane(&heads, 4), in_lane(&heads, 6));
+        for slot in [x[0], x[1], x[2], y[0], y[1]] {
+            wheel.link(&mut heads, slot, 2);
+        }
+        wheel.link(&mut heads, z[0], 3);
+        wheel.link(&mut heads, z[1], 2);
+        assert_eq!(
+            drain(&mut wheel, &mut heads, 3),
+            vec![x[2], y[1], z[1], x[1], y[0], x[0], z[0]]
+        );
+        assert!(wheel.is_empty());
     }
 
     #[test]
@@ -515,6 +734,62 @@ mod tests {
                 for slot in 0..SLOTS {
                     prop_assert_eq!(wheel.is_linked(&heads, slot), model.contains_key(&slot));
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Draining in steps of `max` detaches, over its calls, what one drain does, earliest
+        /// second first, with the cursor never past a second that still holds entries; what a
+        /// step leaves stays linked (its list fronts unlink), and a range covering the whole
+        /// wheel goes in one call.
+        #[test]
+        fn drains_in_steps_detach_what_one_drain_does(
+            slots_max in 2u32..10,
+            dues in prop::collection::vec(-2i64..14, 0..60),
+            until_s in -1i64..16,
+            max in 1usize..9,
+            unlink_bits in any::<u64>(),
+        ) {
+            let mut heads = heads(dues.len());
+            let mut whole = Wheel::new(slots_max, 0);
+            for (slot, &due_s) in dues.iter().enumerate() {
+                whole.link(&mut heads, slot as u32, due_s);
+            }
+            let (mut stepped, mut heads_stepped) = (whole.clone(), heads.clone());
+            let mut expected = Vec::new();
+            prop_assert!(whole.drain_some_into(&mut heads, until_s, usize::MAX, &mut expected));
+            let mut got = Vec::new();
+            let mut unlinked = Vec::new();
+            let mut calls = 0u32;
+            while !stepped.drain_some_into(&mut heads_stepped, until_s, max, &mut got) {
+                calls += 1;
+                prop_assert!(calls <= dues.len() as u32, "no progress");
+                prop_assert!(until_s - stepped.cursor_s() < i64::from(slots_max) - 1);
+                prop_assert!(stepped.cursor_s() <= until_s);
+                prop_assert!(stepped.cursor_lists().iter().any(|&s| s != NIL));
+                if unlink_bits & (1 << (calls % 64)) != 0 {
+                    let front = *stepped.cursor_lists().iter().find(|&&s| s != NIL).unwrap();
+                    stepped.unlink(&mut heads_stepped, front);
+                    unlinked.push(front);
+                }
+            }
+            prop_assert_eq!(stepped.cursor_s(), whole.cursor_s());
+            prop_assert_eq!(stepped.len(), whole.len());
+            let mut want: Vec<u32> = expected.iter().copied().filter(|s| !unlinked.contains(s)).collect();
+            let mut have = got.clone();
+            want.sort_unstable();
+            have.sort_unstable();
+            prop_assert_eq!(have, want);
+            // Earliest second first: the clamped second each slot was linked at.
+            let second = |slot: u32| dues[slot as usize].max(0);
+            prop_assert!(got.windows(2).all(|w| second(w[0]) <= second(w[1]) || second(w[0]) >= i64::from(slots_max)));
+            for slot in 0..dues.len() as u32 {
+                prop_assert_eq!(
+                    stepped.is_linked(&heads_stepped, slot),
+                    whole.is_linked(&heads, slot) && !unlinked.contains(&slot)
+                );
             }
         }
     }
