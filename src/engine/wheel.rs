@@ -278,6 +278,7 @@ impl Wheel {
             let base = (bucket * LANES) as usize;
             let mut cur = [NIL; LANES as usize];
             cur.copy_from_slice(&self.lists[base..base + LANES as usize]);
+            let firsts = cur;
             let mut open = cur.iter().filter(|&&s| s != NIL).count();
             // One entry of each open list a round: the loads of a round do not depend on one
             // another, so their misses overlap.
@@ -311,11 +312,13 @@ impl Wheel {
                     }
                 }
             }
-            // What is left of each list becomes the list.
-            for (lane, &rest) in cur.iter().enumerate() {
-                self.lists[base + lane] = rest;
-                if rest != NIL {
-                    heads[rest as usize].wheel_prev = BUCKET_BIT | (base + lane) as u32;
+            // What is left of each list becomes the list (a list not walked keeps its front).
+            for (lane, (&rest, &first)) in cur.iter().zip(&firsts).enumerate() {
+                if rest != first {
+                    self.lists[base + lane] = rest;
+                    if rest != NIL {
+                        heads[rest as usize].wheel_prev = BUCKET_BIT | (base + lane) as u32;
+                    }
                 }
             }
             if open > 0 {
