@@ -132,6 +132,8 @@ pub(crate) struct Capture {
     copied_on_write: u64,
     bufs: CaptureBuffers,
     globals: Option<CutGlobals>,
+    /// Per wheel, the last second whose range `cow_drain` walked in this cut.
+    drained_through: Vec<i64>,
 }
 
 /// Cost, in budget units (roughly one cache miss each), of capturing a record, per payload
@@ -266,6 +268,7 @@ impl Engine {
             copied_on_write: 0,
             bufs,
             globals: Some(globals),
+            drained_through: vec![i64::MIN; st.wheels.len()],
         };
     }
 
@@ -443,10 +446,22 @@ impl State {
         }
     }
 
-    /// `cow` for every entry a `drain_until(until_s)` of wheel `w` detaches.
+    /// `cow` for every entry a `drain_until(until_s)` of wheel `w` detaches, and for those a
+    /// drain that stops inside a second makes the front of their list.
     #[inline]
     pub(super) fn cow_drain(&mut self, w: usize, until_s: i64) {
         if !self.table.cut_active() {
+            return;
+        }
+        // Within a range walked before in this cut, a drain changes only heads captured then or
+        // linked into the range since (each captured by `cow_link`): a full table's expiry,
+        // which drains one session at a time, does not walk the range again for every event.
+        if self
+            .cap
+            .drained_through
+            .get(w)
+            .is_some_and(|&through| until_s <= through)
+        {
             return;
         }
         let (first, n) = self.wheels[w].drained_buckets(until_s);
@@ -462,6 +477,9 @@ impl State {
                     s = next;
                 }
             }
+        }
+        if let Some(through) = self.cap.drained_through.get_mut(w) {
+            *through = until_s;
         }
     }
 }
