@@ -55,11 +55,12 @@ pub struct Wheel {
     /// The next second not yet drained: the start of the window.
     cursor_s: i64,
     len: u32,
-    /// Links made so far: a caller that looked at the wheel can tell whether anything was
-    /// linked since.
-    links: u64,
+    /// Links into the cursor's second (a due second at or before it) so far: a caller that
+    /// looked at that second can tell whether anything joined it since.
+    cursor_links: u64,
     /// The engine's finding that nothing in the cursor's second is due before a time, valid
-    /// while the cursor and `links` are as they were then: `(cursor_s, links, until_ms)`.
+    /// while the cursor and `cursor_links` are as they were then: `(cursor_s, cursor_links,
+    /// until_ms)`.
     no_due: Option<(i64, u64, i64)>,
 }
 
@@ -77,7 +78,7 @@ impl Wheel {
             slots_max,
             cursor_s: start_s,
             len: 0,
-            links: 0,
+            cursor_links: 0,
             no_due: None,
         }
     }
@@ -123,25 +124,24 @@ impl Wheel {
         }
         self.lists[list as usize] = slot;
         self.len += 1;
-        self.links += 1;
-    }
-
-    /// Links made since the wheel was built (see the field).
-    pub fn links(&self) -> u64 {
-        self.links
+        if due_s <= self.cursor_s {
+            self.cursor_links += 1;
+        }
     }
 
     /// Record that no session in the cursor's second is due before `until_ms` (the engine
-    /// judges deadlines; the wheel only forgets the note once it moves or links anything).
+    /// judges deadlines; the wheel forgets the note once its cursor moves or anything is linked
+    /// into that second: a session linked later, or nowhere near the cursor, cannot be due
+    /// earlier than the note says).
     pub fn note_no_due_until(&mut self, until_ms: i64) {
-        self.no_due = Some((self.cursor_s, self.links, until_ms));
+        self.no_due = Some((self.cursor_s, self.cursor_links, until_ms));
     }
 
     /// The note of [`Wheel::note_no_due_until`], if still valid.
     pub fn no_due_until(&self) -> Option<i64> {
         match self.no_due {
             Some((cursor_s, links, until_ms))
-                if cursor_s == self.cursor_s && links == self.links =>
+                if cursor_s == self.cursor_s && links == self.cursor_links =>
             {
                 Some(until_ms)
             }
@@ -596,6 +596,26 @@ mod tests {
         wheel.relink(&mut heads, c, 4); // not linked: links
         assert_eq!(wheel.len(), 3);
         assert_eq!(drain(&mut wheel, &mut heads, 4), vec![a, b, c]);
+    }
+
+    #[test]
+    fn the_no_due_note_lasts_until_the_cursor_second_changes() {
+        let mut heads = heads(8);
+        let mut wheel = Wheel::new(8, 10);
+        wheel.link(&mut heads, 0, 10);
+        wheel.note_no_due_until(10_500);
+        assert_eq!(wheel.no_due_until(), Some(10_500));
+        wheel.link(&mut heads, 1, 12); // a later second
+        wheel.unlink(&mut heads, 0);
+        assert_eq!(wheel.no_due_until(), Some(10_500));
+        wheel.link(&mut heads, 2, 3); // clamped into the cursor's second
+        assert_eq!(wheel.no_due_until(), None);
+        wheel.note_no_due_until(10_900);
+        assert!(wheel.drain_until(&mut heads, 10) != NIL);
+        assert_eq!(wheel.no_due_until(), None, "the cursor moved");
+        wheel.note_no_due_until(11_900);
+        wheel.forget_no_due();
+        assert_eq!(wheel.no_due_until(), None);
     }
 
     /// Within a second the lanes give one entry each in turn, each lane newest first; the
