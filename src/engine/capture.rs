@@ -446,7 +446,7 @@ impl State {
         }
     }
 
-    /// `cow` for every entry a `drain_until(until_s)` of wheel `w` detaches, and for those a
+    /// `cow` for every entry a drain of wheel `w` up to `until_s` detaches, and for those a
     /// drain that stops inside a second makes the front of their list.
     #[inline]
     pub(super) fn cow_drain(&mut self, w: usize, until_s: i64) {

@@ -1552,10 +1552,9 @@ impl State {
         let wheel = &mut self.wheels[p];
         // Never past the clock: an out-of-order session linked next may be due before `due`.
         let until = due.min(now.div_euclid(1000) + 1) - 1;
-        if wheel.is_empty() && until > wheel.cursor_s() {
-            // An empty wheel: no head changes.
-            let drained = wheel.drain_until(self.table.heads_mut(), until);
-            debug_assert_eq!(drained, NIL);
+        if wheel.is_empty() {
+            // No head changes.
+            wheel.skip_empty_until(until);
         }
         self.cow_link(p, slot, due);
         self.wheels[p].link(self.table.heads_mut(), slot, due);
@@ -1686,10 +1685,10 @@ impl State {
 
     /// Make room, before anything is evicted or refused, by ending one session that is due at
     /// the clock, if any is: first by the expiry pass due now, stopped at its first end, then in
-    /// the cursor's second, the one place such a pass leaves a
-    /// due session (each is linked at or before the second its deadline falls due). So room is
-    /// made exactly when some session is due, whatever the order within a wheel's seconds and
-    /// however far earlier bounded passes got.
+    /// the cursor's second, the one place such a pass leaves a due session (each is linked at or
+    /// before the second its deadline falls due). So room is made exactly when some session is
+    /// due, whatever the order within a wheel's seconds and however far earlier bounded passes
+    /// got.
     fn end_one_due(&mut self, rules: &Rules, clock: Clock, out: &mut Out) -> bool {
         let live = self.table.live();
         for q in 0..self.wheels.len() {

@@ -51,7 +51,6 @@ pub fn lane_of(id: u64) -> u32 {
 pub struct Wheel {
     /// First slot linked in each list (`bucket * LANES + lane`), `NIL` if none.
     lists: Box<[u32]>,
-    slots_max: u32,
     /// The next second not yet drained: the start of the window.
     cursor_s: i64,
     len: u32,
@@ -75,7 +74,6 @@ impl Wheel {
         );
         Wheel {
             lists: vec![NIL; (slots_max * LANES) as usize].into_boxed_slice(),
-            slots_max,
             cursor_s: start_s,
             len: 0,
             cursor_links: 0,
@@ -96,7 +94,7 @@ impl Wheel {
     }
 
     pub fn slots_max(&self) -> u32 {
-        self.slots_max
+        self.lists.len() as u32 / LANES
     }
 
     /// Link `slot` to fire at second `due_s`. A due second before the cursor fires at the next
@@ -207,7 +205,7 @@ impl Wheel {
         self.link(heads, slot, due_s);
     }
 
-    /// Move the cursor back to `until_s` right after `drain_until(until_s)`, so that what is
+    /// Move the cursor back to `until_s` right after a complete drain up to it, so that what is
     /// linked at `until_s` now fires at the next drain (an expiry pass putting back what it did
     /// not reach). Entries linked meanwhile stay where they are: one clamped to the old horizon
     /// shares the bucket of `until_s` and fires early, which the engine handles by re-linking.
@@ -215,7 +213,7 @@ impl Wheel {
         assert_eq!(
             self.cursor_s,
             until_s + 1,
-            "rewind({until_s}) is only valid right after drain_until({until_s})"
+            "rewind({until_s}) is only valid right after a drain up to {until_s}"
         );
         self.cursor_s = until_s;
     }
@@ -224,24 +222,15 @@ impl Wheel {
         heads[slot as usize].flags & FLAG_WHEEL_LINKED != 0
     }
 
-    /// Detach and return every session linked in seconds [cursor, until_s], as a list threaded
-    /// through `wheel_next` (walk it with [`Wheel::next_detached`]), earliest second first (within
-    /// a second, the lanes' entries in turn); advances the cursor to until_s + 1. The detached
-    /// entries are no longer linked. Returns [`NIL`] (and leaves the cursor) when until_s is
-    /// before the cursor. Touches at most `slots_max` buckets, however far until_s jumps.
-    ///
-    /// The caller may link the detached entries again while walking, but linking overwrites
-    /// `wheel_next`: read `next_detached` of an entry before re-linking it.
-    pub fn drain_until(&mut self, heads: &mut [Head], until_s: i64) -> u32 {
-        self.drain(heads, until_s, usize::MAX, |_| {}).0
-    }
-
-    /// [`Wheel::drain_until`] that appends the detached entries to `into`, in the same order,
-    /// and stops after `max` of them: the caller handles a bounded number of sessions, whose
-    /// heads are still in the cache, instead of all of a second's. Returns whether it drained
-    /// everything up to `until_s` (the cursor is then `until_s + 1`); if not, the cursor is at
-    /// the second it stopped in, whose bucket keeps the rest. A range covering the whole wheel
-    /// is drained in one call whatever `max` is, so that each bucket is visited once.
+    /// Detach the sessions linked in seconds [cursor, until_s], earliest second first (within a
+    /// second, the lanes' entries in turn), appending them to `into`, and stop after `max` of
+    /// them: the caller handles a bounded number of sessions, whose heads are still in the cache,
+    /// instead of all of a second's. The detached entries are no longer linked (their links mean
+    /// nothing); the caller may link them again. Returns whether it drained everything up to
+    /// `until_s` (the cursor is then `until_s + 1`; a `until_s` before the cursor drains nothing
+    /// and leaves it); if not, the cursor is at the second it stopped in, whose bucket keeps the
+    /// rest. A range covering the whole wheel is drained in one call whatever `max` is, so that
+    /// each bucket is visited once.
     pub fn drain_some_into(
         &mut self,
         heads: &mut [Head],
@@ -249,29 +238,19 @@ impl Wheel {
         max: usize,
         into: &mut Vec<u32>,
     ) -> bool {
-        let whole = until_s.saturating_sub(self.cursor_s) >= i64::from(self.slots_max) - 1;
-        let max = if whole { usize::MAX } else { max };
-        self.drain(heads, until_s, max, |slot| into.push(slot)).1
-    }
-
-    #[inline(always)]
-    fn drain(
-        &mut self,
-        heads: &mut [Head],
-        until_s: i64,
-        max: usize,
-        mut visit: impl FnMut(u32),
-    ) -> (u32, bool) {
         assert!(until_s < i64::MAX / 2, "until_s {until_s}");
         if until_s < self.cursor_s {
-            return (NIL, true);
+            return true;
         }
-        let slots_max = self.slots_max;
+        let slots_max = self.slots_max();
         let seconds = (until_s - self.cursor_s).saturating_add(1);
+        let max = if seconds >= i64::from(slots_max) {
+            usize::MAX
+        } else {
+            max
+        };
         let buckets = seconds.min(i64::from(slots_max)) as u32;
         let mut bucket = self.bucket_of(self.cursor_s);
-        let mut first = NIL;
-        let mut tail = NIL;
         let mut drained = 0usize;
         let mut stopped_at = None;
         for k in 0..buckets {
@@ -293,21 +272,12 @@ impl Wheel {
                     }
                     let head = &mut heads[slot as usize];
                     debug_assert!(head.flags & FLAG_WHEEL_LINKED != 0);
-                    let next = head.wheel_next;
+                    *c = head.wheel_next;
                     head.flags &= !FLAG_WHEEL_LINKED;
                     head.wheel_prev = NIL;
-                    // The detached list is threaded in visiting order; the tail's own next was
-                    // read when it was visited.
-                    if tail == NIL {
-                        first = slot;
-                    } else {
-                        heads[tail as usize].wheel_next = slot;
-                    }
-                    tail = slot;
                     drained += 1;
-                    visit(slot);
-                    *c = next;
-                    if next == NIL {
+                    into.push(slot);
+                    if *c == NIL {
                         open -= 1;
                     }
                 }
@@ -330,33 +300,32 @@ impl Wheel {
                 bucket = 0;
             }
         }
-        if tail != NIL {
-            heads[tail as usize].wheel_next = NIL;
-        }
         let drained = drained as u32;
         assert!(drained <= self.len);
         self.len -= drained;
         match stopped_at {
             Some(k) => {
                 self.cursor_s += i64::from(k);
-                (first, false)
+                false
             }
             None => {
                 debug_assert!(seconds < i64::from(slots_max) || self.len == 0);
                 self.cursor_s = until_s + 1;
-                (first, true)
+                true
             }
         }
     }
 
-    /// The entry after `slot` on a list returned by [`Wheel::drain_until`], `NIL` at the end.
-    pub fn next_detached(heads: &[Head], slot: u32) -> u32 {
-        let head = &heads[slot as usize];
-        debug_assert!(
-            head.flags & FLAG_WHEEL_LINKED == 0,
-            "slot {slot} is linked, not detached"
+    /// Move the cursor of an empty wheel to `until_s + 1` (as draining up to `until_s` would),
+    /// if it is behind.
+    pub fn skip_empty_until(&mut self, until_s: i64) {
+        assert!(
+            self.is_empty(),
+            "skip_empty_until on a wheel of len {}",
+            self.len
         );
-        head.wheel_next
+        assert!(until_s < i64::MAX / 2, "until_s {until_s}");
+        self.cursor_s = self.cursor_s.max(until_s + 1);
     }
 
     /// Slot of a linked session with the earliest due second (for on_full = evict_oldest):
@@ -366,13 +335,13 @@ impl Wheel {
             return None;
         }
         let mut bucket = self.bucket_of(self.cursor_s);
-        for _ in 0..self.slots_max {
+        for _ in 0..self.slots_max() {
             if let Some(&slot) = self.bucket_lists(bucket).iter().find(|&&s| s != NIL) {
                 debug_assert!(heads[slot as usize].flags & FLAG_WHEEL_LINKED != 0);
                 return Some(slot);
             }
             bucket += 1;
-            if bucket == self.slots_max {
+            if bucket == self.slots_max() {
                 bucket = 0;
             }
         }
@@ -426,14 +395,14 @@ impl Wheel {
         [prev, h.wheel_next]
     }
 
-    /// The buckets `drain_until(until_s)` would detach, in the order it would: `(first, count)`,
+    /// The buckets a drain up to `until_s` would detach from, in its order: `(first, count)`,
     /// bucket indices `first, first + 1, ...` modulo `slots_max`.
     pub fn drained_buckets(&self, until_s: i64) -> (u32, u32) {
         if until_s < self.cursor_s {
             return (0, 0);
         }
         let seconds = (until_s - self.cursor_s).saturating_add(1);
-        let n = seconds.min(i64::from(self.slots_max)) as u32;
+        let n = seconds.min(i64::from(self.slots_max())) as u32;
         (self.bucket_of(self.cursor_s), n)
     }
 
@@ -444,7 +413,7 @@ impl Wheel {
     /// The bucket `due_s` lands in after clamping it into the window.
     #[inline]
     fn bucket_of(&self, due_s: i64) -> u32 {
-        let slots_max = i64::from(self.slots_max);
+        let slots_max = i64::from(self.slots_max());
         let due_s = due_s.clamp(self.cursor_s, self.cursor_s + slots_max - 1);
         due_s.rem_euclid(slots_max) as u32
     }
@@ -491,24 +460,12 @@ mod tests {
         }
     }
 
-    /// Drains by both `drain_until` (the list walked) and `drain_some_into` without a limit, on
-    /// copies, and checks they detach the same entries in the same order and leave the same state.
+    /// Drains without a limit, checking that the drain completes and appends.
     fn drain(wheel: &mut Wheel, heads: &mut [Head], until_s: i64) -> Vec<u32> {
-        let (mut wheel_into, mut heads_into) = (wheel.clone(), heads.to_vec());
         let mut into = vec![7];
-        assert!(wheel_into.drain_some_into(&mut heads_into, until_s, usize::MAX, &mut into));
-        let mut out = Vec::new();
-        let mut slot = wheel.drain_until(heads, until_s);
-        while slot != NIL {
-            out.push(slot);
-            slot = Wheel::next_detached(heads, slot);
-        }
+        assert!(wheel.drain_some_into(heads, until_s, usize::MAX, &mut into));
         assert_eq!(into[0], 7, "appends");
-        assert_eq!(into[1..], out[..]);
-        assert_eq!(heads_into, heads);
-        assert_eq!(wheel_into.len(), wheel.len());
-        assert_eq!(wheel_into.cursor_s(), wheel.cursor_s());
-        out
+        into.split_off(1)
     }
 
     #[test]
@@ -560,19 +517,16 @@ mod tests {
     }
 
     #[test]
-    fn relink_while_walking_the_detached_list() {
+    fn relink_what_a_drain_detached() {
         let mut heads = heads(8);
         let mut wheel = Wheel::new(4, 0);
         for slot in 0..6 {
             wheel.link(&mut heads, slot, 1);
         }
-        let mut slot = wheel.drain_until(&mut heads, 1);
         let mut seen = 0;
-        while slot != NIL {
-            let next = Wheel::next_detached(&heads, slot);
+        for slot in drain(&mut wheel, &mut heads, 1) {
             wheel.link(&mut heads, slot, 3);
             seen += 1;
-            slot = next;
         }
         assert_eq!(seen, 6);
         assert_eq!(wheel.len(), 6);
@@ -611,7 +565,7 @@ mod tests {
         wheel.link(&mut heads, 2, 3); // clamped into the cursor's second
         assert_eq!(wheel.no_due_until(), None);
         wheel.note_no_due_until(10_900);
-        assert!(wheel.drain_until(&mut heads, 10) != NIL);
+        assert!(!drain(&mut wheel, &mut heads, 10).is_empty());
         assert_eq!(wheel.no_due_until(), None, "the cursor moved");
         wheel.note_no_due_until(11_900);
         wheel.forget_no_due();
@@ -719,7 +673,7 @@ mod tests {
                             .collect();
                         let dues: BTreeMap<u32, i64> = model.clone();
                         model.retain(|_, due_s| *due_s > until_s);
-                        let mut slot = wheel.drain_until(&mut heads, until_s);
+                        let detached = drain(&mut wheel, &mut heads, until_s);
                         if until_s < cursor_before {
                             prop_assert_eq!(wheel.cursor_s(), cursor_before);
                         } else {
@@ -727,11 +681,8 @@ mod tests {
                         }
                         let mut got = BTreeSet::new();
                         let mut due_last_s = i64::MIN;
-                        let mut walked = 0;
-                        while slot != NIL {
-                            walked += 1;
-                            prop_assert!(walked <= SLOTS, "detached list loops");
-                            let next = Wheel::next_detached(&heads, slot);
+                        prop_assert!(detached.len() <= SLOTS as usize, "a slot detached twice");
+                        for slot in detached {
                             prop_assert!(!wheel.is_linked(&heads, slot));
                             prop_assert!(got.insert(slot));
                             // Earliest second first.
@@ -742,7 +693,6 @@ mod tests {
                                 model.insert(slot, clamp(&wheel, due_s));
                                 wheel.link(&mut heads, slot, due_s);
                             }
-                            slot = next;
                         }
                         prop_assert_eq!(got, expected);
                     }
