@@ -427,8 +427,6 @@ impl Engine {
                 wall_last: NONE_TS,
             });
         }
-        // Shorter timeouts move deadlines without a link.
-        st.wheels.iter_mut().for_each(Wheel::forget_no_due);
         st.layouts = rules.profiles.iter().map(|p| p.layout).collect();
         st.sub_of.clear();
         st.sub_of
@@ -1683,12 +1681,11 @@ impl State {
         self.release(p, s);
     }
 
-    /// Make room, before anything is evicted or refused, by ending one session that is due at
-    /// the clock, if any is: first by the expiry pass due now, stopped at its first end, then in
-    /// the cursor's second, the one place such a pass leaves a due session (each is linked at or
-    /// before the second its deadline falls due). So room is made exactly when some session is
-    /// due, whatever the order within a wheel's seconds and however far earlier bounded passes
-    /// got.
+    /// Make room, before anything is evicted or refused, by ending one session that is due: the
+    /// expiry pass due now, stopped at its first end. Passes judge deadlines by the second (see
+    /// `expire`), and every session is linked at or before its deadline's second, so room is
+    /// made exactly when some session's deadline second is before the clock's, whatever the
+    /// order within a wheel's seconds and however far earlier bounded passes got.
     fn end_one_due(&mut self, rules: &Rules, clock: Clock, out: &mut Out) -> bool {
         let live = self.table.live();
         for q in 0..self.wheels.len() {
@@ -1697,47 +1694,7 @@ impl State {
                 return true;
             }
         }
-        for q in 0..self.wheels.len() {
-            let rule = &rules.profiles[q];
-            let now = self.profile_clock(rule, q, clock);
-            if now == NONE_TS {
-                continue;
-            }
-            if let Some(s) = self.due_at_cursor(rules, q, now) {
-                let reason = self.timed_reason(rule, s, now);
-                self.end_session(rules, s, reason, now, out);
-                return true;
-            }
-        }
         false
-    }
-
-    /// A session of wheel `q` in the cursor's second that is due at `now`. Finding none, the
-    /// wheel notes when the first of them falls due, so that a full table refusing event after
-    /// event does not walk that second again until then or until something is linked.
-    fn due_at_cursor(&mut self, rules: &Rules, q: usize, now: i64) -> Option<u32> {
-        if self.wheels[q]
-            .no_due_until()
-            .is_some_and(|until_ms| now <= until_ms)
-        {
-            return None;
-        }
-        let mut firsts = [NIL; wheel::LANES as usize];
-        firsts.copy_from_slice(self.wheels[q].cursor_lists());
-        let mut first_due = i64::MAX;
-        for first in firsts {
-            let mut s = first;
-            while s != NIL {
-                let deadline = self.deadline(rules, s);
-                if now > deadline {
-                    return Some(s);
-                }
-                first_due = first_due.min(deadline);
-                s = Wheel::next_linked(self.table.heads(), s);
-            }
-        }
-        self.wheels[q].note_no_due_until(first_due);
-        None
     }
 
     /// Evict the session of profile `p` (or any profile) closest to its deadline.
@@ -1772,7 +1729,12 @@ impl State {
         false
     }
 
-    /// Drain profile `p`'s wheel up to its clock: end what is due, re-link what is not.
+    /// Drain profile `p`'s wheel up to its clock's second `until_s`: end what is due by then,
+    /// re-link what is not. A session is due when its deadline's second is before `until_s`
+    /// ([`due_by`]), not when the deadline is before the clock: a session whose deadline fell
+    /// in the clock's own second waits for the next second, as it would linked where it
+    /// belongs. So what a pass ends does not depend on where lazy re-linking left a session, and
+    /// a full table finds a due session with one stopped pass, not a walk of a whole second.
     /// Returns whether `stop` stopped it with due sessions left (see `advance_bounded`).
     fn expire(&mut self, rules: &Rules, p: usize, clock: Clock, out: &mut Out, stop: Stop) -> bool {
         let rule = &rules.profiles[p];
@@ -1820,11 +1782,11 @@ impl State {
                     Stop::FirstEnd => true,
                 };
                 if ended && stops {
-                    self.requeue_expired(rules, p, i, now, until_s, complete);
+                    self.requeue_expired(rules, p, i, until_s, complete);
                     return true;
                 }
                 let deadline = self.deadline(rules, s);
-                if now > deadline {
+                if due_by(deadline, until_s) {
                     ended = true;
                     let reason = self.timed_reason(rule, s, now);
                     self.end_session(rules, s, reason, now, out);
@@ -1854,7 +1816,6 @@ impl State {
         rules: &Rules,
         p: usize,
         from: usize,
-        now: i64,
         until_s: i64,
         complete: bool,
     ) {
@@ -1868,7 +1829,7 @@ impl State {
             let s = self.expired[i];
             if self.table.is_live(s) && !self.wheels[p].is_linked(self.table.heads(), s) {
                 let deadline = self.deadline(rules, s);
-                let due = if now > deadline {
+                let due = if due_by(deadline, until_s) {
                     next_s
                 } else {
                     due_s(deadline)
@@ -1894,6 +1855,11 @@ enum Stop {
 /// The wheel second at which a deadline has certainly passed (fires when clock >= due * 1000).
 fn due_s(deadline_ms: i64) -> i64 {
     deadline_ms.div_euclid(1000) + 1
+}
+
+/// Whether an expiry pass up to second `until_s` ends a session with this deadline.
+fn due_by(deadline_ms: i64, until_s: i64) -> bool {
+    due_s(deadline_ms) <= until_s
 }
 
 #[cfg(test)]

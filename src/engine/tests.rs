@@ -244,6 +244,44 @@ fn full_table_evicts_the_session_closest_to_its_deadline() {
     assert_eq!(engine.live_sessions(), 2);
 }
 
+/// A full table makes room with a session whose deadline fell in a second before the clock's
+/// (it ends idle), not with one whose deadline passed within the clock's own second (then the
+/// table is full: evict or refuse).
+#[test]
+fn full_table_makes_room_with_a_session_due_by_the_second() {
+    let run = |on_full: &str, lines: &[&str]| {
+        let cfg = Config::from_toml(&format!(
+            "[memory]\narena_bytes = \"64KiB\"\nmax_sessions = 1\non_full = \"{on_full}\"\n[[profile]]\nname = \"w\"\nkey = \"k\"\ntimestamp = {{ field = \"ts\" }}\nidle_timeout = \"1s\"\n",
+        ))
+        .unwrap();
+        let rules = Arc::new(Rules::compile(&cfg).unwrap());
+        let mut dec = Decoder::new(rules.field_table(), 32, 1024);
+        let mut engine = Engine::new(rules, &cfg, 0, None).unwrap();
+        let mut out = Out::with_capacity(4096, 64);
+        for line in lines {
+            let ev = dec.decode(line.as_bytes()).unwrap();
+            engine.on_event(0, &ev, Clock::Replay, &mut out);
+        }
+        out.iter()
+            .map(|(_, l)| serde_json::from_slice(l).unwrap())
+            .filter(|v: &serde_json::Value| {
+                v["kind"] == "session_end" || v["kind"] == "dead_letter"
+            })
+            .map(|v| format!("{} {}", v["kind"], v["reason"]))
+            .collect::<Vec<_>>()
+    };
+    // a's deadline 2,300 falls in second 2: at 3,000 the clock is in second 3.
+    let earlier = [r#"{"k":"a","ts":1300}"#, r#"{"k":"b","ts":3000}"#];
+    assert_eq!(run("reject", &earlier), [r#""session_end" "idle""#]);
+    // At 2,900 the clock is still in second 2: a is past its deadline but not due yet.
+    let same = [r#"{"k":"a","ts":1300}"#, r#"{"k":"b","ts":2900}"#];
+    assert_eq!(
+        run("reject", &same),
+        [r#""dead_letter" "session_table_full""#]
+    );
+    assert_eq!(run("evict_oldest", &same), [r#""session_end" "evicted""#]);
+}
+
 #[test]
 fn reload_changes_predicates_in_place_and_refuses_layout_changes() {
     let mut r = Rig::new(WEB);

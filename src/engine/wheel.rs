@@ -54,13 +54,6 @@ pub struct Wheel {
     /// The next second not yet drained: the start of the window.
     cursor_s: i64,
     len: u32,
-    /// Links into the cursor's second (a due second at or before it) so far: a caller that
-    /// looked at that second can tell whether anything joined it since.
-    cursor_links: u64,
-    /// The engine's finding that nothing in the cursor's second is due before a time, valid
-    /// while the cursor and `cursor_links` are as they were then: `(cursor_s, cursor_links,
-    /// until_ms)`.
-    no_due: Option<(i64, u64, i64)>,
 }
 
 impl Wheel {
@@ -76,8 +69,6 @@ impl Wheel {
             lists: vec![NIL; (slots_max * LANES) as usize].into_boxed_slice(),
             cursor_s: start_s,
             len: 0,
-            cursor_links: 0,
-            no_due: None,
         }
     }
 
@@ -122,34 +113,6 @@ impl Wheel {
         }
         self.lists[list as usize] = slot;
         self.len += 1;
-        if due_s <= self.cursor_s {
-            self.cursor_links += 1;
-        }
-    }
-
-    /// Record that no session in the cursor's second is due before `until_ms` (the engine
-    /// judges deadlines; the wheel forgets the note once its cursor moves or anything is linked
-    /// into that second: a session linked later, or nowhere near the cursor, cannot be due
-    /// earlier than the note says).
-    pub fn note_no_due_until(&mut self, until_ms: i64) {
-        self.no_due = Some((self.cursor_s, self.cursor_links, until_ms));
-    }
-
-    /// The note of [`Wheel::note_no_due_until`], if still valid.
-    pub fn no_due_until(&self) -> Option<i64> {
-        match self.no_due {
-            Some((cursor_s, links, until_ms))
-                if cursor_s == self.cursor_s && links == self.cursor_links =>
-            {
-                Some(until_ms)
-            }
-            _ => None,
-        }
-    }
-
-    /// Drop the note (deadlines may have moved without a link: new rules).
-    pub fn forget_no_due(&mut self) {
-        self.no_due = None;
     }
 
     /// Asserts the slot is linked (in this wheel, as far as a debug build can tell).
@@ -364,16 +327,6 @@ impl Wheel {
         self.bucket_lists(self.bucket_of(self.cursor_s))
     }
 
-    /// The entry after `slot` in its list ([`NIL`] at the end). Asserts the slot is linked.
-    pub fn next_linked(heads: &[Head], slot: u32) -> u32 {
-        let head = &heads[slot as usize];
-        assert!(
-            head.flags & FLAG_WHEEL_LINKED != 0,
-            "slot {slot} is not linked"
-        );
-        head.wheel_next
-    }
-
     /// The slot a `link` of `slot` at `due_s` would put `slot` in front of ([`NIL`] if none):
     /// the one entry besides `slot` whose head that `link` changes.
     pub fn first_at(&self, heads: &[Head], slot: u32, due_s: i64) -> u32 {
@@ -552,28 +505,6 @@ mod tests {
         assert_eq!(drain(&mut wheel, &mut heads, 4), vec![a, b, c]);
     }
 
-    #[test]
-    fn the_no_due_note_lasts_until_the_cursor_second_changes() {
-        let mut heads = heads(8);
-        let mut wheel = Wheel::new(8, 10);
-        wheel.link(&mut heads, 0, 10);
-        wheel.note_no_due_until(10_500);
-        assert_eq!(wheel.no_due_until(), Some(10_500));
-        wheel.link(&mut heads, 1, 12); // a later second
-        wheel.unlink(&mut heads, 0);
-        assert_eq!(wheel.no_due_until(), Some(10_500));
-        wheel.link(&mut heads, 2, 3); // clamped into the cursor's second
-        assert_eq!(wheel.no_due_until(), None);
-        wheel.note_no_due_until(10_900);
-        assert!(!drain(&mut wheel, &mut heads, 10).is_empty());
-        assert_eq!(wheel.no_due_until(), None, "the cursor moved");
-        wheel.note_no_due_until(11_900);
-        wheel.forget_no_due();
-        assert_eq!(wheel.no_due_until(), None);
-    }
-
-    /// Within a second the lanes give one entry each in turn, each lane newest first; the
-    /// next second follows.
     #[test]
     fn a_second_drains_its_lanes_in_turn() {
         let mut heads = heads(8 * LANES as usize);
