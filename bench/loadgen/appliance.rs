@@ -175,8 +175,68 @@ pub struct Appliance {
 pub struct Stopped {
     /// Each shard's counters, by shard id (`shard stats: {json}` lines).
     pub shard_stats: Vec<serde_json::Value>,
+    /// CPU time (user + system) of the whole appliance, every thread, read just before the
+    /// SIGTERM (so without the shutdown's final drain).
+    pub process_cpu_s: f64,
+    /// What the `file` outputs wrote, summed (their `stopped:` log lines).
+    pub file_outputs: FileOutputs,
     pub exit_code: Option<i32>,
     pub stop_s: f64,
+}
+
+/// Totals of an appliance's `file` outputs, from the line each logs when it stops:
+/// `output file:<dir> stopped: R records, B bytes, D dropped`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FileOutputs {
+    pub outputs: u32,
+    pub records: u64,
+    pub bytes: u64,
+    pub dropped: u64,
+}
+
+impl FileOutputs {
+    fn from_lines(lines: &[String]) -> FileOutputs {
+        let mut f = FileOutputs::default();
+        for line in lines {
+            let Some((_, rest)) = line.split_once("output file:") else {
+                continue;
+            };
+            let Some((_, counts)) = rest.split_once(" stopped: ") else {
+                continue;
+            };
+            let n: Vec<u64> = counts
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            if let [records, bytes, dropped] = n[..] {
+                f.outputs += 1;
+                f.records += records;
+                f.bytes += bytes;
+                f.dropped += dropped;
+            }
+        }
+        f
+    }
+}
+
+/// User + system CPU time of process `pid` so far (`/proc/<pid>/stat`), in seconds.
+fn process_cpu_s(pid: u32) -> Result<f64, String> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    // The command name may hold spaces; the fields counted here follow its closing paren.
+    let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64, String> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|t| t as f64)
+            .ok_or_else(|| format!("{path}: no field {i}"))
+    };
+    // SAFETY: sysconf with a valid name has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the paren.
+    Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
 impl Stopped {
@@ -314,6 +374,7 @@ impl Appliance {
     pub fn stop(mut self) -> Result<Stopped, String> {
         let t0 = Instant::now();
         let mut child = self.child.take().expect("running until stopped");
+        let cpu_s = process_cpu_s(child.id());
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         if rc != 0 {
@@ -353,8 +414,11 @@ impl Appliance {
                 self.log.display()
             ));
         }
+        let lines = self.lines();
         Ok(Stopped {
             shard_stats,
+            process_cpu_s: cpu_s?,
+            file_outputs: FileOutputs::from_lines(&lines),
             exit_code: status.code(),
             stop_s: t0.elapsed().as_secs_f64(),
         })
@@ -385,6 +449,10 @@ pub struct ConfigSpec {
     pub snapshot_write_rate: Option<String>,
     /// The profile's idle timeout (`"1s"` for the clickstream bench, `"30m"` to keep sessions).
     pub idle_timeout: String,
+    /// A `file` output carrying every stream into this directory, with `when_full = "block"`
+    /// (ingest waits for the writer, so a run's rate includes writing every record); `None`:
+    /// no file output.
+    pub file_output: Option<PathBuf>,
 }
 
 impl ConfigSpec {
@@ -420,6 +488,12 @@ streams = ["events", "markers", "late", "dead_letter"]
             arena = self.arena_bytes,
             max_sessions = self.max_sessions,
         );
+        if let Some(dir) = &self.file_output {
+            t += &format!(
+                "\n[[output]]\nkind = \"file\"\npath = {}\nwhen_full = \"block\"\nstreams = [\"events\", \"markers\", \"late\", \"dead_letter\"]\n",
+                serde_json::Value::from(dir.display().to_string())
+            );
+        }
         if let Some(interval) = &self.metrics_publish {
             t += &format!(
                 "\n[metrics]\naddress = \"127.0.0.1:0\"\npublish_interval = \"{interval}\"\n"
@@ -471,15 +545,38 @@ mod tests {
             persist: None,
             snapshot_write_rate: None,
             idle_timeout: "1s".to_string(),
+            file_output: None,
         };
         let plain = spec.toml();
         assert!(plain.contains("cores = [0]") && plain.contains("idle_timeout = \"1s\""));
         assert!(!plain.contains("[metrics]") && !plain.contains("[persist]"));
         spec.metrics_publish = Some("1s".to_string());
         spec.persist = Some((PathBuf::from("/tmp/x y"), "100ms".to_string()));
+        assert!(!plain.contains("kind = \"file\""));
+        spec.file_output = Some(PathBuf::from("/tmp/out"));
         let full = spec.toml();
         assert!(full.contains("[metrics]\naddress = \"127.0.0.1:0\""));
         assert!(full.contains("dir = \"/tmp/x y\"\nsnapshot_interval = \"100ms\""));
+        assert!(full.contains("kind = \"file\"\npath = \"/tmp/out\"\nwhen_full = \"block\""));
+    }
+
+    #[test]
+    fn file_output_totals_come_from_the_stop_lines() {
+        let lines = [
+            "[2026-12-06T15:25:20.123Z INFO  sessionizer::output] output file:/tmp/a stopped: 10 records, 2200 bytes, 0 dropped",
+            "[2026-12-06T15:25:20.123Z INFO  sessionizer::output] output tcp:127.0.0.1:9 stopped: 5 records, 7 bytes, 1 dropped",
+            "[2026-12-06T15:25:20.124Z INFO  sessionizer::output] output file:/tmp/b2 stopped: 3 records, 600 bytes, 4 dropped",
+        ]
+        .map(String::from);
+        assert_eq!(
+            FileOutputs::from_lines(&lines),
+            FileOutputs {
+                outputs: 2,
+                records: 13,
+                bytes: 2800,
+                dropped: 4
+            }
+        );
     }
 
     #[test]
