@@ -343,6 +343,64 @@ fn sigterm_drains_flushes_and_exits_zero() {
     assert_eq!(sum(&stats, "udp_events"), 20, "{stats:?}");
 }
 
+/// The CPUs a thread may run on, from `Cpus_allowed_list` in its `status` (e.g. `0-2,5`).
+fn allowed_cpus(status_path: &std::path::Path) -> BTreeSet<usize> {
+    let status = std::fs::read_to_string(status_path).expect("task status");
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim()
+        .to_string();
+    let mut cpus = BTreeSet::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => {
+                cpus.insert(part.parse().unwrap());
+            }
+        }
+    }
+    cpus
+}
+
+/// With `cores = [0]`, the shard runs on CPU 0 and every other thread (sinks, metrics, signals)
+/// on the other CPUs this process may use; with no other CPU, where this process may run.
+#[test]
+fn threads_other_than_shards_stay_off_the_shards_cpus() {
+    let mine = allowed_cpus(std::path::Path::new("/proc/thread-self/status"));
+    if !mine.contains(&0) {
+        // The shard could not be placed on CPU 0 here; nothing to check.
+        return;
+    }
+    let app = Appliance::start(|d| config(d, &[0], "[metrics]\naddress = \"127.0.0.1:0\"\n"));
+    let others: BTreeSet<usize> = mine.iter().copied().filter(|&c| c != 0).collect();
+    let want_helpers = if others.is_empty() {
+        mine.clone()
+    } else {
+        others
+    };
+    let tasks = std::path::PathBuf::from(format!("/proc/{}/task", app.pid()));
+    let mut seen = BTreeSet::new();
+    for task in std::fs::read_dir(&tasks).expect("task dir") {
+        let task = task.expect("task").path();
+        let name = std::fs::read_to_string(task.join("comm")).expect("comm");
+        let name = name.trim();
+        let cpus = allowed_cpus(&task.join("status"));
+        if name.starts_with("shard0") {
+            assert_eq!(cpus, BTreeSet::from([0]), "shard thread {name}");
+        } else {
+            assert_eq!(cpus, want_helpers, "thread {name}");
+        }
+        seen.insert(name.to_string());
+    }
+    assert!(seen.iter().any(|n| n.starts_with("shard0")), "{seen:?}");
+    assert!(seen.iter().any(|n| n.starts_with("out-")), "{seen:?}");
+    if mine.len() > 1 {
+        app.wait_stderr(T, |l| l.contains("helper threads on cpus"));
+    }
+}
+
 #[test]
 fn check_config_accepts_the_reference_and_rejects_a_broken_one() {
     let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/sessionizer.toml");

@@ -155,6 +155,35 @@ fn spawn_kicker(beats: Arc<[Beat]>, done: Arc<AtomicBool>) -> std::io::Result<()
 }
 
 /// Whether thread `tid` of this process is in an interruptible sleep (state `S`).
+/// Keeps the threads that are not shards (sinks, metrics, signals, the kicker) off the shards'
+/// CPUs when the process may run on others: a file sink writing hundreds of MB/s would
+/// otherwise take its time from a shard. The calling thread's allowed CPUs lose the shards'
+/// ones, and threads it starts later inherit that; shards pin themselves to their own CPU.
+/// When every allowed CPU holds a shard (`cores = "all"`), nothing changes.
+fn place_helpers(shard_cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t is a valid, empty set; the calls read and write only it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return;
+        }
+        for &cpu in shard_cpus {
+            if cpu < libc::CPU_SETSIZE as usize {
+                libc::CPU_CLR(cpu, &mut set);
+            }
+        }
+        if libc::CPU_COUNT(&set) == 0 {
+            return;
+        }
+        let helpers: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect();
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 {
+            log::info!("helper threads on cpus {helpers:?}, off the shards' cpus");
+        }
+    }
+}
+
 fn thread_sleeping(tid: i32) -> bool {
     if tid <= 0 {
         return false;
@@ -217,6 +246,8 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
     let rules = Arc::new(Rules::compile(&cfg).map_err(RunError::Config)?);
     let cfg = Arc::new(cfg);
     let (msg_tx, msg_rx) = mpsc::channel::<Msg>();
+    // Before any thread starts: every thread but the shards inherits this placement.
+    place_helpers(&cores);
 
     // Signals first, so a SIGTERM during start-up is a clean stop, not a kill.
     let mut signals = signal_hook::iterator::Signals::new([
