@@ -147,6 +147,8 @@ pub fn route(rules: &Rules, p: ProfileId, ev: &Event<'_>, shards: u32) -> Route 
     match ev.get(rules.profiles[p as usize].key).key_bytes() {
         None => Route::MissingKey,
         Some(k) if k.len() > rules.key_bytes_max as usize => Route::KeyTooLong,
+        // One shard owns every key: no hash to compute.
+        Some(_) if shards == 1 => Route::Owner(0),
         Some(k) => Route::Owner(shard_of(fnv1a32(k), shards)),
     }
 }
