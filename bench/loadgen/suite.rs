@@ -705,27 +705,34 @@ pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result
     let sweep_result = sweep_result?;
 
     let col = |f: &dyn Fn(&ReproduceRound) -> f64| rounds.iter().map(f).collect::<Vec<f64>>();
-    let rows = vec![
-        Row::new(
-            "appliance, TCP flat out, events/s",
-            "rate",
-            col(&|r| r.appliance_tcp.processed_per_s),
-        ),
-        Row::new(
-            "appliance, TCP, events per shard CPU-second",
-            "rate",
-            col(&|r| r.appliance_tcp.per_cpu_s),
-        ),
-        Row::new(
-            "appliance, TCP, events per appliance CPU-second (every thread)",
-            "rate",
-            col(&|r| r.appliance_tcp.per_process_cpu_s),
-        ),
-        Row::new(
-            "appliance, TCP, file output written, bytes/s",
-            "rate",
-            col(&|r| r.appliance_tcp.file_outputs.bytes as f64 / r.appliance_tcp.sending_s),
-        ),
+    // The rows every appliance run has, for the run `pick` chooses from a round.
+    let appliance_rows = |flat_out: &str,
+                          transport: &str,
+                          pick: fn(&ReproduceRound) -> &ApplianceRun| {
+        let figure = |f: fn(&ApplianceRun) -> f64| col(&|r| f(pick(r)));
+        vec![
+            Row::new(flat_out, "rate", figure(|a| a.processed_per_s)),
+            Row::new(
+                format!("appliance, {transport}, events per shard CPU-second"),
+                "rate",
+                figure(|a| a.per_cpu_s),
+            ),
+            Row::new(
+                format!("appliance, {transport}, events per appliance CPU-second (every thread)"),
+                "rate",
+                figure(|a| a.per_process_cpu_s),
+            ),
+            Row::new(
+                format!("appliance, {transport}, file output written, bytes/s"),
+                "rate",
+                figure(|a| a.file_outputs.bytes as f64 / a.sending_s),
+            ),
+        ]
+    };
+    let mut rows = appliance_rows("appliance, TCP flat out, events/s", "TCP", |r| {
+        &r.appliance_tcp
+    });
+    rows.extend([
         Row::new(
             "raw TCP receive (no processing), events/s",
             "rate",
@@ -736,26 +743,13 @@ pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result
             "ratio",
             col(&|r| r.appliance_tcp.processed_per_s / r.raw_tcp.received_per_s),
         ),
-        Row::new(
-            "appliance, UDP flat out (10 events/datagram), events/s",
-            "rate",
-            col(&|r| r.appliance_udp.processed_per_s),
-        ),
-        Row::new(
-            "appliance, UDP, events per shard CPU-second",
-            "rate",
-            col(&|r| r.appliance_udp.per_cpu_s),
-        ),
-        Row::new(
-            "appliance, UDP, events per appliance CPU-second (every thread)",
-            "rate",
-            col(&|r| r.appliance_udp.per_process_cpu_s),
-        ),
-        Row::new(
-            "appliance, UDP, file output written, bytes/s",
-            "rate",
-            col(&|r| r.appliance_udp.file_outputs.bytes as f64 / r.appliance_udp.sending_s),
-        ),
+    ]);
+    rows.extend(appliance_rows(
+        "appliance, UDP flat out (10 events/datagram), events/s",
+        "UDP",
+        |r| &r.appliance_udp,
+    ));
+    rows.extend([
         Row::new(
             "UDP offered by the generator, events/s",
             "rate",
@@ -791,7 +785,7 @@ pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result
             "ratio",
             col(&|r| r.appliance_udp.processed_per_s / r.engine.events_per_s),
         ),
-    ];
+    ]);
     let mut md = table(&rows);
     md += "\nLatency sweep (UDP, 10 events per datagram, open loop; latency = send to enriched event on the TCP output):\n\n";
     md += "| offered/s | achieved/s | p50 | p99 | lost |\n|---|---|---|---|---|\n";

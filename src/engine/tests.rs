@@ -214,34 +214,51 @@ name = "steps"
     );
 }
 
-#[test]
-fn full_table_evicts_the_session_closest_to_its_deadline() {
-    let cfg = Config::from_toml(
-        "[memory]\narena_bytes = \"64KiB\"\nmax_sessions = 2\n[[profile]]\nname = \"w\"\nkey = \"k\"\ntimestamp = { field = \"ts\" }\nidle_timeout = \"10s\"\n",
-    )
+/// Feeds `lines` (replay clock) to an engine of `max_sessions` sessions for one profile keyed
+/// by `k`; returns the records and the sessions left open.
+fn small_table(
+    max_sessions: u32,
+    on_full: &str,
+    idle: &str,
+    lines: &[&str],
+) -> (Vec<serde_json::Value>, u32) {
+    let cfg = Config::from_toml(&format!(
+        "[memory]\narena_bytes = \"64KiB\"\nmax_sessions = {max_sessions}\non_full = \"{on_full}\"\n[[profile]]\nname = \"w\"\nkey = \"k\"\ntimestamp = {{ field = \"ts\" }}\nidle_timeout = \"{idle}\"\n",
+    ))
     .unwrap();
     let rules = Arc::new(Rules::compile(&cfg).unwrap());
     let mut dec = Decoder::new(rules.field_table(), 32, 1024);
     let mut engine = Engine::new(rules, &cfg, 0, None).unwrap();
     let mut out = Out::with_capacity(4096, 64);
-    for line in [
-        r#"{"k":"a","ts":1000}"#,
-        r#"{"k":"b","ts":2000}"#,
-        r#"{"k":"a","ts":3000}"#,
-        r#"{"k":"c","ts":4000}"#,
-    ] {
+    for line in lines {
         let ev = dec.decode(line.as_bytes()).unwrap();
         engine.on_event(0, &ev, Clock::Replay, &mut out);
     }
-    let recs: Vec<serde_json::Value> = out
+    let recs = out
         .iter()
         .map(|(_, l)| serde_json::from_slice(l).unwrap())
         .collect();
+    (recs, engine.live_sessions())
+}
+
+#[test]
+fn full_table_evicts_the_session_closest_to_its_deadline() {
+    let (recs, live) = small_table(
+        2,
+        "evict_oldest",
+        "10s",
+        &[
+            r#"{"k":"a","ts":1000}"#,
+            r#"{"k":"b","ts":2000}"#,
+            r#"{"k":"a","ts":3000}"#,
+            r#"{"k":"c","ts":4000}"#,
+        ],
+    );
     let ends: Vec<_> = recs.iter().filter(|x| x["kind"] == "session_end").collect();
     assert_eq!(ends.len(), 1);
     assert_eq!(ends[0]["key"], "b", "b expires first");
     assert_eq!(ends[0]["reason"], "evicted");
-    assert_eq!(engine.live_sessions(), 2);
+    assert_eq!(live, 2);
 }
 
 /// A full table makes room with a session whose deadline fell in a second before the clock's
@@ -249,37 +266,24 @@ fn full_table_evicts_the_session_closest_to_its_deadline() {
 /// table is full: evict or refuse).
 #[test]
 fn full_table_makes_room_with_a_session_due_by_the_second() {
-    let run = |on_full: &str, lines: &[&str]| {
-        let cfg = Config::from_toml(&format!(
-            "[memory]\narena_bytes = \"64KiB\"\nmax_sessions = 1\non_full = \"{on_full}\"\n[[profile]]\nname = \"w\"\nkey = \"k\"\ntimestamp = {{ field = \"ts\" }}\nidle_timeout = \"1s\"\n",
-        ))
-        .unwrap();
-        let rules = Arc::new(Rules::compile(&cfg).unwrap());
-        let mut dec = Decoder::new(rules.field_table(), 32, 1024);
-        let mut engine = Engine::new(rules, &cfg, 0, None).unwrap();
-        let mut out = Out::with_capacity(4096, 64);
-        for line in lines {
-            let ev = dec.decode(line.as_bytes()).unwrap();
-            engine.on_event(0, &ev, Clock::Replay, &mut out);
-        }
-        out.iter()
-            .map(|(_, l)| serde_json::from_slice(l).unwrap())
-            .filter(|v: &serde_json::Value| {
-                v["kind"] == "session_end" || v["kind"] == "dead_letter"
-            })
+    let ends = |on_full: &str, lines: &[&str]| {
+        small_table(1, on_full, "1s", lines)
+            .0
+            .iter()
+            .filter(|v| v["kind"] == "session_end" || v["kind"] == "dead_letter")
             .map(|v| format!("{} {}", v["kind"], v["reason"]))
             .collect::<Vec<_>>()
     };
     // a's deadline 2,300 falls in second 2: at 3,000 the clock is in second 3.
     let earlier = [r#"{"k":"a","ts":1300}"#, r#"{"k":"b","ts":3000}"#];
-    assert_eq!(run("reject", &earlier), [r#""session_end" "idle""#]);
+    assert_eq!(ends("reject", &earlier), [r#""session_end" "idle""#]);
     // At 2,900 the clock is still in second 2: a is past its deadline but not due yet.
     let same = [r#"{"k":"a","ts":1300}"#, r#"{"k":"b","ts":2900}"#];
     assert_eq!(
-        run("reject", &same),
+        ends("reject", &same),
         [r#""dead_letter" "session_table_full""#]
     );
-    assert_eq!(run("evict_oldest", &same), [r#""session_end" "evicted""#]);
+    assert_eq!(ends("evict_oldest", &same), [r#""session_end" "evicted""#]);
 }
 
 #[test]
