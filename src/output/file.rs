@@ -14,9 +14,10 @@
 //! shutdown. Every [`WRITEBACK_STEP`] bytes handed to the kernel, their writeback to disk is
 //! started without waiting (`sync_file_range`), so that a sync finds little left to write: a
 //! sync that waited for a whole interval's or a whole file's bytes (hundreds of MB flat out)
-//! stalled the sink long enough to fill its queue and stop ingest. A write error drops (and counts) the records of the failed write and is logged,
-//! rate-limited; the sink goes on with the next batch. The sink never blocks shards: when the disk
-//! is slow, the queue fills and the output's `when_full` policy applies.
+//! stalled the sink long enough to fill its queue and stop ingest. A write error drops (and
+//! counts) the records of the failed write and is logged, rate-limited; the sink goes on with
+//! the next batch. The sink never blocks shards: when the disk is slow, the queue fills and the
+//! output's `when_full` policy applies.
 
 use super::{count_lines, Batch, Counters, RateLimit, Sink, FILE_BUFFER_BYTES};
 use std::fs::{self, File, OpenOptions};

@@ -154,7 +154,6 @@ fn spawn_kicker(beats: Arc<[Beat]>, done: Arc<AtomicBool>) -> std::io::Result<()
         .map(|_| ())
 }
 
-/// Whether thread `tid` of this process is in an interruptible sleep (state `S`).
 /// Keeps the threads that are not shards (sinks, metrics, signals, the kicker) off the shards'
 /// CPUs when the process may run on others: a file sink writing hundreds of MB/s would
 /// otherwise take its time from a shard. The calling thread's allowed CPUs lose the shards'
@@ -184,6 +183,7 @@ fn place_helpers(shard_cpus: &[usize]) {
     }
 }
 
+/// Whether thread `tid` of this process is in an interruptible sleep (state `S`).
 fn thread_sleeping(tid: i32) -> bool {
     if tid <= 0 {
         return false;
