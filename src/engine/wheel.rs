@@ -206,14 +206,9 @@ impl Wheel {
             return true;
         }
         let slots_max = self.slots_max();
-        let seconds = (until_s - self.cursor_s).saturating_add(1);
-        let max = if seconds >= i64::from(slots_max) {
-            usize::MAX
-        } else {
-            max
-        };
-        let buckets = seconds.min(i64::from(slots_max)) as u32;
-        let mut bucket = self.bucket_of(self.cursor_s);
+        let (mut bucket, buckets) = self.drained_buckets(until_s);
+        let whole_wheel = buckets == slots_max;
+        let max = if whole_wheel { usize::MAX } else { max };
         let mut drained = 0usize;
         let mut stopped_at = None;
         for k in 0..buckets {
@@ -272,7 +267,7 @@ impl Wheel {
                 false
             }
             None => {
-                debug_assert!(seconds < i64::from(slots_max) || self.len == 0);
+                debug_assert!(!whole_wheel || self.len == 0);
                 self.cursor_s = until_s + 1;
                 true
             }
@@ -323,6 +318,7 @@ impl Wheel {
     }
 
     /// First slot of each list of the cursor's second (the next to drain), by lane.
+    #[cfg(test)]
     pub fn cursor_lists(&self) -> &[u32] {
         self.bucket_lists(self.bucket_of(self.cursor_s))
     }
