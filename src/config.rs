@@ -703,7 +703,7 @@ impl Config {
 
     fn validate_memory(&self) -> Result<(), ConfigError> {
         let m = &self.memory;
-        if !(16..=4096).contains(&m.block_bytes) || m.block_bytes % 8 != 0 {
+        if !(16..=4096).contains(&m.block_bytes) || !m.block_bytes.is_multiple_of(8) {
             return Err(err(
                 "memory.block_bytes",
                 format!(

@@ -299,7 +299,7 @@ impl Good {
     fn next(&mut self) -> Vec<Vec<u8>> {
         self.n += 1;
         let i = self.n;
-        let user = if i % 2 == 0 { "alice" } else { "bob" };
+        let user = if i.is_multiple_of(2) { "alice" } else { "bob" };
         if user == "bob" {
             self.bob_sum += 1;
         }

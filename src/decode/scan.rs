@@ -20,6 +20,7 @@
 
 use super::chunk::classify16;
 use super::escape::unescape;
+use super::flat;
 use super::table::{key_prefix, prefix8, FieldTable, NODE_NONE, NODE_ROOT, SLOT_NONE};
 use super::{DecodeError, Decoder, Event};
 
@@ -51,7 +52,7 @@ pub(super) enum SlotKind {
     Array,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Slot {
     pub(super) kind: SlotKind,
     pub(super) raw_start: u32,
@@ -191,7 +192,7 @@ fn ws(b: Padded<'_>, mut i: usize) -> usize {
 /// Trims JSON whitespace (which includes the '\r' of CRLF framing) from both ends. Form feed and
 /// other ASCII whitespace are not JSON whitespace and stay, to be rejected.
 #[inline(always)]
-fn trim(line: &[u8]) -> &[u8] {
+pub(super) fn trim(line: &[u8]) -> &[u8] {
     let mut s = line;
     while let [c, rest @ ..] = s {
         if !is_ws(*c) {
@@ -293,15 +294,19 @@ fn string_end_escaped(b: Padded<'_>, mut j: usize) -> Result<usize, DecodeError>
     }
 }
 
-/// Copies `b` into `padded[..n]`, zeroes `padded[n..]` (`LINE_PAD` bytes), and says whether
-/// any byte is >= 0x80 (then the line's UTF-8 needs checking). `memcpy` plus an OR-reduction
-/// LLVM vectorizes measured the same as a fused 16-byte copy loop, and is plainer.
+/// Copies `b` into `padded[..n]` and zeroes `padded[n..]` (`LINE_PAD` bytes).
 #[inline(always)]
-fn copy_padded(b: &[u8], padded: &mut [u8]) -> bool {
+fn copy_padded(b: &[u8], padded: &mut [u8]) {
     let n = b.len();
     assert_eq!(padded.len(), n + LINE_PAD);
     padded[..n].copy_from_slice(b);
     padded[n..].fill(0);
+}
+
+/// Whether any byte is >= 0x80 (then the line's UTF-8 needs checking). An OR-reduction LLVM
+/// vectorizes.
+#[inline(always)]
+fn any_high(b: &[u8]) -> bool {
     b.iter().fold(0u8, |acc, &c| acc | c) >= 0x80
 }
 
@@ -310,7 +315,13 @@ fn copy_padded(b: &[u8], padded: &mut [u8]) -> bool {
 /// their members in the same order line after line, so the answer for the same position last
 /// time (`KeyMemo`) is usually this one, settled by one compare instead of a table probe.
 #[inline(always)]
-fn top_key(memo: &mut [KeyMemo], table: &FieldTable, m: u32, key: &[u8], prefix: u64) -> u32 {
+pub(super) fn top_key(
+    memo: &mut [KeyMemo],
+    table: &FieldTable,
+    m: u32,
+    key: &[u8],
+    prefix: u64,
+) -> u32 {
     debug_assert!(key.len() <= 8);
     let Some(memo) = memo.get_mut(m as usize) else {
         return table.child(NODE_ROOT, key, prefix);
@@ -389,9 +400,34 @@ impl Decoder {
             Some(b'{') => {}
             Some(_) => return Err(DecodeError::NotObject),
         }
+        let start = b.as_ptr() as usize - line.as_ptr() as usize;
+        if let Some(kernel) = self.flat {
+            let (table, memo, marks) = (&self.table, &mut self.key_memo, &mut self.marks);
+            if let Some(f) = flat::scan(kernel, b, table, memo, slots, marks) {
+                return Ok(Scanned {
+                    start,
+                    len: b.len(),
+                    seen: f.seen,
+                    session: f.session,
+                    root_members: f.root_members,
+                    scratch_len: 0,
+                });
+            }
+        }
+        self.scan_full(b, start, slots)
+    }
+
+    /// `scan_into` by the byte-at-a-time scanner alone, on the trimmed line `b` (at `start` in
+    /// the line given): every line `flat` declines, and every error.
+    pub(super) fn scan_full(
+        &mut self,
+        b: &[u8],
+        start: usize,
+        slots: &mut [Slot],
+    ) -> Result<Scanned, DecodeError> {
         let n = b.len();
-        let padded = &mut self.line[..n + LINE_PAD];
-        let any_non_ascii = copy_padded(b, padded);
+        copy_padded(b, &mut self.line[..n + LINE_PAD]);
+        let padded = &self.line[..n + LINE_PAD];
         let mut s = Scanner {
             b: Padded::new(padded, n),
             table: &self.table,
@@ -411,11 +447,11 @@ impl Decoder {
         }
         // Only string bodies can hold non-ASCII bytes once the grammar held (anywhere else they
         // were rejected as garbage), so one pass over the line checks exactly them.
-        if any_non_ascii && std::str::from_utf8(b).is_err() {
+        if any_high(b) && std::str::from_utf8(b).is_err() {
             return Err(DecodeError::InvalidUtf8);
         }
         Ok(Scanned {
-            start: b.as_ptr() as usize - line.as_ptr() as usize,
+            start,
             len: n,
             seen: s.seen,
             session: s.session,
@@ -710,5 +746,5 @@ impl Scanner<'_> {
     }
 }
 
-const SESSION_KEY: &[u8; 8] = b"_session";
-const SESSION_PREFIX: u64 = u64::from_le_bytes(*SESSION_KEY);
+pub(super) const SESSION_KEY: &[u8; 8] = b"_session";
+pub(super) const SESSION_PREFIX: u64 = u64::from_le_bytes(*SESSION_KEY);

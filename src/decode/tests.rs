@@ -8,7 +8,7 @@ use super::*;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 
-fn table(paths: &[&str]) -> FieldTable {
+pub(super) fn table(paths: &[&str]) -> FieldTable {
     let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
     FieldTable::new(&paths).expect("valid test paths")
 }
@@ -857,12 +857,12 @@ fn arb_value() -> impl Strategy<Value = Value> {
     })
 }
 
-fn arb_object() -> impl Strategy<Value = Value> {
+pub(super) fn arb_object() -> impl Strategy<Value = Value> {
     prop::collection::vec((arb_key(), arb_value()), 0..8)
         .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>()))
 }
 
-const PROP_PATHS: &[&str] = &[
+pub(super) const PROP_PATHS: &[&str] = &[
     "a",
     "b",
     "c",
@@ -880,22 +880,22 @@ const PROP_PATHS: &[&str] = &[
 ];
 
 /// Tiny deterministic generator for formatting choices; the seed is part of the proptest input.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
     fn one_in(&mut self, n: u64) -> bool {
-        self.next() % n == 0
+        self.next().is_multiple_of(n)
     }
 }
 
 /// A serializer that, unlike serde_json, escapes characters it need not escape (\uXXXX, surrogate
 /// pairs, \/) and sprinkles whitespace, so the scanner sees every legal spelling.
-fn write_spelled(v: &Value, rng: &mut Rng, out: &mut String) {
+pub(super) fn write_spelled(v: &Value, rng: &mut Rng, out: &mut String) {
     let ws = |rng: &mut Rng, out: &mut String| {
         if rng.one_in(4) {
             for _ in 0..rng.next() % 3 + 1 {
@@ -1113,7 +1113,7 @@ proptest! {
 
 /// One edit of a valid line: the bytes are chosen to hit grammar edges as often as random ones.
 #[derive(Clone, Debug)]
-enum Mutation {
+pub(super) enum Mutation {
     Replace(usize, u8),
     Insert(usize, u8),
     Delete(usize),
@@ -1130,7 +1130,7 @@ fn arb_byte() -> impl Strategy<Value = u8> {
     ]
 }
 
-fn arb_mutation() -> impl Strategy<Value = Mutation> {
+pub(super) fn arb_mutation() -> impl Strategy<Value = Mutation> {
     prop_oneof![
         4 => (any::<usize>(), arb_byte()).prop_map(|(i, b)| Mutation::Replace(i, b)),
         2 => (any::<usize>(), arb_byte()).prop_map(|(i, b)| Mutation::Insert(i, b)),
@@ -1139,7 +1139,7 @@ fn arb_mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
-fn mutate(line: &mut Vec<u8>, m: &Mutation) {
+pub(super) fn mutate(line: &mut Vec<u8>, m: &Mutation) {
     let len = line.len();
     match *m {
         Mutation::Replace(i, b) if len > 0 => line[i % len] = b,

@@ -50,7 +50,7 @@ impl Arena {
     pub fn new(arena_bytes: u64, block_bytes: u32, numa_node: Option<u32>) -> io::Result<Arena> {
         // Multiples of 8 keep every block 8-byte aligned, so the engine may lay out u64 records.
         assert!(
-            block_bytes >= 8 && block_bytes % 8 == 0,
+            block_bytes >= 8 && block_bytes.is_multiple_of(8),
             "block_bytes {block_bytes}"
         );
         let blocks_total = arena_bytes / u64::from(block_bytes);

@@ -278,7 +278,7 @@ impl Table {
         let cap = self.capacity() as usize;
         let c = &mut self.cut;
         c.pending.fill(u64::MAX);
-        if cap % 64 != 0 {
+        if !cap.is_multiple_of(64) {
             *c.pending.last_mut().expect("capacity > 0") = (1u64 << (cap % 64)) - 1;
         }
         c.above = 0;

@@ -714,7 +714,7 @@ pub async fn run_lines(
         while !ctx.st.borrow_mut().handoff.collect_returns() {
             glommio::timer::sleep(Duration::from_micros(100)).await;
             waited += 1;
-            if waited % 10_000 == 0 {
+            if waited.is_multiple_of(10_000) {
                 log::warn!(
                     "shard {}: waiting {} s for hand-off buffers to come back",
                     ctx.id,
