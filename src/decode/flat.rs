@@ -76,16 +76,14 @@ struct Classes {
     high: u64,
 }
 
-/// The line's marks: its tokens and closing quotes as offsets in order, and which bytes are
-/// scalars and digits. Lives in the decoder; only the first `blocks` words of each mask and
-/// the counted offsets belong to the current line.
+/// The line's marks: its tokens as offsets in order, and which bytes are scalars and digits.
+/// Lives in the decoder; only the first `blocks` words of each mask and the counted offsets
+/// belong to the current line.
 pub(super) struct Marks {
-    /// Structural bytes outside strings, opening quotes, and the first byte of each scalar.
+    /// Structural bytes outside strings, quotes (a string's closing quote is the token right
+    /// after its opening one), and the first byte of each scalar.
     tokens: [u16; OFFSETS_CAP],
     token_count: usize,
-    /// Closing quotes: the k-th one closes the k-th string.
-    closes: [u16; OFFSETS_CAP],
-    close_count: usize,
     /// Bytes outside strings that are neither whitespace nor structural (numbers, literals, and
     /// garbage the walk rejects).
     scalar: [u64; BLOCKS_MAX],
@@ -99,8 +97,6 @@ impl Marks {
         Marks {
             tokens: [0; OFFSETS_CAP],
             token_count: 0,
-            closes: [0; OFFSETS_CAP],
-            close_count: 0,
             scalar: [0; BLOCKS_MAX],
             digit: [0; BLOCKS_MAX],
             blocks: 0,
@@ -193,7 +189,7 @@ fn mark_with(
     let blocks = n.div_ceil(BLOCK);
     let (mut in_string, mut in_scalar) = (0u64, 0u64);
     let (mut refuse, mut high) = (0u64, 0u64);
-    let (mut token_count, mut close_count) = (0usize, 0usize);
+    let mut token_count = 0usize;
     for k in 0..blocks {
         let len = (n - k * BLOCK).min(BLOCK);
         let c = classify(k * BLOCK, len);
@@ -216,19 +212,14 @@ fn mark_with(
         let opened_inside = c.open & outside & if k == 0 { !1 } else { u64::MAX };
         refuse |= (c.backslash & valid) | (c.control & valid & !space) | opened_inside;
         high |= c.high & valid;
-        let tokens = structural | (quote & inside) | scalar_start;
-        let closes = quote & !inside;
-        let base = (k * BLOCK) as u16;
-        offsets(tokens, base, &mut m.tokens[token_count..]);
-        offsets(closes, base, &mut m.closes[close_count..]);
+        let tokens = structural | quote | scalar_start;
+        offsets(tokens, (k * BLOCK) as u16, &mut m.tokens[token_count..]);
         token_count += tokens.count_ones() as usize;
-        close_count += closes.count_ones() as usize;
         m.scalar[k] = scalar;
         m.digit[k] = c.digit & scalar;
     }
     m.blocks = blocks;
     m.token_count = token_count;
-    m.close_count = close_count;
     m.high = high != 0;
     refuse == 0 && in_string == 0
 }
@@ -243,7 +234,6 @@ fn walk(
     slots: &mut [Slot],
 ) -> Option<Flat> {
     let tokens = &m.tokens[..m.token_count];
-    let closes = &m.closes[..m.close_count];
     let (scalar, digit) = (&m.scalar[..m.blocks], &m.digit[..m.blocks]);
     let token = |i: usize| tokens.get(i).map(|&t| usize::from(t));
     let mut flat = Flat {
@@ -259,14 +249,14 @@ fn walk(
     if tokens.len() == 2 {
         return Some(flat);
     }
-    let (mut i, mut q) = (1, 0);
+    let mut i = 1;
     let mut comma = COMMA_NONE;
     loop {
         let t = token(i)?;
         if b[t] != b'"' {
             return None;
         }
-        let close = usize::from(*closes.get(q)?);
+        let close = token(i + 1)?;
         let len = close - t - 1;
         let prefix = key_prefix(b, t + 1, len);
         let key = &b[t + 1..close];
@@ -285,16 +275,16 @@ fn walk(
                 comma,
             });
         }
-        if b[token(i + 1)?] != b':' {
+        if b[token(i + 2)?] != b':' {
             return None;
         }
-        let v = token(i + 2)?;
+        let v = token(i + 3)?;
+        i += 4;
         let (kind, value_end, text) = if b[v] == b'"' {
-            let close = usize::from(*closes.get(q + 1)?);
-            q += 2;
+            let close = token(i)?;
+            i += 1;
             (SlotKind::String, close + 1, (v + 1, close))
         } else {
-            q += 1;
             // A scalar is the whole run of scalar bytes ("01" and "truex" are not scalars).
             let end = run_end(scalar, v);
             let kind = if b[v].wrapping_sub(b'1') < 9 && run_end(digit, v) == end {
@@ -327,15 +317,15 @@ fn walk(
                 };
             }
         }
-        let s = token(i + 3)?;
-        i += 4;
+        let s = token(i)?;
+        i += 1;
         match b[s] {
             b',' => comma = s as u32,
             b'}' => break,
             _ => return None,
         }
     }
-    if i != tokens.len() || q != closes.len() {
+    if i != tokens.len() {
         return None;
     }
     Some(flat)
