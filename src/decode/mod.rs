@@ -10,16 +10,16 @@
 //! for strings, valid UTF-8 text. A top-level `"_session"` member is tracked like an extracted
 //! field (a second one is `DuplicateField`) because `write_enriched` replaces it.
 //!
-//! Submodules: `table` (compiled paths), `flat` (the fast path for flat objects: the line
-//! classified 64 bytes at a time, then its tokens walked), `scan` (grammar and field
-//! extraction, for every line `flat` declines), `chunk` (the SIMD string-body classifier `scan`
-//! skips strings with), `escape` (string bodies both ways), `splice` (`write_enriched`).
+//! Submodules: `table` (compiled paths), `fast` (the fast path: the line classified 64 bytes at
+//! a time, then its tokens walked), `scan` (grammar and field extraction byte by byte, for every
+//! line `fast` declines), `chunk` (the SIMD string-body classifier `scan` skips strings with),
+//! `escape` (string bodies both ways), `splice` (`write_enriched`).
 
 mod chunk;
 mod escape;
-mod flat;
+mod fast;
 #[cfg(test)]
-mod flat_tests;
+mod fast_tests;
 mod scan;
 mod splice;
 mod table;
@@ -52,10 +52,10 @@ pub struct Decoder {
     slots: Box<[Slot]>,
     /// The top-level keys of the lines before, by member position (`scan::top_key`).
     key_memo: Box<[KeyMemo]>,
-    /// The fast path for flat objects, when the CPU has what it needs (`flat`).
-    flat: Option<flat::Kernel>,
-    /// The flat path's marks of the line being decoded.
-    marks: Box<flat::Marks>,
+    /// The fast path's kernel, when the CPU has what it needs (`fast`).
+    fast: Option<fast::Kernel>,
+    /// The fast path's marks of the line being decoded.
+    marks: Box<fast::Marks>,
 }
 
 impl Decoder {
@@ -71,8 +71,8 @@ impl Decoder {
             scratch: vec![0u8; line_bytes_max].into_boxed_slice(),
             slots: vec![Slot::default(); table.slot_count()].into_boxed_slice(),
             key_memo: vec![KeyMemo::default(); scan::KEY_MEMOS].into_boxed_slice(),
-            flat: flat::Kernel::detect(),
-            marks: Box::new(flat::Marks::new()),
+            fast: fast::Kernel::detect(),
+            marks: Box::new(fast::Marks::new()),
             table,
             depth_max,
             line_bytes_max,

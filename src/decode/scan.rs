@@ -20,7 +20,7 @@
 
 use super::chunk::classify16;
 use super::escape::unescape;
-use super::flat;
+use super::fast;
 use super::table::{key_prefix, prefix8, FieldTable, NODE_NONE, NODE_ROOT, SLOT_NONE};
 use super::{DecodeError, Decoder, Event};
 
@@ -401,9 +401,10 @@ impl Decoder {
             Some(_) => return Err(DecodeError::NotObject),
         }
         let start = b.as_ptr() as usize - line.as_ptr() as usize;
-        if let Some(kernel) = self.flat {
+        if let Some(kernel) = self.fast {
             let (table, memo, marks) = (&self.table, &mut self.key_memo, &mut self.marks);
-            if let Some(f) = flat::scan(kernel, b, table, memo, slots, marks) {
+            let depth_max = self.depth_max as usize;
+            if let Some(f) = fast::scan(kernel, b, depth_max, table, memo, slots, marks) {
                 return Ok(Scanned {
                     start,
                     len: b.len(),
@@ -418,7 +419,7 @@ impl Decoder {
     }
 
     /// `scan_into` by the byte-at-a-time scanner alone, on the trimmed line `b` (at `start` in
-    /// the line given): every line `flat` declines, and every error.
+    /// the line given): every line `fast` declines, and every error.
     pub(super) fn scan_full(
         &mut self,
         b: &[u8],

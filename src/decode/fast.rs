@@ -1,19 +1,20 @@
-//! The fast path for flat objects: lines whose members' values are all strings without
-//! escapes, numbers or literals, which most event lines are. It classifies the whole line 64
-//! bytes at a time into bit masks first, compresses the tokens' offsets out of them, then
-//! walks those. Finding the next token is a load from that list, where `scan` follows a chain
-//! of dependent loads from one string's end to the next (82 -> 54 ns for a 140-byte line of
-//! six members, `bench/RESULTS.md`, "JSON decoder").
+//! The decoder's fast path, for lines without escapes or control bytes, which most event lines
+//! are. It classifies the whole line 64 bytes at a time into bit masks first, compresses the
+//! tokens' offsets out of them, then walks those: `walk_flat` when no container opens past the
+//! first byte, `walk_nested` otherwise. Finding the next token is a load from that list, where
+//! `scan` follows a chain of dependent loads from one string's end to the next (a 140-byte flat
+//! line of six members: 82 -> 55 ns; a 185-byte line with nested objects and an array: 136 ->
+//! 124 ns; `bench/RESULTS.md`, "JSON decoder").
 //!
 //! Invariants: the fast path only ever accepts. A line it is not sure of makes it decline:
-//! a nested container, a backslash, a raw control byte (tabs and CRs between tokens included:
-//! producers write compact or space-separated JSON), a byte >= 0x80 in a line that is not
-//! UTF-8, any grammar fault, a duplicate field, a line of more than `BLOCKS_MAX` blocks. `scan`
-//! then decodes the line again and names the fault, so errors and their order are `scan`'s
-//! alone. On the lines it accepts, the two give the same slots, members and `_session` span
-//! (a proptest checks it on the same lines). It reads the line in place, never past its end
-//! (the last block's load is masked, or copied for AVX2), and, like `scan`, writes a slot at
-//! most once.
+//! a backslash, a raw control byte (tabs and CRs between tokens included: producers write
+//! compact or space-separated JSON), a byte >= 0x80 in a line that is not UTF-8, any grammar
+//! fault, a duplicate field, nesting past `depth_max` or `NESTING_MAX`, a line of more than
+//! `BLOCKS_MAX` blocks. `scan` then decodes the line again and names the fault, so errors and
+//! their order are `scan`'s alone. On the lines it accepts, the two give the same slots,
+//! members and `_session` span (proptests check it on the same lines). It reads the line in
+//! place, never past its end (the last block's load is masked, or copied for AVX2), and, like
+//! `scan`, writes a slot at most once.
 
 use super::scan::{top_key, KeyMemo, SessionSpan, Slot, SlotKind};
 use super::scan::{COMMA_NONE, SESSION_KEY, SESSION_PREFIX};
@@ -91,6 +92,8 @@ pub(super) struct Marks {
     digit: [u64; BLOCKS_MAX],
     blocks: usize,
     high: bool,
+    /// A container opens somewhere past the line's first byte.
+    nested: bool,
 }
 
 impl Marks {
@@ -102,6 +105,7 @@ impl Marks {
             digit: [0; BLOCKS_MAX],
             blocks: 0,
             high: false,
+            nested: false,
         }
     }
 }
@@ -121,40 +125,45 @@ fn run_end(words: &[u64], i: usize) -> usize {
 }
 
 /// What the walk found beside the slots it filled.
-pub(super) struct Flat {
+pub(super) struct Found {
     pub(super) seen: u64,
     pub(super) session: Option<SessionSpan>,
     pub(super) root_members: u32,
 }
 
-/// Decodes the flat object `b` (trimmed, `b[0] == '{'`), or None when it is not one the fast
-/// path is sure of. Reads `b` in place: no read goes past its end. Not inlined into `scan`'s
+/// Decodes the object `b` (trimmed, `b[0] == '{'`), or None when it is not one the fast path
+/// is sure of. Reads `b` in place: no read goes past its end. Not inlined into `scan`'s
 /// caller, whose full scanner would crowd the walk's registers.
 #[inline(never)]
 pub(super) fn scan(
     kernel: Kernel,
     b: &[u8],
+    depth_max: usize,
     table: &FieldTable,
     memo: &mut [KeyMemo],
     slots: &mut [Slot],
     marks: &mut Marks,
-) -> Option<Flat> {
+) -> Option<Found> {
     if b.len() > BLOCKS_MAX * BLOCK {
         return None;
     }
     if !mark(kernel, b, marks) {
         return None;
     }
-    let flat = walk(marks, b, table, memo, slots)?;
+    let found = if marks.nested {
+        walk_nested(marks, b, depth_max, table, memo, slots)?
+    } else {
+        walk_flat(marks, b, table, memo, slots)?
+    };
     // Only string bodies can hold high bytes once the walk accepted (anywhere else they are
     // scalar garbage), so one check of the line covers them.
     if marks.high && std::str::from_utf8(b).is_err() {
         return None;
     }
-    Some(flat)
+    Some(found)
 }
 
-/// Fills `m` for `b`; false when `b` is certainly not a flat object the walk accepts.
+/// Fills `m` for `b`; false when `b` is certainly not an object the walks accept.
 fn mark(kernel: Kernel, b: &[u8], m: &mut Marks) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -189,7 +198,7 @@ fn mark_with(
     let n = b.len();
     let blocks = n.div_ceil(BLOCK);
     let (mut in_string, mut in_scalar) = (0u64, 0u64);
-    let (mut refuse, mut high) = (0u64, 0u64);
+    let (mut refuse, mut high, mut nested) = (0u64, 0u64, 0u64);
     let mut token_count = 0usize;
     for k in 0..blocks {
         let len = (n - k * BLOCK).min(BLOCK);
@@ -209,9 +218,8 @@ fn mark_with(
         let scalar = outside & !space & !structural;
         let scalar_start = scalar & !((scalar << 1) | in_scalar);
         in_scalar = scalar >> 63;
-        // A container opened anywhere but at the line's first byte is a nested one.
-        let opened_inside = c.open & outside & if k == 0 { !1 } else { u64::MAX };
-        refuse |= (c.backslash | c.control) & valid | opened_inside;
+        refuse |= (c.backslash | c.control) & valid;
+        nested |= c.open & outside & if k == 0 { !1 } else { u64::MAX };
         high |= c.high & valid;
         let tokens = structural | quote | scalar_start;
         offsets(tokens, (k * BLOCK) as u16, &mut m.tokens[token_count..]);
@@ -222,22 +230,24 @@ fn mark_with(
     m.blocks = blocks;
     m.token_count = token_count;
     m.high = high != 0;
+    m.nested = nested != 0;
     refuse == 0 && in_string == 0
 }
 
-/// Checks the token sequence `{ (key : value (, key : value)*)? }` and fills the slots.
+/// Checks the token sequence `{ (key : value (, key : value)*)? }` of a line without nested
+/// containers and fills the slots: `walk` for the common case, with less to track.
 #[inline(always)]
-fn walk(
+fn walk_flat(
     m: &Marks,
     b: &[u8],
     table: &FieldTable,
     memo: &mut [KeyMemo],
     slots: &mut [Slot],
-) -> Option<Flat> {
+) -> Option<Found> {
     let tokens = &m.tokens[..m.token_count];
     let (scalar, digit) = (&m.scalar[..m.blocks], &m.digit[..m.blocks]);
     let token = |i: usize| tokens.get(i).map(|&t| usize::from(t));
-    let mut flat = Flat {
+    let mut found = Found {
         seen: 0,
         session: None,
         root_members: 0,
@@ -248,7 +258,7 @@ fn walk(
         return None;
     }
     if tokens.len() == 2 {
-        return Some(flat);
+        return Some(found);
     }
     let mut i = 1;
     let mut comma = COMMA_NONE;
@@ -262,16 +272,16 @@ fn walk(
         let prefix = key_prefix(b, t + 1, len);
         let key = &b[t + 1..close];
         let target = if len <= 8 {
-            top_key(memo, table, flat.root_members, key, prefix)
+            top_key(memo, table, found.root_members, key, prefix)
         } else {
             table.child(NODE_ROOT, key, prefix)
         };
-        flat.root_members += 1;
+        found.root_members += 1;
         if len == SESSION_KEY.len() && prefix == SESSION_PREFIX {
-            if flat.session.is_some() {
+            if found.session.is_some() {
                 return None;
             }
-            flat.session = Some(SessionSpan {
+            found.session = Some(SessionSpan {
                 start: t as u32,
                 comma,
             });
@@ -301,23 +311,14 @@ fn walk(
             };
             (kind, end, (0, 0))
         };
-        if target != NODE_NONE {
-            let slot = table.node(target).slot;
-            if slot != SLOT_NONE {
-                let bit = 1u64 << slot;
-                if flat.seen & bit != 0 {
-                    return None;
-                }
-                flat.seen |= bit;
-                slots[usize::from(slot)] = Slot {
-                    kind,
-                    raw_start: v as u32,
-                    raw_end: value_end as u32,
-                    text_start: text.0 as u32,
-                    text_end: text.1 as u32,
-                };
-            }
-        }
+        let value = Slot {
+            kind,
+            raw_start: v as u32,
+            raw_end: value_end as u32,
+            text_start: text.0 as u32,
+            text_end: text.1 as u32,
+        };
+        record(table, slots, &mut found.seen, target, value)?;
         let s = token(i)?;
         i += 1;
         match b[s] {
@@ -329,7 +330,244 @@ fn walk(
     if i != tokens.len() {
         return None;
     }
-    Some(flat)
+    Some(found)
+}
+
+/// An open container during the walk.
+#[derive(Clone, Copy)]
+struct Open {
+    /// Its trie node (`NODE_NONE` when nothing at or below it is extracted), as in `scan`.
+    node: u32,
+    /// Offset of its bracket.
+    start: u32,
+    is_array: bool,
+}
+
+impl Open {
+    fn closer(self) -> u8 {
+        if self.is_array {
+            b']'
+        } else {
+            b'}'
+        }
+    }
+}
+
+/// Records the value of `node`'s path, if extracted; None on a second value for its slot.
+#[inline(always)]
+fn record(
+    table: &FieldTable,
+    slots: &mut [Slot],
+    seen: &mut u64,
+    node: u32,
+    value: Slot,
+) -> Option<()> {
+    if node != NODE_NONE {
+        let at = table.node(node).slot;
+        if at != SLOT_NONE {
+            let bit = 1u64 << at;
+            if *seen & bit != 0 {
+                return None;
+            }
+            *seen |= bit;
+            slots[usize::from(at)] = value;
+        }
+    }
+    Some(())
+}
+
+/// Containers open at once on the fast path; deeper lines take `scan`.
+const NESTING_MAX: usize = 32;
+
+/// The trie node a container opened at `target` keeps: as `scan`'s `container_node`, only if
+/// something is extracted at or (for objects) below it.
+#[inline(always)]
+fn container_node(table: &FieldTable, target: u32, is_array: bool) -> u32 {
+    if target == NODE_NONE {
+        return NODE_NONE;
+    }
+    let extracted = table.node(target).slot != SLOT_NONE;
+    if extracted || (!is_array && table.has_children(target)) {
+        target
+    } else {
+        NODE_NONE
+    }
+}
+
+/// Checks the tokens as one JSON object (objects, arrays, strings and scalars within), walks
+/// the field trie in step as `scan` does, and fills the slots. Not inlined: `walk_flat`, the
+/// common case, keeps `scan`'s registers to itself.
+#[inline(never)]
+fn walk_nested(
+    m: &Marks,
+    b: &[u8],
+    depth_max: usize,
+    table: &FieldTable,
+    memo: &mut [KeyMemo],
+    slots: &mut [Slot],
+) -> Option<Found> {
+    let tokens = &m.tokens[..m.token_count];
+    let (scalar, digit) = (&m.scalar[..m.blocks], &m.digit[..m.blocks]);
+    let token = |i: usize| tokens.get(i).map(|&t| usize::from(t));
+    let mut found = Found {
+        seen: 0,
+        session: None,
+        root_members: 0,
+    };
+    // The first token is the '{' at 0; the last must be the '}' that ends the line.
+    let n = b.len();
+    if token(tokens.len().checked_sub(1)?)? != n - 1 || b[n - 1] != b'}' {
+        return None;
+    }
+    let depth_max = depth_max.min(NESTING_MAX);
+    let mut outer = [Open {
+        node: NODE_NONE,
+        start: 0,
+        is_array: false,
+    }; NESTING_MAX];
+    let mut cur = Open {
+        node: NODE_ROOT,
+        start: 0,
+        is_array: false,
+    };
+    let mut depth = 1;
+    let mut i = 1;
+    let mut comma = COMMA_NONE;
+    let mut just_opened = true;
+    'member: loop {
+        // A member or element of `cur` starts at token `i`, or `cur` closes empty.
+        let mut closed_at = None;
+        if just_opened {
+            just_opened = false;
+            let c = token(i)?;
+            if b[c] == cur.closer() {
+                i += 1;
+                closed_at = Some(c);
+            }
+        }
+        if closed_at.is_none() {
+            let target = if cur.is_array {
+                NODE_NONE
+            } else {
+                let (t, close, colon) = (token(i)?, token(i + 1)?, token(i + 2)?);
+                if b[t] != b'"' || b[colon] != b':' {
+                    return None;
+                }
+                i += 3;
+                let mut target = NODE_NONE;
+                if cur.node != NODE_NONE {
+                    let len = close - t - 1;
+                    let prefix = key_prefix(b, t + 1, len);
+                    let key = &b[t + 1..close];
+                    target = if depth == 1 && len <= 8 {
+                        top_key(memo, table, found.root_members, key, prefix)
+                    } else {
+                        table.child(cur.node, key, prefix)
+                    };
+                    if depth == 1 {
+                        found.root_members += 1;
+                        if len == SESSION_KEY.len() && prefix == SESSION_PREFIX {
+                            if found.session.is_some() {
+                                return None;
+                            }
+                            found.session = Some(SessionSpan {
+                                start: t as u32,
+                                comma,
+                            });
+                        }
+                    }
+                }
+                target
+            };
+            let v = token(i)?;
+            i += 1;
+            let (kind, end, text) = match b[v] {
+                b'"' => {
+                    let close = token(i)?;
+                    i += 1;
+                    (SlotKind::String, close + 1, (v + 1, close))
+                }
+                c @ (b'{' | b'[') => {
+                    if depth == depth_max {
+                        return None;
+                    }
+                    let is_array = c == b'[';
+                    outer[depth - 1] = cur;
+                    cur = Open {
+                        node: container_node(table, target, is_array),
+                        start: v as u32,
+                        is_array,
+                    };
+                    depth += 1;
+                    just_opened = true;
+                    continue 'member;
+                }
+                _ => {
+                    // A scalar is the whole run of scalar bytes ("01", "truex" are not).
+                    let end = run_end(scalar, v);
+                    let kind = if b[v].wrapping_sub(b'1') < 9 && run_end(digit, v) == end {
+                        SlotKind::Number
+                    } else {
+                        match &b[v..end] {
+                            b"true" => SlotKind::True,
+                            b"false" => SlotKind::False,
+                            b"null" => SlotKind::Null,
+                            s if is_number(s) => SlotKind::Number,
+                            _ => return None,
+                        }
+                    };
+                    (kind, end, (0, 0))
+                }
+            };
+            let value = Slot {
+                kind,
+                raw_start: v as u32,
+                raw_end: end as u32,
+                text_start: text.0 as u32,
+                text_end: text.1 as u32,
+            };
+            record(table, slots, &mut found.seen, target, value)?;
+        }
+        // After a value: a separator, or the close of `cur` (and maybe of its outer ones).
+        loop {
+            if let Some(c) = closed_at.take() {
+                let kind = if cur.is_array {
+                    SlotKind::Array
+                } else {
+                    SlotKind::Object
+                };
+                let whole = Slot {
+                    kind,
+                    raw_start: cur.start,
+                    raw_end: (c + 1) as u32,
+                    text_start: 0,
+                    text_end: 0,
+                };
+                record(table, slots, &mut found.seen, cur.node, whole)?;
+                depth -= 1;
+                if depth == 0 {
+                    break 'member;
+                }
+                cur = outer[depth - 1];
+            }
+            let s = token(i)?;
+            i += 1;
+            if b[s] == b',' {
+                if depth == 1 {
+                    comma = s as u32;
+                }
+                continue 'member;
+            }
+            if b[s] != cur.closer() {
+                return None;
+            }
+            closed_at = Some(s);
+        }
+    }
+    if i != tokens.len() {
+        return None;
+    }
+    Some(found)
 }
 
 /// Whether `s` is exactly one JSON number: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.

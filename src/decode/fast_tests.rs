@@ -1,9 +1,9 @@
-//! The flat-object fast path against the full scanner, on every kernel this CPU runs: what it
-//! accepts, the full scanner accepts with the same slots, members and `_session` span; and the
-//! flat lines it is for, it does accept (so a fast path that declined everything would fail
-//! here, not just run slowly).
+//! The fast path against the full scanner, on every kernel this CPU runs: what it accepts, the
+//! full scanner accepts with the same slots, members and `_session` span; and the lines it is
+//! for (no escapes, no control bytes), it does accept, so a fast path that declined everything
+//! would fail here, not just run slowly.
 
-use super::flat::{self, Kernel};
+use super::fast::{self, Kernel};
 use super::scan::{trim, Slot};
 use super::tests::{arb_mutation, arb_object, mutate, table, write_spelled, Rng, PROP_PATHS};
 use super::Decoder;
@@ -41,9 +41,10 @@ fn fast_checked(d: &mut Decoder, kernel: Kernel, line: &[u8]) -> Result<bool, Te
     }
     let slot_count = d.table.slot_count();
     let mut fast_slots = vec![Slot::default(); slot_count];
-    let fast = flat::scan(
+    let fast = fast::scan(
         kernel,
         b,
+        d.depth_max as usize,
         &d.table,
         &mut d.key_memo,
         &mut fast_slots,
@@ -77,24 +78,20 @@ fn fast_checked(d: &mut Decoder, kernel: Kernel, line: &[u8]) -> Result<bool, Te
     Ok(true)
 }
 
-/// Top-level members whose values are scalars or strings that need no escape, in keys that
-/// need none: the lines the fast path is for. Long strings carry members across blocks.
-fn arb_flat_object() -> impl Strategy<Value = Value> {
-    let key = prop_oneof![
-        prop::sample::select(vec![
-            "a",
-            "b",
-            "c",
-            "ctx",
-            "_session",
-            "x y",
-            "é",
-            "longer_key_name"
-        ])
-        .prop_map(str::to_string),
-        "[a-z_é😀]{0,20}",
-    ];
-    let value = prop_oneof![
+/// Objects whose keys and strings need no escape, nested a few levels: the lines the fast path
+/// is for. Keys come mostly from the extracted paths' segments, and long strings carry members
+/// across blocks.
+fn arb_plain_object() -> impl Strategy<Value = Value> {
+    let key = || {
+        prop_oneof![
+            3 => prop::sample::select(vec![
+                "a", "b", "c", "ctx", "device", "id", "_session", "x y", "é", "longer_key_name"
+            ])
+            .prop_map(str::to_string),
+            1 => "[a-z_é😀]{0,20}",
+        ]
+    };
+    let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
@@ -104,7 +101,14 @@ fn arb_flat_object() -> impl Strategy<Value = Value> {
         "[a-z0-9 _./:,{}\\[\\]-]{0,90}".prop_map(Value::String),
         "[é€😀x]{0,20}".prop_map(Value::String),
     ];
-    prop::collection::vec((key, value), 0..10)
+    let value = leaf.prop_recursive(3, 24, 4, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::vec((key(), inner), 0..4)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>())),
+        ]
+    });
+    prop::collection::vec((key(), value), 0..10)
         .prop_map(|kv| Value::Object(kv.into_iter().collect::<Map<_, _>>()))
 }
 
@@ -132,14 +136,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(1024))]
 
     #[test]
-    fn prop_fast_path_accepts_flat_lines_and_agrees(v in arb_flat_object(), seed in any::<u64>()) {
+    fn prop_fast_path_accepts_plain_lines_and_agrees(v in arb_plain_object(), seed in any::<u64>()) {
         for kernel in kernels() {
             let mut d = prop_decoder();
             for line in [serde_json::to_string(&v).expect("serializable"), spaced(&v, seed)] {
-                prop_assert!(
-                    fast_checked(&mut d, kernel, line.as_bytes())?,
-                    "{:?} declined the flat line {:?}", kernel, line
-                );
+                let accepted = fast_checked(&mut d, kernel, line.as_bytes())?;
+                // Longer lines are the full scanner's (`fast::BLOCKS_MAX`).
+                let fits = line.len() <= fast::BLOCKS_MAX * 64;
+                prop_assert_eq!(accepted, fits, "{:?} on the line {:?}", kernel, line);
             }
         }
     }
@@ -179,11 +183,42 @@ fn fast_path_edges() {
         (r#"{"a":1}"#.into(), true),
         (r#"{"a":0,"b":-0,"c":1.5e3,"ctx":-2E-7}"#.into(), true),
         (r#"{"a":true,"b":false,"c":null}"#.into(), true),
-        (r#"{"_session":{"id":1}}"#.into(), false),
+        (r#"{"_session":{"id":1}}"#.into(), true),
         (r#"{"_session":"s","a":1}"#.into(), true),
         (r#"{"a":1,"_session":"s"}"#.into(), true),
-        (r#"{"a":{"b":1}}"#.into(), false),
-        (r#"{"a":[1]}"#.into(), false),
+        (r#"{"a":{"b":1}}"#.into(), true),
+        (r#"{"a":[1]}"#.into(), true),
+        (
+            r#"{"a":[],"b":{},"c":[[]],"ctx":{"device":{"id":"d"}}}"#.into(),
+            true,
+        ),
+        (
+            r#"{"a":[1,[2,{"b":null}],"x"],"a.b":{"c":[true]}}"#.into(),
+            true,
+        ),
+        (r#"{"a":{"b":{"c":1}},"b":{"a":2}}"#.into(), true),
+        (r#"{"a":[1,]}"#.into(), false),
+        (r#"{"a":[,1]}"#.into(), false),
+        (r#"{"a":[1}"#.into(), false),
+        (r#"{"a":{"b":1]}"#.into(), false),
+        (r#"{"a":{"b"}}"#.into(), false),
+        (r#"{"a":{"b":}}"#.into(), false),
+        (r#"{"a":{1:2}}"#.into(), false),
+        (r#"{"a":[1 2]}"#.into(), false),
+        (r#"{"a":[1]]}"#.into(), false),
+        (r#"{"a":{"b":1,"b":2}}"#.into(), false),
+        (r#"{"c":{"x":1,"x":2},"b":[1,1]}"#.into(), true),
+        (r#"{"a":{"b":1},"a":{"b":2}}"#.into(), false),
+        (r#"{"ctx":{"device":{"id":1,"id":2}}}"#.into(), false),
+        // 32 containers open at once, the root included, and no more.
+        (
+            format!(r#"{{"a":{}1{}}}"#, "[".repeat(31), "]".repeat(31)),
+            true,
+        ),
+        (
+            format!(r#"{{"a":{}1{}}}"#, "[".repeat(32), "]".repeat(32)),
+            false,
+        ),
         (r#"{"a":"x\"y"}"#.into(), false),
         ("{\"a\":\"x\ty\"}".into(), false),
         ("{\"a\":1,\t\"b\":2}".into(), false),
@@ -233,9 +268,23 @@ fn fast_path_edges() {
     }
 }
 
+/// Nesting past the decoder's `depth_max` is the full scanner's to report.
+#[test]
+fn fast_path_leaves_depth_errors_to_the_full_scanner() {
+    for kernel in kernels() {
+        let mut d = Decoder::new(table(PROP_PATHS), 3, 1 << 10);
+        assert!(fast_checked(&mut d, kernel, br#"{"a":{"b":[1]}}"#).expect("agrees"));
+        assert!(!fast_checked(&mut d, kernel, br#"{"a":{"b":[[1]]}}"#).expect("agrees"));
+        assert_eq!(
+            d.decode(br#"{"a":{"b":[[1]]}}"#).err(),
+            Some(super::DecodeError::TooDeep)
+        );
+    }
+}
+
 /// On a CPU with AVX2, a decoder takes the fast path on its own (`Kernel::detect`).
 #[test]
 fn decoders_pick_a_kernel_where_the_cpu_has_one() {
     assert_eq!(Kernel::detect(), kernels().first().copied());
-    assert_eq!(prop_decoder().flat, Kernel::detect());
+    assert_eq!(prop_decoder().fast, Kernel::detect());
 }
