@@ -125,6 +125,7 @@ fn run_end(words: &[u64], i: usize) -> usize {
 }
 
 /// What the walk found beside the slots it filled.
+#[derive(Default)]
 pub(super) struct Found {
     pub(super) seen: u64,
     pub(super) session: Option<SessionSpan>,
@@ -148,6 +149,11 @@ pub(super) fn scan(
         return None;
     }
     if !mark(kernel, b, marks) {
+        return None;
+    }
+    // The first token is the '{' at 0; the last must be the '}' that ends the line.
+    let last = *marks.tokens[..marks.token_count].last()?;
+    if usize::from(last) != b.len() - 1 || b[b.len() - 1] != b'}' {
         return None;
     }
     let found = if marks.nested {
@@ -235,7 +241,7 @@ fn mark_with(
 }
 
 /// Checks the token sequence `{ (key : value (, key : value)*)? }` of a line without nested
-/// containers and fills the slots: `walk` for the common case, with less to track.
+/// containers and fills the slots: the common case, with less to track than `walk_nested`.
 #[inline(always)]
 fn walk_flat(
     m: &Marks,
@@ -245,18 +251,8 @@ fn walk_flat(
     slots: &mut [Slot],
 ) -> Option<Found> {
     let tokens = &m.tokens[..m.token_count];
-    let (scalar, digit) = (&m.scalar[..m.blocks], &m.digit[..m.blocks]);
     let token = |i: usize| tokens.get(i).map(|&t| usize::from(t));
-    let mut found = Found {
-        seen: 0,
-        session: None,
-        root_members: 0,
-    };
-    // The first token is the '{' at 0; the last must be the '}' that ends the line.
-    let n = b.len();
-    if token(tokens.len().checked_sub(1)?)? != n - 1 || b[n - 1] != b'}' {
-        return None;
-    }
+    let mut found = Found::default();
     if tokens.len() == 2 {
         return Some(found);
     }
@@ -267,25 +263,7 @@ fn walk_flat(
         if b[t] != b'"' {
             return None;
         }
-        let close = token(i + 1)?;
-        let len = close - t - 1;
-        let prefix = key_prefix(b, t + 1, len);
-        let key = &b[t + 1..close];
-        let target = if len <= 8 {
-            top_key(memo, table, found.root_members, key, prefix)
-        } else {
-            table.child(NODE_ROOT, key, prefix)
-        };
-        found.root_members += 1;
-        if len == SESSION_KEY.len() && prefix == SESSION_PREFIX {
-            if found.session.is_some() {
-                return None;
-            }
-            found.session = Some(SessionSpan {
-                start: t as u32,
-                comma,
-            });
-        }
+        let target = top_member(&mut found, memo, table, b, (t, token(i + 1)?), comma)?;
         if b[token(i + 2)?] != b':' {
             return None;
         }
@@ -296,29 +274,18 @@ fn walk_flat(
             i += 1;
             (SlotKind::String, close + 1, (v + 1, close))
         } else {
-            // A scalar is the whole run of scalar bytes ("01" and "truex" are not scalars).
-            let end = run_end(scalar, v);
-            let kind = if b[v].wrapping_sub(b'1') < 9 && run_end(digit, v) == end {
-                SlotKind::Number
-            } else {
-                match &b[v..end] {
-                    b"true" => SlotKind::True,
-                    b"false" => SlotKind::False,
-                    b"null" => SlotKind::Null,
-                    s if is_number(s) => SlotKind::Number,
-                    _ => return None,
-                }
-            };
+            let (kind, end) = scalar_at(m, b, v)?;
             (kind, end, (0, 0))
         };
-        let value = Slot {
+        record(
+            table,
+            slots,
+            &mut found.seen,
+            target,
             kind,
-            raw_start: v as u32,
-            raw_end: value_end as u32,
-            text_start: text.0 as u32,
-            text_end: text.1 as u32,
-        };
-        record(table, slots, &mut found.seen, target, value)?;
+            (v, value_end),
+            text,
+        )?;
         let s = token(i)?;
         i += 1;
         match b[s] {
@@ -353,14 +320,50 @@ impl Open {
     }
 }
 
-/// Records the value of `node`'s path, if extracted; None on a second value for its slot.
+/// The trie node of the top-level key quoted at `quotes` (the offsets of its two quotes),
+/// `comma` the separator before it: counts the member and notes a `_session` one (None on a
+/// second).
+#[inline(always)]
+fn top_member(
+    found: &mut Found,
+    memo: &mut [KeyMemo],
+    table: &FieldTable,
+    b: &[u8],
+    (open, close): (usize, usize),
+    comma: u32,
+) -> Option<u32> {
+    let len = close - open - 1;
+    let prefix = key_prefix(b, open + 1, len);
+    let key = &b[open + 1..close];
+    let target = if len <= 8 {
+        top_key(memo, table, found.root_members, key, prefix)
+    } else {
+        table.child(NODE_ROOT, key, prefix)
+    };
+    found.root_members += 1;
+    if len == SESSION_KEY.len() && prefix == SESSION_PREFIX {
+        if found.session.is_some() {
+            return None;
+        }
+        found.session = Some(SessionSpan {
+            start: open as u32,
+            comma,
+        });
+    }
+    Some(target)
+}
+
+/// Records the value of `node`'s path, if extracted: a `kind` whose token is `b[raw]` and
+/// whose text (for strings) `b[text]`. None on a second value for its slot.
 #[inline(always)]
 fn record(
     table: &FieldTable,
     slots: &mut [Slot],
     seen: &mut u64,
     node: u32,
-    value: Slot,
+    kind: SlotKind,
+    raw: (usize, usize),
+    text: (usize, usize),
 ) -> Option<()> {
     if node != NODE_NONE {
         let at = table.node(node).slot;
@@ -370,7 +373,13 @@ fn record(
                 return None;
             }
             *seen |= bit;
-            slots[usize::from(at)] = value;
+            slots[usize::from(at)] = Slot {
+                kind,
+                raw_start: raw.0 as u32,
+                raw_end: raw.1 as u32,
+                text_start: text.0 as u32,
+                text_end: text.1 as u32,
+            };
         }
     }
     Some(())
@@ -407,18 +416,8 @@ fn walk_nested(
     slots: &mut [Slot],
 ) -> Option<Found> {
     let tokens = &m.tokens[..m.token_count];
-    let (scalar, digit) = (&m.scalar[..m.blocks], &m.digit[..m.blocks]);
     let token = |i: usize| tokens.get(i).map(|&t| usize::from(t));
-    let mut found = Found {
-        seen: 0,
-        session: None,
-        root_members: 0,
-    };
-    // The first token is the '{' at 0; the last must be the '}' that ends the line.
-    let n = b.len();
-    if token(tokens.len().checked_sub(1)?)? != n - 1 || b[n - 1] != b'}' {
-        return None;
-    }
+    let mut found = Found::default();
     let depth_max = depth_max.min(NESTING_MAX);
     let mut outer = [Open {
         node: NODE_NONE,
@@ -454,30 +453,14 @@ fn walk_nested(
                     return None;
                 }
                 i += 3;
-                let mut target = NODE_NONE;
-                if cur.node != NODE_NONE {
+                if depth == 1 {
+                    top_member(&mut found, memo, table, b, (t, close), comma)?
+                } else if cur.node != NODE_NONE {
                     let len = close - t - 1;
-                    let prefix = key_prefix(b, t + 1, len);
-                    let key = &b[t + 1..close];
-                    target = if depth == 1 && len <= 8 {
-                        top_key(memo, table, found.root_members, key, prefix)
-                    } else {
-                        table.child(cur.node, key, prefix)
-                    };
-                    if depth == 1 {
-                        found.root_members += 1;
-                        if len == SESSION_KEY.len() && prefix == SESSION_PREFIX {
-                            if found.session.is_some() {
-                                return None;
-                            }
-                            found.session = Some(SessionSpan {
-                                start: t as u32,
-                                comma,
-                            });
-                        }
-                    }
+                    table.child(cur.node, &b[t + 1..close], key_prefix(b, t + 1, len))
+                } else {
+                    NODE_NONE
                 }
-                target
             };
             let v = token(i)?;
             i += 1;
@@ -503,30 +486,11 @@ fn walk_nested(
                     continue 'member;
                 }
                 _ => {
-                    // A scalar is the whole run of scalar bytes ("01", "truex" are not).
-                    let end = run_end(scalar, v);
-                    let kind = if b[v].wrapping_sub(b'1') < 9 && run_end(digit, v) == end {
-                        SlotKind::Number
-                    } else {
-                        match &b[v..end] {
-                            b"true" => SlotKind::True,
-                            b"false" => SlotKind::False,
-                            b"null" => SlotKind::Null,
-                            s if is_number(s) => SlotKind::Number,
-                            _ => return None,
-                        }
-                    };
+                    let (kind, end) = scalar_at(m, b, v)?;
                     (kind, end, (0, 0))
                 }
             };
-            let value = Slot {
-                kind,
-                raw_start: v as u32,
-                raw_end: end as u32,
-                text_start: text.0 as u32,
-                text_end: text.1 as u32,
-            };
-            record(table, slots, &mut found.seen, target, value)?;
+            record(table, slots, &mut found.seen, target, kind, (v, end), text)?;
         }
         // After a value: a separator, or the close of `cur` (and maybe of its outer ones).
         loop {
@@ -536,14 +500,8 @@ fn walk_nested(
                 } else {
                     SlotKind::Object
                 };
-                let whole = Slot {
-                    kind,
-                    raw_start: cur.start,
-                    raw_end: (c + 1) as u32,
-                    text_start: 0,
-                    text_end: 0,
-                };
-                record(table, slots, &mut found.seen, cur.node, whole)?;
+                let raw = (cur.start as usize, c + 1);
+                record(table, slots, &mut found.seen, cur.node, kind, raw, (0, 0))?;
                 depth -= 1;
                 if depth == 0 {
                     break 'member;
@@ -568,6 +526,24 @@ fn walk_nested(
         return None;
     }
     Some(found)
+}
+
+/// The scalar whose first byte is at `v`: its kind and end. A scalar is the whole run of
+/// scalar bytes, so "01" and "truex" are none.
+#[inline(always)]
+fn scalar_at(m: &Marks, b: &[u8], v: usize) -> Option<(SlotKind, usize)> {
+    let end = run_end(&m.scalar[..m.blocks], v);
+    if b[v].wrapping_sub(b'1') < 9 && run_end(&m.digit[..m.blocks], v) == end {
+        return Some((SlotKind::Number, end));
+    }
+    let kind = match &b[v..end] {
+        b"true" => SlotKind::True,
+        b"false" => SlotKind::False,
+        b"null" => SlotKind::Null,
+        s if is_number(s) => SlotKind::Number,
+        _ => return None,
+    };
+    Some((kind, end))
 }
 
 /// Whether `s` is exactly one JSON number: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.

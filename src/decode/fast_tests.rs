@@ -5,7 +5,7 @@
 
 use super::fast::{self, Kernel};
 use super::scan::{trim, Slot};
-use super::tests::{arb_mutation, arb_object, mutate, table, write_spelled, Rng, PROP_PATHS};
+use super::tests::{arb_mutation, arb_object, mutated_line, table, Rng, PROP_PATHS};
 use super::Decoder;
 use proptest::prelude::*;
 use serde_json::{Map, Value};
@@ -156,16 +156,7 @@ proptest! {
         spelled in any::<bool>(),
         mutations in prop::collection::vec(arb_mutation(), 0..4),
     ) {
-        let mut line = if spelled {
-            let mut s = String::new();
-            write_spelled(&v, &mut Rng(seed), &mut s);
-            s.into_bytes()
-        } else {
-            serde_json::to_vec(&v).expect("serializable")
-        };
-        for m in &mutations {
-            mutate(&mut line, m);
-        }
+        let line = mutated_line(&v, seed, spelled, &mutations);
         for kernel in kernels() {
             fast_checked(&mut prop_decoder(), kernel, &line)?;
         }

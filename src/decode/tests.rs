@@ -1139,7 +1139,22 @@ pub(super) fn arb_mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
-pub(super) fn mutate(line: &mut Vec<u8>, m: &Mutation) {
+/// `v` written by serde_json or (`spelled`) by `write_spelled` with `seed`, then edited.
+pub(super) fn mutated_line(v: &Value, seed: u64, spelled: bool, mutations: &[Mutation]) -> Vec<u8> {
+    let mut line = if spelled {
+        let mut s = String::new();
+        write_spelled(v, &mut Rng(seed), &mut s);
+        s.into_bytes()
+    } else {
+        serde_json::to_vec(v).expect("serializable")
+    };
+    for m in mutations {
+        mutate(&mut line, m);
+    }
+    line
+}
+
+fn mutate(line: &mut Vec<u8>, m: &Mutation) {
     let len = line.len();
     match *m {
         Mutation::Replace(i, b) if len > 0 => line[i % len] = b,
@@ -1163,16 +1178,7 @@ proptest! {
         mutations in prop::collection::vec(arb_mutation(), 1..4),
     ) {
         let mut d = prop_decoder();
-        let mut line = if spelled {
-            let mut s = String::new();
-            write_spelled(&v, &mut Rng(seed), &mut s);
-            s.into_bytes()
-        } else {
-            serde_json::to_vec(&v).expect("serializable")
-        };
-        for m in &mutations {
-            mutate(&mut line, m);
-        }
+        let line = mutated_line(&v, seed, spelled, &mutations);
         agrees(&mut d, &line)?;
         // Whatever was accepted can be spliced into valid JSON.
         if let Ok(e) = d.decode(&line) {
