@@ -31,6 +31,7 @@ const OFFSETS_CAP: usize = BLOCKS_MAX * BLOCK + BLOCK;
 pub(super) enum Kernel {
     /// AVX-512BW with VBMI2, whose byte compress turns a mask into offsets at once.
     Avx512,
+    /// AVX2: two 32-byte halves a block, and offsets by a loop over the mask's bits.
     Avx2,
 }
 
@@ -40,10 +41,7 @@ impl Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if !has!("pclmulqdq") {
-                return None;
-            }
-            if !has!("popcnt") {
+            if !has!("pclmulqdq") || !has!("popcnt") {
                 return None;
             }
             if has!("avx512bw") && has!("avx512vbmi2") {
@@ -110,7 +108,8 @@ impl Marks {
     }
 }
 
-/// The end of the run of set bits of `words` that starts at bit `i` (set).
+/// The end of the run of set bits of `words` that starts at bit `i` (`i` itself when that
+/// bit is clear).
 #[inline(always)]
 fn run_end(words: &[u64], i: usize) -> usize {
     let (mut k, mut bit) = (i / BLOCK, i % BLOCK);
@@ -583,7 +582,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// The CPU must have AVX-512BW, AVX-512VBMI2 and PCLMULQDQ.
+    /// The CPU must have AVX-512BW (and so AVX-512F), AVX-512VBMI2, PCLMULQDQ and POPCNT.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2,pclmulqdq,popcnt")]
     pub(super) unsafe fn mark_avx512(b: &[u8], m: &mut Marks) -> bool {
         mark_with(
@@ -606,7 +605,7 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU must have AVX2, BMI1 and PCLMULQDQ.
+    /// The CPU must have AVX2, BMI1, PCLMULQDQ and POPCNT.
     #[target_feature(enable = "avx2,bmi1,pclmulqdq,popcnt")]
     pub(super) unsafe fn mark_avx2(b: &[u8], m: &mut Marks) -> bool {
         mark_with(
