@@ -16,7 +16,7 @@
 //! place, never past its end (the last block's load is masked, or copied for AVX2), and, like
 //! `scan`, writes a slot at most once.
 
-use super::scan::{top_key, KeyMemo, SessionSpan, Slot, SlotKind};
+use super::scan::{container_node, record_slot, top_key, KeyMemo, SessionSpan, Slot, SlotKind};
 use super::scan::{COMMA_NONE, SESSION_KEY, SESSION_PREFIX};
 use super::table::{key_prefix, FieldTable, NODE_NONE, NODE_ROOT, SLOT_NONE};
 
@@ -364,43 +364,25 @@ fn record(
     raw: (usize, usize),
     text: (usize, usize),
 ) -> Option<()> {
-    if node != NODE_NONE {
-        let at = table.node(node).slot;
-        if at != SLOT_NONE {
-            let bit = 1u64 << at;
-            if *seen & bit != 0 {
-                return None;
-            }
-            *seen |= bit;
-            slots[usize::from(at)] = Slot {
-                kind,
-                raw_start: raw.0 as u32,
-                raw_end: raw.1 as u32,
-                text_start: text.0 as u32,
-                text_end: text.1 as u32,
-            };
-        }
+    if node == NODE_NONE {
+        return Some(());
     }
-    Some(())
+    let at = table.node(node).slot;
+    if at == SLOT_NONE {
+        return Some(());
+    }
+    let value = Slot {
+        kind,
+        raw_start: raw.0 as u32,
+        raw_end: raw.1 as u32,
+        text_start: text.0 as u32,
+        text_end: text.1 as u32,
+    };
+    record_slot(slots, seen, at, value).then_some(())
 }
 
 /// Containers open at once on the fast path; deeper lines take `scan`.
 const NESTING_MAX: usize = 32;
-
-/// The trie node a container opened at `target` keeps: as `scan`'s `container_node`, only if
-/// something is extracted at or (for objects) below it.
-#[inline(always)]
-fn container_node(table: &FieldTable, target: u32, is_array: bool) -> u32 {
-    if target == NODE_NONE {
-        return NODE_NONE;
-    }
-    let extracted = table.node(target).slot != SLOT_NONE;
-    if extracted || (!is_array && table.has_children(target)) {
-        target
-    } else {
-        NODE_NONE
-    }
-}
 
 /// Checks the tokens as one JSON object (objects, arrays, strings and scalars within), walks
 /// the field trie in step as `scan` does, and fills the slots. Not inlined: `walk_flat`, the

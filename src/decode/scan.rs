@@ -485,7 +485,7 @@ impl Scanner<'_> {
                     }
                     let is_array = c == b'[';
                     cur = Frame {
-                        node: self.container_node(target, is_array),
+                        node: container_node(self.table, target, is_array),
                         start: i as u32,
                         is_array,
                     };
@@ -548,21 +548,6 @@ impl Scanner<'_> {
         }
     }
 
-    /// The frame node for a container opened at `target`: kept only if something is extracted
-    /// at or (for objects) below it, so untracked subtrees skip key lookups.
-    #[inline(always)]
-    fn container_node(&self, target: u32, is_array: bool) -> u32 {
-        if target == NODE_NONE {
-            return NODE_NONE;
-        }
-        let extracted = self.table.node(target).slot != SLOT_NONE;
-        if extracted || (!is_array && self.table.has_children(target)) {
-            target
-        } else {
-            NODE_NONE
-        }
-    }
-
     #[inline(always)]
     fn close(&mut self, frame: Frame, end: usize) -> Result<(), DecodeError> {
         if frame.node == NODE_NONE {
@@ -606,13 +591,11 @@ impl Scanner<'_> {
 
     #[inline(always)]
     fn record(&mut self, slot: u8, value: Slot) -> Result<(), DecodeError> {
-        let bit = 1u64 << slot;
-        if self.seen & bit != 0 {
-            return Err(DecodeError::DuplicateField);
+        if record_slot(self.slots, &mut self.seen, slot, value) {
+            Ok(())
+        } else {
+            Err(DecodeError::DuplicateField)
         }
-        self.seen |= bit;
-        self.slots[usize::from(slot)] = value;
-        Ok(())
     }
 
     /// `true`, `false` or `null` at `i`; `word` is its first four bytes (the caller checks the
@@ -745,6 +728,34 @@ impl Scanner<'_> {
         }
         Ok((value, target))
     }
+}
+
+/// The frame node for a container opened at `target`: kept only if something is extracted
+/// at or (for objects) below it, so untracked subtrees skip key lookups. `fast` keeps the same.
+#[inline(always)]
+pub(super) fn container_node(table: &FieldTable, target: u32, is_array: bool) -> u32 {
+    if target == NODE_NONE {
+        return NODE_NONE;
+    }
+    let extracted = table.node(target).slot != SLOT_NONE;
+    if extracted || (!is_array && table.has_children(target)) {
+        target
+    } else {
+        NODE_NONE
+    }
+}
+
+/// Writes `value` to `slot` unless this decode already did (a duplicate field: false). A slot
+/// is written at most once per decode, by either scanner.
+#[inline(always)]
+pub(super) fn record_slot(slots: &mut [Slot], seen: &mut u64, slot: u8, value: Slot) -> bool {
+    let bit = 1u64 << slot;
+    if *seen & bit != 0 {
+        return false;
+    }
+    *seen |= bit;
+    slots[usize::from(slot)] = value;
+    true
 }
 
 pub(super) const SESSION_KEY: &[u8; 8] = b"_session";
