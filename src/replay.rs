@@ -1,6 +1,7 @@
 //! `sessionizer replay FILE...`: the live engine, driven by the events' own time.
 //!
-//! One `Engine` per configured shard, all in this thread (`numa_node` None); every event is
+//! One `Engine` per configured shard, all in this thread (`numa_node` None, arena pages backed
+//! on first use: `Pages::OnDemand`); every event is
 //! routed to its owner exactly as in the live run (`route`), so a replay produces the sessions
 //! the appliance would have produced. Files are read in order through a fixed buffer
 //! (`ingest::lines::LineBuf`, memchr splitting); every engine's timers run (`advance` with
@@ -14,7 +15,7 @@
 use crate::config::Config;
 use crate::decode::{Decoder, Parsed};
 use crate::engine::rules::{ProfileId, Rules};
-use crate::engine::{route, Clock, Engine, Out, Route};
+use crate::engine::{route, Clock, Engine, Out, Pages, Route};
 use crate::ingest::lines::{Chunk, LineBuf, TOO_LONG_PREFIX_BYTES};
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -119,7 +120,7 @@ impl Replayer {
         assert!(shards >= 1);
         let engines = (0..shards)
             .map(|i| {
-                Engine::new(rules.clone(), cfg, i as u8, None)
+                Engine::with_pages(rules.clone(), cfg, i as u8, None, Pages::OnDemand)
                     .map_err(io_err(format!("reserving memory for shard {i}")))
             })
             .collect::<Result<Vec<_>, _>>()?;

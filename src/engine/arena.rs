@@ -43,11 +43,31 @@ unsafe impl Send for Arena {}
 // SAFETY: methods taking `&self` only read the mapping; every write goes through `&mut self`.
 unsafe impl Sync for Arena {}
 
+/// When an arena's pages are backed by memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pages {
+    /// Written at construction, so that the data path never takes a page fault (the appliance).
+    Prefault,
+    /// Charged to the system's commit limit at construction, but backed on first use: a replay
+    /// is a batch job, and it touches only the part of the arena its live sessions need.
+    OnDemand,
+}
+
 impl Arena {
     /// Reserves `arena_bytes / block_bytes` blocks. With `numa_node`, the mapping's preferred node is
     /// set before any page is touched; failing to set it is logged and otherwise ignored (the
     /// arena is as correct, only possibly remote). Errors only when the mapping itself fails.
     pub fn new(arena_bytes: u64, block_bytes: u32, numa_node: Option<u32>) -> io::Result<Arena> {
+        Self::with_pages(arena_bytes, block_bytes, numa_node, Pages::Prefault)
+    }
+
+    /// [`Arena::new`], with its pages backed as `pages` says.
+    pub fn with_pages(
+        arena_bytes: u64,
+        block_bytes: u32,
+        numa_node: Option<u32>,
+        pages: Pages,
+    ) -> io::Result<Arena> {
         // Multiples of 8 keep every block 8-byte aligned, so the engine may lay out u64 records.
         assert!(
             block_bytes >= 8 && block_bytes.is_multiple_of(8),
@@ -69,15 +89,21 @@ impl Arena {
         let map_bytes = data_bytes.div_ceil(page_bytes) * page_bytes;
         assert!(map_bytes >= data_bytes);
 
+        // NORESERVE when prefaulting, because the prefault below commits the pages; otherwise
+        // the mapping is charged to the commit limit now, so that a later fault does not find
+        // the memory promised elsewhere.
+        let noreserve = match pages {
+            Pages::Prefault => libc::MAP_NORESERVE,
+            Pages::OnDemand => 0,
+        };
         // SAFETY: a fresh anonymous private mapping at an address of the kernel's choosing; it
-        // aliases nothing. NORESERVE because the pages are committed by the prefault below, not by
-        // overcommit accounting at map time. Checked for MAP_FAILED before use.
+        // aliases nothing. Checked for MAP_FAILED before use.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 map_bytes,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | noreserve,
                 -1,
                 0,
             )
@@ -118,7 +144,7 @@ impl Arena {
         // Prefault: write every page so the data path never takes a fault. Volatile so the
         // compiler cannot drop writes of the zero the page already reads as.
         let mut offset = 0;
-        while offset < map_bytes {
+        while pages == Pages::Prefault && offset < map_bytes {
             // SAFETY: `offset < map_bytes`, so the byte is inside our writable mapping, and no
             // reference to the mapping exists yet.
             unsafe { base.as_ptr().add(offset).write_volatile(0) };
@@ -563,6 +589,23 @@ mod tests {
         let handle = arena.alloc(100).unwrap();
         arena.write(handle, 90, b"0123456789");
         assert!(arena.eq_at(handle, 90, b"0123456789"));
+    }
+
+    #[test]
+    fn pages_backed_on_demand_read_as_zero_and_hold_what_is_written() {
+        let mut arena = Arena::with_pages(64 << 20, 64, None, Pages::OnDemand).unwrap();
+        assert_eq!(arena.blocks_total(), 1 << 20);
+        let first = arena.alloc(100).unwrap();
+        let mut zeros = [1u8; 100];
+        arena.read(first, 0, &mut zeros);
+        assert_eq!(zeros, [0u8; 100]);
+        arena.write(first, 90, b"0123456789");
+        assert!(arena.eq_at(first, 90, b"0123456789"));
+        // Far into the mapping, on pages nothing has touched yet.
+        let rest = arena.alloc(63 << 20).unwrap();
+        arena.write(rest, (63 << 20) - 10, b"0123456789");
+        assert!(arena.eq_at(rest, (63 << 20) - 10, b"0123456789"));
+        arena.verify();
     }
 
     #[test]

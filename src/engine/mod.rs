@@ -38,6 +38,7 @@ use std::sync::Arc;
 use crate::config::{Config, OnFull, TimeMode, RECORD_BYTES_MAX};
 use crate::decode::Event;
 use arena::Arena;
+pub use arena::Pages;
 use ids::IdGen;
 use index::Index;
 use markers::Summary;
@@ -264,11 +265,23 @@ struct State {
 }
 
 impl Engine {
+    /// The engine of shard `shard`, its memory reserved and written now.
     pub fn new(
         rules: Arc<Rules>,
         cfg: &Config,
         shard: u8,
         numa_node: Option<u32>,
+    ) -> std::io::Result<Engine> {
+        Self::with_pages(rules, cfg, shard, numa_node, Pages::Prefault)
+    }
+
+    /// [`Engine::new`], with the arena's pages backed as `pages` says.
+    pub fn with_pages(
+        rules: Arc<Rules>,
+        cfg: &Config,
+        shard: u8,
+        numa_node: Option<u32>,
+        pages: Pages,
     ) -> std::io::Result<Engine> {
         let m = &cfg.memory;
         let top = rules.profiles.len();
@@ -280,7 +293,7 @@ impl Engine {
             }
         }
         let sub_of_tmp = sub_of.clone();
-        let arena = Arena::new(m.arena_bytes.0, m.block_bytes, numa_node)?;
+        let arena = Arena::with_pages(m.arena_bytes.0, m.block_bytes, numa_node, pages)?;
         let stats = Stats {
             blocks_total: u64::from(arena.blocks_total()),
             active_by_profile: vec![0; rules.record_profile_count()],
