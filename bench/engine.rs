@@ -25,7 +25,7 @@
 
 use criterion::{Criterion, SamplingMode, Throughput};
 use sessionizer::config::Config;
-use sessionizer::decode::{Decoder, Event, Parsed};
+use sessionizer::decode::{Decoder, Event, FieldTable, Parsed};
 use sessionizer::engine::rules::{ProfileId, Rules};
 use sessionizer::engine::{Clock, Engine, Out};
 use std::hash::BuildHasher;
@@ -230,12 +230,7 @@ impl Rig {
         let mut spent = Duration::ZERO;
         let mut left = n;
         while left > 0 {
-            if self.cursor == *KEYS {
-                self.cursor = 0;
-                self.pass += 1;
-                self.lines.stamp(self.pass);
-            }
-            let take = left.min(*KEYS - self.cursor);
+            let take = self.run_length(left);
             let table = self.dec.table();
             let mut items: Vec<(ProfileId, Event<'_>)> = Vec::with_capacity(BATCH_EVENTS);
             let t = Stamp::now();
@@ -243,12 +238,15 @@ impl Rig {
             while i < self.cursor + take {
                 let end = (i + BATCH_EVENTS).min(self.cursor + take);
                 items.clear();
-                for j in i..end {
-                    let ev = self.parsed[j].event(self.lines.line(j), table);
-                    for p in self.rules.matching(&ev) {
-                        items.push((p, ev));
-                    }
-                }
+                let parsed = &self.parsed;
+                push_items(
+                    &self.rules,
+                    table,
+                    &self.lines,
+                    i..end,
+                    |j| &parsed[j],
+                    &mut items,
+                );
                 if batched {
                     self.engine.on_batch(&items, Clock::Replay, &mut self.out);
                 } else {
@@ -261,10 +259,8 @@ impl Rig {
                 }
                 i = end;
             }
-            self.engine.advance(Clock::Replay, &mut self.out);
-            self.out.clear();
+            self.end_run(take);
             spent += t.elapsed();
-            self.cursor += take;
             left -= take;
         }
         spent
@@ -278,12 +274,7 @@ impl Rig {
         let mut spent = Duration::ZERO;
         let mut left = n;
         while left > 0 {
-            if self.cursor == *KEYS {
-                self.cursor = 0;
-                self.pass += 1;
-                self.lines.stamp(self.pass);
-            }
-            let take = left.min(*KEYS - self.cursor);
+            let take = self.run_length(left);
             let mut i = self.cursor;
             while i < self.cursor + take {
                 let end = (i + BATCH_EVENTS).min(self.cursor + take);
@@ -295,12 +286,15 @@ impl Rig {
                 let table = self.dec.table();
                 let mut items: Vec<(ProfileId, Event<'_>)> = Vec::with_capacity(BATCH_EVENTS);
                 let t = Stamp::now();
-                for j in i..end {
-                    let ev = self.window[j - i].event(self.lines.line(j), table);
-                    for p in self.rules.matching(&ev) {
-                        items.push((p, ev));
-                    }
-                }
+                let window = &self.window;
+                push_items(
+                    &self.rules,
+                    table,
+                    &self.lines,
+                    i..end,
+                    |j| &window[j - i],
+                    &mut items,
+                );
                 self.engine.on_batch(&items, Clock::Replay, &mut self.out);
                 if self.out.len() >= OUT_EVERY {
                     self.out.clear();
@@ -309,13 +303,29 @@ impl Rig {
                 i = end;
             }
             let t = Stamp::now();
-            self.engine.advance(Clock::Replay, &mut self.out);
-            self.out.clear();
+            self.end_run(take);
             spent += t.elapsed();
-            self.cursor += take;
             left -= take;
         }
         spent
+    }
+
+    /// Starts the next pass (restamped) when this one is over; then the events of this pass to
+    /// feed next, at most `left`.
+    fn run_length(&mut self, left: usize) -> usize {
+        if self.cursor == *KEYS {
+            self.cursor = 0;
+            self.pass += 1;
+            self.lines.stamp(self.pass);
+        }
+        left.min(*KEYS - self.cursor)
+    }
+
+    /// After a run of `take` events: the engine's timers run, its output is handed over.
+    fn end_run(&mut self, take: usize) {
+        self.engine.advance(Clock::Replay, &mut self.out);
+        self.out.clear();
+        self.cursor += take;
     }
 
     fn decode_only(&mut self, n: usize) -> Duration {
@@ -328,6 +338,24 @@ impl Rig {
             black_box(ev.raw().len());
         }
         t.elapsed()
+    }
+}
+
+/// Appends the `(profile, event)` pairs of the lines in `range` to `items`, line `j` decoded in
+/// `parsed(j)`.
+fn push_items<'a>(
+    rules: &Rules,
+    table: &'a FieldTable,
+    lines: &'a Lines,
+    range: std::ops::Range<usize>,
+    parsed: impl Fn(usize) -> &'a Parsed,
+    items: &mut Vec<(ProfileId, Event<'a>)>,
+) {
+    for j in range {
+        let ev = parsed(j).event(lines.line(j), table);
+        for p in rules.matching(&ev) {
+            items.push((p, ev));
+        }
     }
 }
 
