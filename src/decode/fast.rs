@@ -25,6 +25,11 @@ pub(super) const BLOCKS_MAX: usize = 16;
 const BLOCK: usize = 64;
 /// Room for a token at every byte, and for the last block's full-width store of offsets.
 const OFFSETS_CAP: usize = BLOCKS_MAX * BLOCK + BLOCK;
+/// Offset 0 written after the last token: the line's opening '{', which `walk_flat` refuses
+/// wherever it reads a token (a key's quote, a colon, a value, a separator), so a walk that
+/// reaches the end of the list fails at that check with no test of the list's length.
+const SENTINEL: u16 = 0;
+const _: () = assert!(OFFSETS_CAP > BLOCKS_MAX * BLOCK);
 
 /// The vector instruction set the classifier runs on, chosen once per decoder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -232,6 +237,7 @@ fn mark_with(
         m.scalar[k] = scalar;
         m.digit[k] = c.digit & scalar;
     }
+    m.tokens[token_count] = SENTINEL;
     m.blocks = blocks;
     m.token_count = token_count;
     m.high = high != 0;
@@ -249,27 +255,45 @@ fn walk_flat(
     memo: &mut [KeyMemo],
     slots: &mut [Slot],
 ) -> Option<Found> {
-    let tokens = &m.tokens[..m.token_count];
-    let token = |i: usize| tokens.get(i).map(|&t| usize::from(t));
+    let count = m.token_count;
+    // The tokens with the sentinel after them. Every read below is at most at `count`: a
+    // member starts at `i <= count` (after a real separator); a quote token at `i` opens a
+    // string, as the walk takes quotes in pairs and strings hold no tokens, so its close at
+    // `i + 1` is real (`mark` refused unclosed strings); each later read follows a real
+    // token, and the sentinel fails the check that reads it.
+    let tokens = &m.tokens[..=count];
+    debug_assert_eq!(tokens[count], SENTINEL);
+    debug_assert_eq!(b[usize::from(SENTINEL)], b'{');
+    let token = |i: usize| {
+        debug_assert!(i <= count);
+        // SAFETY: `i <= count` (above), and `tokens` has `count + 1` entries.
+        usize::from(unsafe { *tokens.get_unchecked(i) })
+    };
+    let byte = |t: usize| {
+        debug_assert!(t < b.len());
+        // SAFETY: every token is the offset of a byte of `b` (`mark` sets bits only for
+        // `b`'s bytes; the sentinel is 0 and `b` is not empty).
+        unsafe { *b.get_unchecked(t) }
+    };
     let mut found = Found::default();
-    if tokens.len() == 2 {
+    if count == 2 {
         return Some(found);
     }
     let mut i = 1;
     let mut comma = COMMA_NONE;
     loop {
-        let t = token(i)?;
-        if b[t] != b'"' {
+        let t = token(i);
+        if byte(t) != b'"' {
             return None;
         }
-        let target = top_member(&mut found, memo, table, b, (t, token(i + 1)?), comma)?;
-        if b[token(i + 2)?] != b':' {
+        let target = top_member(&mut found, memo, table, b, (t, token(i + 1)), comma)?;
+        if byte(token(i + 2)) != b':' {
             return None;
         }
-        let v = token(i + 3)?;
+        let v = token(i + 3);
         i += 4;
-        let (kind, value_end, text) = if b[v] == b'"' {
-            let close = token(i)?;
+        let (kind, value_end, text) = if byte(v) == b'"' {
+            let close = token(i);
             i += 1;
             (SlotKind::String, close + 1, (v + 1, close))
         } else {
@@ -285,15 +309,15 @@ fn walk_flat(
             (v, value_end),
             text,
         )?;
-        let s = token(i)?;
+        let s = token(i);
         i += 1;
-        match b[s] {
+        match byte(s) {
             b',' => comma = s as u32,
             b'}' => break,
             _ => return None,
         }
     }
-    if i != tokens.len() {
+    if i != count {
         return None;
     }
     Some(found)
