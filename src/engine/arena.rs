@@ -43,13 +43,15 @@ unsafe impl Send for Arena {}
 // SAFETY: methods taking `&self` only read the mapping; every write goes through `&mut self`.
 unsafe impl Sync for Arena {}
 
-/// When an arena's pages are backed by memory.
+/// When the pages of an arena (and of a shard's session table, `Table::with_pages`) are backed
+/// by memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pages {
     /// Written at construction, so that the data path never takes a page fault (the appliance).
     Prefault,
     /// Charged to the system's commit limit at construction, but backed on first use: a replay
-    /// is a batch job, and it touches only the part of the arena its live sessions need.
+    /// is a batch job, and it touches only the part of the arena and the table its live
+    /// sessions need.
     OnDemand,
 }
 

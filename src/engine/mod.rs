@@ -275,7 +275,7 @@ impl Engine {
         Self::with_pages(rules, cfg, shard, numa_node, Pages::Prefault)
     }
 
-    /// [`Engine::new`], with the arena's pages backed as `pages` says.
+    /// [`Engine::new`], with the pages of the arena and the session table backed as `pages` says.
     pub fn with_pages(
         rules: Arc<Rules>,
         cfg: &Config,
@@ -300,7 +300,7 @@ impl Engine {
             ..Stats::default()
         };
         let st = State {
-            table: Table::new(m.max_sessions),
+            table: Table::with_pages(m.max_sessions, pages),
             arena,
             index: Index::new(m.max_sessions),
             wheels: (0..top).map(|_| Wheel::new(cfg.slots.max, 0)).collect(),
@@ -516,7 +516,7 @@ impl Engine {
         let rules = &*self.rules;
         let st = &mut self.st;
         let mut ended = false;
-        while st.finish_from < st.table.capacity() {
+        while st.finish_from < st.table.high_water() {
             let s = st.finish_from;
             if !st.table.is_live(s) || st.table.get(s).flags & FLAG_SUB != 0 {
                 st.finish_from += 1;

@@ -2,12 +2,19 @@
 //!
 //! Every session (and sub-session) a shard holds has one 48-byte [`Head`] here; its variable-size
 //! payload lives in the arena and its deadline in a wheel, both reached from the head. The table is
-//! allocated and touched once in [`Table::new`] and never grows: a full table is an operating
-//! condition the engine handles (`alloc` returns `None`), not a reason to allocate.
+//! allocated once and never grows: a full table is an operating condition the engine handles
+//! (`alloc` returns `None`), not a reason to allocate. [`Table::new`] writes every head at once
+//! (every page faulted in now, not on the data path); [`Table::with_pages`] with
+//! [`Pages::OnDemand`] leaves the heads unwritten until first used, for batch jobs (a replay)
+//! that would otherwise spend their start writing a table they mostly never touch.
 //!
 //! Invariants:
-//! - `live + (length of the free list) == capacity`, and the free list holds exactly the slots whose
-//!   [`FLAG_FREE`] bit is set, linked through [`Head::link`] and ending in [`NIL`].
+//! - The free list is the linked list from `free_head` (through [`Head::link`], ending in
+//!   [`NIL`]) followed by the slots never handed out, `fresh..capacity`, in ascending order:
+//!   the order an eagerly written table's list would have. Heads at and past `fresh` are
+//!   unwritten and unread; `is_live` is false for them.
+//! - `live + (length of the free list) == capacity`, and the linked part holds exactly the slots
+//!   below `fresh` whose [`FLAG_FREE`] bit is set.
 //! - Slot [`NIL`] is never a valid slot, so `capacity < NIL`.
 //! - Bits 6 and 7 of [`Head::flags`] are reserved for the storage layer ([`FLAGS_RESERVED`]); the
 //!   engine owns bits 0..=5 ([`FLAGS_ENGINE`]) and must leave the reserved bits alone.
@@ -17,12 +24,15 @@
 //! free at the cut and not yet known to be) and the free list as it was at the cut. The free list
 //! is a stack, so the cut's list is whatever left its front since the cut (recorded as it leaves,
 //! in `alloc`) followed by the part still under the slots freed since; `cut_walk` records that
-//! part a budget at a time. Invariants while a cut is active:
+//! part a budget at a time. A cut first writes any heads not yet written (`fresh == capacity`
+//! while it is active), so it only ever walks links. Invariants while a cut is active:
 //! - A pending slot is unchanged since the cut (head, and for a live one its payload): the engine
 //!   captures it before any change (`get_mut` and `free` assert this for the head).
 //! - The free list is `above` slots freed since the cut, then the cut's list from position
 //!   `popped` on; positions `0..walked` of the cut's list are recorded in `runs`, `popped <=
 //!   walked`, and `next` is position `walked` (or [`NIL`] past its end).
+
+use super::arena::Pages;
 
 /// The "no slot / no handle" marker shared by the table, the arena, the index and the wheels.
 pub const NIL: u32 = u32::MAX;
@@ -82,6 +92,24 @@ impl Head {
     };
 }
 
+/// `len` heads of zero bytes (a valid [`Head`]: every field is an integer), straight from the
+/// allocator's zeroed memory, so no page is touched here.
+fn zeroed_heads(len: usize) -> Box<[Head]> {
+    let layout = std::alloc::Layout::array::<Head>(len).expect("table size");
+    assert!(layout.size() > 0);
+    // SAFETY: the layout is non-zero-sized; a null return is handled. The memory is zeroed, and
+    // all-zero bytes are a valid `Head` (`repr(C)`, integer fields only), so the `len` elements
+    // are initialized; `Box` frees it with the same layout (that of `[Head]` of `len`).
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<Head>();
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        super::prefetch::advise_huge_pages(p, len);
+        Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, len))
+    }
+}
+
 /// A consecutive, ascending run of slots of a free list (the snapshot format's `SlotRun`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Run {
@@ -103,6 +131,8 @@ struct Cut {
 
 pub struct Table {
     heads: Box<[Head]>,
+    /// Slots at and past this one were never handed out (see the module doc).
+    fresh: u32,
     free_head: u32,
     live: u32,
     cut: Cut,
@@ -112,16 +142,29 @@ impl Table {
     /// Allocates `capacity` heads and writes every one of them (so every page is faulted in now, not
     /// on the data path). Slots are handed out in ascending order at first.
     pub fn new(capacity: u32) -> Table {
+        Self::with_pages(capacity, Pages::Prefault)
+    }
+
+    /// A table whose heads are written now (`Prefault`, as [`Table::new`]) or as slots are first
+    /// handed out (`OnDemand`: the memory comes zeroed from the allocator, and its pages are
+    /// backed on first use).
+    pub fn with_pages(capacity: u32, pages: Pages) -> Table {
         assert!(capacity > 0);
         assert!(capacity < NIL);
-        let mut heads: Vec<Head> = Vec::with_capacity(capacity as usize);
-        super::prefetch::advise_huge_pages(heads.as_mut_ptr(), heads.capacity());
-        heads.extend((0..capacity).map(|slot| Self::initial_head(slot, capacity)));
-        let heads = heads.into_boxed_slice();
+        let (heads, fresh, free_head) = match pages {
+            Pages::Prefault => {
+                let mut heads: Vec<Head> = Vec::with_capacity(capacity as usize);
+                super::prefetch::advise_huge_pages(heads.as_mut_ptr(), heads.capacity());
+                heads.extend((0..capacity).map(|slot| Self::initial_head(slot, capacity)));
+                (heads.into_boxed_slice(), capacity, 0)
+            }
+            Pages::OnDemand => (zeroed_heads(capacity as usize), 0, NIL),
+        };
         assert_eq!(heads.len(), capacity as usize);
         Table {
             heads,
-            free_head: 0,
+            fresh,
+            free_head,
             live: 0,
             cut: Cut {
                 active: false,
@@ -144,15 +187,46 @@ impl Table {
         }
     }
 
-    /// Frees every slot at once: the table is as `new` left it. Not during a capture.
+    /// Frees every slot at once: the table is as `new` left it (every head written). Not
+    /// during a capture.
     pub fn reset(&mut self) {
         assert!(!self.cut.active, "table reset during a capture");
         let capacity = self.capacity();
         for (slot, head) in (0..capacity).zip(self.heads.iter_mut()) {
             *head = Self::initial_head(slot, capacity);
         }
+        self.fresh = capacity;
         self.free_head = 0;
         self.live = 0;
+    }
+
+    /// No slot at or past this one has ever been handed out (the capacity once every head is
+    /// written): a walk over the live slots can stop here.
+    pub fn high_water(&self) -> u32 {
+        self.fresh
+    }
+
+    /// Writes the heads not yet written as the linked free list's tail, so that the whole list
+    /// is linked (its order unchanged). Walks the linked part once to find its end.
+    fn write_fresh(&mut self) {
+        let capacity = self.capacity();
+        if self.fresh == capacity {
+            return;
+        }
+        let first = self.fresh;
+        for slot in first..capacity {
+            self.heads[slot as usize] = Self::initial_head(slot, capacity);
+        }
+        self.fresh = capacity;
+        if self.free_head == NIL {
+            self.free_head = first;
+            return;
+        }
+        let mut s = self.free_head;
+        while self.heads[s as usize].link != NIL {
+            s = self.heads[s as usize].link;
+        }
+        self.heads[s as usize].link = first;
     }
 
     pub fn capacity(&self) -> u32 {
@@ -168,8 +242,7 @@ impl Table {
     pub fn alloc(&mut self) -> Option<u32> {
         let slot = self.free_head;
         if slot == NIL {
-            debug_assert_eq!(self.live, self.capacity());
-            return None;
+            return self.alloc_fresh();
         }
         debug_assert!(self.live < self.capacity());
         let head = &mut self.heads[slot as usize];
@@ -183,6 +256,21 @@ impl Table {
         if self.cut.active {
             self.cut_alloc(slot);
         }
+        Some(slot)
+    }
+
+    /// The next slot never handed out, its head written now.
+    fn alloc_fresh(&mut self) -> Option<u32> {
+        if self.fresh == self.capacity() {
+            debug_assert_eq!(self.live, self.capacity());
+            return None;
+        }
+        // A cut writes every head first, so no fresh slot is handed out during one.
+        debug_assert!(!self.cut.active);
+        let slot = self.fresh;
+        self.fresh += 1;
+        self.heads[slot as usize] = Head::FRESH;
+        self.live += 1;
         Some(slot)
     }
 
@@ -215,6 +303,7 @@ impl Table {
     }
 
     pub fn get(&self, slot: u32) -> &Head {
+        debug_assert!(slot < self.fresh, "get of never-used slot {slot}");
         let head = &self.heads[slot as usize];
         debug_assert!(head.flags & FLAG_FREE == 0, "get of free slot {slot}");
         head
@@ -227,6 +316,7 @@ impl Table {
                 "slot {slot} changed before its capture"
             );
         }
+        debug_assert!(slot < self.fresh, "get_mut of never-used slot {slot}");
         let head = &mut self.heads[slot as usize];
         debug_assert!(head.flags & FLAG_FREE == 0, "get_mut of free slot {slot}");
         head
@@ -257,9 +347,7 @@ impl Table {
     }
 
     pub fn is_live(&self, slot: u32) -> bool {
-        self.heads
-            .get(slot as usize)
-            .is_some_and(|head| head.flags & FLAG_FREE == 0)
+        slot < self.fresh && self.heads[slot as usize].flags & FLAG_FREE == 0
     }
 }
 
@@ -270,6 +358,7 @@ impl Table {
     /// never reallocates.
     pub fn cut_begin(&mut self, mut runs: Vec<Run>) {
         assert!(!self.cut.active, "a cut is already in progress");
+        self.write_fresh();
         let free = (self.capacity() - self.live) as usize;
         runs.clear();
         if runs.capacity() < free {
@@ -306,6 +395,17 @@ impl Table {
                 _ => runs.push(Run { start: s, len: 1 }),
             }
             s = self.heads[s as usize].link;
+        }
+        let never_used = self.capacity() - self.fresh;
+        if never_used > 0 {
+            walked += never_used;
+            match runs.last_mut() {
+                Some(r) if r.start + r.len == self.fresh => r.len += never_used,
+                _ => runs.push(Run {
+                    start: self.fresh,
+                    len: never_used,
+                }),
+            }
         }
         assert_eq!(walked, free, "the free list holds every free slot");
     }
@@ -501,13 +601,81 @@ mod tests {
         table.free(slot);
     }
 
+    fn pages(on_demand: bool) -> Pages {
+        if on_demand {
+            Pages::OnDemand
+        } else {
+            Pages::Prefault
+        }
+    }
+
+    /// The free list in allocation order: the linked part, then the slots never used.
+    fn free_list(table: &Table) -> Vec<u32> {
+        let mut list = Vec::new();
+        let mut s = table.free_head;
+        while s != NIL {
+            list.push(s);
+            s = table.heads[s as usize].link;
+        }
+        list.extend(table.fresh..table.capacity());
+        list
+    }
+
+    #[test]
+    fn on_demand_heads_are_written_as_slots_are_first_used() {
+        let mut table = Table::with_pages(4, Pages::OnDemand);
+        assert_eq!(table.high_water(), 0);
+        assert!((0..4).all(|s| !table.is_live(s)));
+        assert_eq!(table.alloc(), Some(0));
+        assert_eq!(table.alloc(), Some(1));
+        assert_eq!(table.high_water(), 2);
+        table.free(0);
+        assert_eq!(table.alloc(), Some(0));
+        assert_eq!(*table.get(0), Head::FRESH);
+        assert_eq!(table.alloc(), Some(2));
+        assert_eq!(table.alloc(), Some(3));
+        assert_eq!(table.alloc(), None);
+        assert_eq!(table.high_water(), 4);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
+        /// A table written on demand hands out the slots an eagerly written one would, in the
+        /// same order, and says the same of every slot.
+        #[test]
+        fn on_demand_behaves_as_written_now(
+            capacity in 1u32..40,
+            ops in prop::collection::vec((any::<bool>(), any::<u32>()), 0..400),
+        ) {
+            let mut now = Table::new(capacity);
+            let mut later = Table::with_pages(capacity, Pages::OnDemand);
+            let mut live: Vec<u32> = Vec::new();
+            for (is_alloc, pick) in ops {
+                if is_alloc {
+                    let slot = now.alloc();
+                    prop_assert_eq!(later.alloc(), slot);
+                    live.extend(slot);
+                } else if !live.is_empty() {
+                    let slot = live.swap_remove(pick as usize % live.len());
+                    now.free(slot);
+                    later.free(slot);
+                }
+                prop_assert_eq!(free_list(&later), free_list(&now));
+                for slot in 0..capacity {
+                    prop_assert_eq!(later.is_live(slot), now.is_live(slot));
+                }
+            }
+        }
+
         /// Against a model set of live slots: alloc succeeds exactly while the model is not full,
         /// never returns a live slot, and reuses the most recently freed slot first.
         #[test]
-        fn matches_model(capacity in 1u32..40, ops in prop::collection::vec((any::<bool>(), any::<u32>()), 0..400)) {
-            let mut table = Table::new(capacity);
+        fn matches_model(
+            capacity in 1u32..40,
+            on_demand in any::<bool>(),
+            ops in prop::collection::vec((any::<bool>(), any::<u32>()), 0..400),
+        ) {
+            let mut table = Table::with_pages(capacity, pages(on_demand));
             let mut live: Vec<u32> = Vec::new();
             let mut last_freed: Option<u32> = None;
             for (is_alloc, pick) in ops {
@@ -541,10 +709,11 @@ mod tests {
         #[test]
         fn cut_records_the_free_list_of_its_moment(
             capacity in 1u32..40,
+            on_demand in any::<bool>(),
             before in prop::collection::vec((any::<bool>(), any::<u32>()), 0..200),
             after in prop::collection::vec((0u8..3, any::<u32>()), 0..200),
         ) {
-            let mut table = Table::new(capacity);
+            let mut table = Table::with_pages(capacity, pages(on_demand));
             let mut live: Vec<u32> = Vec::new();
             for (is_alloc, pick) in before {
                 if is_alloc {
@@ -555,12 +724,11 @@ mod tests {
                     table.free(live.swap_remove(pick as usize % live.len()));
                 }
             }
-            let mut expected = Vec::new();
-            let mut s = table.free_head;
-            while s != NIL {
-                expected.push(s);
-                s = table.heads[s as usize].link;
-            }
+            let expected = free_list(&table);
+            let mut runs = Vec::new();
+            table.free_runs(&mut runs);
+            let listed: Vec<u32> = runs.iter().flat_map(|r| r.start..r.start + r.len).collect();
+            prop_assert_eq!(&listed, &expected);
             let mut untouched = live.clone();
             table.cut_begin(Vec::new());
             for (op, pick) in after {
