@@ -13,7 +13,11 @@
 //! block of a chain is a bug and asserts.
 //!
 //! Invariants:
-//! - Every block is either on exactly one live chain or on the free list; both end in [`NIL`].
+//! - Every block is either on exactly one live chain or on the free list; a chain ends in
+//!   [`NIL`]. The free list is the linked list from `free_head` (ending in [`NIL`]) followed by
+//!   the blocks never taken, `fresh..blocks_total`, in ascending order: the order a list written
+//!   at construction would have. Links at and past `fresh` are unwritten ([`Pages::OnDemand`]);
+//!   with [`Pages::Prefault`] every link is written at construction and `fresh == blocks_total`.
 //! - `blocks_free` is the length of the free list.
 //! - Blocks handed out by `alloc`, and bytes exposed by a growing `resize`, read as zero.
 //! - The free list is LIFO, so the blocks freed last (the likeliest to be in cache) are reused first.
@@ -33,6 +37,8 @@ pub struct Arena {
     blocks_total: u32,
     blocks_free: u32,
     free_head: u32,
+    /// Blocks at and past this one were never taken (see the module doc).
+    fresh: u32,
     /// The block after each block on its chain or on the free list; `NIL` ends a list.
     next: Box<[u32]>,
 }
@@ -116,17 +122,27 @@ impl Arena {
         let base = NonNull::new(ptr.cast::<u8>()).expect("mmap returned null");
         assert_eq!(base.as_ptr() as usize % page_bytes, 0);
 
-        // From here on `arena` owns the mapping, so an early return or a panic unmaps it.
-        let next: Box<[u32]> = (0..blocks_total)
-            .map(|block| Self::initial_next(block, blocks_total))
-            .collect();
+        // From here on `arena` owns the mapping, so an early return or a panic unmaps it. On
+        // demand, the links come zeroed from the allocator (pages backed on first use) and are
+        // written as blocks are first taken.
+        let (next, free_head, fresh): (Box<[u32]>, u32, u32) = match pages {
+            Pages::Prefault => (
+                (0..blocks_total)
+                    .map(|block| Self::initial_next(block, blocks_total))
+                    .collect(),
+                0,
+                blocks_total,
+            ),
+            Pages::OnDemand => (vec![0u32; blocks_total as usize].into(), NIL, 0),
+        };
         let arena = Arena {
             base,
             map_bytes,
             block_bytes,
             blocks_total,
             blocks_free: blocks_total,
-            free_head: 0,
+            free_head,
+            fresh,
             next,
         };
 
@@ -174,6 +190,7 @@ impl Arena {
             *next = Self::initial_next(block, blocks_total);
         }
         self.free_head = 0;
+        self.fresh = blocks_total;
         self.blocks_free = blocks_total;
     }
 
@@ -219,7 +236,7 @@ impl Arena {
         let block_bytes = self.block_bytes as usize;
         let handle = if self.free_prefix_is_consecutive(blocks) {
             // One copy for the whole chain: in a fresh arena, as at restore, it always is.
-            let first = self.free_head;
+            let first = self.free_front();
             // SAFETY: blocks `first..first + blocks` are distinct blocks of the arena, so all
             // `blocks * block_bytes` bytes from the first one's start lie in the mapping; they
             // are free, so no chain (and no slice handed out) covers them, and `&mut self` is held.
@@ -367,6 +384,9 @@ impl Arena {
     fn take_with(&mut self, blocks: u32, mut fill: impl FnMut(&mut [u8])) -> u32 {
         assert!(blocks > 0);
         assert!(blocks <= self.blocks_free);
+        if self.free_head == NIL {
+            self.free_head = self.link_fresh(blocks);
+        }
         let first = self.free_head;
         let mut block = first;
         for taken in 1..=blocks {
@@ -379,28 +399,74 @@ impl Arena {
             };
             fill(bytes);
             if taken < blocks {
+                if self.next[block as usize] == NIL {
+                    // The linked part ends here: the never-taken blocks follow.
+                    self.next[block as usize] = self.link_fresh(blocks - taken);
+                }
                 block = self.next[block as usize];
             }
         }
         self.free_head = self.next[block as usize];
         self.next[block as usize] = NIL;
         self.blocks_free -= blocks;
-        debug_assert!(self.blocks_free == 0 || self.free_head != NIL);
+        debug_assert!(self.blocks_free == 0 || self.free_front() != NIL);
         first
+    }
+
+    /// Links the next `blocks` never-taken blocks as a list ending in [`NIL`]; returns its first.
+    fn link_fresh(&mut self, blocks: u32) -> u32 {
+        let first = self.fresh;
+        let end = first + blocks;
+        assert!(
+            end <= self.blocks_total,
+            "free list shorter than blocks_free"
+        );
+        for block in first..end {
+            self.next[block as usize] = if block + 1 == end { NIL } else { block + 1 };
+        }
+        self.fresh = end;
+        first
+    }
+
+    /// The block the free list starts with (`NIL` when none is free).
+    fn free_front(&self) -> u32 {
+        if self.free_head != NIL || self.fresh == self.blocks_total {
+            self.free_head
+        } else {
+            self.fresh
+        }
     }
 
     /// Whether the first `blocks` blocks of the free list (at least that many are free) are
     /// consecutive in memory.
     fn free_prefix_is_consecutive(&self, blocks: u32) -> bool {
-        let mut block = self.free_head;
+        let mut block = self.free_front();
         for _ in 1..blocks {
-            let next = self.next[block as usize];
+            let next = match self.next_free(block) {
+                NIL => return false,
+                next => next,
+            };
             if next != block + 1 {
                 return false;
             }
             block = next;
         }
         true
+    }
+
+    /// The block after free block `block` on the free list (`NIL` at its end).
+    fn next_free(&self, block: u32) -> u32 {
+        if block >= self.fresh {
+            return if block + 1 < self.blocks_total {
+                block + 1
+            } else {
+                NIL
+            };
+        }
+        match self.next[block as usize] {
+            NIL if self.fresh < self.blocks_total => self.fresh,
+            next => next,
+        }
     }
 
     /// Pushes the chain starting at `first` onto the front of the free list; returns its length.
@@ -534,10 +600,14 @@ impl Arena {
     fn verify(&self) {
         assert_eq!(self.next.len(), self.blocks_total as usize);
         assert!(self.blocks_free <= self.blocks_total);
-        let mut blocks = 0u32;
+        assert!(self.fresh <= self.blocks_total);
+        let mut blocks = self.blocks_total - self.fresh;
         let mut block = self.free_head;
         while block != NIL {
-            assert!(block < self.blocks_total);
+            assert!(
+                block < self.fresh,
+                "a never-taken block {block} on the linked list"
+            );
             blocks += 1;
             assert!(
                 blocks <= self.blocks_free,
@@ -718,9 +788,12 @@ mod tests {
         fn matches_model(
             blocks in 1u64..48,
             block_bytes in prop::sample::select(vec![8u32, 16, 24, 64]),
+            on_demand in any::<bool>(),
             ops in prop::collection::vec(op(), 0..200),
         ) {
-            let mut arena = arena(blocks, block_bytes);
+            let pages = if on_demand { Pages::OnDemand } else { Pages::Prefault };
+            let mut arena =
+                Arena::with_pages(blocks * u64::from(block_bytes), block_bytes, None, pages).unwrap();
             let blocks_for = |len: usize| (len.div_ceil(block_bytes as usize)).max(1) as u32;
             let mut model: Vec<(u32, Vec<u8>)> = Vec::new();
             for op in ops {
@@ -818,6 +891,55 @@ mod tests {
                 arena.free(handle);
             }
             prop_assert_eq!(arena.blocks_free(), arena.blocks_total());
+        }
+
+        /// An arena whose links are written on demand hands out the handles one written at
+        /// construction would, for the same operations.
+        #[test]
+        fn on_demand_takes_the_blocks_written_now_would(
+            blocks in 1u64..48,
+            ops in prop::collection::vec(op(), 0..200),
+        ) {
+            let bytes = blocks * 16;
+            let mut now = Arena::with_pages(bytes, 16, None, Pages::Prefault).unwrap();
+            let mut later = Arena::with_pages(bytes, 16, None, Pages::OnDemand).unwrap();
+            let mut live: Vec<(u32, usize)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Alloc(len) => {
+                        let h = now.alloc(len);
+                        prop_assert_eq!(later.alloc(len), h);
+                        live.extend(h.map(|h| (h, len)));
+                    }
+                    Op::AllocCopy(src) => {
+                        let h = now.alloc_copy(&src);
+                        prop_assert_eq!(later.alloc_copy(&src), h);
+                        live.extend(h.map(|h| (h, src.len())));
+                    }
+                    Op::Free(i) if !live.is_empty() => {
+                        let (h, _) = live.swap_remove(i % live.len());
+                        now.free(h);
+                        later.free(h);
+                    }
+                    Op::Resize(i, len) if !live.is_empty() => {
+                        let i = i % live.len();
+                        let (h, old) = live[i];
+                        let resized = now.resize(h, old, len);
+                        prop_assert_eq!(later.resize(h, old, len), resized);
+                        if resized {
+                            live[i].1 = len;
+                        }
+                    }
+                    Op::Reset => {
+                        now.reset();
+                        later.reset();
+                        live.clear();
+                    }
+                    _ => {}
+                }
+                prop_assert_eq!(later.blocks_free(), now.blocks_free());
+                later.verify();
+            }
         }
     }
 }
