@@ -261,7 +261,7 @@ fn walk_flat(
     // string, as the walk takes quotes in pairs and strings hold no tokens, so its close at
     // `i + 1` is real (`mark` refused unclosed strings); each later read follows a real
     // token, and the sentinel fails the check that reads it.
-    let tokens = &m.tokens[..=count];
+    let tokens = &m.tokens[..count + 1];
     debug_assert_eq!(tokens[count], SENTINEL);
     debug_assert_eq!(b[usize::from(SENTINEL)], b'{');
     let token = |i: usize| {

@@ -148,7 +148,9 @@ impl Decoder {
         p.session = sc.session;
         p.root_members = sc.root_members;
         p.scratch.clear();
-        p.scratch.extend_from_slice(&self.scratch[..sc.scratch_len]);
+        if sc.scratch_len > 0 {
+            p.scratch.extend_from_slice(&self.scratch[..sc.scratch_len]);
+        }
         Ok(())
     }
 }
