@@ -548,8 +548,10 @@ impl State {
 
     /// The first level of `on_batch`'s lookahead for an upcoming event: find its key, hash it
     /// and request the index entry. Like the next two levels, a hint only: nothing here changes
-    /// the engine, and a wrong guess costs a wasted request.
-    #[inline]
+    /// the engine, and a wrong guess costs a wasted request. Always inlined: returned from a
+    /// call, the result went through the stack and its wide reloads stalled on the narrower
+    /// stores just made (replay 1.0-1.3% faster inlined).
+    #[inline(always)]
     fn lookahead_index<'e>(&self, rules: &Rules, p: ProfileId, ev: &Event<'e>) -> Lookahead<'e> {
         let key = ev.get(rules.profiles[p as usize].key).key_bytes();
         let keyed = key
