@@ -399,7 +399,7 @@ impl Engine {
         let request_index = |st: &State, ring: &mut [Lookahead<'e>; LOOKAHEAD_RING], j: usize| {
             if j < n {
                 let (p, ev) = item(j);
-                ring[j % LOOKAHEAD_RING] = st.lookahead_index(rules, p, &ev);
+                st.lookahead_index(rules, p, &ev, &mut ring[j % LOOKAHEAD_RING]);
             }
         };
         for j in 0..LOOKAHEAD_INDEX.min(n) {
@@ -548,19 +548,25 @@ impl State {
 
     /// The first level of `on_batch`'s lookahead for an upcoming event: find its key, hash it
     /// and request the index entry. Like the next two levels, a hint only: nothing here changes
-    /// the engine, and a wrong guess costs a wasted request. Always inlined: returned from a
-    /// call, the result went through the stack and its wide reloads stalled on the narrower
-    /// stores just made (replay 1.0-1.3% faster inlined).
-    #[inline(always)]
-    fn lookahead_index<'e>(&self, rules: &Rules, p: ProfileId, ev: &Event<'e>) -> Lookahead<'e> {
+    /// the engine, and a wrong guess costs a wasted request. Writes its ring entry in place:
+    /// returned from a call, the entry went through the stack and its wide reloads stalled on
+    /// the narrower stores just made.
+    #[inline]
+    fn lookahead_index<'e>(
+        &self,
+        rules: &Rules,
+        p: ProfileId,
+        ev: &Event<'e>,
+        la: &mut Lookahead<'e>,
+    ) {
         let key = ev.get(rules.profiles[p as usize].key).key_bytes();
-        let keyed = key
+        la.keyed = key
             .filter(|k| k.len() <= self.key_bytes_max)
             .map(|k| (k, self.key_hash(p, k)));
-        if let Some((_, h)) = keyed {
+        la.slot = NIL;
+        if let Some((_, h)) = la.keyed {
             self.index.prefetch(h);
         }
-        Lookahead { keyed, slot: NIL }
     }
 
     /// The second level: read the index entry (now cached) and request the head it names.
