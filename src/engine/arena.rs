@@ -3,7 +3,7 @@
 //!
 //! The arena is one anonymous mapping of `blocks_total` fixed-size blocks, reserved, placed on the
 //! shard's NUMA node and faulted in at start-up, so the data path neither allocates nor takes a page
-//! fault. A payload of `len` bytes occupies a chain of `blocks_for(len)` blocks; its handle is the
+//! fault (a replay's arena, [`Pages::OnDemand`], is backed as it is used instead). A payload of `len` bytes occupies a chain of `blocks_for(len)` blocks; its handle is the
 //! index of the first block, which never changes for the life of the chain (a resize keeps it). Chain
 //! links live beside the blocks, in `next` (one `u32` per block), so a block is all payload and a
 //! small record is one contiguous, 8-byte-aligned slice.
@@ -16,8 +16,9 @@
 //! - Every block is either on exactly one live chain or on the free list; a chain ends in
 //!   [`NIL`]. The free list is the linked list from `free_head` (ending in [`NIL`]) followed by
 //!   the blocks never taken, `fresh..blocks_total`, in ascending order: the order a list written
-//!   at construction would have. Links at and past `fresh` are unwritten ([`Pages::OnDemand`]);
-//!   with [`Pages::Prefault`] every link is written at construction and `fresh == blocks_total`.
+//!   at construction would have. Links at and past `fresh` are unread: unwritten
+//!   ([`Pages::OnDemand`]) or left from before a `reset`. [`Pages::Prefault`] writes every link
+//!   at construction (`fresh == blocks_total`).
 //! - `blocks_free` is the length of the free list.
 //! - Blocks handed out by `alloc`, and bytes exposed by a growing `resize`, read as zero.
 //! - The free list is LIFO, so the blocks freed last (the likeliest to be in cache) are reused first.
@@ -182,16 +183,13 @@ impl Arena {
         }
     }
 
-    /// Frees every chain at once: the free list is as `new` left it. The mapping is kept (a
+    /// Frees every chain at once, in O(1): every block is never-taken again, so the free list
+    /// is the one `new` made and links are rewritten as blocks are taken. The mapping is kept (a
     /// block is zeroed when it is next taken).
     pub fn reset(&mut self) {
-        let blocks_total = self.blocks_total;
-        for (block, next) in (0..blocks_total).zip(self.next.iter_mut()) {
-            *next = Self::initial_next(block, blocks_total);
-        }
-        self.free_head = 0;
-        self.fresh = blocks_total;
-        self.blocks_free = blocks_total;
+        self.free_head = NIL;
+        self.fresh = 0;
+        self.blocks_free = self.blocks_total;
     }
 
     pub fn block_bytes(&self) -> u32 {

@@ -12,7 +12,7 @@
 //! - The free list is the linked list from `free_head` (through [`Head::link`], ending in
 //!   [`NIL`]) followed by the slots never handed out, `fresh..capacity`, in ascending order:
 //!   the order an eagerly written table's list would have. Heads at and past `fresh` are
-//!   unwritten and unread; `is_live` is false for them.
+//!   unread (unwritten, or left from before a `reset`); `is_live` is false for them.
 //! - `live + (length of the free list) == capacity`, and the linked part holds exactly the slots
 //!   below `fresh` whose [`FLAG_FREE`] bit is set.
 //! - Slot [`NIL`] is never a valid slot, so `capacity < NIL`.
@@ -187,21 +187,17 @@ impl Table {
         }
     }
 
-    /// Frees every slot at once: the table is as `new` left it (every head written). Not
-    /// during a capture.
+    /// Frees every slot at once, in O(1): every slot is never-used again, so the free list is
+    /// the one `new` made and heads are rewritten as slots are handed out. Not during a capture.
     pub fn reset(&mut self) {
         assert!(!self.cut.active, "table reset during a capture");
-        let capacity = self.capacity();
-        for (slot, head) in (0..capacity).zip(self.heads.iter_mut()) {
-            *head = Self::initial_head(slot, capacity);
-        }
-        self.fresh = capacity;
-        self.free_head = 0;
+        self.fresh = 0;
+        self.free_head = NIL;
         self.live = 0;
     }
 
-    /// No slot at or past this one has ever been handed out (the capacity once every head is
-    /// written): a walk over the live slots can stop here.
+    /// No slot at or past this one has been handed out since the table was made or reset: a
+    /// walk over the live slots can stop here.
     pub fn high_water(&self) -> u32 {
         self.fresh
     }
