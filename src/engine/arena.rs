@@ -123,29 +123,22 @@ impl Arena {
         let base = NonNull::new(ptr.cast::<u8>()).expect("mmap returned null");
         assert_eq!(base.as_ptr() as usize % page_bytes, 0);
 
-        // From here on `arena` owns the mapping, so an early return or a panic unmaps it. On
-        // demand, the links come zeroed from the allocator (pages backed on first use) and are
-        // written as blocks are first taken.
-        let (next, free_head, fresh): (Box<[u32]>, u32, u32) = match pages {
-            Pages::Prefault => (
-                (0..blocks_total)
-                    .map(|block| Self::initial_next(block, blocks_total))
-                    .collect(),
-                0,
-                blocks_total,
-            ),
-            Pages::OnDemand => (vec![0u32; blocks_total as usize].into(), NIL, 0),
-        };
-        let arena = Arena {
+        // From here on `arena` owns the mapping, so an early return or a panic unmaps it. The
+        // links come zeroed from the allocator (pages backed on first use), every block never
+        // taken; they are written as blocks are first taken, or all now when prefaulting.
+        let mut arena = Arena {
             base,
             map_bytes,
             block_bytes,
             blocks_total,
             blocks_free: blocks_total,
-            free_head,
-            fresh,
-            next,
+            free_head: NIL,
+            fresh: 0,
+            next: vec![0u32; blocks_total as usize].into(),
         };
+        if pages == Pages::Prefault {
+            arena.free_head = arena.link_fresh(blocks_total);
+        }
 
         // Random access over a large arena is TLB-bound; huge pages help if the system allows
         // them. Advisory only: an error (THP disabled) changes nothing we rely on.
@@ -172,15 +165,6 @@ impl Arena {
 
         arena.verify();
         Ok(arena)
-    }
-
-    /// A fresh arena's free list runs through the blocks in ascending order.
-    fn initial_next(block: u32, blocks_total: u32) -> u32 {
-        if block + 1 == blocks_total {
-            NIL
-        } else {
-            block + 1
-        }
     }
 
     /// Frees every chain at once, in O(1): every block is never-taken again, so the free list

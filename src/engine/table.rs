@@ -151,20 +151,12 @@ impl Table {
     pub fn with_pages(capacity: u32, pages: Pages) -> Table {
         assert!(capacity > 0);
         assert!(capacity < NIL);
-        let (heads, fresh, free_head) = match pages {
-            Pages::Prefault => {
-                let mut heads: Vec<Head> = Vec::with_capacity(capacity as usize);
-                super::prefetch::advise_huge_pages(heads.as_mut_ptr(), heads.capacity());
-                heads.extend((0..capacity).map(|slot| Self::initial_head(slot, capacity)));
-                (heads.into_boxed_slice(), capacity, 0)
-            }
-            Pages::OnDemand => (zeroed_heads(capacity as usize), 0, NIL),
-        };
+        let heads = zeroed_heads(capacity as usize);
         assert_eq!(heads.len(), capacity as usize);
-        Table {
+        let mut table = Table {
             heads,
-            fresh,
-            free_head,
+            fresh: 0,
+            free_head: NIL,
             live: 0,
             cut: Cut {
                 active: false,
@@ -175,7 +167,11 @@ impl Table {
                 next: NIL,
                 runs: Vec::new(),
             },
+        };
+        if pages == Pages::Prefault {
+            table.write_fresh();
         }
+        table
     }
 
     /// A fresh table's free list runs through the slots in ascending order.
@@ -203,7 +199,8 @@ impl Table {
     }
 
     /// Writes the heads not yet written as the linked free list's tail, so that the whole list
-    /// is linked (its order unchanged). Walks the linked part once to find its end.
+    /// is linked (its order unchanged): at construction when prefaulting, and before a cut.
+    /// Walks the linked part once to find its end.
     fn write_fresh(&mut self) {
         let capacity = self.capacity();
         if self.fresh == capacity {
