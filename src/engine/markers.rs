@@ -89,15 +89,19 @@ pub fn session_member(buf: &mut Vec<u8>, profile: &str, id: u64, seq: u32, start
     const _: () =
         assert!(17 + 18 + 13 + 8 + 10 + 12 + 20 + 1 + Tail::SLACK <= SESSION_MEMBER_BYTES_MAX);
     let mut t = Tail::new(buf, SESSION_MEMBER_BYTES_MAX + profile.len());
-    t.put(b"\"_session\":{\"id\":");
-    t.put(&id_text(id));
-    t.put(b",\"profile\":\"");
-    t.put_slice(profile.as_bytes());
-    t.put(b"\",\"seq\":");
-    t.put_u64(u64::from(seq));
-    t.put(b",\"start_ts\":");
-    t.put_i64(start_ts);
-    t.put(b"}");
+    // SAFETY: the pieces, a u32, an i64 and the slack fit in the room reserved (the
+    // assertion above; the profile name is added to it).
+    unsafe {
+        t.put(b"\"_session\":{\"id\":");
+        t.put(&id_text(id));
+        t.put(b",\"profile\":\"");
+        t.put_slice(profile.as_bytes());
+        t.put(b"\",\"seq\":");
+        t.put_u64(u64::from(seq));
+        t.put(b",\"start_ts\":");
+        t.put_i64(start_ts);
+        t.put(b"}");
+    }
 }
 
 fn open(out: &mut Out, kind: &str, profile: &str, key: &[u8]) {
@@ -207,25 +211,37 @@ pub fn session_end(
 
 /// Room for `times`: the pieces' text, a sign and 20 digits per number, the longest reason,
 /// and the slack of a number store.
-const TIMES_BYTES_MAX: usize = 12 + 11 + 15 + 9 + 11 + 1 + 4 * 21 + 16 + Tail::SLACK;
+const TIMES_BYTES_MAX: usize = 12 + 11 + 15 + 9 + 11 + 1 + 4 * 21 + REASON_BYTES_MAX + Tail::SLACK;
+const REASON_BYTES_MAX: usize = 16;
+const _: () = {
+    let mut i = 0;
+    while i < EndReason::COUNT {
+        assert!(EndReason::ALL[i].label().len() <= REASON_BYTES_MAX);
+        i += 1;
+    }
+};
 
 /// `,"start_ts":<ms>` and, for an end, `,"last_ts":..,"duration_ms":..,"count":..,
 /// "reason":".."`, the same in every marker: in one piece into reserved room, like the
 /// `_session` member (these numbers are on every marker).
 fn times(b: &mut Vec<u8>, s: Summary, end: Option<EndReason>) {
     let mut t = Tail::new(b, TIMES_BYTES_MAX);
-    t.put(b",\"start_ts\":");
-    t.put_i64(s.start_ts);
-    if let Some(reason) = end {
-        t.put(b",\"last_ts\":");
-        t.put_i64(s.last_ts);
-        t.put(b",\"duration_ms\":");
-        t.put_i64(s.last_ts.wrapping_sub(s.start_ts));
-        t.put(b",\"count\":");
-        t.put_u64(u64::from(s.count));
-        t.put(b",\"reason\":\"");
-        t.put_slice(reason.label().as_bytes());
-        t.put(b"\"");
+    // SAFETY: the pieces, four numbers, the longest reason and the slack fit in
+    // `TIMES_BYTES_MAX`, which counts each of them.
+    unsafe {
+        t.put(b",\"start_ts\":");
+        t.put_i64(s.start_ts);
+        if let Some(reason) = end {
+            t.put(b",\"last_ts\":");
+            t.put_i64(s.last_ts);
+            t.put(b",\"duration_ms\":");
+            t.put_i64(s.last_ts.wrapping_sub(s.start_ts));
+            t.put(b",\"count\":");
+            t.put_u64(u64::from(s.count));
+            t.put(b",\"reason\":\"");
+            t.put_slice(reason.label().as_bytes());
+            t.put(b"\"");
+        }
     }
 }
 

@@ -83,7 +83,7 @@ impl EndReason {
         EndReason::ParentEnded,
     ];
 
-    pub fn label(self) -> &'static str {
+    pub const fn label(self) -> &'static str {
         match self {
             EndReason::Idle => "idle",
             EndReason::MaxDuration => "max_duration",
