@@ -1041,6 +1041,33 @@ fn check_line(d: &mut Decoder, line: &[u8]) -> Result<(), TestCaseError> {
     check_detached(d, line, &out)
 }
 
+#[test]
+fn a_failed_detached_decode_leaves_no_field_seen() {
+    // The failed scan may rewrite slots for its own line; none may then be read against the
+    // line decoded before (`Event::get` reads seen slots without bounds checks).
+    let mut d = decoder(&["user", "ts", "page"]);
+    let good: &[u8] = br#"{"user":"u1","ts":5,"page":"/a"}"#;
+    let mut p = Parsed::new(d.table(), 1024);
+    d.decode_into(good, &mut p).expect("a valid line");
+    assert_eq!(p.event(good, d.table()).get(0), s(br#""u1""#, b"u1"));
+    let bad: &[u8] = br#"{"page":"/a/very/long/path/indeed","user":"u2","ts":}"#;
+    assert!(d.decode_into(bad, &mut p).is_err());
+    let e = p.event(good, d.table());
+    for id in 0..3 {
+        assert_eq!(e.get(id), Field::Missing, "field {id}");
+    }
+}
+
+#[test]
+#[should_panic(expected = "not the decoded line")]
+fn a_detached_event_refuses_another_line() {
+    let mut d = decoder(&["user"]);
+    let mut p = Parsed::new(d.table(), 1024);
+    d.decode_into(br#"{"user":"u1"}"#, &mut p)
+        .expect("a valid line");
+    let _ = p.event(br#"{"user":"u"}"#, d.table());
+}
+
 /// The detached form of `line` (decoded into a `Parsed`, then the decoder reused for another
 /// line) gives the same fields and the same enriched output as `decode`.
 fn check_detached(d: &mut Decoder, line: &[u8], enriched: &[u8]) -> Result<(), TestCaseError> {
