@@ -1058,16 +1058,6 @@ fn a_failed_detached_decode_leaves_no_field_seen() {
     }
 }
 
-#[test]
-#[should_panic(expected = "not the decoded line")]
-fn a_detached_event_refuses_another_line() {
-    let mut d = decoder(&["user"]);
-    let mut p = Parsed::new(d.table(), 1024);
-    d.decode_into(br#"{"user":"u1"}"#, &mut p)
-        .expect("a valid line");
-    let _ = p.event(br#"{"user":"u"}"#, d.table());
-}
-
 /// The detached form of `line` (decoded into a `Parsed`, then the decoder reused for another
 /// line) gives the same fields and the same enriched output as `decode`.
 fn check_detached(d: &mut Decoder, line: &[u8], enriched: &[u8]) -> Result<(), TestCaseError> {
