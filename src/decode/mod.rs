@@ -166,8 +166,8 @@ impl Decoder {
 /// `String`. `raw` always has the decoded object's length, whatever line a detached
 /// [`Parsed`] is viewed with: [`Parsed::event`] cuts it at the decoded offsets. So
 /// [`Event::get`] reads a seen slot without bounds checks: they were ~80 instructions of an
-/// engine event (callgrind). A check per view instead, in `Parsed::event`, made the replay
-/// 5% slower.
+/// engine event (callgrind). A check per view instead, in `Parsed::event`, cost the replay
+/// ~9% of its CPU time (bench/RESULTS.md).
 #[derive(Clone, Copy)]
 pub struct Event<'a> {
     raw: &'a [u8],
