@@ -1,15 +1,16 @@
 //! `sessionizer replay FILE...`: the live engine, driven by the events' own time.
 //!
-//! One `Engine` per configured shard, all in this thread (`numa_node` None; arena and session
-//! table backed and written as first used: `Pages::OnDemand`); every event is routed to its
-//! owner exactly as in the live run (`route`), so a replay produces the sessions the appliance
-//! would have produced. Files are read in order through a fixed buffer (`ingest::lines::LineBuf`,
-//! memchr splitting); every engine's timers run (`advance` with `Clock::Replay`) every
-//! [`ADVANCE_EVERY_EVENTS`] events and at the end, then every engine `finish`es. Lines are decoded a window of [`WINDOW_LINES`] at a time and each engine gets its
-//! events of the window as one batch (`Engine::on_batch_by`, which overlaps their session
-//! lookups); so within a window, dead letters and pass-throughs come first, then each shard's
-//! records in shard order. The order depends only on the input: the same input gives
-//! byte-identical output. Undecodable lines become dead-letter records with transport "replay".
+//! One `Engine` per configured shard, all in this thread (`numa_node` None; arena and session table
+//! backed and written as first used: `Pages::OnDemand`); every event is routed to its owner exactly
+//! as in the live run (`route`), so a replay produces the sessions the appliance would have
+//! produced. Files are read in order through a fixed buffer (`ingest::lines::LineBuf`, memchr
+//! splitting); every engine's timers run (`advance` with `Clock::Replay`) every
+//! [`ADVANCE_EVERY_EVENTS`] events and at the end, then every engine `finish`es. Lines are decoded
+//! a window of [`WINDOW_LINES`] at a time and each engine gets its events of the window as one
+//! batch (`Engine::on_batch_by`, which overlaps their session lookups); so within a window, dead
+//! letters and pass-throughs come first, then each shard's records in shard order. The order
+//! depends only on the input: the same input gives byte-identical output. Undecodable lines become
+//! dead-letter records with transport "replay".
 
 use crate::config::Config;
 use crate::decode::{Decoder, Parsed};

@@ -2,11 +2,12 @@
 //! captured values, lists).
 //!
 //! The arena is one anonymous mapping of `blocks_total` fixed-size blocks, reserved, placed on the
-//! shard's NUMA node and faulted in at start-up, so the data path neither allocates nor takes a page
-//! fault (a replay's arena, [`Pages::OnDemand`], is backed as it is used instead). A payload of `len` bytes occupies a chain of `blocks_for(len)` blocks; its handle is the
-//! index of the first block, which never changes for the life of the chain (a resize keeps it). Chain
-//! links live beside the blocks, in `next` (one `u32` per block), so a block is all payload and a
-//! small record is one contiguous, 8-byte-aligned slice.
+//! shard's NUMA node and faulted in at start-up, so the data path neither allocates nor takes a
+//! page fault (a replay's arena, [`Pages::OnDemand`], is backed as it is used instead). A payload
+//! of `len` bytes occupies a chain of `blocks_for(len)` blocks; its handle is the index of the
+//! first block, which never changes for the life of the chain (a resize keeps it). Chain links live
+//! beside the blocks, in `next` (one `u32` per block), so a block is all payload and a small record
+//! is one contiguous, 8-byte-aligned slice.
 //!
 //! The arena does not record chain lengths: the engine stores each payload's length and passes it
 //! back to `resize`. Accesses are checked against the chain itself: touching a byte past the last
