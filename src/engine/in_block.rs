@@ -9,7 +9,7 @@
 //! Anything else (metadata still being captured, a list append, a record that spans blocks)
 //! takes the general path, with nothing changed here.
 
-use super::rules::{LastField, ProfileRule, Rules};
+use super::rules::{short_eq, LastField, ProfileRule, Rules};
 use super::{captured, payload, value_hash, State, FLAG_META_DONE};
 use crate::decode::Event;
 
@@ -177,10 +177,25 @@ pub(super) fn fixed_part<'e>(
 ) -> bool {
     let l = &rule.layout;
     let mut changed = false;
-    for (i, c) in rule.counters.iter().enumerate() {
-        if c.when.is_none_or(|w| rules.eval_reusing(w, ev, last)) {
+    if let Some(by) = &rule.counters_by_value {
+        if let Some(value) = last.text(by.field, ev) {
+            for (i, text) in by.eq.iter() {
+                if short_eq(text, value) {
+                    payload::counter_add(head, base, l, *i, 1);
+                    changed = true;
+                }
+            }
+        }
+        for &i in by.every.iter() {
             payload::counter_add(head, base, l, i, 1);
             changed = true;
+        }
+    } else {
+        for (i, c) in rule.counters.iter().enumerate() {
+            if c.when.is_none_or(|w| rules.eval_reusing(w, ev, last)) {
+                payload::counter_add(head, base, l, i, 1);
+                changed = true;
+            }
         }
     }
     for (i, a) in rule.aggregates.iter().enumerate() {

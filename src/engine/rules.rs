@@ -65,6 +65,16 @@ pub struct Counter {
     pub when: Option<PredId>,
 }
 
+/// See [`ProfileRule::counters_by_value`].
+#[derive(Debug, Clone)]
+pub struct CountersByValue {
+    pub field: FieldId,
+    /// (counter, the string it counts).
+    pub eq: Box<[(usize, Box<[u8]>)]>,
+    /// The counters of every event (no `when`).
+    pub every: Box<[usize]>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Aggregate {
     pub name: String,
@@ -125,6 +135,9 @@ pub struct ProfileRule {
     pub aggregates: Vec<Aggregate>,
     pub lists: Vec<ListRule>,
     pub subs: Vec<SubRule>,
+    /// Set when every counter with a `when` counts the events whose one same field equals a
+    /// string (by event type, the usual case): the counters then read that field once an event.
+    pub counters_by_value: Option<CountersByValue>,
     pub layout: Layout,
     /// Its markers' constant text (filled once all fields are known).
     pub text: super::markers::ProfileText,
@@ -292,6 +305,7 @@ impl Rules {
                 aggregates,
                 lists,
                 subs,
+                counters_by_value: None,
                 layout,
                 text: Default::default(),
             });
@@ -300,8 +314,32 @@ impl Rules {
         for i in 0..rules.profiles.len() {
             rules.profiles[i].text =
                 super::markers::ProfileText::new(&rules.profiles[i], &rules.fields);
+            rules.profiles[i].counters_by_value = rules.counters_by_value(&rules.profiles[i]);
         }
         Ok(rules)
+    }
+
+    /// [`ProfileRule::counters_by_value`] for `rule`, when its counters allow it.
+    fn counters_by_value(&self, rule: &ProfileRule) -> Option<CountersByValue> {
+        let (mut field, mut eq, mut every) = (None, Vec::new(), Vec::new());
+        for (i, c) in rule.counters.iter().enumerate() {
+            let Some(when) = c.when else {
+                every.push(i);
+                continue;
+            };
+            let Node::Eq(f, Lit::Str(text)) = &self.nodes[when as usize] else {
+                return None;
+            };
+            if *field.get_or_insert(*f) != *f {
+                return None;
+            }
+            eq.push((i, text.clone()));
+        }
+        Some(CountersByValue {
+            field: field?,
+            eq: eq.into_boxed_slice(),
+            every: every.into_boxed_slice(),
+        })
     }
 
     pub fn field_table(&self) -> FieldTable {
@@ -372,16 +410,7 @@ impl Rules {
     #[inline(always)]
     pub fn eval_reusing<'e>(&self, id: PredId, ev: &Event<'e>, last: &mut LastField<'e>) -> bool {
         match &self.nodes[id as usize] {
-            Node::Eq(f, Lit::Str(lit)) => {
-                if last.field != *f {
-                    let text = match ev.get(*f) {
-                        Field::String { text, .. } => Some(text),
-                        _ => None,
-                    };
-                    *last = LastField { field: *f, text };
-                }
-                last.text.is_some_and(|text| short_eq(lit, text))
-            }
+            Node::Eq(f, Lit::Str(lit)) => last.text(*f, ev).is_some_and(|text| short_eq(lit, text)),
             _ => self.eval_node(id, ev),
         }
     }
@@ -411,11 +440,24 @@ pub struct LastField<'e> {
     text: Option<&'e [u8]>,
 }
 
-impl LastField<'_> {
+impl<'e> LastField<'e> {
     pub const NONE: Self = LastField {
         field: FieldId::MAX,
         text: None,
     };
+
+    /// Field `f`'s text when it is a string, looked up unless `f` is the field kept.
+    #[inline(always)]
+    pub fn text(&mut self, f: FieldId, ev: &Event<'e>) -> Option<&'e [u8]> {
+        if self.field != f {
+            let text = match ev.get(f) {
+                Field::String { text, .. } => Some(text),
+                _ => None,
+            };
+            *self = LastField { field: f, text };
+        }
+        self.text
+    }
 }
 
 /// `a == b` for the short strings predicates compare (event types, flags), without a call to
@@ -696,6 +738,65 @@ mod short_eq_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counters read their field once an event only when every `when` is a string `eq` on that
+    /// one field; any other counter keeps them on the predicates.
+    #[test]
+    fn counters_by_value_only_for_string_eq_on_one_field() {
+        let compile = |counters: &str| {
+            let cfg = Config::from_toml(&format!(
+                "[[profile]]\nname = \"p\"\nkey = \"user\"\nidle_timeout = \"1m\"\n{counters}"
+            ))
+            .unwrap();
+            let rules = Rules::compile(&cfg).unwrap();
+            rules.profiles[0].counters_by_value.clone().map(|by| {
+                let eq: Vec<_> = by
+                    .eq
+                    .iter()
+                    .map(|(i, t)| (*i, String::from_utf8(t.to_vec()).unwrap()))
+                    .collect();
+                (
+                    rules.fields[usize::from(by.field)].clone(),
+                    eq,
+                    by.every.to_vec(),
+                )
+            })
+        };
+        let counter = |name: &str, when: &str| {
+            let when = if when.is_empty() {
+                String::new()
+            } else {
+                format!("when = {when}\n")
+            };
+            format!("[[profile.counter]]\nname = \"{name}\"\n{when}")
+        };
+        let by_type = counter("clicks", r#"{ field = "type", eq = "click" }"#)
+            + &counter("all", "")
+            + &counter("pages", r#"{ field = "type", eq = "page" }"#);
+        assert_eq!(
+            compile(&by_type),
+            Some((
+                "type".to_string(),
+                vec![(0, "click".to_string()), (2, "page".to_string())],
+                vec![1]
+            ))
+        );
+        for other in [
+            r#"{ field = "kind", eq = "a" }"#,
+            r#"{ field = "type", eq = 1 }"#,
+            r#"{ field = "type", ne = "click" }"#,
+            r#"{ field = "type", in = ["click"] }"#,
+            r#"{ all = [{ field = "type", eq = "click" }] }"#,
+        ] {
+            assert_eq!(
+                compile(&(by_type.clone() + &counter("x", other))),
+                None,
+                "{other}"
+            );
+        }
+        assert_eq!(compile(""), None, "no counters");
+        assert_eq!(compile(&counter("all", "")), None, "no field to read");
+    }
 
     /// Reusing a field's text across predicates decides as evaluating each on its own does,
     /// whatever the order of fields and the kinds of their values.

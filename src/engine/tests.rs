@@ -505,6 +505,81 @@ fn bounded_expiry_and_finish_end_everything_in_steps_within_the_batch() {
     assert_eq!((ends, r.engine.live_sessions()), (601 - due, 0));
 }
 
+/// Counters that all test one field for a string read it once an event; a profile with one
+/// more counter of another kind evaluates each `when` as a predicate. Both count the same.
+#[test]
+fn counters_by_value_count_as_their_predicates() {
+    let profile = |name: &str, extra: &str| {
+        format!(
+            r#"
+[[profile]]
+name = "{name}"
+key = "user"
+timestamp = {{ field = "ts" }}
+idle_timeout = "10s"
+state = ["page"]
+[[profile.counter]]
+name = "clicks"
+when = {{ field = "type", eq = "click" }}
+[[profile.counter]]
+name = "all"
+[[profile.counter]]
+name = "pages"
+when = {{ field = "type", eq = "page" }}
+{extra}"#
+        )
+    };
+    let mut r = Rig::new(
+        &(profile("by_value", "")
+            + &profile(
+                "by_predicate",
+                "[[profile.counter]]\nname = \"kinds\"\nwhen = { field = \"kind\", exists = true }\n",
+            )),
+    );
+    let rules = r.engine.rules().clone();
+    assert!(rules.profiles[0].counters_by_value.is_some());
+    assert!(rules.profiles[1].counters_by_value.is_none());
+    for (i, ty) in [
+        r#""click""#,
+        r#""page""#,
+        r#""clic""#,
+        r#""pages""#,
+        "1",
+        "null",
+        r#""click""#,
+        "",
+        r#""page""#,
+        r#""click""#,
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ty = if ty.is_empty() {
+            String::new()
+        } else {
+            format!(r#","type":{ty}"#)
+        };
+        // Same-length pages keep the session on the in-block path; the last one moves it.
+        let page = if i == 9 { "/longer" } else { "/a" };
+        r.send(&format!(
+            r#"{{"user":"u","ts":{}{ty},"page":"{page}"}}"#,
+            1000 + i
+        ));
+    }
+    r.engine.finish(&mut r.out);
+    let recs = r.records();
+    let ends = Rig::ends(&recs);
+    assert_eq!(ends.len(), 2, "{recs:#?}");
+    for end in ends {
+        let c = &end["counters"];
+        assert_eq!(
+            (&c["clicks"], &c["all"], &c["pages"]),
+            (&3.into(), &10.into(), &2.into()),
+            "{end}"
+        );
+    }
+}
+
 /// The owner rule clients compute for the steering header is `hash % shards`; the mask used
 /// for power-of-two shard counts must agree with it everywhere.
 #[test]
