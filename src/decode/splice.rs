@@ -9,13 +9,26 @@
 use super::scan::{at, skip_ws, COMMA_NONE};
 use super::Event;
 
-impl Event<'_> {
+impl<'a> Event<'a> {
     /// Writes raw() with `member` (e.g. br#""_session":{"id":"x"}"#) inserted as the LAST member
     /// of the top-level object (adding the comma when the object is non-empty). An existing
     /// top-level "_session" member is removed first, so re-feeding our own output works.
     /// Appends to `out`; no trailing newline.
     pub fn write_enriched(&self, member: &[u8], out: &mut Vec<u8>) {
         self.write_enriched_with(out, |out| out.extend_from_slice(member));
+    }
+
+    /// When [`Event::write_enriched`] would cut nothing out (the event has no `"_session"`
+    /// member, the usual case): the bytes it keeps before the member, and whether a comma
+    /// goes between them and the member. The caller then writes the event in one piece.
+    #[inline]
+    pub fn enriched_head(&self) -> Option<(&'a [u8], bool)> {
+        if self.session.is_some() {
+            return None;
+        }
+        let close = self.raw.len() - 1;
+        assert_eq!(self.raw[close], b'}');
+        Some((&self.raw[..close], self.root_members > 0))
     }
 
     /// [`Event::write_enriched`] with the member written by `member` straight into `out`

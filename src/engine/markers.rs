@@ -82,15 +82,58 @@ macro_rules! member {
 /// its number stores).
 pub const SESSION_MEMBER_BYTES_MAX: usize = 128;
 
+/// The pieces of the `_session` member, at most 99 bytes beyond the profile name.
+const SESSION_MEMBER_PIECES: usize = 17 + 18 + 13 + 8 + 10 + 12 + 20 + 1;
+
 /// `"_session":{"id":"<hex>","profile":"<name>","seq":<n>,"start_ts":<ms>}`, on every enriched
 /// event: written in one piece into reserved room (see [`Tail`]).
 #[inline]
 pub fn session_member(buf: &mut Vec<u8>, profile: &str, id: u64, seq: u32, start_ts: i64) {
-    const _: () =
-        assert!(17 + 18 + 13 + 8 + 10 + 12 + 20 + 1 + Tail::SLACK <= SESSION_MEMBER_BYTES_MAX);
+    const _: () = assert!(SESSION_MEMBER_PIECES + Tail::SLACK <= SESSION_MEMBER_BYTES_MAX);
     let mut t = Tail::new(buf, SESSION_MEMBER_BYTES_MAX + profile.len());
-    // SAFETY: the pieces, a u32, an i64 and the slack fit in the room reserved (the
-    // assertion above; the profile name is added to it).
+    // SAFETY: the member and the slack fit in the room reserved (the assertion above; the
+    // profile name is added to it).
+    unsafe { put_session_member(&mut t, profile, id, seq, start_ts) };
+}
+
+/// An enriched event with nothing cut out of it (see [`crate::decode::Event::enriched_head`]):
+/// `head`, the comma when `comma`, the `_session` member, the closing brace and the newline,
+/// in one reservation, as a record of the events stream.
+#[inline]
+pub fn enriched_event(
+    out: &mut Out,
+    head: &[u8],
+    comma: bool,
+    profile: &str,
+    id: u64,
+    seq: u32,
+    start_ts: i64,
+) {
+    const _: () = assert!(1 + SESSION_MEMBER_PIECES + 2 + Tail::SLACK <= SESSION_MEMBER_BYTES_MAX);
+    let mut t = Tail::new(
+        &mut out.buf,
+        head.len() + SESSION_MEMBER_BYTES_MAX + profile.len(),
+    );
+    // SAFETY: `head`, a comma, the member, `}\n` and the slack fit in the room reserved (the
+    // assertion above; `head` and the profile name are added to it).
+    unsafe {
+        t.put_long(head);
+        if comma {
+            t.put(b",");
+        }
+        put_session_member(&mut t, profile, id, seq, start_ts);
+        t.put(b"}\n");
+    }
+    drop(t);
+    out.end_record(Stream::Events);
+}
+
+/// # Safety
+/// [`SESSION_MEMBER_PIECES`], the profile name and [`Tail::SLACK`] fit in what `t` has left.
+#[inline(always)]
+unsafe fn put_session_member(t: &mut Tail<'_>, profile: &str, id: u64, seq: u32, start_ts: i64) {
+    // SAFETY: the pieces sum to `SESSION_MEMBER_PIECES` at most (a u32 of 10 digits, an i64 of
+    // a sign and 19), within the caller's promise.
     unsafe {
         t.put(b"\"_session\":{\"id\":");
         t.put(&id_text(id));

@@ -798,12 +798,19 @@ impl State {
                 &self.pay,
             );
         }
-        out.buf
-            .reserve(ev.raw().len() + markers::SESSION_MEMBER_BYTES_MAX + rule.name.len());
-        ev.write_enriched_with(&mut out.buf, |b| {
-            markers::session_member(b, &rule.name, h.id, h.count, h.start_ts)
-        });
-        out.finish(crate::config::Stream::Events);
+        match ev.enriched_head() {
+            Some((head, comma)) => {
+                markers::enriched_event(out, head, comma, &rule.name, h.id, h.count, h.start_ts)
+            }
+            None => {
+                out.buf
+                    .reserve(ev.raw().len() + markers::SESSION_MEMBER_BYTES_MAX + rule.name.len());
+                ev.write_enriched_with(&mut out.buf, |b| {
+                    markers::session_member(b, &rule.name, h.id, h.count, h.start_ts)
+                });
+                out.finish(crate::config::Stream::Events);
+            }
+        }
         self.stats.enriched += 1;
 
         if !rule.subs.is_empty() {

@@ -61,6 +61,13 @@ impl Out {
     /// Close the record whose bytes were appended to `buf` since the previous record.
     pub fn finish(&mut self, stream: Stream) {
         self.buf.push(b'\n');
+        self.end_record(stream);
+    }
+
+    /// [`Out::finish`] for a record whose newline is written already.
+    #[inline]
+    pub fn end_record(&mut self, stream: Stream) {
+        debug_assert_eq!(self.buf.last(), Some(&b'\n'));
         debug_assert!(self.buf.len() <= u32::MAX as usize);
         self.recs.push(Rec {
             stream,
@@ -244,6 +251,20 @@ impl<'a> Tail<'a> {
         // promise); `bytes` cannot alias the spare capacity of `buf`.
         unsafe { super::payload::copy_short_to(self.base.add(self.at), bytes) };
         self.at += n;
+    }
+
+    /// A piece of any length (an event's bytes), by one copy.
+    ///
+    /// # Safety
+    /// `bytes.len()` more bytes fit in what `new` reserved (see [`Tail`]).
+    #[inline(always)]
+    pub unsafe fn put_long(&mut self, bytes: &[u8]) {
+        debug_assert!(self.at + bytes.len() <= self.end);
+        // SAFETY: as `put_slice`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(self.at), bytes.len())
+        };
+        self.at += bytes.len();
     }
 
     /// A u64 in decimal. Below 10^16 (every epoch-millisecond time, every sequence) as two

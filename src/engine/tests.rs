@@ -505,6 +505,41 @@ fn bounded_expiry_and_finish_end_everything_in_steps_within_the_batch() {
     assert_eq!((ends, r.engine.live_sessions()), (601 - due, 0));
 }
 
+/// An enriched event is the original bytes with the `_session` member last; one that carries
+/// a `_session` member of its own (our output fed back) has it replaced, wherever it was.
+#[test]
+fn enriched_event_bytes_with_and_without_an_old_session_member() {
+    let mut r = Rig::new(WEB);
+    let lines = [
+        r#"{"user":"a","ts":1000}"#,
+        r#"{"_session":{"id":"old","seq":9},"user":"a","ts":2000}"#,
+        r#"{"user":"a", "_session":1 ,"ts":3000}"#,
+        r#"{"user":"a","ts":4000,"_session":null}"#,
+    ];
+    for line in lines {
+        r.send(line);
+    }
+    let text: Vec<String> = r
+        .out
+        .iter()
+        .map(|(_, l)| String::from_utf8(l.to_vec()).unwrap())
+        .collect();
+    let start: serde_json::Value = serde_json::from_str(&text[0]).unwrap();
+    let id = start["session_id"].as_str().unwrap();
+    let member = |seq: u32| {
+        format!(r#""_session":{{"id":"{id}","profile":"web","seq":{seq},"start_ts":1000}}"#)
+    };
+    assert_eq!(
+        &text[1..],
+        [
+            format!("{{\"user\":\"a\",\"ts\":1000,{}}}\n", member(1)),
+            format!("{{\"user\":\"a\",\"ts\":2000,{}}}\n", member(2)),
+            format!("{{\"user\":\"a\" ,\"ts\":3000,{}}}\n", member(3)),
+            format!("{{\"user\":\"a\",\"ts\":4000,{}}}\n", member(4)),
+        ]
+    );
+}
+
 /// Counters that all test one field for a string read it once an event; a profile with one
 /// more counter of another kind evaluates each `when` as a predicate. Both count the same.
 #[test]
