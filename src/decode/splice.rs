@@ -23,26 +23,32 @@ impl<'a> Event<'a> {
     /// goes between them and the member. The caller then writes the event in one piece.
     #[inline]
     pub fn enriched_head(&self) -> Option<(&'a [u8], bool)> {
-        if self.session.is_some() {
-            return None;
+        match self.session {
+            None => Some((&self.raw[..self.close()], self.root_members > 0)),
+            Some(_) => None,
         }
+    }
+
+    /// Offset of the object's closing brace.
+    #[inline(always)]
+    fn close(&self) -> usize {
         let close = self.raw.len() - 1;
         assert_eq!(self.raw[close], b'}');
-        Some((&self.raw[..close], self.root_members > 0))
+        close
     }
 
     /// [`Event::write_enriched`] with the member written by `member` straight into `out`
     /// (no copy of it through a scratch buffer: this runs for every enriched event).
     #[inline]
     pub fn write_enriched_with(&self, out: &mut Vec<u8>, member: impl FnOnce(&mut Vec<u8>)) {
-        let raw = self.raw;
-        let close = raw.len() - 1;
-        assert_eq!(raw[close], b'}');
-        let mut others = self.root_members;
-        match self.session {
-            None => out.extend_from_slice(&raw[..close]),
-            Some(s) => {
-                others -= 1;
+        let comma = match (self.enriched_head(), self.session) {
+            (Some((head, comma)), _) => {
+                out.extend_from_slice(head);
+                comma
+            }
+            (None, None) => unreachable!("only a `_session` member leaves no head"),
+            (None, Some(s)) => {
+                let (raw, close) = (self.raw, self.close());
                 let start = s.start as usize;
                 let end = member_end(raw, start);
                 debug_assert!(start < end && end <= close);
@@ -59,9 +65,10 @@ impl<'a> Event<'a> {
                 };
                 out.extend_from_slice(&raw[..cut_start]);
                 out.extend_from_slice(&raw[cut_end..close]);
+                self.root_members > 1
             }
-        }
-        if others > 0 {
+        };
+        if comma {
             out.push(b',');
         }
         member(out);
