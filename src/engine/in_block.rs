@@ -179,7 +179,7 @@ pub(super) fn fixed_part<'e>(
     let mut changed = false;
     if let Some(by) = &rule.counters_by_value {
         if let Some(value) = last.text(by.field, ev) {
-            for (i, text) in by.eq.iter() {
+            for (i, text) in by.candidates(value) {
                 if short_eq(text, value) {
                     payload::counter_add(head, base, l, *i, 1);
                     changed = true;

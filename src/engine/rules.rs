@@ -69,10 +69,27 @@ pub struct Counter {
 #[derive(Debug, Clone)]
 pub struct CountersByValue {
     pub field: FieldId,
-    /// (counter, the string it counts).
+    /// (counter, the string it counts), shortest strings first.
     pub eq: Box<[(usize, Box<[u8]>)]>,
+    /// `eq[by_len[n]..by_len[n + 1]]` are the strings of `n` bytes, and the last bucket every
+    /// string of [`LEN_BUCKETS`]` - 1` bytes or more: a value is compared with the strings of
+    /// its length only. Comparing it with every string branched on which one it was, and with
+    /// event types in random order that branch missed about every other event.
+    pub by_len: [usize; LEN_BUCKETS + 1],
     /// The counters of every event (no `when`).
     pub every: Box<[usize]>,
+}
+
+/// Buckets of [`CountersByValue::by_len`].
+pub const LEN_BUCKETS: usize = 17;
+
+impl CountersByValue {
+    /// The counters whose string `value` may equal: those of its length.
+    #[inline(always)]
+    pub fn candidates(&self, value: &[u8]) -> &[(usize, Box<[u8]>)] {
+        let b = value.len().min(LEN_BUCKETS - 1);
+        &self.eq[self.by_len[b]..self.by_len[b + 1]]
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -335,9 +352,13 @@ impl Rules {
             }
             eq.push((i, text.clone()));
         }
+        let bucket = |text: &[u8]| text.len().min(LEN_BUCKETS - 1);
+        eq.sort_by_key(|(_, text)| bucket(text));
+        let by_len = std::array::from_fn(|b| eq.partition_point(|(_, text)| bucket(text) < b));
         Some(CountersByValue {
             field: field?,
             eq: eq.into_boxed_slice(),
+            by_len,
             every: every.into_boxed_slice(),
         })
     }
@@ -777,7 +798,7 @@ mod tests {
             compile(&by_type),
             Some((
                 "type".to_string(),
-                vec![(0, "click".to_string()), (2, "page".to_string())],
+                vec![(2, "page".to_string()), (0, "click".to_string())],
                 vec![1]
             ))
         );
@@ -796,6 +817,53 @@ mod tests {
         }
         assert_eq!(compile(""), None, "no counters");
         assert_eq!(compile(&counter("all", "")), None, "no field to read");
+    }
+
+    /// A value's candidates are the counters' strings of its length, every one of them, the
+    /// strings of 16 bytes and more sharing the last bucket.
+    #[test]
+    fn counters_by_value_candidates_are_the_strings_of_the_values_length() {
+        let texts = [
+            "click",
+            "",
+            "page",
+            "a",
+            "scroll",
+            "view",
+            "0123456789abcdef",
+            "0123456789abcdefg",
+            "purchase_completed_with_coupon",
+            "click",
+        ];
+        let mut toml =
+            "[[profile]]\nname = \"p\"\nkey = \"user\"\nidle_timeout = \"1m\"\n".to_string();
+        for (i, t) in texts.iter().enumerate() {
+            toml += &format!(
+                "[[profile.counter]]\nname = \"c{i}\"\nwhen = {{ field = \"type\", eq = \"{t}\" }}\n"
+            );
+        }
+        let rules = Rules::compile(&Config::from_toml(&toml).unwrap()).unwrap();
+        let by = rules.profiles[0].counters_by_value.clone().unwrap();
+        assert_eq!(by.eq.len(), texts.len());
+        let probes = texts
+            .iter()
+            .copied()
+            .chain(["clock", "pag", "x", "0123456789abcdeX"]);
+        for v in probes {
+            let mut found: Vec<usize> = by
+                .candidates(v.as_bytes())
+                .iter()
+                .filter(|(_, t)| short_eq(t, v.as_bytes()))
+                .map(|(i, _)| *i)
+                .collect();
+            found.sort_unstable();
+            let want: Vec<usize> = (0..texts.len()).filter(|&i| texts[i] == v).collect();
+            assert_eq!(found, want, "{v:?}");
+            let bucket = |n: usize| n.min(LEN_BUCKETS - 1);
+            for (_, t) in by.candidates(v.as_bytes()) {
+                assert_eq!(bucket(t.len()), bucket(v.len()), "{v:?}");
+            }
+        }
     }
 
     /// Reusing a field's text across predicates decides as evaluating each on its own does,
