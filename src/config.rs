@@ -21,6 +21,8 @@ pub const SHARDS_MAX: usize = 64;
 pub const PROFILES_MAX: usize = 200;
 /// Upper bound on distinct field paths all rules together may read.
 pub const FIELDS_MAX: usize = 64;
+/// The longest profile name (its characters are `[A-Za-z0-9_-]`).
+pub const PROFILE_NAME_MAX: usize = 64;
 /// A session's payload (key, counters, captured values, lists) is bounded by a `u16` length.
 pub const RECORD_BYTES_MAX: usize = 60_000;
 
@@ -819,7 +821,7 @@ impl Config {
     fn validate_profile(&self, i: usize, p: &Profile) -> Result<(), ConfigError> {
         let at = |k: &str| format!("profile[{i}] ({}).{k}", p.name);
         if p.name.is_empty()
-            || p.name.len() > 64
+            || p.name.len() > PROFILE_NAME_MAX
             || !p
                 .name
                 .bytes()

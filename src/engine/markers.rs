@@ -3,11 +3,11 @@
 //! `_session` member spliced into enriched events. Values captured from events are copied as the
 //! JSON tokens they were, so nothing is re-escaped.
 
-use super::out::{id_text, write_f64, write_i64, write_id, write_u64, Out, Tail};
+use super::out::{id_text, write_f64, write_i64, write_id, write_u64, HighDigits, Out, Tail};
 use super::payload::{self, VarReader};
 use super::rules::{ProfileRule, SubRule};
 use super::EndReason;
-use crate::config::Stream;
+use crate::config::{Stream, PROFILE_NAME_MAX};
 use crate::decode::write_json_string;
 
 /// Hot fields of a session, copied out of its table head for rendering.
@@ -35,6 +35,7 @@ pub struct ProfileText {
     counters: Box<[Box<[u8]>]>,
     aggregates: Box<[Box<[u8]>]>,
     lists: Box<[Box<[u8]>]>,
+    pub member_head: MemberHead,
 }
 
 impl ProfileText {
@@ -67,6 +68,55 @@ impl ProfileText {
             counters: rule.counters.iter().map(|c| member(&c.name)).collect(),
             aggregates: rule.aggregates.iter().map(|a| member(&a.name)).collect(),
             lists: rule.lists.iter().map(|l| member(&l.name)).collect(),
+            member_head: MemberHead::new(&rule.name),
+        }
+    }
+}
+
+/// The start of the `_session` member, `"_session":{"id":"<id>","profile":"<name>","seq":`,
+/// made once per profile with the id left blank and padded to a fixed size: an enriched event
+/// copies it whole and writes the id over the blank, where piece by piece it took five copies,
+/// one of a variable length.
+#[derive(Clone, Debug)]
+pub struct MemberHead {
+    bytes: [u8; MEMBER_HEAD_BYTES],
+    len: usize,
+}
+
+/// The member head's bytes besides the profile name.
+const MEMBER_HEAD_FIXED: usize = 18 + 16 + 13 + 8;
+/// Room for the longest member head. Profile names need no escaping (`[A-Za-z0-9_-]`).
+const MEMBER_HEAD_BYTES: usize = 128;
+const _: () = assert!(MEMBER_HEAD_FIXED + PROFILE_NAME_MAX <= MEMBER_HEAD_BYTES);
+/// Where the id's quoted digits go in the member head.
+const MEMBER_ID_AT: usize = 17;
+
+impl Default for MemberHead {
+    fn default() -> Self {
+        MemberHead::new("")
+    }
+}
+
+impl MemberHead {
+    /// For a profile name of at most [`PROFILE_NAME_MAX`] bytes (configuration validation's
+    /// limit).
+    pub fn new(profile: &str) -> MemberHead {
+        assert!(
+            profile.len() <= PROFILE_NAME_MAX,
+            "profile name `{profile}` longer than {PROFILE_NAME_MAX}"
+        );
+        let mut text = Vec::with_capacity(MEMBER_HEAD_BYTES);
+        text.extend_from_slice(b"\"_session\":{\"id\":");
+        text.extend_from_slice(&id_text(0));
+        text.extend_from_slice(b",\"profile\":\"");
+        text.extend_from_slice(profile.as_bytes());
+        text.extend_from_slice(b"\",\"seq\":");
+        debug_assert_eq!(text.len(), MEMBER_HEAD_FIXED + profile.len());
+        let mut bytes = [0; MEMBER_HEAD_BYTES];
+        bytes[..text.len()].copy_from_slice(&text);
+        MemberHead {
+            bytes,
+            len: text.len(),
         }
     }
 }
@@ -78,50 +128,49 @@ macro_rules! member {
     };
 }
 
-/// The longest `session_member` beyond the profile name's bytes (99 at most, and the slack of
-/// its number stores).
-pub const SESSION_MEMBER_BYTES_MAX: usize = 128;
-
-/// The pieces of the `_session` member, at most 99 bytes beyond the profile name.
-const SESSION_MEMBER_PIECES: usize = 17 + 18 + 13 + 8 + 10 + 12 + 20 + 1;
+/// Room for the longest `_session` member: its head, a `seq` of 10 digits,
+/// `,"start_ts":`, a sign and 19 digits, `}`, and the slack of the number stores.
+pub const SESSION_MEMBER_ROOM: usize = MEMBER_HEAD_FIXED + PROFILE_NAME_MAX + 43 + Tail::SLACK;
+const _: () = assert!(MEMBER_HEAD_BYTES <= SESSION_MEMBER_ROOM);
 
 /// `"_session":{"id":"<hex>","profile":"<name>","seq":<n>,"start_ts":<ms>}`, on every enriched
 /// event: written in one piece into reserved room (see [`Tail`]).
 #[inline]
-pub fn session_member(buf: &mut Vec<u8>, profile: &str, id: u64, seq: u32, start_ts: i64) {
-    const _: () = assert!(SESSION_MEMBER_PIECES + Tail::SLACK <= SESSION_MEMBER_BYTES_MAX);
-    let mut t = Tail::new(buf, SESSION_MEMBER_BYTES_MAX + profile.len());
-    // SAFETY: the member and the slack fit in the room reserved (the assertion above; the
-    // profile name is added to it).
-    unsafe { put_session_member(&mut t, profile, id, seq, start_ts) };
-}
-
-/// An enriched event with nothing cut out of it (see [`crate::decode::Event::enriched_head`]):
-/// `head`, the comma when `comma`, the `_session` member, the closing brace and the newline,
-/// in one reservation, as a record of the events stream.
-#[inline]
-pub fn enriched_event(
-    out: &mut Out,
-    head: &[u8],
-    comma: bool,
-    profile: &str,
+pub fn session_member(
+    buf: &mut Vec<u8>,
+    head: &MemberHead,
+    high: &mut HighDigits,
     id: u64,
     seq: u32,
     start_ts: i64,
 ) {
-    const _: () = assert!(1 + SESSION_MEMBER_PIECES + 2 + Tail::SLACK <= SESSION_MEMBER_BYTES_MAX);
-    let mut t = Tail::new(
-        &mut out.buf,
-        head.len() + SESSION_MEMBER_BYTES_MAX + profile.len(),
-    );
-    // SAFETY: `head`, a comma, the member, `}\n` and the slack fit in the room reserved (the
-    // assertion above; `head` and the profile name are added to it).
+    let mut t = Tail::new(buf, SESSION_MEMBER_ROOM);
+    // SAFETY: the member and the slack fit in the room reserved.
+    unsafe { put_session_member(&mut t, head, high, id, seq, start_ts) };
+}
+
+/// An enriched event with nothing cut out of it (see [`crate::decode::Event::enriched_head`]):
+/// `event`, the comma when `comma`, the `_session` member, the closing brace and the newline,
+/// in one reservation, as a record of the events stream.
+#[inline]
+pub fn enriched_event(
+    out: &mut Out,
+    event: &[u8],
+    comma: bool,
+    head: &MemberHead,
+    id: u64,
+    seq: u32,
+    start_ts: i64,
+) {
+    let high = &mut out.high;
+    let mut t = Tail::new(&mut out.buf, event.len() + 1 + SESSION_MEMBER_ROOM + 2);
+    // SAFETY: `event`, a comma, the member and its slack, and `}\n` fit in the room reserved.
     unsafe {
-        t.put_long(head);
+        t.put_long(event);
         if comma {
             t.put(b",");
         }
-        put_session_member(&mut t, profile, id, seq, start_ts);
+        put_session_member(&mut t, head, high, id, seq, start_ts);
         t.put(b"}\n");
     }
     drop(t);
@@ -129,20 +178,25 @@ pub fn enriched_event(
 }
 
 /// # Safety
-/// [`SESSION_MEMBER_PIECES`], the profile name and [`Tail::SLACK`] fit in what `t` has left.
+/// [`SESSION_MEMBER_ROOM`] fits in what `t` has left.
 #[inline(always)]
-unsafe fn put_session_member(t: &mut Tail<'_>, profile: &str, id: u64, seq: u32, start_ts: i64) {
-    // SAFETY: the pieces sum to `SESSION_MEMBER_PIECES` at most (a u32 of 10 digits, an i64 of
-    // a sign and 19), within the caller's promise.
+unsafe fn put_session_member(
+    t: &mut Tail<'_>,
+    head: &MemberHead,
+    high: &mut HighDigits,
+    id: u64,
+    seq: u32,
+    start_ts: i64,
+) {
+    // SAFETY: the head's whole array, then after its kept part a u32 of 10 digits,
+    // `,"start_ts":`, an i64 of a sign and 19 digits, `}` and the slack: all within
+    // `SESSION_MEMBER_ROOM`, the caller's promise. The id lies inside the kept part.
     unsafe {
-        t.put(b"\"_session\":{\"id\":");
-        t.put(&id_text(id));
-        t.put(b",\"profile\":\"");
-        t.put_slice(profile.as_bytes());
-        t.put(b"\",\"seq\":");
+        const _: () = assert!(MEMBER_ID_AT + 18 <= MEMBER_HEAD_FIXED);
+        t.put_patched(&head.bytes, head.len, MEMBER_ID_AT, &id_text(id));
         t.put_u64(u64::from(seq));
         t.put(b",\"start_ts\":");
-        t.put_i64(start_ts);
+        t.put_i64_cached(start_ts, high);
         t.put(b"}");
     }
 }
@@ -435,9 +489,12 @@ mod tests {
             ),
             ("checkout", 7, 123_456_789, -5),
             ("seven77", 1 << 42, 99_999_999, 99_999_999_999_999_999),
+            (&"n".repeat(PROFILE_NAME_MAX), u64::MAX, u32::MAX, i64::MIN),
         ] {
             let mut buf = b"{\"a\":1,".to_vec();
-            session_member(&mut buf, name, id, seq, start_ts);
+            let head = MemberHead::new(name);
+            let high = &mut HighDigits::default();
+            session_member(&mut buf, &head, high, id, seq, start_ts);
             let want = format!(
                 "{{\"a\":1,\"_session\":{{\"id\":\"{id:016x}\",\"profile\":\"{name}\",\"seq\":{seq},\"start_ts\":{start_ts}}}"
             );

@@ -800,13 +800,15 @@ impl State {
         }
         match ev.enriched_head() {
             Some((head, comma)) => {
-                markers::enriched_event(out, head, comma, &rule.name, h.id, h.count, h.start_ts)
+                let member = &rule.text.member_head;
+                markers::enriched_event(out, head, comma, member, h.id, h.count, h.start_ts)
             }
             None => {
                 out.buf
-                    .reserve(ev.raw().len() + markers::SESSION_MEMBER_BYTES_MAX + rule.name.len());
+                    .reserve(ev.raw().len() + markers::SESSION_MEMBER_ROOM);
+                let member = &rule.text.member_head;
                 ev.write_enriched_with(&mut out.buf, |b| {
-                    markers::session_member(b, &rule.name, h.id, h.count, h.start_ts)
+                    markers::session_member(b, member, &mut out.high, h.id, h.count, h.start_ts)
                 });
                 out.finish(crate::config::Stream::Events);
             }

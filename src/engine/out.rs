@@ -19,6 +19,8 @@ pub struct Rec {
 pub struct Out {
     pub buf: Vec<u8>,
     pub recs: Vec<Rec>,
+    /// For the `start_ts` of enriched events (see [`HighDigits`]).
+    pub high: HighDigits,
 }
 
 impl Out {
@@ -26,6 +28,7 @@ impl Out {
         Out {
             buf: Vec::with_capacity(bytes),
             recs: Vec::with_capacity(records),
+            high: HighDigits::default(),
         }
     }
 
@@ -239,6 +242,30 @@ impl<'a> Tail<'a> {
         self.at += N;
     }
 
+    /// The first `keep` bytes of `bytes`, copied whole (a copy of a constant size is a few
+    /// vector moves), with `patch` written over them at `patch_at`.
+    ///
+    /// # Safety
+    /// `N` more bytes fit in what `new` reserved (see [`Tail`]); `patch_at + M <= keep <= N`.
+    #[inline(always)]
+    pub unsafe fn put_patched<const N: usize, const M: usize>(
+        &mut self,
+        bytes: &[u8; N],
+        keep: usize,
+        patch_at: usize,
+        patch: &[u8; M],
+    ) {
+        debug_assert!(self.at + N <= self.end && patch_at + M <= keep && keep <= N);
+        // SAFETY: `[at, at + N)` lies inside the capacity reserved in `new`, and the patch
+        // inside that (the caller's promise); the sources are separate arrays.
+        unsafe {
+            let dst = self.base.add(self.at);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, N);
+            std::ptr::copy_nonoverlapping(patch.as_ptr(), dst.add(patch_at), M);
+        }
+        self.at += keep;
+    }
+
     /// A short variable piece (a profile name) by overlapping word stores; longer ones by copy.
     ///
     /// # Safety
@@ -275,6 +302,26 @@ impl<'a> Tail<'a> {
     /// reserved (see [`Tail`]).
     #[inline(always)]
     pub unsafe fn put_u64(&mut self, v: u64) {
+        // SAFETY: the caller's promise.
+        unsafe { self.put_u64_high(v, digits8_trimmed) }
+    }
+
+    /// [`Tail::put_u64`] with the digits of its high eight-digit half taken from `high`.
+    ///
+    /// # Safety
+    /// As [`Tail::put_u64`].
+    #[inline(always)]
+    pub unsafe fn put_u64_cached(&mut self, v: u64, high: &mut HighDigits) {
+        // SAFETY: the caller's promise.
+        unsafe { self.put_u64_high(v, |hi| high.of(hi)) }
+    }
+
+    /// `put_u64`, with `high(hi)` giving the trimmed digits of `hi = v / 10^8` when it is not 0.
+    ///
+    /// # Safety
+    /// As [`Tail::put_u64`].
+    #[inline(always)]
+    unsafe fn put_u64_high(&mut self, v: u64, high: impl FnOnce(u32) -> (u64, usize)) {
         const E8: u64 = 100_000_000;
         if v >= E8 * E8 {
             let mut b = itoa::Buffer::new();
@@ -293,7 +340,7 @@ impl<'a> Tail<'a> {
                 dst.cast::<u64>().write_unaligned(word.to_le());
                 self.at += len;
             } else {
-                let (word, len) = digits8_trimmed(hi);
+                let (word, len) = high(hi);
                 dst.cast::<u64>().write_unaligned(word.to_le());
                 dst.add(len)
                     .cast::<u64>()
@@ -314,6 +361,50 @@ impl<'a> Tail<'a> {
             }
             self.put_u64(v.unsigned_abs());
         }
+    }
+
+    /// [`Tail::put_i64`] through [`Tail::put_u64_cached`].
+    ///
+    /// # Safety
+    /// As [`Tail::put_i64`].
+    #[inline(always)]
+    pub unsafe fn put_i64_cached(&mut self, v: i64, high: &mut HighDigits) {
+        // SAFETY: the sign and the digits are within the caller's promise.
+        unsafe {
+            if v < 0 {
+                self.put(b"-");
+            }
+            self.put_u64_cached(v.unsigned_abs(), high);
+        }
+    }
+}
+
+/// The trimmed digits of the last high half (`v / 10^8`) written through
+/// [`Tail::put_u64_cached`]. Epoch-millisecond times keep theirs for 27 hours, so the
+/// `start_ts` of nearly every enriched event needs only its low eight digits made.
+#[derive(Clone, Copy, Debug)]
+pub struct HighDigits {
+    hi: u32,
+    word: u64,
+    len: usize,
+}
+
+impl Default for HighDigits {
+    fn default() -> Self {
+        let (word, len) = digits8_trimmed(0);
+        HighDigits { hi: 0, word, len }
+    }
+}
+
+impl HighDigits {
+    /// `digits8_trimmed(hi)`, made only when `hi` differs from the last one.
+    #[inline(always)]
+    fn of(&mut self, hi: u32) -> (u64, usize) {
+        if hi != self.hi {
+            let (word, len) = digits8_trimmed(hi);
+            *self = HighDigits { hi, word, len };
+        }
+        (self.word, self.len)
     }
 }
 
@@ -402,17 +493,26 @@ mod tests {
             values.push((x % 1_000_000_000) as i64);
         }
         values.extend(0..100_000);
+        // Runs of one high half, as epoch times come, and changes of it every value.
+        values.extend((0..1000).map(|k| 1_750_000_000_000 + k * 99_991));
         let mut buf = b"x".to_vec();
+        let mut high = HighDigits::default();
         for v in values {
-            buf.truncate(1);
-            let mut t = Tail::new(&mut buf, 48);
-            // SAFETY: a sign, 20 digits and a comma (or 17 and the slack) fit in 48 bytes.
-            unsafe {
-                t.put_i64(v);
-                t.put(b",");
+            for cached in [false, true] {
+                buf.truncate(1);
+                let mut t = Tail::new(&mut buf, 48);
+                // SAFETY: a sign, 20 digits and a comma (or 17 and the slack) fit in 48 bytes.
+                unsafe {
+                    if cached {
+                        t.put_i64_cached(v, &mut high);
+                    } else {
+                        t.put_i64(v);
+                    }
+                    t.put(b",");
+                }
+                drop(t);
+                assert_eq!(&buf[1..], format!("{v},").as_bytes(), "{v} cached {cached}");
             }
-            drop(t);
-            assert_eq!(&buf[1..], format!("{v},").as_bytes(), "{v}");
         }
     }
 
