@@ -540,6 +540,35 @@ fn enriched_event_bytes_with_and_without_an_old_session_member() {
     );
 }
 
+/// Each enriched event carries its own session's `start_ts`, also when consecutive events'
+/// sessions started on either side of a multiple of 10^8 ms (the digits above the low eight,
+/// which the output keeps between events, differ from one event to the next).
+#[test]
+fn enriched_start_ts_across_a_change_of_its_high_digits() {
+    let mut r = Rig::new(WEB);
+    let t0: i64 = 1_750_000_000_000;
+    // Times rise from event to event (processing time), each session's every 3 s.
+    let mut sent = Vec::new();
+    for k in 0..6 {
+        for (user, start) in [("a", t0 - 1000), ("b", t0 + 1000)] {
+            r.send(&format!(r#"{{"user":"{user}","ts":{}}}"#, start + 3000 * k));
+            sent.push((user, start));
+        }
+    }
+    let enriched: Vec<(String, i64)> = r
+        .records()
+        .iter()
+        .filter(|rec| rec.get("_session").is_some())
+        .map(|rec| {
+            let user = rec["user"].as_str().unwrap().to_string();
+            (user, rec["_session"]["start_ts"].as_i64().unwrap())
+        })
+        .collect();
+    let want: Vec<(String, i64)> = sent.iter().map(|(u, s)| (u.to_string(), *s)).collect();
+    assert_eq!(enriched, want);
+    assert_ne!((t0 - 1000) / 100_000_000, (t0 + 1000) / 100_000_000);
+}
+
 /// Counters that all test one field for a string read it once an event; a profile with one
 /// more counter of another kind evaluates each `when` as a predicate. Both count the same.
 #[test]
