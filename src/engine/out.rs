@@ -266,7 +266,8 @@ impl<'a> Tail<'a> {
         self.at += keep;
     }
 
-    /// A short variable piece (a profile name) by overlapping word stores; longer ones by copy.
+    /// A short variable piece (an end reason's label) by overlapping word stores; longer ones
+    /// by copy.
     ///
     /// # Safety
     /// `bytes.len()` more bytes fit in what `new` reserved (see [`Tail`]).
@@ -304,16 +305,6 @@ impl<'a> Tail<'a> {
     pub unsafe fn put_u64(&mut self, v: u64) {
         // SAFETY: the caller's promise.
         unsafe { self.put_u64_high(v, digits8_trimmed) }
-    }
-
-    /// [`Tail::put_u64`] with the digits of its high eight-digit half taken from `high`.
-    ///
-    /// # Safety
-    /// As [`Tail::put_u64`].
-    #[inline(always)]
-    pub unsafe fn put_u64_cached(&mut self, v: u64, high: &mut HighDigits) {
-        // SAFETY: the caller's promise.
-        unsafe { self.put_u64_high(v, |hi| high.of(hi)) }
     }
 
     /// `put_u64`, with `high(hi)` giving the trimmed digits of `hi = v / 10^8` when it is not 0.
@@ -354,33 +345,36 @@ impl<'a> Tail<'a> {
     /// As [`Tail::put_u64`], and one byte more for a sign.
     #[inline(always)]
     pub unsafe fn put_i64(&mut self, v: i64) {
-        // SAFETY: the sign and the digits are within the caller's promise.
-        unsafe {
-            if v < 0 {
-                self.put(b"-");
-            }
-            self.put_u64(v.unsigned_abs());
-        }
+        // SAFETY: the caller's promise.
+        unsafe { self.put_i64_high(v, digits8_trimmed) }
     }
 
-    /// [`Tail::put_i64`] through [`Tail::put_u64_cached`].
+    /// [`Tail::put_i64`] with the digits of the high eight-digit half taken from `high`.
     ///
     /// # Safety
     /// As [`Tail::put_i64`].
     #[inline(always)]
     pub unsafe fn put_i64_cached(&mut self, v: i64, high: &mut HighDigits) {
+        // SAFETY: the caller's promise.
+        unsafe { self.put_i64_high(v, |hi| high.of(hi)) }
+    }
+
+    /// # Safety
+    /// As [`Tail::put_i64`].
+    #[inline(always)]
+    unsafe fn put_i64_high(&mut self, v: i64, high: impl FnOnce(u32) -> (u64, usize)) {
         // SAFETY: the sign and the digits are within the caller's promise.
         unsafe {
             if v < 0 {
                 self.put(b"-");
             }
-            self.put_u64_cached(v.unsigned_abs(), high);
+            self.put_u64_high(v.unsigned_abs(), high);
         }
     }
 }
 
 /// The trimmed digits of the last high half (`v / 10^8`) written through
-/// [`Tail::put_u64_cached`]. Epoch-millisecond times keep theirs for 27 hours, so the
+/// [`Tail::put_i64_cached`]. Epoch-millisecond times keep theirs for 27 hours, so the
 /// `start_ts` of nearly every enriched event needs only its low eight digits made.
 #[derive(Clone, Copy, Debug)]
 pub struct HighDigits {
