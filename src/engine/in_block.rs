@@ -58,6 +58,32 @@ impl State {
         // before anything is written; the first values found are kept for the write (an empty
         // slice: absent from the event).
         let state = !rule.state.is_empty() && (t >= h.last_ts || h.count == 0);
+        if state && rule.state.len() == 1 {
+            // One state value, the usual case: checked, then written after the fixed part,
+            // without the list of values found that several need.
+            let at = fixed_end;
+            if at + 2 > block {
+                return false;
+            }
+            let len = usize::from(payload::get_u16(head, at));
+            let v = ev
+                .get(rule.state[0])
+                .raw_json()
+                .map(|raw| captured(raw, max));
+            if let Some(v) = v {
+                if at + 2 + len > block {
+                    return false;
+                }
+                if v.len() != len {
+                    return self.apply_in_block_resizing(rules, rule, s, ev, last);
+                }
+            }
+            fixed_part(head, rules, rule, ev, last, base, hasher);
+            if let Some(v) = v {
+                payload::copy_short(&mut head[at + 2..at + 2 + len], v);
+            }
+            return true;
+        }
         let mut found: [&[u8]; STATE_KEPT] = [&[]; STATE_KEPT];
         if state {
             let mut at = fixed_end;

@@ -363,6 +363,19 @@ when = { field = "type", eq = "click" }
     assert_eq!(e["state"], serde_json::json!({"page": "/gg"}));
     assert_eq!(e["counters"], serde_json::json!({"clicks": 7}));
     assert_eq!(e["count"], 9);
+
+    // The last value of the same length as the one before it is written in place.
+    for (ts, page) in [(20, "/hh"), (21, "/ii")] {
+        r.send(&format!(
+            r#"{{"user":"u2","ts":{ts},"type":"click","tenant":"t","page":"{page}"}}"#
+        ));
+    }
+    r.send(r#"{"user":"u2","ts":22,"type":"logout"}"#);
+    let recs = r.records();
+    assert_eq!(
+        Rig::ends(&recs)[0]["state"],
+        serde_json::json!({"page": "/ii"})
+    );
 }
 
 /// Several state and metadata fields whose values change length, go missing, arrive late,
