@@ -71,9 +71,9 @@ pub struct CountersByValue {
     pub field: FieldId,
     /// (counter, the string it counts), shortest strings first.
     pub eq: Box<[(usize, Box<[u8]>)]>,
-    /// `eq[by_len[n]..by_len[n + 1]]` are the strings of `n` bytes, and the last bucket every
-    /// string of [`LEN_BUCKETS`]` - 1` bytes or more: a value is compared with the strings of
-    /// its length only. Comparing it with every string branched on which one it was, and with
+    /// `eq[by_len[n]..by_len[n + 1]]` are the strings of `n` bytes; the last bucket holds every
+    /// string of `LEN_BUCKETS - 1` bytes or more. A value is compared with the strings of its
+    /// length only. Comparing it with every string branched on which one it was, and with
     /// event types in random order that branch missed about every other event.
     pub by_len: [usize; LEN_BUCKETS + 1],
     /// The counters of every event (no `when`).
