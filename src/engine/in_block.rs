@@ -21,6 +21,7 @@ impl State {
     /// Applies `ev` to session `s` in place and returns true, or returns false having changed
     /// nothing when the event needs the general path. The caller has made the copy-on-write
     /// copy of `s` and updates the head (count, times) afterwards.
+    #[inline(always)]
     pub(super) fn apply_in_block<'e>(
         &mut self,
         rules: &Rules,

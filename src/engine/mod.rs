@@ -1262,6 +1262,9 @@ impl State {
     }
 
     /// `apply` for what `apply_in_block` leaves: the payload copied out, changed, written back.
+    /// Out of line, with `apply_in_block` inlined, so that `apply` is the in-place path in a
+    /// small frame rather than a call into it from the large one this path needs.
+    #[inline(never)]
     fn apply_general(&mut self, rules: &Rules, rule: &ProfileRule, s: u32, ev: &Event<'_>, t: i64) {
         let old = *self.table.get(s);
         let base = old.key_len as usize;
