@@ -24,9 +24,15 @@ impl<'a> Event<'a> {
     #[inline]
     pub fn enriched_head(&self) -> Option<(&'a [u8], bool)> {
         match self.session {
-            None => Some((&self.raw[..self.close()], self.root_members > 0)),
+            None => Some(self.uncut_head()),
             Some(_) => None,
         }
+    }
+
+    /// The bytes before the closing brace, and whether the object has a member.
+    #[inline(always)]
+    fn uncut_head(&self) -> (&'a [u8], bool) {
+        (&self.raw[..self.close()], self.root_members > 0)
     }
 
     /// Offset of the object's closing brace.
@@ -41,13 +47,13 @@ impl<'a> Event<'a> {
     /// (no copy of it through a scratch buffer: this runs for every enriched event).
     #[inline]
     pub fn write_enriched_with(&self, out: &mut Vec<u8>, member: impl FnOnce(&mut Vec<u8>)) {
-        let comma = match (self.enriched_head(), self.session) {
-            (Some((head, comma)), _) => {
+        let comma = match self.session {
+            None => {
+                let (head, comma) = self.uncut_head();
                 out.extend_from_slice(head);
                 comma
             }
-            (None, None) => unreachable!("only a `_session` member leaves no head"),
-            (None, Some(s)) => {
+            Some(s) => {
                 let (raw, close) = (self.raw, self.close());
                 let start = s.start as usize;
                 let end = member_end(raw, start);
