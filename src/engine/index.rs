@@ -36,6 +36,8 @@ pub struct Index {
     entries: Box<[Entry]>,
     len: u32,
     len_max: u32,
+    /// Bumped by every change to `entries`: a lookup's answer stays valid while it is unchanged.
+    version: u64,
 }
 
 impl Index {
@@ -60,6 +62,7 @@ impl Index {
             entries,
             len: 0,
             len_max: max_entries,
+            version: 0,
         }
     }
 
@@ -73,6 +76,12 @@ impl Index {
 
     pub fn capacity(&self) -> u32 {
         self.entries.len() as u32
+    }
+
+    /// Changes whenever an entry does (see [`Index::guess`]).
+    #[inline]
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     pub fn is_full(&self) -> bool {
@@ -103,6 +112,8 @@ impl Index {
 
     /// The slot of the first entry whose tag matches `hash`, unconfirmed: a guess for
     /// prefetching the session it likely names (a tag collision only wastes the prefetch).
+    /// While [`Index::version`] is what it was, it is also what `find` answers when the
+    /// slot is the key's (`find` stops at the same entry), and `NIL` is `find`'s `None`.
     #[inline]
     pub fn guess(&self, hash: u64) -> u32 {
         let tag = tag_of(hash);
@@ -135,6 +146,7 @@ impl Index {
         }
         self.entries[at as usize] = Entry { tag, slot };
         self.len += 1;
+        self.version += 1;
     }
 
     /// Replace the slot stored for an existing key entry (entry identified by hash + current
@@ -143,6 +155,7 @@ impl Index {
         assert_ne!(new_slot, NIL);
         let at = self.position(hash, old_slot);
         self.entries[at as usize].slot = new_slot;
+        self.version += 1;
     }
 
     /// Remove the entry (hash, slot); asserts it exists. Entries after it in the cluster that may
@@ -166,6 +179,7 @@ impl Index {
         }
         self.entries[hole as usize] = EMPTY;
         self.len -= 1;
+        self.version += 1;
     }
 
     /// Issue a prefetch for the bucket of `hash`, so that a batch can overlap the cache misses of
@@ -351,7 +365,11 @@ mod tests {
             let mut model: HashMap<u64, u32> = HashMap::new();
             let mut hash_of_slot: HashMap<u32, u64> = HashMap::new();
             let mut slot_next = 0u32;
+            // Earlier guesses (hash, slot, version): valid answers while the version holds.
+            let mut guesses: Vec<(u64, u32, u64)> = Vec::new();
             for op in ops {
+                let version = index.version();
+                let len = index.len();
                 match op {
                     Op::Insert(hash) => {
                         if model.contains_key(&hash) || index.is_full() {
@@ -366,6 +384,7 @@ mod tests {
                     Op::Find(hash) => {
                         let found = index.find(hash, |slot| hash_of_slot[&slot] == hash);
                         prop_assert_eq!(found, model.get(&hash).copied());
+                        guesses.push((hash, index.guess(hash), index.version()));
                     }
                     Op::Remove(pick) if !model.is_empty() => {
                         let mut hashes: Vec<u64> = model.keys().copied().collect();
@@ -387,6 +406,17 @@ mod tests {
                         slot_next += 1;
                     }
                     _ => {}
+                }
+                // Every change to the entries (here: every insert, remove and replace made)
+                // moves the version on.
+                let changed = index.len() != len || matches!(op, Op::Replace(_) if !model.is_empty());
+                prop_assert_eq!(index.version() != version, changed);
+                for &(hash, guess, at) in &guesses {
+                    let confirmed = guess == NIL || hash_of_slot.get(&guess) == Some(&hash);
+                    if at == index.version() && confirmed {
+                        let answer = (guess != NIL).then_some(guess);
+                        prop_assert_eq!(answer, model.get(&hash).copied());
+                    }
                 }
                 prop_assert_eq!(index.len(), model.len() as u32);
                 prop_assert_eq!(index.is_empty(), model.is_empty());

@@ -204,12 +204,15 @@ struct Lookahead<'e> {
     keyed: Option<(&'e [u8], u64)>,
     /// The slot its index entry probably names (`NIL`: none).
     slot: u32,
+    /// The index's version when `slot` was read (`u64::MAX`: never).
+    version: u64,
 }
 
 impl Lookahead<'_> {
     const NONE: Self = Lookahead {
         keyed: None,
         slot: NIL,
+        version: u64::MAX,
     };
 }
 /// Record flag (engine-owned bit): the record is a sub-session.
@@ -373,7 +376,8 @@ impl Engine {
     }
 
     pub fn on_event(&mut self, p: ProfileId, ev: &Event<'_>, clock: Clock, out: &mut Out) {
-        self.st.on_event(&self.rules, p, ev, clock, out, None);
+        self.st
+            .on_event(&self.rules, p, ev, clock, out, Lookahead::NONE);
     }
 
     /// `on_event` for each item in order, with the same result, but with the memory of later
@@ -422,9 +426,9 @@ impl Engine {
             if i + LOOKAHEAD_PAYLOAD < n {
                 st.lookahead_payload(&ring[(i + LOOKAHEAD_PAYLOAD) % LOOKAHEAD_RING]);
             }
-            let keyed = ring[i % LOOKAHEAD_RING].keyed;
+            let la = ring[i % LOOKAHEAD_RING];
             let (p, ev) = item(i);
-            st.on_event(rules, p, &ev, clock, out, keyed);
+            st.on_event(rules, p, &ev, clock, out, la);
         }
     }
 
@@ -577,6 +581,7 @@ impl State {
     fn lookahead_head(&self, la: &mut Lookahead<'_>) {
         if let Some((_, h)) = la.keyed {
             la.slot = self.index.guess(h);
+            la.version = self.index.version();
             self.table.prefetch(la.slot);
         }
     }
@@ -590,13 +595,28 @@ impl State {
     }
 
     fn find(&self, p: u8, hash: u64, key: &[u8]) -> u32 {
-        let (table, arena) = (&self.table, &self.arena);
         self.index
-            .find(hash, |s| {
-                let h = table.get(s);
-                h.profile == p && h.key_len as usize == key.len() && arena.starts_with(h.data, key)
-            })
+            .find(hash, |s| self.is_key(s, p, key))
             .unwrap_or(NIL)
+    }
+
+    /// Whether the indexed session in slot `s` is profile `p`'s session of `key`.
+    #[inline(always)]
+    fn is_key(&self, s: u32, p: u8, key: &[u8]) -> bool {
+        let h = self.table.get(s);
+        h.profile == p && h.key_len as usize == key.len() && self.arena.starts_with(h.data, key)
+    }
+
+    /// `find`, answered by the lookahead's guess when the index has not changed since it was
+    /// made and the guessed slot is the key's (the common case: no probe, and its slot and
+    /// head are in the cache already).
+    #[inline(always)]
+    fn find_from(&self, la: &Lookahead<'_>, p: u8, hash: u64, key: &[u8]) -> u32 {
+        if la.version == self.index.version() && (la.slot == NIL || self.is_key(la.slot, p, key)) {
+            debug_assert_eq!(la.slot, self.find(p, hash, key));
+            return la.slot;
+        }
+        self.find(p, hash, key)
     }
 
     /// The clock a profile's sessions expire by: arrival time (processing) or the watermark.
@@ -678,8 +698,9 @@ impl State {
         }
     }
 
-    /// `keyed`: the event's key and its hash when the caller has found them already
-    /// (`on_batch`; an event without a usable key has none).
+    /// `la`: what the caller's lookahead found of the event's key and its session already
+    /// (`on_batch`: its key and hash, an event without a usable key has none; the index entry
+    /// it probably has), or [`Lookahead::NONE`].
     fn on_event<'e>(
         &mut self,
         rules: &Rules,
@@ -687,8 +708,9 @@ impl State {
         ev: &Event<'e>,
         clock: Clock,
         out: &mut Out,
-        keyed: Option<(&'e [u8], u64)>,
+        la: Lookahead<'e>,
     ) {
+        let keyed = la.keyed;
         let pi = p as usize;
         let rule = &rules.profiles[pi];
         self.stats.events += 1;
@@ -743,7 +765,7 @@ impl State {
         // Walk the key's open sessions: end the ones already due, keep those the event touches.
         let mut cands = [NIL; 2];
         let mut n = 0;
-        let mut s = self.find(p, hash, key);
+        let mut s = self.find_from(&la, p, hash, key);
         while s != NIL {
             let next = self.table.get(s).link;
             if let Some(reason) = self.due_reason(rule, s, now) {
