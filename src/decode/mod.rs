@@ -193,6 +193,27 @@ impl<'a> Event<'a> {
         self.seen & (1u64 << self.table.slot_of(id)) != 0
     }
 
+    /// The raw text of the field when it is a number, else None: `get(id)` narrowed to
+    /// [`Field::Number`] without the match over every kind (a timestamp is read this way on
+    /// every event).
+    #[inline(always)]
+    pub fn number(&self, id: FieldId) -> Option<&'a [u8]> {
+        let slot = self.table.slot_of(id);
+        if self.seen & (1u64 << slot) == 0 {
+            return None;
+        }
+        debug_assert!(usize::from(slot) < self.slots.len());
+        // SAFETY: the slot is seen, so it lies in `slots` (the invariant on `Event`).
+        let s = unsafe { *self.slots.get_unchecked(usize::from(slot)) };
+        if s.kind != SlotKind::Number {
+            return None;
+        }
+        let line: &'a [u8] = self.raw;
+        debug_assert!(s.raw_start <= s.raw_end && s.raw_end as usize <= line.len());
+        // SAFETY: a seen slot's raw range lies in `raw` (the invariant on `Event`).
+        Some(unsafe { line.get_unchecked(s.raw_start as usize..s.raw_end as usize) })
+    }
+
     /// `#[inline(always)]`: callers ask for a handful of constant ids per event (half a dozen
     /// per event in the engine), and inlined the call and the `Field` copy-out mostly disappear.
     #[inline(always)]
@@ -281,15 +302,7 @@ impl<'a> Field<'a> {
         let Field::Number(text) = *self else {
             return None;
         };
-        let (negative, digits) = match text.split_first() {
-            Some((b'-', rest)) => (true, rest),
-            _ => (false, text),
-        };
-        if let Some(v) = digits_9_to_16(digits) {
-            // Below 10^16: no overflow either way.
-            return Some(if negative { -(v as i64) } else { v as i64 });
-        }
-        integer_any(negative, digits)
+        integer(text)
     }
 
     /// The JSON token text to copy verbatim into output. Missing -> None.
@@ -317,6 +330,21 @@ impl<'a> Field<'a> {
             Field::Missing | Field::Null | Field::Object(_) | Field::Array(_) => None,
         }
     }
+}
+
+/// The number text of a [`Field::Number`] (JSON number grammar) as an exact i64 if it is an
+/// integer that fits; else None. See [`Field::as_i64`].
+#[inline(always)]
+pub fn integer(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, text),
+    };
+    if let Some(v) = digits_9_to_16(digits) {
+        // Below 10^16: no overflow either way.
+        return Some(if negative { -(v as i64) } else { v as i64 });
+    }
+    integer_any(negative, digits)
 }
 
 /// An integer's digits (sign already taken off) as an i64, if they are all digits and it fits.

@@ -643,7 +643,7 @@ impl State {
         let rule = &rules.profiles[p];
         let from_field = || {
             rule.timestamp
-                .and_then(|(f, fmt)| rules::timestamp_ms(ev.get(f), fmt))
+                .and_then(|(f, fmt)| rules::event_timestamp_ms(ev, f, fmt))
         };
         let max_ts = self.clocks[p].max_ts;
         match (rule.time, clock) {

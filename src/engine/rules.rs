@@ -513,6 +513,18 @@ pub fn timestamp_ms(f: Field<'_>, format: TsFormat) -> Option<i64> {
     timestamp_ms_any(f, format)
 }
 
+/// [`timestamp_ms`] of field `f` of `ev`, with an integer read straight from the number's
+/// text (no [`Field`] built, see [`Event::number`]).
+#[inline(always)]
+pub fn event_timestamp_ms(ev: &Event<'_>, f: FieldId, format: TsFormat) -> Option<i64> {
+    if format == TsFormat::EpochMs {
+        if let Some(v) = ev.number(f).and_then(crate::decode::integer) {
+            return (0..=MS_MAX).contains(&v).then_some(v);
+        }
+    }
+    timestamp_ms_any(ev.get(f), format)
+}
+
 #[inline(never)]
 fn timestamp_ms_any(f: Field<'_>, format: TsFormat) -> Option<i64> {
     let scaled = |x: f64, mult: f64| {
@@ -930,6 +942,57 @@ when = { field = "type", eq = 1 }
                 }
             }
         }
+    }
+
+    /// An event's timestamp read from the number's text as from its field, in every format
+    /// and for every kind of value.
+    #[test]
+    fn event_timestamp_read_as_from_the_field() {
+        let cfg = Config::from_toml(
+            "[[profile]]\nname = \"p\"\nkey = \"user\"\nidle_timeout = \"1m\"\n\
+             time = \"event\"\ntimestamp = { field = \"ts\", format = \"epoch_ms\" }\n",
+        )
+        .unwrap();
+        let rules = Rules::compile(&cfg).unwrap();
+        let (f, _) = rules.profiles[0].timestamp.unwrap();
+        let mut dec = crate::decode::Decoder::new(rules.field_table(), 8, 4096);
+        let values = [
+            "1750000000000",
+            "-1750000000000",
+            "0",
+            "1",
+            "253402300799999",
+            "253402300800000",
+            "99999999999999999999",
+            "1750000000000.5",
+            "1.75e12",
+            "-0",
+            "\"1750000000000\"",
+            "\"2025-06-15T12:00:00Z\"",
+            "null",
+            "true",
+            "{\"a\":1}",
+            "[1750000000000]",
+        ];
+        let formats = [
+            TsFormat::EpochMs,
+            TsFormat::EpochS,
+            TsFormat::EpochUs,
+            TsFormat::Rfc3339,
+        ];
+        for v in values {
+            let line = format!(r#"{{"user":"u","ts":{v}}}"#);
+            let ev = dec.decode(line.as_bytes()).unwrap();
+            for format in formats {
+                assert_eq!(
+                    event_timestamp_ms(&ev, f, format),
+                    timestamp_ms_any(ev.get(f), format),
+                    "{line} {format:?}"
+                );
+            }
+        }
+        let ev = dec.decode(br#"{"user":"u"}"#).unwrap();
+        assert_eq!(event_timestamp_ms(&ev, f, TsFormat::EpochMs), None);
     }
 
     /// The word-at-a-time epoch-millisecond reading against the general one, and the decoder's
