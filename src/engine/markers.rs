@@ -88,6 +88,9 @@ const MEMBER_HEAD_FIXED: usize = 18 + 16 + 13 + 8;
 /// Room for the longest member head. Profile names need no escaping (`[A-Za-z0-9_-]`).
 const MEMBER_HEAD_BYTES: usize = 128;
 const _: () = assert!(MEMBER_HEAD_FIXED + PROFILE_NAME_MAX <= MEMBER_HEAD_BYTES);
+/// A member head this long or shorter (a profile name of up to 9 characters) is copied as its
+/// first half.
+const MEMBER_HEAD_SHORT: usize = MEMBER_HEAD_BYTES / 2;
 /// Where the id's quoted digits go in the member head.
 const MEMBER_ID_AT: usize = 17;
 
@@ -193,7 +196,13 @@ unsafe fn put_session_member(
     // `SESSION_MEMBER_ROOM`, the caller's promise. The id lies inside the kept part.
     unsafe {
         const _: () = assert!(MEMBER_ID_AT + 18 <= MEMBER_HEAD_FIXED);
-        t.put_patched(&head.bytes, head.len, MEMBER_ID_AT, &id_text(id));
+        // Most profile names leave the head within its first half: half the copy.
+        if head.len <= MEMBER_HEAD_SHORT {
+            let short: &[u8; MEMBER_HEAD_SHORT] = head.bytes.first_chunk().expect("in the array");
+            t.put_patched(short, head.len, MEMBER_ID_AT, &id_text(id));
+        } else {
+            t.put_patched(&head.bytes, head.len, MEMBER_ID_AT, &id_text(id));
+        }
         t.put_u64(u64::from(seq));
         t.put(b",\"start_ts\":");
         t.put_i64_cached(start_ts, high);
@@ -489,10 +498,14 @@ mod tests {
             ),
             ("checkout", 7, 123_456_789, -5),
             ("seven77", 1 << 42, 99_999_999, 99_999_999_999_999_999),
+            // The longest head copied as its first half, and the shortest copied whole.
+            ("ninechars", 3, 4, 5),
+            ("ten_chars_", 3, 4, 5),
             (&"n".repeat(PROFILE_NAME_MAX), u64::MAX, u32::MAX, i64::MIN),
         ] {
             let mut buf = b"{\"a\":1,".to_vec();
             let head = MemberHead::new(name);
+            assert_eq!(head.len <= MEMBER_HEAD_SHORT, name.len() <= 9, "{name}");
             let high = &mut HighDigits::default();
             session_member(&mut buf, &head, high, id, seq, start_ts);
             let want = format!(
