@@ -57,7 +57,7 @@ struct Raw {
     v: Option<i64>,
     page: Option<u8>,
     tab: u8,
-    ip: u8,
+    ip: Option<u8>,
 }
 
 /// One line per event in proptest's "minimal failing input".
@@ -65,7 +65,7 @@ impl std::fmt::Debug for Raw {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "k{} {:?}/{} ty{} camp{:?} v{:?} page{:?} tab{} ip{}",
+            "k{} {:?}/{} ty{} camp{:?} v{:?} page{:?} tab{} ip{:?}",
             self.key,
             self.gap,
             self.jitter,
@@ -102,7 +102,7 @@ fn raw() -> impl Strategy<Value = Raw> {
         proptest::option::weighted(0.8, -5i64..20),
         proptest::option::weighted(0.7, 0u8..5),
         0u8..3,
-        0u8..4,
+        proptest::option::weighted(0.8, 0u8..4),
     )
         .prop_map(|(key, gap, jitter, ty, camp, v, page, tab, ip)| Raw {
             key,
@@ -879,7 +879,7 @@ fn ev(n: u32, key: u8, offset_ms: i64, ty: &'static str) -> Ev {
         v: None,
         page: None,
         tab: Some(0),
-        ip: 0,
+        ip: Some(0),
     }
 }
 

@@ -6,7 +6,7 @@
 //! buffer and back, which is most of what `State::apply` costs per event. State values that
 //! change length (a page path) are rewritten here too when the whole record stays in the first
 //! block (`apply_in_block_resizing`, kept out of line so the usual event does not pay for it).
-//! Anything else (metadata still being captured, a list append, a record that spans blocks)
+//! Anything else (a metadata value to capture, a list append, a record that spans blocks)
 //! takes the general path, with nothing changed here.
 
 use super::rules::{short_eq, LastField, ProfileRule, Rules};
@@ -32,7 +32,9 @@ impl State {
         last: &mut LastField<'e>,
     ) -> bool {
         let h = *self.table.get(s);
-        if h.flags & FLAG_META_DONE == 0 && !rule.metadata.is_empty() {
+        // Metadata still being captured needs the general path only when the event carries
+        // some: a session whose sources never send a field stays on this path.
+        if h.flags & FLAG_META_DONE == 0 && rule.metadata.iter().any(|&f| ev.has(f)) {
             return false;
         }
         let base = h.key_len as usize;

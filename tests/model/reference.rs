@@ -38,16 +38,20 @@ pub struct Ev {
     pub v: Option<i64>,
     pub page: Option<u8>,
     pub tab: Option<u8>,
-    pub ip: u8,
+    /// Absent from some events: metadata is the first value seen.
+    pub ip: Option<u8>,
 }
 
 impl Ev {
     /// The JSON line fed to the decoder.
     pub fn line(&self) -> String {
         let mut s = format!(
-            r#"{{"n":{},"user":"k{}","ts":{},"type":"{}","ip":"10.0.0.{}""#,
-            self.n, self.key, self.ts, self.ty, self.ip
+            r#"{{"n":{},"user":"k{}","ts":{},"type":"{}""#,
+            self.n, self.key, self.ts, self.ty
         );
+        if let Some(ip) = self.ip {
+            s += &format!(r#","ip":"10.0.0.{ip}""#);
+        }
         if let Some(c) = self.camp {
             s += &format!(r#","camp":"{}""#, camp_name(c));
         }
@@ -516,7 +520,7 @@ pub fn expected_stats(spec: &Spec, events: &[&Ev]) -> Map<String, Value> {
     if spec.stats {
         m.insert(
             "metadata".into(),
-            json!({ "ip": events.first().map(|e| format!("10.0.0.{}", e.ip)) }),
+            json!({ "ip": events.iter().find_map(|e| e.ip).map(|ip| format!("10.0.0.{ip}")) }),
         );
         let page = events
             .iter()
@@ -558,7 +562,7 @@ mod tests {
             v: None,
             page: None,
             tab: Some(0),
-            ip: 0,
+            ip: Some(0),
         }
     }
 
