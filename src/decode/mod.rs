@@ -198,20 +198,71 @@ impl<'a> Event<'a> {
     /// every event).
     #[inline(always)]
     pub fn number(&self, id: FieldId) -> Option<&'a [u8]> {
+        let s = self.seen_slot(id)?;
+        (s.kind == SlotKind::Number).then(|| self.line_range(s.raw_start, s.raw_end))
+    }
+
+    /// The slot of a field the line had, or None.
+    #[inline(always)]
+    fn seen_slot(&self, id: FieldId) -> Option<Slot> {
         let slot = self.table.slot_of(id);
         if self.seen & (1u64 << slot) == 0 {
             return None;
         }
         debug_assert!(usize::from(slot) < self.slots.len());
         // SAFETY: the slot is seen, so it lies in `slots` (the invariant on `Event`).
-        let s = unsafe { *self.slots.get_unchecked(usize::from(slot)) };
-        if s.kind != SlotKind::Number {
-            return None;
-        }
+        Some(unsafe { *self.slots.get_unchecked(usize::from(slot)) })
+    }
+
+    /// `line[start..end]` of a seen slot's range.
+    #[inline(always)]
+    fn line_range(&self, start: u32, end: u32) -> &'a [u8] {
         let line: &'a [u8] = self.raw;
-        debug_assert!(s.raw_start <= s.raw_end && s.raw_end as usize <= line.len());
-        // SAFETY: a seen slot's raw range lies in `raw` (the invariant on `Event`).
-        Some(unsafe { line.get_unchecked(s.raw_start as usize..s.raw_end as usize) })
+        debug_assert!(start <= end && end as usize <= line.len());
+        // SAFETY: a seen slot's raw range, and a `String` slot's text range, lie in `raw` (the
+        // invariant on `Event`).
+        unsafe { line.get_unchecked(start as usize..end as usize) }
+    }
+
+    /// `get(id).raw_json()` without the match over every kind: a seen slot's raw range is its
+    /// token, the literals `true`, `false` and `null` included (state and metadata values are
+    /// read this way).
+    #[inline(always)]
+    pub fn token(&self, id: FieldId) -> Option<&'a [u8]> {
+        let s = self.seen_slot(id)?;
+        let raw = self.line_range(s.raw_start, s.raw_end);
+        debug_assert_eq!(Some(raw), self.get(id).raw_json());
+        Some(raw)
+    }
+
+    /// `get(id).key_bytes()`, a string without escapes tested first (keys are read this way).
+    #[inline(always)]
+    pub fn key_text(&self, id: FieldId) -> Option<&'a [u8]> {
+        let s = self.seen_slot(id)?;
+        let text = match s.kind {
+            SlotKind::String => Some(self.line_range(s.text_start, s.text_end)),
+            // The literal's token is its text.
+            SlotKind::Number | SlotKind::True | SlotKind::False => {
+                Some(self.line_range(s.raw_start, s.raw_end))
+            }
+            _ => self.get(id).key_bytes(),
+        };
+        debug_assert_eq!(text, self.get(id).key_bytes());
+        text
+    }
+
+    /// The unescaped text of a string field, or None (what predicates compare).
+    #[inline(always)]
+    pub fn string(&self, id: FieldId) -> Option<&'a [u8]> {
+        let s = self.seen_slot(id)?;
+        match s.kind {
+            SlotKind::String => Some(self.line_range(s.text_start, s.text_end)),
+            SlotKind::StringScratch => {
+                let scratch: &'a [u8] = self.scratch;
+                Some(&scratch[s.text_start as usize..s.text_end as usize])
+            }
+            _ => None,
+        }
     }
 
     /// `#[inline(always)]`: callers ask for a handful of constant ids per event (half a dozen

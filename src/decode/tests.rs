@@ -1010,6 +1010,23 @@ fn check_field(path: &str, got: Field<'_>, want: Option<&Value>) -> Result<(), T
     Ok(())
 }
 
+/// The direct accessors read what the field built by `get` holds.
+fn check_accessors(e: &Event<'_>, id: FieldId, f: Field<'_>) -> Result<(), TestCaseError> {
+    prop_assert_eq!(e.token(id), f.raw_json());
+    prop_assert_eq!(e.key_text(id), f.key_bytes());
+    let string = match f {
+        Field::String { text, .. } => Some(text),
+        _ => None,
+    };
+    prop_assert_eq!(e.string(id), string);
+    let number = match f {
+        Field::Number(raw) => Some(raw),
+        _ => None,
+    };
+    prop_assert_eq!(e.number(id), number);
+    Ok(())
+}
+
 fn prop_decoder() -> Decoder {
     Decoder::new(table(PROP_PATHS), 64, 1 << 20)
 }
@@ -1021,7 +1038,9 @@ fn check_line(d: &mut Decoder, line: &[u8]) -> Result<(), TestCaseError> {
         .decode(line)
         .map_err(|e| TestCaseError::fail(format!("decode rejects: {e:?}")))?;
     for (id, path) in PROP_PATHS.iter().enumerate() {
-        check_field(path, e.get(id as FieldId), expected_at(&parsed, path))?;
+        let f = e.get(id as FieldId);
+        check_field(path, f, expected_at(&parsed, path))?;
+        check_accessors(&e, id as FieldId, f)?;
     }
     let mut out = Vec::with_capacity(line.len() + 64);
     e.write_enriched(br#""_session":{"id":"s-1","n":2}"#, &mut out);

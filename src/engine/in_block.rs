@@ -69,10 +69,7 @@ impl State {
                 return false;
             }
             let len = usize::from(payload::get_u16(head, at));
-            let v = ev
-                .get(rule.state[0])
-                .raw_json()
-                .map(|raw| captured(raw, max));
+            let v = ev.token(rule.state[0]).map(|raw| captured(raw, max));
             if let Some(v) = v {
                 if at + 2 + len > block {
                     return false;
@@ -95,7 +92,7 @@ impl State {
                     return false;
                 }
                 let len = usize::from(payload::get_u16(head, at));
-                if let Some(raw) = ev.get(f).raw_json() {
+                if let Some(raw) = ev.token(f) {
                     let v = captured(raw, max);
                     if at + 2 + len > block {
                         return false;
@@ -119,7 +116,7 @@ impl State {
                 let len = usize::from(payload::get_u16(head, at));
                 let v = match found.get(k) {
                     Some(v) => Some(*v).filter(|v| !v.is_empty()),
-                    None => ev.get(f).raw_json().map(|raw| captured(raw, max)),
+                    None => ev.token(f).map(|raw| captured(raw, max)),
                 };
                 if let Some(v) = v {
                     payload::copy_short(&mut head[at + 2..at + 2 + len], v);
@@ -159,7 +156,7 @@ impl State {
         let mut found: [&[u8]; STATE_KEPT] = [&[]; STATE_KEPT];
         let (mut at, mut new_end) = (fixed_end, fixed_end);
         for (k, &f) in rule.state.iter().enumerate() {
-            let Some(raw) = ev.get(f).raw_json() else {
+            let Some(raw) = ev.token(f) else {
                 return false;
             };
             if at + 2 > block {

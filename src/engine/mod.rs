@@ -566,7 +566,7 @@ impl State {
         ev: &Event<'e>,
         la: &mut Lookahead<'e>,
     ) {
-        let key = ev.get(rules.profiles[p as usize].key).key_bytes();
+        let key = ev.key_text(rules.profiles[p as usize].key);
         la.keyed = key
             .filter(|k| k.len() <= self.key_bytes_max)
             .map(|k| (k, self.key_hash(p, k)));
@@ -714,10 +714,7 @@ impl State {
         let pi = p as usize;
         let rule = &rules.profiles[pi];
         self.stats.events += 1;
-        let key = match keyed
-            .map(|(k, _)| k)
-            .or_else(|| ev.get(rule.key).key_bytes())
-        {
+        let key = match keyed.map(|(k, _)| k).or_else(|| ev.key_text(rule.key)) {
             Some(k) if k.len() <= self.key_bytes_max => k,
             found => {
                 let reason = if found.is_some() {

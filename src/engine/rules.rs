@@ -471,11 +471,10 @@ impl<'e> LastField<'e> {
     #[inline(always)]
     pub fn text(&mut self, f: FieldId, ev: &Event<'e>) -> Option<&'e [u8]> {
         if self.field != f {
-            let text = match ev.get(f) {
-                Field::String { text, .. } => Some(text),
-                _ => None,
+            *self = LastField {
+                field: f,
+                text: ev.string(f),
             };
-            *self = LastField { field: f, text };
         }
         self.text
     }
