@@ -7,7 +7,8 @@
 //! change length (a page path) are rewritten here too when the whole record stays in the first
 //! block (`apply_in_block_resizing`, kept out of line so the usual event does not pay for it).
 //! Anything else (a metadata value to capture, a list append, a record that spans blocks)
-//! takes the general path, with nothing changed here.
+//! takes the general path, with nothing changed here. Its way there is marked `cold_path`, as
+//! in `State::on_event`, so that the in-place path is laid out straight.
 
 use super::rules::{short_eq, LastField, ProfileRule, Rules};
 use super::{captured, payload, value_hash, State, FLAG_META_DONE};
@@ -35,6 +36,7 @@ impl State {
         // Metadata still being captured needs the general path only when the event carries
         // some: a session whose sources never send a field stays on this path.
         if h.flags & FLAG_META_DONE == 0 && rule.metadata.iter().any(|&f| ev.has(f)) {
+            std::hint::cold_path();
             return false;
         }
         let base = h.key_len as usize;
@@ -42,17 +44,20 @@ impl State {
         let fixed_end = base + l.fixed_bytes;
         let block = self.arena.block_bytes() as usize;
         if fixed_end > block {
+            std::hint::cold_path();
             return false;
         }
         let lists_touched = rule.lists.iter().any(|list| {
             list.when.is_none_or(|w| rules.eval(w, ev)) && !ev.get(list.field).is_missing()
         });
         if lists_touched {
+            std::hint::cold_path();
             return false;
         }
         let max = self.value_bytes_max;
         let hasher = &self.hasher;
         let Some(head) = self.arena.slice_mut(h.data, 0, block) else {
+            std::hint::cold_path();
             return false;
         };
 
@@ -66,15 +71,18 @@ impl State {
             // without the list of values found that several need.
             let at = fixed_end;
             if at + 2 > block {
+                std::hint::cold_path();
                 return false;
             }
             let len = usize::from(payload::get_u16(head, at));
             let v = ev.token(rule.state[0]).map(|raw| captured(raw, max));
             if let Some(v) = v {
                 if at + 2 + len > block {
+                    std::hint::cold_path();
                     return false;
                 }
                 if v.len() != len {
+                    std::hint::cold_path();
                     return self.apply_in_block_resizing(rules, rule, s, ev, last);
                 }
             }

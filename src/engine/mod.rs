@@ -701,6 +701,10 @@ impl State {
     /// `la`: what the caller's lookahead found of the event's key and its session already
     /// (`on_batch`: its key and hash, an event without a usable key has none; the index entry
     /// it probably has), or [`Lookahead::NONE`].
+    ///
+    /// The branches marked `cold_path` are those an event joining its open session does not
+    /// take (the steady state, nearly every event): the compiler then lays that path out as
+    /// one straight run instead of jumping around the rare ones.
     fn on_event<'e>(
         &mut self,
         rules: &Rules,
@@ -717,6 +721,7 @@ impl State {
         let key = match keyed.map(|(k, _)| k).or_else(|| ev.key_text(rule.key)) {
             Some(k) if k.len() <= self.key_bytes_max => k,
             found => {
+                std::hint::cold_path();
                 let reason = if found.is_some() {
                     self.stats.keys_too_long += 1;
                     "key_too_long"
@@ -730,6 +735,7 @@ impl State {
             }
         };
         let Some(t) = self.event_time(rules, pi, ev, clock) else {
+            std::hint::cold_path();
             self.stats.bad_timestamps += 1;
             self.stats.dead_letters += 1;
             out.dead_letter_event("bad_timestamp", &rule.name, ev.raw());
@@ -738,6 +744,7 @@ impl State {
         if rule.time == TimeMode::Event {
             let wm = self.profile_clock(rule, pi, clock);
             if wm != NONE_TS && t < wm {
+                std::hint::cold_path();
                 self.stats.late += 1;
                 markers::late_event(out, rule, key, t, wm, ev.raw());
                 return;
@@ -766,6 +773,7 @@ impl State {
         while s != NIL {
             let next = self.table.get(s).link;
             if let Some(reason) = self.due_reason(rule, s, now) {
+                std::hint::cold_path();
                 self.end_session(rules, s, reason, now, out);
             } else {
                 let h = self.table.get(s);
@@ -783,16 +791,21 @@ impl State {
         let mut target = match n {
             0 => NIL,
             1 => cands[0],
-            _ => self.merge_or_pick(rules, pi, cands, t, key, hash, out),
+            _ => {
+                std::hint::cold_path();
+                self.merge_or_pick(rules, pi, cands, t, key, hash, out)
+            }
         };
         if target != NIL {
             if let Some(reason) = self.split_reason(rules, rule, target, ev, t) {
+                std::hint::cold_path();
                 self.end_session(rules, target, reason, now, out);
                 target = NIL;
             }
         }
         let created = target == NIL;
         if created {
+            std::hint::cold_path();
             target = match self.create(rules, pi, key, hash, t, clock, now, out) {
                 Some(s) => s,
                 None => {
@@ -807,6 +820,7 @@ impl State {
         self.apply(rules, rule, target, ev, t, &mut last);
         let h = *self.table.get(target);
         if created {
+            std::hint::cold_path();
             self.stats.sessions_started += 1;
             let summary = summary(&h);
             markers::session_start(
@@ -823,6 +837,7 @@ impl State {
                 markers::enriched_event(out, head, comma, member, h.id, h.count, h.start_ts)
             }
             None => {
+                std::hint::cold_path();
                 out.buf
                     .reserve(ev.raw().len() + markers::SESSION_MEMBER_ROOM);
                 let member = &rule.text.member_head;
@@ -842,6 +857,7 @@ impl State {
             None => false,
         };
         if ends {
+            std::hint::cold_path();
             self.end_session(rules, target, EndReason::EndsWhen, now, out);
         }
     }
@@ -1262,12 +1278,14 @@ impl State {
     ) {
         self.cow(s);
         if !self.apply_in_block(rules, rule, s, ev, t, last) {
+            std::hint::cold_path();
             self.apply_general(rules, rule, s, ev, t);
         }
         let h = self.table.get_mut(s);
         h.count = h.count.saturating_add(1);
         h.last_ts = h.last_ts.max(t);
         if t < h.start_ts {
+            std::hint::cold_path();
             h.start_ts = t;
             let w = h.profile as usize;
             // A start moved back can bring the max_duration deadline forward.

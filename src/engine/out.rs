@@ -315,6 +315,7 @@ impl<'a> Tail<'a> {
     unsafe fn put_u64_high(&mut self, v: u64, high: impl FnOnce(u32) -> (u64, usize)) {
         const E8: u64 = 100_000_000;
         if v >= E8 * E8 {
+            std::hint::cold_path();
             let mut b = itoa::Buffer::new();
             // SAFETY: at most 20 digits, within the caller's promise.
             unsafe { self.put_slice(b.format(v).as_bytes()) };
@@ -395,6 +396,7 @@ impl HighDigits {
     #[inline(always)]
     fn of(&mut self, hi: u32) -> (u64, usize) {
         if hi != self.hi {
+            std::hint::cold_path();
             let (word, len) = digits8_trimmed(hi);
             *self = HighDigits { hi, word, len };
         }
