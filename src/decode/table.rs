@@ -22,6 +22,7 @@ pub(super) const NODE_NONE: u32 = u32::MAX;
 pub(super) const NODE_ROOT: u32 = 0;
 pub(super) const SLOT_NONE: u8 = u8::MAX;
 const _: () = assert!(PATHS_MAX < SLOT_NONE as usize);
+const _: () = assert!(PATHS_MAX.is_power_of_two());
 
 #[derive(Clone, Debug)]
 pub(super) struct Node {
@@ -97,8 +98,9 @@ pub(super) fn prefix8(word: u64, len: usize) -> u64 {
 #[derive(Clone, Debug)]
 pub struct FieldTable {
     paths: Vec<String>,
-    /// `FieldId` -> result slot (duplicate paths share a slot).
-    id_slot: Vec<u8>,
+    /// `FieldId` -> result slot (duplicate paths share a slot); a fixed array so that the
+    /// lookup, made for every field an event is asked for, needs no bounds check.
+    id_slot: [u8; PATHS_MAX],
     slot_count: usize,
     nodes: Vec<Node>,
     /// Power-of-two open-addressed table of trie edges.
@@ -133,9 +135,9 @@ impl FieldTable {
             slot: SLOT_NONE,
             children: Vec::new(),
         }];
-        let mut id_slot = Vec::with_capacity(paths.len());
+        let mut id_slot = [SLOT_NONE; PATHS_MAX];
         let mut slot_count = 0usize;
-        for path in paths {
+        for (id, path) in paths.iter().enumerate() {
             if path.is_empty() {
                 return Err(
                     "field path \"\" is empty; name a key such as \"user\" or \"ctx.device.id\""
@@ -178,7 +180,7 @@ impl FieldTable {
                 building[node].slot = slot_count as u8;
                 slot_count += 1;
             }
-            id_slot.push(building[node].slot);
+            id_slot[id] = building[node].slot;
         }
         assert!(slot_count <= PATHS_MAX);
         assert!(building.len() < NODE_NONE as usize);
@@ -244,7 +246,12 @@ impl FieldTable {
     }
 
     pub(super) fn slot_of(&self, id: FieldId) -> u8 {
-        self.id_slot[usize::from(id)]
+        debug_assert!(
+            usize::from(id) < self.paths.len(),
+            "field id {id} of another table"
+        );
+        // Ids index `paths`, at most PATHS_MAX (a power of two) of them: the mask keeps them.
+        self.id_slot[usize::from(id) % PATHS_MAX]
     }
 
     #[inline(always)]
