@@ -179,6 +179,26 @@ struct ProfileClock {
 
 const NONE_TS: i64 = i64::MIN;
 
+impl ProfileClock {
+    /// The clock a profile's sessions expire by: arrival time (processing) or the watermark.
+    fn now(self, rule: &ProfileRule, clock: Clock) -> i64 {
+        match (rule.time, clock) {
+            (TimeMode::Processing, Clock::Wall(now)) => now.max(self.max_ts),
+            (TimeMode::Processing, Clock::Replay) => self.max_ts,
+            (TimeMode::Event, _) if self.max_ts == NONE_TS => NONE_TS,
+            (TimeMode::Event, Clock::Wall(now)) => {
+                let idle_advance = if self.wall_last == NONE_TS {
+                    0
+                } else {
+                    (now - self.wall_last).max(0)
+                };
+                self.max_ts.saturating_add(idle_advance) - rule.allowed_lateness_ms
+            }
+            (TimeMode::Event, Clock::Replay) => self.max_ts - rule.allowed_lateness_ms,
+        }
+    }
+}
+
 /// How many events ahead `on_batch` requests each level of a session's memory: the index
 /// entry first, then the head it names, then the payload the head names, each level a few
 /// events after the one it depends on has had time to arrive.
@@ -619,33 +639,25 @@ impl State {
         self.find(p, hash, key)
     }
 
-    /// The clock a profile's sessions expire by: arrival time (processing) or the watermark.
+    /// The clock profile `p`'s sessions expire by (see [`ProfileClock::now`]).
     fn profile_clock(&self, rule: &ProfileRule, p: usize, clock: Clock) -> i64 {
-        let c = self.clocks[p];
-        match (rule.time, clock) {
-            (TimeMode::Processing, Clock::Wall(now)) => now.max(c.max_ts),
-            (TimeMode::Processing, Clock::Replay) => c.max_ts,
-            (TimeMode::Event, _) if c.max_ts == NONE_TS => NONE_TS,
-            (TimeMode::Event, Clock::Wall(now)) => {
-                let idle_advance = if c.wall_last == NONE_TS {
-                    0
-                } else {
-                    (now - c.wall_last).max(0)
-                };
-                c.max_ts.saturating_add(idle_advance) - rule.allowed_lateness_ms
-            }
-            (TimeMode::Event, Clock::Replay) => c.max_ts - rule.allowed_lateness_ms,
-        }
+        self.clocks[p].now(rule, clock)
     }
 
-    /// The time of an event for its profile, or None when its timestamp is unusable.
-    fn event_time(&self, rules: &Rules, p: usize, ev: &Event<'_>, clock: Clock) -> Option<i64> {
-        let rule = &rules.profiles[p];
+    /// The time of an event for its profile `rule`, whose clock has reached `max_ts`, or None
+    /// when its timestamp is unusable (`future_skew_ms`: how far ahead of the reference clock
+    /// an event time may be).
+    fn event_time(
+        rule: &ProfileRule,
+        ev: &Event<'_>,
+        clock: Clock,
+        max_ts: i64,
+        future_skew_ms: i64,
+    ) -> Option<i64> {
         let from_field = || {
             rule.timestamp
                 .and_then(|(f, fmt)| rules::event_timestamp_ms(ev, f, fmt))
         };
-        let max_ts = self.clocks[p].max_ts;
         match (rule.time, clock) {
             (TimeMode::Processing, Clock::Wall(now)) => Some(now.max(max_ts)),
             (TimeMode::Processing, Clock::Replay) => from_field().map(|t| t.max(max_ts)),
@@ -655,8 +667,7 @@ impl State {
                     Clock::Wall(now) => now,
                     Clock::Replay => max_ts,
                 };
-                (reference == NONE_TS || t <= reference.saturating_add(self.future_skew_ms))
-                    .then_some(t)
+                (reference == NONE_TS || t <= reference.saturating_add(future_skew_ms)).then_some(t)
             }
         }
     }
@@ -734,7 +745,9 @@ impl State {
                 return;
             }
         };
-        let Some(t) = self.event_time(rules, pi, ev, clock) else {
+        // The profile's clock, read and updated here once.
+        let c = &mut self.clocks[pi];
+        let Some(t) = Self::event_time(rule, ev, clock, c.max_ts, self.future_skew_ms) else {
             std::hint::cold_path();
             self.stats.bad_timestamps += 1;
             self.stats.dead_letters += 1;
@@ -742,7 +755,7 @@ impl State {
             return;
         };
         if rule.time == TimeMode::Event {
-            let wm = self.profile_clock(rule, pi, clock);
+            let wm = c.now(rule, clock);
             if wm != NONE_TS && t < wm {
                 std::hint::cold_path();
                 self.stats.late += 1;
@@ -750,7 +763,6 @@ impl State {
                 return;
             }
         }
-        let c = &mut self.clocks[pi];
         // Live, the watermark never runs ahead of the wall clock: an event from a fast clock
         // (within `future_skew_max`) joins its session at its own time but moves `max_ts` only
         // up to its arrival, so one bad source cannot make every other source's events late.
@@ -762,7 +774,7 @@ impl State {
         if let Clock::Wall(now) = clock {
             c.wall_last = now;
         }
-        let now = self.profile_clock(rule, pi, clock);
+        let now = c.now(rule, clock);
         let hash = keyed.map_or_else(|| self.key_hash(p, key), |(_, h)| h);
         debug_assert_eq!(hash, self.key_hash(p, key));
 
