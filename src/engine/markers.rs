@@ -203,7 +203,7 @@ unsafe fn put_session_member(
         } else {
             t.put_patched(&head.bytes, head.len, MEMBER_ID_AT, &id_text(id));
         }
-        t.put_u64(u64::from(seq));
+        t.put_u32(seq);
         t.put(b",\"start_ts\":");
         t.put_i64_cached(start_ts, high);
         t.put(b"}");
@@ -343,7 +343,7 @@ fn times(b: &mut Vec<u8>, s: Summary, end: Option<EndReason>) {
             t.put(b",\"duration_ms\":");
             t.put_i64(s.last_ts.wrapping_sub(s.start_ts));
             t.put(b",\"count\":");
-            t.put_u64(u64::from(s.count));
+            t.put_u32(s.count);
             t.put(b",\"reason\":\"");
             t.put_slice(reason.label().as_bytes());
             t.put(b"\"");
