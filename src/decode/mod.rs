@@ -235,17 +235,16 @@ impl<'a> Event<'a> {
         Some(raw)
     }
 
-    /// `get(id).key_bytes()`, a string without escapes tested first (keys are read this way).
+    /// `get(id).key_bytes()` without building the field (keys are read this way).
     #[inline(always)]
     pub fn key_text(&self, id: FieldId) -> Option<&'a [u8]> {
         let s = self.seen_slot(id)?;
         let text = match s.kind {
-            SlotKind::String => Some(self.line_range(s.text_start, s.text_end)),
             // The literal's token is its text.
             SlotKind::Number | SlotKind::True | SlotKind::False => {
                 Some(self.line_range(s.raw_start, s.raw_end))
             }
-            _ => self.get(id).key_bytes(),
+            _ => self.slot_text(s),
         };
         debug_assert_eq!(text, self.get(id).key_bytes());
         text
@@ -254,7 +253,12 @@ impl<'a> Event<'a> {
     /// The unescaped text of a string field, or None (what predicates compare).
     #[inline(always)]
     pub fn string(&self, id: FieldId) -> Option<&'a [u8]> {
-        let s = self.seen_slot(id)?;
+        self.slot_text(self.seen_slot(id)?)
+    }
+
+    /// The unescaped text of a seen string slot, from the line or (escaped in it) the scratch.
+    #[inline(always)]
+    fn slot_text(&self, s: Slot) -> Option<&'a [u8]> {
         match s.kind {
             SlotKind::String => Some(self.line_range(s.text_start, s.text_end)),
             SlotKind::StringScratch => {
@@ -269,39 +273,19 @@ impl<'a> Event<'a> {
     /// per event in the engine), and inlined the call and the `Field` copy-out mostly disappear.
     #[inline(always)]
     pub fn get(&self, id: FieldId) -> Field<'a> {
-        let slot = self.table.slot_of(id);
-        if self.seen & (1u64 << slot) == 0 {
+        let Some(s) = self.seen_slot(id) else {
             return Field::Missing;
-        }
-        let line: &'a [u8] = self.raw;
-        debug_assert!(usize::from(slot) < self.slots.len());
-        // SAFETY: the slot is seen, so it lies in `slots` (the invariant on `Event`).
-        let s = unsafe { *self.slots.get_unchecked(usize::from(slot)) };
-        debug_assert!(s.raw_start <= s.raw_end && s.raw_end as usize <= line.len());
-        // SAFETY: a seen slot's raw range lies in `raw` (the invariant on `Event`).
-        let raw = unsafe { line.get_unchecked(s.raw_start as usize..s.raw_end as usize) };
-        let text = s.text_start as usize..s.text_end as usize;
+        };
+        let raw = self.line_range(s.raw_start, s.raw_end);
         match s.kind {
             SlotKind::Null => Field::Null,
             SlotKind::True => Field::Bool(true),
             SlotKind::False => Field::Bool(false),
             SlotKind::Number => Field::Number(raw),
-            SlotKind::String => Field::String {
+            SlotKind::String | SlotKind::StringScratch => Field::String {
                 raw,
-                text: {
-                    debug_assert!(text.start <= text.end && text.end <= line.len());
-                    // SAFETY: a seen string slot's text range lies in `raw` (the invariant on
-                    // `Event`).
-                    unsafe { line.get_unchecked(text) }
-                },
+                text: self.slot_text(s).unwrap_or_default(),
             },
-            SlotKind::StringScratch => {
-                let scratch: &'a [u8] = self.scratch;
-                Field::String {
-                    raw,
-                    text: &scratch[text],
-                }
-            }
             SlotKind::Object => Field::Object(raw),
             SlotKind::Array => Field::Array(raw),
         }
