@@ -793,7 +793,10 @@ impl Config {
         ];
         for (key, v, lo, hi) in checks {
             if v < lo || v > hi {
-                return Err(err(key, format!("{v} is outside {lo}..={hi}")));
+                return Err(err(
+                    key,
+                    format!("{v} is outside {lo}..={hi}; set it within that range"),
+                ));
             }
         }
         if l.handoff_batch_bytes < l.line_bytes_max {
@@ -835,7 +838,10 @@ impl Config {
         let slot_horizon_ms = (i64::from(self.slots.max) - 2) * 1000;
         let idle = p.idle_timeout.as_ms();
         if idle <= 0 {
-            return Err(err(at("idle_timeout"), "must be positive"));
+            return Err(err(
+                at("idle_timeout"),
+                format!("{idle}ms; it must be positive, e.g. \"30m\""),
+            ));
         }
         let lateness = p.allowed_lateness.map(|d| d.as_ms()).unwrap_or(0);
         // Saturating: either duration may be as long as `as_ms` goes (i64::MAX), and a wrapped
@@ -883,8 +889,67 @@ impl Config {
             if l.max_len == 0 || l.max_len > 255 {
                 return Err(err(
                     format!("{}list[{j}] ({}).max_len", at(""), l.name),
-                    format!("{} is outside 1..=255", l.max_len),
+                    format!(
+                        "{} is outside 1..=255; a list keeps at most 255 values",
+                        l.max_len
+                    ),
                 ));
+            }
+        }
+        self.validate_record_shape(i, p)
+    }
+
+    /// The session data a profile declares must fit the engine's fixed per-event arrays and,
+    /// empty, one record (a session whose record cannot be written could not be snapshotted
+    /// or restored either).
+    fn validate_record_shape(&self, i: usize, p: &Profile) -> Result<(), ConfigError> {
+        use crate::engine::payload::{AGGREGATES_MAX, LISTS_MAX, VALUES_MAX};
+        let at = |k: &str| format!("profile[{i}] ({}).{k}", p.name);
+        let values = p.metadata.len() + p.state.len();
+        if values > VALUES_MAX {
+            return Err(err(at("metadata"), format!("{} metadata and {} state fields ({values} values); the limit is {VALUES_MAX} per profile; capture fewer fields", p.metadata.len(), p.state.len())));
+        }
+        if p.lists.len() > LISTS_MAX {
+            return Err(err(
+                at("list"),
+                format!(
+                    "{} lists; the limit is {LISTS_MAX} per profile; drop some lists",
+                    p.lists.len()
+                ),
+            ));
+        }
+        if p.aggregates.len() > AGGREGATES_MAX {
+            return Err(err(at("aggregate"), format!("{} aggregates; the limit is {AGGREGATES_MAX} per profile; drop some aggregates", p.aggregates.len())));
+        }
+        let key_max = self.limits.key_bytes_max as usize;
+        let layout = crate::engine::rules::layout_for(
+            p.counters.len(),
+            p.aggregates.len(),
+            p.split_on_change.len(),
+            p.sub_sessions.len(),
+        );
+        let empty = key_max + layout.fixed_bytes + 2 * values + p.lists.len();
+        if empty > RECORD_BYTES_MAX {
+            // Named after what takes the most room.
+            let largest = [
+                (4 * p.counters.len(), "counter"),
+                (8 * p.aggregates.len(), "aggregate"),
+                (8 * p.split_on_change.len(), "split_on_change"),
+                (4 * p.sub_sessions.len(), "sub_session"),
+                (2 * values, "metadata"),
+                (p.lists.len(), "list"),
+            ]
+            .into_iter()
+            .max_by_key(|&(bytes, _)| bytes)
+            .map_or("counter", |(_, key)| key);
+            return Err(err(at(largest), format!("{} counters, {} aggregates, {} split_on_change fields, {} sub-sessions, {values} values and {} lists with a key of limits.key_bytes_max = {key_max} bytes make a session record of {empty} bytes before any value is captured; the limit is {RECORD_BYTES_MAX}; declare fewer", p.counters.len(), p.aggregates.len(), p.split_on_change.len(), p.sub_sessions.len(), p.lists.len())));
+        }
+        for (j, s) in p.sub_sessions.iter().enumerate() {
+            // A sub-session's key is its parent's id (8 bytes) and its own key value.
+            let layout = crate::engine::rules::layout_for(s.counters.len(), 0, 0, 0);
+            let empty = 8 + key_max + layout.fixed_bytes;
+            if empty > RECORD_BYTES_MAX {
+                return Err(err(format!("{}sub_session[{j}] ({}).counter", at(""), s.name), format!("{} counters with a key of limits.key_bytes_max = {key_max} bytes make a record of {empty} bytes; the limit is {RECORD_BYTES_MAX}; declare fewer", s.counters.len())));
             }
         }
         Ok(())
@@ -973,6 +1038,67 @@ idle_timeout = "30m"
         let text = format!("{MIN}\n[[profile.sub_session]]\nname = \"s\"\nidle_timeout = \"1h\"\n");
         let e = Config::from_toml(&text).unwrap_err().to_string();
         assert!(e.contains("no longer than the parent"), "{e}");
+    }
+
+    /// Profiles at the engine's limits of session data load; one past any of them is an error
+    /// naming the key and the limit (these once panicked or silently miscounted on the first
+    /// event).
+    #[test]
+    fn session_data_beyond_the_engine_limits_is_rejected() {
+        let lists = |n: usize| -> String {
+            (0..n)
+                .map(|i| format!("[[profile.list]]\nname = \"l{i}\"\nfield = \"f\"\nmax_len = 2\n"))
+                .collect()
+        };
+        let aggregates = |n: usize| -> String {
+            (0..n)
+                .map(|i| {
+                    format!("[[profile.aggregate]]\nname = \"a{i}\"\nfield = \"v\"\nop = \"min\"\n")
+                })
+                .collect()
+        };
+        let values = |m: usize, s: usize| {
+            let f = |n: usize| vec!["\"f\""; n].join(",");
+            format!("metadata = [{}]\nstate = [{}]\n", f(m), f(s))
+        };
+        let counters = |n: usize, table: &str| -> String {
+            (0..n)
+                .map(|i| format!("[[{table}]]\nname = \"c{i}\"\n"))
+                .collect()
+        };
+        let at_limit = format!("{MIN}{}{}{}", values(32, 32), lists(16), aggregates(32));
+        Config::from_toml(&at_limit).expect("a profile at every limit loads");
+        for (extra, key, limit) in [
+            (
+                values(33, 32),
+                "(web).metadata",
+                "65 values); the limit is 64",
+            ),
+            (lists(17), "(web).list", "17 lists; the limit is 16"),
+            (
+                aggregates(33),
+                "(web).aggregate",
+                "33 aggregates; the limit is 32",
+            ),
+            (
+                counters(15_000, "profile.counter"),
+                "(web).counter",
+                "the limit is 60000",
+            ),
+            (
+                format!(
+                    "[[profile.sub_session]]\nname = \"s\"\n{}",
+                    counters(15_000, "profile.sub_session.counter")
+                ),
+                "(web).sub_session[0] (s).counter",
+                "the limit is 60000",
+            ),
+        ] {
+            let e = Config::from_toml(&format!("{MIN}{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(limit), "{e}");
+        }
     }
 
     #[test]

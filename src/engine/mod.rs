@@ -1187,7 +1187,12 @@ impl State {
                 return None;
             }
         };
-        let ops = &mut [crate::config::AggregateOp::Sum; 32][..rule.aggregates.len().min(32)];
+        debug_assert!(
+            rule.aggregates.len() <= payload::AGGREGATES_MAX,
+            "config validation"
+        );
+        let ops = &mut [crate::config::AggregateOp::Sum; payload::AGGREGATES_MAX]
+            [..rule.aggregates.len().min(payload::AGGREGATES_MAX)];
         for (o, a) in ops.iter_mut().zip(&rule.aggregates) {
             *o = a.op;
         }

@@ -16,8 +16,14 @@
 use super::rules::{Layout, ListRule};
 use crate::config::AggregateOp;
 
+/// Captured values (metadata and state) per profile: the size of [`VarEdits::values`].
+/// `Config` validation holds profiles to this and the next two.
 pub const VALUES_MAX: usize = 64;
+/// Lists per profile: the size of [`VarEdits::appends`].
 pub const LISTS_MAX: usize = 16;
+/// Aggregates per profile: the size of the array their operations are gathered in when a
+/// session is created.
+pub const AGGREGATES_MAX: usize = 32;
 const NIL: u32 = u32::MAX;
 
 /// Shape of a record kind: enough to initialise and walk its payload.

@@ -659,6 +659,41 @@ when = {{ field = "type", eq = "page" }}
 
 /// The owner rule clients compute for the steering header is `hash % shards`; the mask used
 /// for power-of-two shard counts must agree with it everywhere.
+/// A profile at the limits of session data (64 values, 16 lists, 32 aggregates) captures and
+/// reports every one of them, the last as the first.
+#[test]
+fn session_data_at_every_limit_is_kept_whole() {
+    let mut p = String::from("[[profile]]\nname = \"web\"\nkey = \"user\"\ntimestamp = { field = \"ts\" }\nidle_timeout = \"10s\"\n");
+    p += &format!("metadata = [{}]\n", vec!["\"ip\""; 32].join(","));
+    p += &format!("state = [{}]\n", vec!["\"page\""; 32].join(","));
+    for i in 0..16 {
+        p += &format!("[[profile.list]]\nname = \"l{i}\"\nfield = \"page\"\nmax_len = 2\n");
+    }
+    for i in 0..32 {
+        let op = ["sum", "min", "max"][i % 3];
+        p += &format!("[[profile.aggregate]]\nname = \"a{i}\"\nfield = \"v\"\nop = \"{op}\"\n");
+    }
+    let mut r = Rig::new(&p);
+    r.send(r#"{"user":"a","ts":1000,"ip":"1.1.1.1","page":"/a","v":5}"#);
+    r.send(r#"{"user":"a","ts":2000,"page":"/b","v":7}"#);
+    r.engine.finish(&mut r.out);
+    let recs = r.records();
+    let end = Rig::ends(&recs)[0];
+    for i in 0..32 {
+        let want = [12.0, 5.0, 7.0][i % 3];
+        assert_eq!(end["aggregates"][format!("a{i}")], want, "aggregate {i}");
+    }
+    for i in 0..16 {
+        assert_eq!(
+            end["lists"][format!("l{i}")],
+            serde_json::json!(["/a", "/b"]),
+            "list {i}"
+        );
+    }
+    assert_eq!(end["metadata"]["ip"], "1.1.1.1");
+    assert_eq!(end["state"]["page"], "/b");
+}
+
 #[test]
 fn shard_of_is_hash_modulo_shards() {
     let mut h: u32 = 0x9e37_79b9;
