@@ -106,7 +106,11 @@ pub struct Stats {
     pub sessions_ended: [u64; EndReason::COUNT],
     pub sub_sessions_started: u64,
     pub sub_sessions_ended: u64,
+    /// Sub-sessions not started because the parent had `sub_sessions_per_session_max` open.
     pub sub_session_limit: u64,
+    /// Sub-sessions not started because the session table or the arena was full: a
+    /// sub-session does not evict (its parent's event has been applied already).
+    pub sub_sessions_full: u64,
     pub merges: u64,
     pub late: u64,
     pub evictions: u64,
@@ -1599,10 +1603,13 @@ impl State {
         };
         let layout = rules::layout_for(sub.counters.len(), 0, 0, 0);
         let len = self.keybuf.len() + layout.fixed_bytes;
-        let slot = self.table.alloc()?;
+        let Some(slot) = self.table.alloc() else {
+            self.stats.sub_sessions_full += 1;
+            return None;
+        };
         let Some(data) = self.arena.alloc(len) else {
             self.table.free(slot);
-            self.stats.captures_dropped += 1;
+            self.stats.sub_sessions_full += 1;
             return None;
         };
         self.pay2.clear();

@@ -214,6 +214,54 @@ name = "steps"
     );
 }
 
+/// A sub-session that finds the session table full is not started and is counted; it does not
+/// evict, and its parent takes the event as usual.
+#[test]
+fn sub_session_without_room_is_counted_and_the_parent_goes_on() {
+    let cfg = Config::from_toml(
+        r#"
+[memory]
+arena_bytes = "64KiB"
+max_sessions = 1
+[[profile]]
+name = "shop"
+key = "user"
+timestamp = { field = "ts" }
+idle_timeout = "30s"
+[[profile.sub_session]]
+name = "checkout"
+starts_when = { field = "type", eq = "cart" }
+"#,
+    )
+    .unwrap();
+    let rules = Arc::new(Rules::compile(&cfg).unwrap());
+    let mut dec = Decoder::new(rules.field_table(), 32, 1024);
+    let mut engine = Engine::new(rules, &cfg, 0, None).unwrap();
+    let mut out = Out::with_capacity(4096, 64);
+    for line in [
+        r#"{"user":"u","ts":1000,"type":"view"}"#,
+        r#"{"user":"u","ts":2000,"type":"cart"}"#,
+    ] {
+        let ev = dec.decode(line.as_bytes()).unwrap();
+        engine.on_event(0, &ev, Clock::Replay, &mut out);
+    }
+    assert_eq!(engine.stats().sub_sessions_full, 1);
+    assert_eq!(engine.stats().sub_sessions_started, 0);
+    assert_eq!(engine.stats().evictions, 0);
+    let recs: Vec<serde_json::Value> = out
+        .iter()
+        .map(|(_, l)| serde_json::from_slice(l).unwrap())
+        .collect();
+    let seqs: Vec<_> = recs
+        .iter()
+        .filter_map(|r| r["_session"]["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, [1, 2], "both events joined the one session");
+    assert!(recs
+        .iter()
+        .all(|r| r["kind"] != "sub_session_start" && r["kind"] != "session_end"));
+}
+
 /// Feeds `lines` (replay clock) to an engine of `max_sessions` sessions for one profile keyed
 /// by `k`; returns the records and the sessions left open.
 fn small_table(

@@ -58,6 +58,12 @@ pub const LATE_EVENTS: &str = "sessionizer_late_events_total";
 pub const EVICTIONS: &str = "sessionizer_evictions_total";
 /// Counter {shard}: new sessions refused because the table was full (`on_full = "reject"`).
 pub const REJECTIONS: &str = "sessionizer_rejections_total";
+/// Counter {reason, shard}: sub-sessions not started: `limit` (the parent has
+/// `limits.sub_sessions_per_session_max` open) or `full` (table or arena full).
+pub const SUB_SESSIONS_NOT_STARTED: &str = "sessionizer_sub_sessions_not_started_total";
+/// Counter {shard}: captured values (metadata, state, list items) not stored because the
+/// session's record could not grow (arena full, or the record at its size limit).
+pub const CAPTURES_DROPPED: &str = "sessionizer_captures_dropped_total";
 /// Counter {reason, shard}: lines that could not be decoded, by `DecodeError` label.
 pub const PARSE_ERRORS: &str = "sessionizer_parse_errors_total";
 /// Counter {source, shard}: dead-letter records, by where they were raised.
@@ -159,6 +165,14 @@ pub const ALL_METRICS: &[(&str, &str)] = &[
     (
         REJECTIONS,
         "New sessions refused because the table was full.",
+    ),
+    (
+        SUB_SESSIONS_NOT_STARTED,
+        "Sub-sessions not started, by reason (limit or full).",
+    ),
+    (
+        CAPTURES_DROPPED,
+        "Captured values not stored because the session record could not grow.",
     ),
     (PARSE_ERRORS, "Lines that could not be decoded, by reason."),
     (
@@ -714,6 +728,15 @@ pub fn publish(shard: usize, sample: &ShardSample, prev: &mut ShardSample) {
         counter!(REJECTIONS, LABEL_SHARD => sh),
         e.rejections,
         pe.rejections,
+    );
+    let c = counter!(SUB_SESSIONS_NOT_STARTED, LABEL_REASON => "limit", LABEL_SHARD => sh);
+    bump(c, e.sub_session_limit, pe.sub_session_limit);
+    let c = counter!(SUB_SESSIONS_NOT_STARTED, LABEL_REASON => "full", LABEL_SHARD => sh);
+    bump(c, e.sub_sessions_full, pe.sub_sessions_full);
+    bump(
+        counter!(CAPTURES_DROPPED, LABEL_SHARD => sh),
+        e.captures_dropped,
+        pe.captures_dropped,
     );
     for (i, k) in DecodeError::ALL.iter().enumerate() {
         let c = counter!(PARSE_ERRORS, LABEL_REASON => k.label(), LABEL_SHARD => sh);

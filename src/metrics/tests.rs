@@ -74,6 +74,9 @@ fn publish_increments_counters_by_the_delta_and_sets_gauges() {
     s.engine.sessions_ended[EndReason::Idle as usize] = 1;
     s.engine.sessions_ended[EndReason::Evicted as usize] = 1;
     s.engine.evictions = 1;
+    s.engine.sub_session_limit = 6;
+    s.engine.sub_sessions_full = 2;
+    s.engine.captures_dropped = 9;
     s.engine.active_by_profile = vec![2, 0, 1];
     s.engine.blocks_used = 10;
     s.engine.blocks_total = 64;
@@ -113,6 +116,15 @@ fn publish_increments_counters_by_the_delta_and_sets_gauges() {
         value(&t, SESSIONS_ENDED, &[("reason", "evicted"), sh]),
         Some(1.0)
     );
+    assert_eq!(
+        value(&t, SUB_SESSIONS_NOT_STARTED, &[("reason", "limit"), sh]),
+        Some(6.0)
+    );
+    assert_eq!(
+        value(&t, SUB_SESSIONS_NOT_STARTED, &[("reason", "full"), sh]),
+        Some(2.0)
+    );
+    assert_eq!(value(&t, CAPTURES_DROPPED, &[sh]), Some(9.0));
     assert_eq!(
         value(&t, SESSIONS_ACTIVE, &[("profile", "web"), sh]),
         Some(2.0)
