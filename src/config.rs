@@ -619,6 +619,18 @@ impl Config {
         Config::from_toml(&text)
     }
 
+    /// Whether `replay` can run these profiles: it has no wall clock, so every event's time is
+    /// read from its profile's `timestamp`, which a processing-time profile may leave out.
+    pub fn check_replayable(&self) -> Result<(), ConfigError> {
+        match self.profiles.iter().position(|p| p.timestamp.is_none()) {
+            Some(i) => Err(err(
+                format!("profile[{i}] ({}).timestamp", self.profiles[i].name),
+                "missing; replay reads each event's time from it (a processing-time profile needs it only here); add timestamp = { field = \"ts\", format = \"epoch_ms\" }",
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn default_embedded() -> Config {
         Config::from_toml(DEFAULT_TOML).expect("the embedded default config is valid")
     }

@@ -68,6 +68,8 @@ pub struct ReplaySummary {
 
 /// Replay `files` in order and write every record to `output` (`-` = stdout).
 pub fn run(cfg: &Config, files: &[PathBuf], output: &str) -> Result<ReplaySummary, ReplayError> {
+    // Before the output file is created, so that a refused config leaves nothing behind.
+    cfg.check_replayable().map_err(ReplayError::Config)?;
     if output == "-" {
         let stdout = io::stdout();
         let lock = stdout.lock();
@@ -115,6 +117,7 @@ struct Replayer {
 
 impl Replayer {
     fn new(cfg: &Config) -> Result<Replayer, ReplayError> {
+        cfg.check_replayable().map_err(ReplayError::Config)?;
         let rules = Arc::new(Rules::compile(cfg).map_err(ReplayError::Config)?);
         let shards = cfg.core_list().len() as u32;
         assert!(shards >= 1);

@@ -213,3 +213,38 @@ fn replay_matches_the_reference_and_is_deterministic() {
         missing
     );
 }
+
+/// Replay has no wall clock: a processing-time profile without `timestamp` is refused up front
+/// with the key and the fix, not run with every event dead-lettered as `bad_timestamp`.
+#[test]
+fn replay_refuses_a_profile_without_a_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("replay.toml");
+    std::fs::write(
+        &cfg,
+        CONFIG.replace(
+            "timestamp = { field = \"ts\", format = \"epoch_ms\" }\nidle_timeout = \"30s\"",
+            "idle_timeout = \"30s\"",
+        ),
+    )
+    .unwrap();
+    let input = dir.path().join("events.jsonl");
+    std::fs::write(&input, "{\"user\":\"a\",\"ts\":1700000000000}\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    let r = Command::new(BIN)
+        .arg("replay")
+        .arg(&input)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "replay ran: {stderr}");
+    assert!(
+        stderr.contains("profile[0] (proc).timestamp") && stderr.contains("add timestamp"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "no output is written");
+}
