@@ -132,19 +132,24 @@ fn reference(evs: &[Ev]) -> Sessions {
     out
 }
 
-fn run_replay(dir: &Path, input: &Path, out_name: &str) -> Vec<u8> {
+/// `sessionizer replay input --config <config written to dir> --output out`.
+fn replay(dir: &Path, config: &str, input: &Path, out: &Path) -> std::process::Output {
     let cfg = dir.join("replay.toml");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let out = dir.join(out_name);
-    let r = Command::new(BIN)
+    std::fs::write(&cfg, config).unwrap();
+    Command::new(BIN)
         .arg("replay")
         .arg(input)
         .arg("--config")
         .arg(&cfg)
         .arg("--output")
-        .arg(&out)
+        .arg(out)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+fn run_replay(dir: &Path, input: &Path, out_name: &str) -> Vec<u8> {
+    let out = dir.join(out_name);
+    let r = replay(dir, CONFIG, input, &out);
     assert!(
         r.status.success(),
         "replay failed: {}",
@@ -219,27 +224,14 @@ fn replay_matches_the_reference_and_is_deterministic() {
 #[test]
 fn replay_refuses_a_profile_without_a_timestamp() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("replay.toml");
-    std::fs::write(
-        &cfg,
-        CONFIG.replace(
-            "timestamp = { field = \"ts\", format = \"epoch_ms\" }\nidle_timeout = \"30s\"",
-            "idle_timeout = \"30s\"",
-        ),
-    )
-    .unwrap();
+    let config = CONFIG.replace(
+        "timestamp = { field = \"ts\", format = \"epoch_ms\" }\nidle_timeout = \"30s\"",
+        "idle_timeout = \"30s\"",
+    );
     let input = dir.path().join("events.jsonl");
     std::fs::write(&input, "{\"user\":\"a\",\"ts\":1700000000000}\n").unwrap();
     let out = dir.path().join("out.jsonl");
-    let r = Command::new(BIN)
-        .arg("replay")
-        .arg(&input)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--output")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let r = replay(dir.path(), &config, &input, &out);
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(!r.status.success(), "replay ran: {stderr}");
     assert!(

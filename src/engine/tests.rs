@@ -13,10 +13,12 @@ struct Rig {
 
 impl Rig {
     fn new(profiles: &str) -> Rig {
-        let cfg = Config::from_toml(&format!(
-            "[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{profiles}"
-        ))
-        .unwrap();
+        Rig::with_memory("arena_bytes = \"1MiB\"\nmax_sessions = 1000", profiles)
+    }
+
+    /// An engine with `memory` as its `[memory]` table.
+    fn with_memory(memory: &str, profiles: &str) -> Rig {
+        let cfg = Config::from_toml(&format!("[memory]\n{memory}\n{profiles}")).unwrap();
         let rules = Arc::new(Rules::compile(&cfg).unwrap());
         let dec = Decoder::new(rules.field_table(), 32, 65536);
         Rig {
@@ -161,10 +163,7 @@ idle_timeout = "10s"
     assert_eq!(ends[0]["last_ts"], 118_000);
 }
 
-#[test]
-fn sub_sessions_end_before_their_parent() {
-    let mut r = Rig::new(
-        r#"
+const SHOP: &str = r#"
 [[profile]]
 name = "shop"
 key = "user"
@@ -177,8 +176,11 @@ ends_when = { field = "type", eq = "buy" }
 idle_timeout = "10s"
 [[profile.sub_session.counter]]
 name = "steps"
-"#,
-    );
+"#;
+
+#[test]
+fn sub_sessions_end_before_their_parent() {
+    let mut r = Rig::new(SHOP);
     r.send(r#"{"user":"u","ts":1000,"type":"view"}"#);
     r.send(r#"{"user":"u","ts":2000,"type":"cart"}"#);
     r.send(r#"{"user":"u","ts":3000,"type":"pay"}"#);
@@ -218,40 +220,14 @@ name = "steps"
 /// evict, and its parent takes the event as usual.
 #[test]
 fn sub_session_without_room_is_counted_and_the_parent_goes_on() {
-    let cfg = Config::from_toml(
-        r#"
-[memory]
-arena_bytes = "64KiB"
-max_sessions = 1
-[[profile]]
-name = "shop"
-key = "user"
-timestamp = { field = "ts" }
-idle_timeout = "30s"
-[[profile.sub_session]]
-name = "checkout"
-starts_when = { field = "type", eq = "cart" }
-"#,
-    )
-    .unwrap();
-    let rules = Arc::new(Rules::compile(&cfg).unwrap());
-    let mut dec = Decoder::new(rules.field_table(), 32, 1024);
-    let mut engine = Engine::new(rules, &cfg, 0, None).unwrap();
-    let mut out = Out::with_capacity(4096, 64);
-    for line in [
-        r#"{"user":"u","ts":1000,"type":"view"}"#,
-        r#"{"user":"u","ts":2000,"type":"cart"}"#,
-    ] {
-        let ev = dec.decode(line.as_bytes()).unwrap();
-        engine.on_event(0, &ev, Clock::Replay, &mut out);
-    }
-    assert_eq!(engine.stats().sub_sessions_full, 1);
-    assert_eq!(engine.stats().sub_sessions_started, 0);
-    assert_eq!(engine.stats().evictions, 0);
-    let recs: Vec<serde_json::Value> = out
-        .iter()
-        .map(|(_, l)| serde_json::from_slice(l).unwrap())
-        .collect();
+    let mut r = Rig::with_memory("arena_bytes = \"64KiB\"\nmax_sessions = 1", SHOP);
+    r.send(r#"{"user":"u","ts":1000,"type":"view"}"#);
+    r.send(r#"{"user":"u","ts":2000,"type":"cart"}"#);
+    let stats = r.engine.stats();
+    assert_eq!(stats.sub_sessions_full, 1);
+    assert_eq!(stats.sub_sessions_started, 0);
+    assert_eq!(stats.evictions, 0);
+    let recs = r.records();
     let seqs: Vec<_> = recs
         .iter()
         .filter_map(|r| r["_session"]["seq"].as_u64())
