@@ -57,16 +57,24 @@ impl HumanDuration {
     }
 }
 
+/// The longest duration any key accepts (100 years): longer ones are typing mistakes, and they
+/// would overflow the clock arithmetic that adds them to an instant.
+pub const DURATION_MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "`{s}` is not a duration ({e}); write e.g. \"30m\", \"1h\", \"250ms\""
-                ))
-            })
+        let d = humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "`{s}` is not a duration ({e}); write e.g. \"30m\", \"1h\", \"250ms\""
+            ))
+        })?;
+        if d > DURATION_MAX {
+            return Err(serde::de::Error::custom(format!(
+                "`{s}` is longer than the limit of 100 years; write e.g. \"30m\", \"1h\", \"7d\""
+            )));
+        }
+        Ok(HumanDuration(d))
     }
 }
 
@@ -670,6 +678,7 @@ impl Config {
         }
         self.validate_memory()?;
         self.validate_limits()?;
+        self.validate_intervals()?;
         for (i, o) in self.outputs.iter().enumerate() {
             validate_output(i, o)?;
         }
@@ -752,6 +761,78 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The intervals the runtime's timers run at: zero would spin (a snapshot or publish loop
+    /// with no pause) and very long ones defeat what they are for.
+    fn validate_intervals(&self) -> Result<(), ConfigError> {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        let mut checks = vec![
+            (
+                "metrics.publish_interval",
+                self.metrics.publish_interval,
+                ms(10),
+                s(3600),
+            ),
+            (
+                "limits.tcp_idle_timeout",
+                self.limits.tcp_idle_timeout,
+                s(1),
+                s(30 * 86_400),
+            ),
+            (
+                "persist.snapshot_interval",
+                self.persist.snapshot_interval,
+                ms(100),
+                s(7 * 86_400),
+            ),
+            (
+                "persist.fsync_interval",
+                self.persist.fsync_interval,
+                ms(1),
+                s(3600),
+            ),
+        ];
+        let outputs: Vec<String> = (0..self.outputs.len())
+            .map(|i| format!("output[{i}].fsync_interval"))
+            .collect();
+        for (o, key) in self.outputs.iter().zip(&outputs) {
+            checks.push((key.as_str(), o.fsync_interval, ms(1), s(3600)));
+        }
+        for (key, v, lo, hi) in checks {
+            if v.0 < lo || v.0 > hi {
+                return Err(err(
+                    key,
+                    format!(
+                        "{} is outside {}..={}; set it within that range",
+                        humantime::format_duration(v.0),
+                        humantime::format_duration(lo),
+                        humantime::format_duration(hi)
+                    ),
+                ));
+            }
+        }
+        if self
+            .persist
+            .dir
+            .as_deref()
+            .is_some_and(|d| d.trim().is_empty())
+        {
+            return Err(err(
+                "persist.dir",
+                "empty; set a directory path, or remove the key for no durability",
+            ));
+        }
+        for (i, o) in self.outputs.iter().enumerate() {
+            if o.path.as_deref().is_some_and(|p| p.trim().is_empty()) {
+                return Err(err(
+                    format!("output[{i}].path"),
+                    "empty; set a directory path",
+                ));
+            }
+        }
+        validate_log_level(&self.log.level)
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
@@ -968,6 +1049,24 @@ impl Config {
     }
 }
 
+/// `log.level` is an `env_logger` filter: a level, or comma-separated `module=level` directives
+/// (empty: errors only). Anything else would be read as a module name and silence every other
+/// log line.
+fn validate_log_level(spec: &str) -> Result<(), ConfigError> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |l: &str| LEVELS.iter().any(|x| x.eq_ignore_ascii_case(l.trim()));
+    let ok = spec.trim().is_empty()
+        || spec.split(',').all(|d| match d.split_once('=') {
+            Some((module, level)) => !module.trim().is_empty() && is_level(level),
+            None => is_level(d),
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(err("log.level", format!("`{spec}` is not a level; write one of off, error, warn, info, debug, trace, or module=level directives separated by commas")))
+    }
+}
+
 fn validate_output(i: usize, o: &Output) -> Result<(), ConfigError> {
     let key = |k: &str| format!("output[{i}].{k}");
     if o.streams.is_empty() {
@@ -1110,6 +1209,54 @@ idle_timeout = "30m"
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(key) && e.contains(limit), "{e}");
+        }
+    }
+
+    /// Timer intervals out of range (zero spun, a huge one overflowed the clock and panicked a
+    /// thread), empty paths and a log level that is not one are errors naming the key.
+    #[test]
+    fn intervals_paths_and_log_level_are_checked() {
+        let huge = "\"18446744073709551615s\"";
+        for (bad, key) in [
+            (format!("[metrics]\npublish_interval = {huge}\n"), "line 2"),
+            (format!("[limits]\ntcp_idle_timeout = {huge}\n"), "line 2"),
+            (
+                "[metrics]\npublish_interval = \"0s\"\n".into(),
+                "metrics.publish_interval",
+            ),
+            (
+                "[limits]\ntcp_idle_timeout = \"0s\"\n".into(),
+                "limits.tcp_idle_timeout",
+            ),
+            (
+                "[persist]\ndir = \"/x\"\nsnapshot_interval = \"0s\"\n".into(),
+                "persist.snapshot_interval",
+            ),
+            (
+                "[persist]\ndir = \"/x\"\nsnapshot_interval = \"8d\"\n".into(),
+                "persist.snapshot_interval",
+            ),
+            (
+                "[persist]\nfsync_interval = \"0s\"\n".into(),
+                "persist.fsync_interval",
+            ),
+            ("[persist]\ndir = \"\"\n".into(), "persist.dir"),
+            (
+                "[[output]]\nkind = \"file\"\npath = \" \"\n".into(),
+                "output[0].path",
+            ),
+            (
+                "[[output]]\nkind = \"file\"\npath = \"/x\"\nfsync_interval = \"0s\"\n".into(),
+                "output[0].fsync_interval",
+            ),
+            ("[log]\nlevel = \"bogus\"\n".into(), "log.level"),
+            ("[log]\nlevel = \"info,=debug\"\n".into(), "log.level"),
+        ] {
+            let e = Config::from_toml(&format!("{bad}{MIN}")).unwrap_err();
+            assert_eq!(e.key, key, "{bad}: {e}");
+        }
+        for good in ["", "warn", "info,sessionizer::runtime=debug", "TRACE"] {
+            Config::from_toml(&format!("[log]\nlevel = \"{good}\"\n{MIN}")).expect(good);
         }
     }
 
