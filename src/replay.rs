@@ -37,7 +37,12 @@ const TRANSPORT: &str = "replay";
 #[derive(Debug)]
 pub enum ReplayError {
     Config(crate::config::ConfigError),
-    Io { what: String, source: io::Error },
+    Io {
+        what: String,
+        source: io::Error,
+    },
+    /// The files named cannot be used as asked (an output that is also an input).
+    Files(String),
 }
 
 impl std::fmt::Display for ReplayError {
@@ -45,6 +50,7 @@ impl std::fmt::Display for ReplayError {
         match self {
             ReplayError::Config(e) => write!(f, "{e}"),
             ReplayError::Io { what, source } => write!(f, "{what}: {source}"),
+            ReplayError::Files(m) => f.write_str(m),
         }
     }
 }
@@ -68,8 +74,10 @@ pub struct ReplaySummary {
 
 /// Replay `files` in order and write every record to `output` (`-` = stdout).
 pub fn run(cfg: &Config, files: &[PathBuf], output: &str) -> Result<ReplaySummary, ReplayError> {
-    // Before the output file is created, so that a refused config leaves nothing behind.
+    // Before the output file is created, so that a refusal leaves nothing behind (and a
+    // truncated output cannot be an input).
     cfg.check_replayable().map_err(ReplayError::Config)?;
+    check_files(files, output)?;
     if output == "-" {
         let stdout = io::stdout();
         let lock = stdout.lock();
@@ -78,6 +86,25 @@ pub fn run(cfg: &Config, files: &[PathBuf], output: &str) -> Result<ReplaySummar
         let f = File::create(output).map_err(io_err(format!("creating {output}")))?;
         replay_to(cfg, files, f, output)
     }
+}
+
+/// Every input exists, and none is the output file (creating the output would empty it).
+fn check_files(files: &[PathBuf], output: &str) -> Result<(), ReplayError> {
+    use std::os::unix::fs::MetadataExt;
+    let out = (output != "-")
+        .then(|| std::fs::metadata(output).ok())
+        .flatten()
+        .map(|m| (m.dev(), m.ino()));
+    for path in files {
+        let name = path.display();
+        let m = std::fs::metadata(path).map_err(io_err(format!("opening {name}")))?;
+        if out == Some((m.dev(), m.ino())) {
+            return Err(ReplayError::Files(format!(
+                "the output {output} is the input {name}: replay would empty it before reading it; write the output to another file"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Replay into any writer (buffered here).

@@ -240,3 +240,33 @@ fn replay_refuses_a_profile_without_a_timestamp() {
     );
     assert!(!out.exists(), "no output is written");
 }
+
+/// An output that is also an input, or an input that does not exist, is refused before
+/// anything is written: the input is not emptied, no empty output is left behind.
+#[test]
+fn replay_refuses_its_input_as_output_and_a_missing_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let line = "{\"user\":\"a\",\"ts\":1700000000000}\n";
+    std::fs::write(&input, line).unwrap();
+    let r = replay(dir.path(), CONFIG, &input, &input);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && stderr.contains("is the input"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&input).unwrap(),
+        line,
+        "input intact"
+    );
+
+    let out = dir.path().join("out.jsonl");
+    let r = replay(dir.path(), CONFIG, &dir.path().join("missing.jsonl"), &out);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        !r.status.success() && stderr.contains("missing.jsonl"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "no output is written");
+}
