@@ -537,10 +537,8 @@ fn timestamp_ms_any(f: Field<'_>, format: TsFormat) -> Option<i64> {
         TsFormat::EpochUs => scaled(f.as_f64()?, 0.001),
         TsFormat::Rfc3339 => match f {
             Field::String { text, .. } => {
-                let s = std::str::from_utf8(text).ok()?;
-                let t = humantime::parse_rfc3339_weak(s).ok()?;
-                let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
-                i64::try_from(ms).ok()
+                let t: jiff::Timestamp = std::str::from_utf8(text).ok()?.parse().ok()?;
+                Some(t.as_millisecond()).filter(|ms| (0..=MS_MAX).contains(ms))
             }
             _ => None,
         },
@@ -989,6 +987,42 @@ when = { field = "type", eq = 1 }
         }
         let ev = dec.decode(br#"{"user":"u"}"#).unwrap();
         assert_eq!(event_timestamp_ms(&ev, f, TsFormat::EpochMs), None);
+    }
+
+    /// RFC 3339 times with their offsets, fractions and the forms the RFC allows, and what it
+    /// does not (a time without an offset is not an instant; trailing text is not a time).
+    #[test]
+    fn rfc3339_timestamps_keep_their_offsets() {
+        let cfg = crate::config::Config::from_toml(
+            "[[profile]]\nname = \"w\"\nkey = \"user\"\ntime = \"event\"\ntimestamp = { field = \"ts\", format = \"rfc3339\" }\nidle_timeout = \"1m\"\n",
+        )
+        .unwrap();
+        let rules = Rules::compile(&cfg).unwrap();
+        let (f, fmt) = rules.profiles[0].timestamp.unwrap();
+        let mut dec = crate::decode::Decoder::new(rules.field_table(), 8, 4096);
+        let mut at = |text: &str| {
+            let line = format!(r#"{{"user":"u","ts":"{text}"}}"#);
+            event_timestamp_ms(&dec.decode(line.as_bytes()).unwrap(), f, fmt)
+        };
+        let t = 1_700_000_000_000;
+        for (text, want) in [
+            ("2023-11-14T22:13:20Z", Some(t)),
+            ("2023-11-14T22:13:20.123Z", Some(t + 123)),
+            ("2023-11-14T22:13:20.1239Z", Some(t + 123)),
+            ("2023-11-14t22:13:20z", Some(t)),
+            ("2023-11-14 22:13:20Z", Some(t)),
+            ("2023-11-14T23:13:20+01:00", Some(t)),
+            ("2023-11-14T23:13:20.000+01:00", Some(t)),
+            ("2023-11-15T03:43:20+05:30", Some(t)),
+            ("2023-11-14T17:13:20-05:00", Some(t)),
+            ("2023-11-14T22:13:20", None),
+            ("2023-11-14T22:13:20Zjunk", None),
+            ("2023-11-14", None),
+            ("1969-12-31T23:59:59Z", None),
+            ("not a time", None),
+        ] {
+            assert_eq!(at(text), want, "{text}");
+        }
     }
 
     /// The word-at-a-time epoch-millisecond reading against the general one, and the decoder's
