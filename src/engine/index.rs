@@ -43,6 +43,11 @@ pub struct Index {
 impl Index {
     /// Capacity `max(16, ceil(max_entries * 8 / 7))`, allocated and written once.
     pub fn new(max_entries: u32) -> Index {
+        Index::try_new(max_entries).expect("memory for the index")
+    }
+
+    /// [`Index::new`], or None when the memory cannot be allocated.
+    pub fn try_new(max_entries: u32) -> Option<Index> {
         assert!(max_entries > 0);
         assert!(max_entries < NIL);
         let capacity = (u64::from(max_entries) * 8)
@@ -54,16 +59,17 @@ impl Index {
         );
         let capacity = capacity as u32;
         assert!(capacity > max_entries);
-        let mut entries = Vec::with_capacity(capacity as usize);
+        let mut entries = Vec::new();
+        entries.try_reserve_exact(capacity as usize).ok()?;
         super::prefetch::advise_huge_pages(entries.as_mut_ptr(), entries.capacity());
         entries.resize(capacity as usize, EMPTY);
         let entries = entries.into_boxed_slice();
-        Index {
+        Some(Index {
             entries,
             len: 0,
             len_max: max_entries,
             version: 0,
-        }
+        })
     }
 
     pub fn len(&self) -> u32 {

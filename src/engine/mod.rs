@@ -329,10 +329,26 @@ impl Engine {
             active_by_profile: vec![0; rules.record_profile_count()],
             ..Stats::default()
         };
+        // The allocator refuses what the machine cannot give: an error naming the key, not an
+        // abort (the arena's own reservation reports its failure the same way).
+        let no_memory = || {
+            let n = u64::from(m.max_sessions);
+            let mib = (n * 48 + n * 8 * 8 / 7 + n * 4) >> 20;
+            std::io::Error::new(
+                std::io::ErrorKind::OutOfMemory,
+                format!("memory.max_sessions = {n}: the session table, index and expiry list need about {mib} MiB per shard, and that much could not be allocated; lower max_sessions"),
+            )
+        };
+        let table = Table::try_with_pages(m.max_sessions, pages).ok_or_else(no_memory)?;
+        let index = Index::try_new(m.max_sessions).ok_or_else(no_memory)?;
+        let mut expired = Vec::new();
+        expired
+            .try_reserve_exact(m.max_sessions as usize)
+            .map_err(|_| no_memory())?;
         let st = State {
-            table: Table::with_pages(m.max_sessions, pages),
+            table,
             arena,
-            index: Index::new(m.max_sessions),
+            index,
             wheels: (0..top).map(|_| Wheel::new(cfg.slots.max, 0)).collect(),
             clocks: vec![
                 ProfileClock {
@@ -365,7 +381,7 @@ impl Engine {
             var: Vec::with_capacity(RECORD_BYTES_MAX + 4096),
             keybuf: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
             pkey: Vec::with_capacity(cfg.limits.key_bytes_max as usize + 16),
-            expired: Vec::with_capacity(m.max_sessions as usize),
+            expired,
             finish_from: 0,
             stats,
             cap: capture::Capture::default(),

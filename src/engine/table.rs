@@ -94,8 +94,9 @@ impl Head {
 
 /// `len` heads of zero bytes (a valid [`Head`]: every field is an integer), straight from the
 /// allocator's zeroed memory, so no page is touched here.
-fn zeroed_heads(len: usize) -> Box<[Head]> {
-    let layout = std::alloc::Layout::array::<Head>(len).expect("table size");
+/// `len` zeroed heads, or None when the allocator cannot give that much memory.
+fn zeroed_heads(len: usize) -> Option<Box<[Head]>> {
+    let layout = std::alloc::Layout::array::<Head>(len).ok()?;
     assert!(layout.size() > 0);
     // SAFETY: the layout is non-zero-sized; a null return is handled. The memory is zeroed, and
     // all-zero bytes are a valid `Head` (`repr(C)`, integer fields only), so the `len` elements
@@ -103,10 +104,10 @@ fn zeroed_heads(len: usize) -> Box<[Head]> {
     unsafe {
         let p = std::alloc::alloc_zeroed(layout).cast::<Head>();
         if p.is_null() {
-            std::alloc::handle_alloc_error(layout);
+            return None;
         }
         super::prefetch::advise_huge_pages(p, len);
-        Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, len))
+        Some(Box::from_raw(std::ptr::slice_from_raw_parts_mut(p, len)))
     }
 }
 
@@ -149,9 +150,14 @@ impl Table {
     /// handed out (`OnDemand`: the memory comes zeroed from the allocator, and its pages are
     /// backed on first use).
     pub fn with_pages(capacity: u32, pages: Pages) -> Table {
+        Table::try_with_pages(capacity, pages).expect("memory for the session table")
+    }
+
+    /// [`Table::with_pages`], or None when the memory cannot be allocated.
+    pub fn try_with_pages(capacity: u32, pages: Pages) -> Option<Table> {
         assert!(capacity > 0);
         assert!(capacity < NIL);
-        let heads = zeroed_heads(capacity as usize);
+        let heads = zeroed_heads(capacity as usize)?;
         assert_eq!(heads.len(), capacity as usize);
         let mut table = Table {
             heads,
@@ -171,7 +177,7 @@ impl Table {
         if pages == Pages::Prefault {
             table.write_fresh();
         }
-        table
+        Some(table)
     }
 
     /// A fresh table's free list runs through the slots in ascending order.
