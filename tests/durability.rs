@@ -710,3 +710,38 @@ fn a_malformed_hello_is_refused_with_its_reason() {
     p.terminate();
     assert!(output_lines(dir.path()).is_empty(), "nothing was accepted");
 }
+
+/// A persist directory keeps the shard count it was written with: started again with other
+/// `cores`, the appliance refuses at once, naming the directory and the fix, instead of
+/// recovering keys on shards that do not own them (before the first snapshot that lost them).
+#[test]
+fn another_shard_count_is_refused_before_any_shard_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let p = Proc::start(&cfg);
+    let mut s = TcpStream::connect(p.tcp_addr()).unwrap();
+    s.write_all(b"{\"user\":\"u1\",\"n\":1}\n").unwrap();
+    drop(s);
+    p.kill9();
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("state/SHARDS")).unwrap(),
+        "2\n"
+    );
+
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("cores = [0, 1]", "cores = [0]");
+    std::fs::write(&cfg, text).unwrap();
+    let r = Command::new(util::BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "started: {stderr}");
+    assert!(
+        stderr.contains("was written by 2 shards and this configuration runs 1")
+            && !stderr.contains("READY"),
+        "{stderr}"
+    );
+}

@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod inspect;
+pub mod layout;
 pub mod log;
 pub mod pace;
 pub mod producer;

@@ -265,24 +265,6 @@ pub fn list_generations(dir: &Path, shard: u32) -> io::Result<Vec<(u64, PathBuf)
     list_files(dir, PREFIX, SUFFIX, shard)
 }
 
-/// Shards that have at least one snapshot file in `dir` (after a change of shard count, recovery
-/// restores every old shard's newest snapshot into the new shards).
-pub fn shards_in(dir: &Path) -> io::Result<Vec<u32>> {
-    let mut shards = Vec::new();
-    for entry in fs::read_dir(dir)? {
-        let name = entry?.file_name();
-        if let Some((s, _)) = name
-            .to_str()
-            .and_then(|n| super::parse_name(n, PREFIX, SUFFIX))
-        {
-            shards.push(s);
-        }
-    }
-    shards.sort_unstable();
-    shards.dedup();
-    Ok(shards)
-}
-
 /// Bodies at least this large are checksummed by two threads, half each.
 const PARALLEL_CHECK_BYTES: usize = 8 << 20;
 

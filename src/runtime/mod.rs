@@ -272,7 +272,12 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
 
     // Held until the process exits: one process per persist directory.
     let _dir_lock = match cfg.persist.dir.as_deref() {
-        Some(dir) => Some(durable::lock_dir(std::path::Path::new(dir)).map_err(RunError::Runtime)?),
+        Some(dir) => {
+            let dir = std::path::Path::new(dir);
+            let lock = durable::lock_dir(dir).map_err(RunError::Runtime)?;
+            crate::persist::layout::check_and_record(dir, shards).map_err(RunError::Runtime)?;
+            Some(lock)
+        }
         None => None,
     };
     let listeners = Listeners::bind(&cfg, shards).map_err(|e| rt("binding listeners")(&e))?;
