@@ -745,3 +745,41 @@ fn another_shard_count_is_refused_before_any_shard_runs() {
         "{stderr}"
     );
 }
+
+/// A shard that fails during recovery stops the process at once: the shutdown waits only for
+/// the shards still running (it once waited out its whole budget, over a minute, for the failed
+/// one, and then logged that shards "did not finish"). The failure here: shard 0's snapshot was
+/// written by two shards, in a directory that no longer says so.
+#[test]
+fn a_shard_failing_in_recovery_stops_the_process_without_waiting_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let p = Proc::start(&cfg);
+    let state = dir.path().join("state");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !state.join("snap-0-1.szs").exists() {
+        assert!(Instant::now() < deadline, "no snapshot written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.kill9();
+    for entry in std::fs::read_dir(&state).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_string();
+        if name == "SHARDS" || name.contains("-1-") {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("cores = [0, 1]", "cores = [0]");
+    std::fs::write(&cfg, text).unwrap();
+    let r = Command::new(util::BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "started: {stderr}");
+    assert!(stderr.contains("was written by 2 shards"), "{stderr}");
+    assert!(!stderr.contains("did not finish"), "{stderr}");
+}

@@ -381,6 +381,9 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
     } else {
         START_TIMEOUT
     };
+    // Shards that have sent their one last message (`Failed` or `Exited`): the shutdown below
+    // waits only for the others.
+    let mut gone = 0;
     while ready < n && failure.is_none() {
         let left = start_timeout.saturating_sub(started.elapsed());
         match msg_rx.recv_timeout(left) {
@@ -388,8 +391,14 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
                 log::debug!("shard {i} ready");
                 ready += 1;
             }
-            Ok(Msg::Failed(i, e)) => failure = Some(format!("shard {i}: {e}")),
-            Ok(Msg::Exited(i)) => failure = Some(format!("shard {i} exited during start-up")),
+            Ok(Msg::Failed(i, e)) => {
+                gone += 1;
+                failure = Some(format!("shard {i}: {e}"));
+            }
+            Ok(Msg::Exited(i)) => {
+                gone += 1;
+                failure = Some(format!("shard {i} exited during start-up"));
+            }
             Ok(Msg::Signal(signal_hook::consts::SIGHUP)) => {
                 log::warn!("SIGHUP during start-up: ignored (send it again once READY)");
             }
@@ -417,10 +426,12 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
                     break;
                 }
                 Ok(Msg::Failed(i, e)) => {
+                    gone += 1;
                     failure = Some(format!("shard {i}: {e}"));
                     break;
                 }
                 Ok(Msg::Exited(i)) => {
+                    gone += 1;
                     failure = Some(format!("shard {i} stopped unexpectedly"));
                     break;
                 }
@@ -452,8 +463,9 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
             std::process::exit(1);
         })
         .map_err(|e| rt("starting the shutdown watchdog")(&e))?;
-    let mut exited = 0;
-    let shard_deadline = t0 + SHARD_DRAIN_BUDGET + snapshot_budget + Duration::from_secs(1);
+    let mut exited = gone;
+    let shard_budget = SHARD_DRAIN_BUDGET + snapshot_budget + Duration::from_secs(1);
+    let shard_deadline = t0 + shard_budget;
     while exited < n {
         let left = shard_deadline.saturating_duration_since(Instant::now());
         match msg_rx.recv_timeout(left) {
@@ -465,9 +477,8 @@ pub fn run_with(cfg: Config, config_path: Option<std::path::PathBuf>) -> Result<
             Ok(_) => {}
             Err(_) => {
                 log::error!(
-                    "{} shards did not finish within {:?}",
-                    n - exited,
-                    SHARD_DRAIN_BUDGET
+                    "{} shards did not finish within {shard_budget:?}",
+                    n - exited
                 );
                 failure.get_or_insert("shards did not stop in time".into());
                 break;
