@@ -229,6 +229,29 @@ fn both_generations_damaged_gives_none_with_reasons() {
     assert!(open_latest(dir.path(), 0).unwrap().is_none());
 }
 
+/// A FIFO under the newest snapshot's name is rejected like a damaged file (recovery falls back
+/// to the previous generation) instead of blocking the open until something writes to it; a
+/// FIFO under a log name is a read error, not a hang.
+#[test]
+fn a_fifo_under_a_snapshot_or_log_name_is_rejected_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p2) = two_generations(dir.path());
+    let fifo = dir.path().join(snapshot_file::file_name(0, 3));
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let report = open_latest_with_report(dir.path(), 0).unwrap();
+    assert_eq!(report.snapshot.unwrap().path(), p2);
+    assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+
+    let log = dir.path().join("log-0-1.szl");
+    let c = std::ffi::CString::new(log.to_str().unwrap()).unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let e = plog::LogHeader::read(&log).unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+}
+
 #[test]
 fn chunked_writer_publishes_and_keeps_two_generations() {
     let dir = tempfile::tempdir().unwrap();

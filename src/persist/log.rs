@@ -210,7 +210,7 @@ impl LogHeader {
     }
 
     pub fn read(path: &Path) -> Result<LogHeader, LogError> {
-        let file = File::open(path).map_err(|e| LogError::io(path, "open", e))?;
+        let file = super::open_regular(path).map_err(|e| LogError::io(path, "open", e))?;
         let mut b = [0u8; HEADER_BYTES];
         let n = read_full(&file, &mut b, 0).map_err(|e| LogError::io(path, "read", e))?;
         LogHeader::decode(&b[..n]).map_err(|reason| LogError::Header {
@@ -867,7 +867,7 @@ fn create_file(
 }
 
 fn read_snapshot_log_seq(path: &Path) -> Option<u64> {
-    let file = File::open(path).ok()?;
+    let file = super::open_regular(path).ok()?;
     let mut b = [0u8; super::snapshot_file::HEADER_BYTES];
     let n = read_full(&file, &mut b, 0).ok()?;
     super::snapshot_file::SnapshotHeader::decode(&b[..n])
@@ -1044,7 +1044,7 @@ impl LogReader {
                 self.done = true;
                 return Ok(false);
             }
-            let file = File::open(&path).map_err(|e| LogError::io(&path, "open", e))?;
+            let file = super::open_regular(&path).map_err(|e| LogError::io(&path, "open", e))?;
             let len = file
                 .metadata()
                 .map_err(|e| LogError::io(&path, "stat", e))?

@@ -31,6 +31,25 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Open `path` for reading, refusing anything but a regular file: a FIFO under a snapshot or
+/// log name would block the open, and with it recovery, until something wrote to it.
+pub(crate) fn open_regular(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK keeps a FIFO's open from waiting for a writer; it changes nothing for a
+    // regular file.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 /// Milliseconds since the epoch by the system clock (only for header fields; the engine gets its
 /// time from the runtime).
 pub fn wall_ms_now() -> i64 {
@@ -40,7 +59,13 @@ pub fn wall_ms_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Parses `<prefix><shard>-<generation><suffix>`, e.g. `snap-3-17.szs`.
+/// The highest file generation this program writes or reads. Generations count up by one per
+/// file from 1, so no run reaches it; a file named with a larger one is not ours, and taking it
+/// would make the next generation wrap around to names already in use.
+pub const GENERATION_MAX: u64 = 1 << 62;
+
+/// Parses `<prefix><shard>-<generation><suffix>`, e.g. `snap-3-17.szs` (a generation above
+/// [`GENERATION_MAX`] does not parse).
 pub(crate) fn parse_name(name: &str, prefix: &str, suffix: &str) -> Option<(u32, u64)> {
     let rest = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
     let (shard, generation) = rest.split_once('-')?;
@@ -48,7 +73,8 @@ pub(crate) fn parse_name(name: &str, prefix: &str, suffix: &str) -> Option<(u32,
     if !all_digits(shard) || !all_digits(generation) {
         return None;
     }
-    Some((shard.parse().ok()?, generation.parse().ok()?))
+    let generation = generation.parse().ok().filter(|&g| g <= GENERATION_MAX)?;
+    Some((shard.parse().ok()?, generation))
 }
 
 /// `(generation, path)` of every `<prefix><shard>-<generation><suffix>` file in `dir`, ascending.
@@ -71,4 +97,29 @@ pub(crate) fn list_files(
     }
     out.sort_unstable_by_key(|(g, _)| *g);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_parse_with_their_shard_and_a_generation_in_range() {
+        assert_eq!(parse_name("log-3-17.szl", "log-", ".szl"), Some((3, 17)));
+        assert_eq!(
+            parse_name(&format!("snap-0-{GENERATION_MAX}.szs"), "snap-", ".szs"),
+            Some((0, GENERATION_MAX))
+        );
+        for foreign in [
+            "log-0-18446744073709551615.szl",
+            "log-0-4611686018427387905.szl",
+            "log-0-99999999999999999999.szl",
+            "log--1.szl",
+            "log-0-.szl",
+            "log-0-1.szl.tmp",
+            "log-a-1.szl",
+        ] {
+            assert_eq!(parse_name(foreign, "log-", ".szl"), None, "{foreign}");
+        }
+    }
 }

@@ -602,7 +602,7 @@ impl fmt::Debug for LoadedSnapshot {
 impl LoadedSnapshot {
     /// Map and fully validate one file: header and its checksum, length, body CRC-32, archive.
     pub fn open(path: &Path) -> Result<LoadedSnapshot, SnapshotError> {
-        let file = File::open(path).map_err(|e| SnapshotError::io(path, "open", e))?;
+        let file = super::open_regular(path).map_err(|e| SnapshotError::io(path, "open", e))?;
         let len = file
             .metadata()
             .map_err(|e| SnapshotError::io(path, "stat", e))?
