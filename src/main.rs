@@ -8,6 +8,15 @@ use sessionizer::config::{Config, OutputKind, DEFAULT_TOML};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `eprintln!` that cannot panic: with stderr closed (`... 2>&-`, or a pipe whose reader left)
+/// the message is lost, but the exit code still says what happened.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "sessionizer",
@@ -58,7 +67,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");
-                    eprintln!("sessionizer: {e}");
+                    report!("sessionizer: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -78,7 +87,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("sessionizer replay: {e}");
+                    report!("sessionizer replay: {e}");
                     ExitCode::from(1)
                 }
             }
@@ -95,7 +104,7 @@ fn main() -> ExitCode {
             match sessionizer::persist::inspect::inspect(&path, sessions, &mut stdout.lock()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    eprintln!("sessionizer inspect-snapshot: {}: {e}", path.display());
+                    report!("sessionizer inspect-snapshot: {}: {e}", path.display());
                     ExitCode::from(1)
                 }
             }
@@ -115,7 +124,7 @@ fn load(path: Option<&Path>) -> Option<Config> {
             let source = path
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "embedded default".into());
-            eprintln!("sessionizer: invalid configuration ({source}): {e}");
+            report!("sessionizer: invalid configuration ({source}): {e}");
             None
         }
     }
