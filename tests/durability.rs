@@ -783,3 +783,49 @@ fn a_shard_failing_in_recovery_stops_the_process_without_waiting_for_it() {
     assert!(stderr.contains("was written by 2 shards"), "{stderr}");
     assert!(!stderr.contains("did not finish"), "{stderr}");
 }
+
+/// A log record stamped in the future (a clock set back since, or damage its checksum does not
+/// show) is replayed as arriving at the recovery, not at its stamp: one such record once moved
+/// the shard's clock to its time, ended every session and stamped new ones with it, and the
+/// next restart refused the snapshot holding them.
+#[test]
+fn a_log_record_from_the_future_is_replayed_as_arriving_now() {
+    use sessionizer::config::FsyncPolicy;
+    use sessionizer::persist::log::{LogConfig, LogWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("SHARDS"), "2\n").unwrap();
+    // A key shard 0 owns, so shard 0's log is where it belongs.
+    let key = (0..)
+        .map(|i| format!("far{i}"))
+        .find(|k| sessionizer::engine::shard_of(sessionizer::engine::fnv1a32(k.as_bytes()), 2) == 0)
+        .unwrap();
+    let config = LogConfig {
+        fsync: FsyncPolicy::Always,
+        fsync_interval: Duration::from_millis(10),
+        buffer_bytes: 1 << 16,
+    };
+    let mut w = LogWriter::create(&state, 0, 1, 1, config).unwrap();
+    let line = format!(r#"{{"user":"{key}","n":1}}"#);
+    w.append(i64::MAX, line.as_bytes()).unwrap();
+    w.commit().unwrap();
+    drop(w);
+
+    let before = sessionizer::persist::wall_ms_now();
+    let p = Proc::start(&cfg);
+    let stderr = p.terminate();
+    let after = sessionizer::persist::wall_ms_now();
+    let starts: Vec<i64> = output_lines(dir.path())
+        .iter()
+        .filter(|v| v["user"] == key.as_str())
+        .map(|v| v["_session"]["start_ts"].as_i64().unwrap())
+        .collect();
+    assert_eq!(starts.len(), 1, "{stderr:#?}");
+    assert!((before..=after).contains(&starts[0]), "{starts:?}");
+    assert!(
+        stderr.iter().any(|l| l.contains("stamped outside")),
+        "{stderr:#?}"
+    );
+}

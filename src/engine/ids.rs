@@ -31,7 +31,9 @@ impl IdGen {
 
     pub fn next(&mut self, clock: Clock) -> u64 {
         let floor = match clock {
-            Clock::Wall(now_ms) => (now_ms.saturating_sub(EPOCH_MS).max(0) as u64) * TICKS_PER_MS,
+            Clock::Wall(now_ms) => {
+                (now_ms.saturating_sub(EPOCH_MS).max(0) as u64).saturating_mul(TICKS_PER_MS)
+            }
             Clock::Replay => 0,
         };
         self.seq = (self.seq + 1).max(floor) & SEQ_MASK;
@@ -64,5 +66,8 @@ mod tests {
         let live = g.next(Clock::Wall(EPOCH_MS + 1000));
         assert_eq!(live & SEQ_MASK, 8000);
         assert!(g.next(Clock::Wall(EPOCH_MS + 1000)) > live);
+        // A clock far beyond the sequence's range keeps node and shard (it once overflowed).
+        let far = IdGen::new(0xabcd, 5).next(Clock::Wall(i64::MAX));
+        assert_eq!((far >> 48, (far >> 42) & 63), (0xabcd, 5));
     }
 }

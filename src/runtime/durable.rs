@@ -875,7 +875,16 @@ pub async fn recover(
     let mut producers = Producers::new(cfg.limits.producers_max as usize);
     let mut reader = LogReader::open(dir, id, after).map_err(|e| e.to_string())?;
     let mut last_advance = i64::MIN;
-    while let Some(r) = reader.next_record().map_err(|e| e.to_string())? {
+    // A record's arrival time lies in the past: one stamped after this start (a clock set back
+    // since, or a damaged record whose checksum still holds) is taken as arriving now, so it
+    // cannot push every session's clock into the future.
+    let recovered_at = crate::persist::wall_ms_now();
+    let mut clamped = 0u64;
+    while let Some(mut r) = reader.next_record().map_err(|e| e.to_string())? {
+        if !(0..=recovered_at).contains(&r.wall_ms) {
+            clamped += 1;
+            r.wall_ms = r.wall_ms.clamp(0, recovered_at);
+        }
         if Producers::is_checkpoint(r.raw) {
             if !producers.apply_checkpoint(r.raw) {
                 log::warn!(
@@ -903,6 +912,9 @@ pub async fn recover(
         if st.output.backlogged() {
             drain_outputs(st).await;
         }
+    }
+    if clamped > 0 {
+        log::warn!("shard {id}: {clamped} log records stamped outside 0..=now ({recovered_at} ms) were replayed as arriving at the nearest of the two");
     }
     let report = reader.report();
     rec.read_past = report.skipped;
