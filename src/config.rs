@@ -1169,21 +1169,33 @@ idle_timeout = "30m"
                 .collect()
         };
         let values = |m: usize, s: usize| {
-            let f = |n: usize| vec!["\"f\""; n].join(",");
-            format!("metadata = [{}]\nstate = [{}]\n", f(m), f(s))
+            let f = |prefix: &str, n: usize| {
+                (0..n)
+                    .map(|i| format!("\"{prefix}{i}\""))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            format!("metadata = [{}]\nstate = [{}]\n", f("m", m), f("s", s))
         };
         let counters = |n: usize, table: &str| -> String {
             (0..n)
                 .map(|i| format!("[[{table}]]\nname = \"c{i}\"\n"))
                 .collect()
         };
-        let at_limit = format!("{MIN}{}{}{}", values(32, 32), lists(16), aggregates(32));
+        // 60 distinct captured fields: with the key and the list's and aggregates' fields, as
+        // many as the 64 field paths allow (64 values need repeats, which are refused).
+        let at_limit = format!("{MIN}{}{}{}", values(30, 30), lists(16), aggregates(32));
         Config::from_toml(&at_limit).expect("a profile at every limit loads");
         for (extra, key, limit) in [
             (
                 values(33, 32),
                 "(web).metadata",
                 "65 values); the limit is 64",
+            ),
+            (
+                "metadata = [\"a\", \"b\", \"a\"]\n".into(),
+                "(web).metadata",
+                "`a` is listed twice",
             ),
             (lists(17), "(web).list", "17 lists; the limit is 16"),
             (

@@ -294,6 +294,18 @@ impl Rules {
                     });
                 }
             }
+            // Each captured field is one member of its object in the markers: listed twice, it
+            // would be written twice, and JSON readers keep only one of them.
+            for (kind, fields) in [("metadata", &p.metadata), ("state", &p.state)] {
+                let mut sorted: Vec<&String> = fields.iter().collect();
+                sorted.sort();
+                if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                    return Err(ConfigError {
+                        key: at(kind),
+                        message: format!("`{}` is listed twice; list each field once", w[0]),
+                    });
+                }
+            }
             let layout = layout_for(
                 counters.len(),
                 aggregates.len(),

@@ -683,13 +683,20 @@ when = {{ field = "type", eq = "page" }}
 
 /// The owner rule clients compute for the steering header is `hash % shards`; the mask used
 /// for power-of-two shard counts must agree with it everywhere.
-/// A profile at the limits of session data (64 values, 16 lists, 32 aggregates) captures and
-/// reports every one of them, the last as the first.
+/// A profile at the limits of session data (16 lists, 32 aggregates; 60 captured values, as
+/// many distinct fields as fit the 64 field paths beside the key, the time and the aggregated
+/// field) captures and reports every one of them, the last as the first.
 #[test]
 fn session_data_at_every_limit_is_kept_whole() {
     let mut p = String::from("[[profile]]\nname = \"web\"\nkey = \"user\"\ntimestamp = { field = \"ts\" }\nidle_timeout = \"10s\"\n");
-    p += &format!("metadata = [{}]\n", vec!["\"ip\""; 32].join(","));
-    p += &format!("state = [{}]\n", vec!["\"page\""; 32].join(","));
+    let fields = |prefix: &str| {
+        (0..29)
+            .map(|i| format!("\"{prefix}{i}\""))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    p += &format!("metadata = [\"ip\",{}]\n", fields("m"));
+    p += &format!("state = [\"page\",{}]\n", fields("s"));
     for i in 0..16 {
         p += &format!("[[profile.list]]\nname = \"l{i}\"\nfield = \"page\"\nmax_len = 2\n");
     }
