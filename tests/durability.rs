@@ -711,6 +711,22 @@ fn a_malformed_hello_is_refused_with_its_reason() {
     assert!(output_lines(dir.path()).is_empty(), "nothing was accepted");
 }
 
+/// Runs the appliance with `cfg` changed to one shard; it must refuse to start. Its stderr.
+fn refused_on_one_core(cfg: &Path) -> String {
+    let text = std::fs::read_to_string(cfg)
+        .unwrap()
+        .replace("cores = [0, 1]", "cores = [0]");
+    std::fs::write(cfg, text).unwrap();
+    let r = Command::new(util::BIN)
+        .args(["run", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(!r.status.success(), "started: {stderr}");
+    stderr
+}
+
 /// A persist directory keeps the shard count it was written with: started again with other
 /// `cores`, the appliance refuses at once, naming the directory and the fix, instead of
 /// recovering keys on shards that do not own them (before the first snapshot that lost them).
@@ -728,17 +744,7 @@ fn another_shard_count_is_refused_before_any_shard_runs() {
         "2\n"
     );
 
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("cores = [0, 1]", "cores = [0]");
-    std::fs::write(&cfg, text).unwrap();
-    let r = Command::new(util::BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success(), "started: {stderr}");
+    let stderr = refused_on_one_core(&cfg);
     assert!(
         stderr.contains("was written by 2 shards and this configuration runs 1")
             && !stderr.contains("READY"),
@@ -769,17 +775,7 @@ fn a_shard_failing_in_recovery_stops_the_process_without_waiting_for_it() {
             std::fs::remove_file(&path).unwrap();
         }
     }
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("cores = [0, 1]", "cores = [0]");
-    std::fs::write(&cfg, text).unwrap();
-    let r = Command::new(util::BIN)
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success(), "started: {stderr}");
+    let stderr = refused_on_one_core(&cfg);
     assert!(stderr.contains("was written by 2 shards"), "{stderr}");
     assert!(!stderr.contains("did not finish"), "{stderr}");
 }
