@@ -1188,6 +1188,10 @@ impl State {
             + rule.layout.fixed_bytes
             + 2 * (rule.metadata.len() + rule.state.len())
             + rule.lists.len();
+        if self.arena.blocks_for(len) > self.arena.blocks_total() {
+            // Larger than the whole arena: no eviction could make room for it.
+            return None;
+        }
         let (slot, data) = loop {
             let slot = self.table.alloc();
             let data = if slot.is_some() {

@@ -238,6 +238,24 @@ fn sub_session_without_room_is_counted_and_the_parent_goes_on() {
         .all(|r| r["kind"] != "sub_session_start" && r["kind"] != "session_end"));
 }
 
+/// A session whose record is larger than the whole arena is refused at once: with
+/// `evict_oldest` it once ended every other session first, in vain.
+#[test]
+fn a_record_larger_than_the_arena_evicts_nothing() {
+    let mut r = Rig::with_memory(
+        "arena_bytes = \"1KiB\"\nblock_bytes = 16\nmax_sessions = 100\n[limits]\nkey_bytes_max = 4096",
+        WEB,
+    );
+    r.send(r#"{"user":"a","ts":1000}"#);
+    r.send(&format!(r#"{{"user":"{}","ts":2000}}"#, "k".repeat(2000)));
+    let stats = r.engine.stats();
+    assert_eq!((stats.evictions, stats.rejections), (0, 1));
+    assert_eq!(r.engine.live_sessions(), 1);
+    let recs = r.records();
+    assert!(Rig::ends(&recs).is_empty(), "nothing ended");
+    assert!(recs.iter().any(|v| v["reason"] == "session_table_full"));
+}
+
 /// Feeds `lines` (replay clock) to an engine of `max_sessions` sessions for one profile keyed
 /// by `k`; returns the records and the sessions left open.
 fn small_table(
