@@ -708,6 +708,32 @@ fn changed_profile_is_not_imported() {
     assert!(!r.exact);
 }
 
+/// Sessions restored into a table too small for them are counted as without room, and so are
+/// their sub-sessions (they were once counted as of a changed profile, which named none).
+#[test]
+fn sessions_without_room_count_their_sub_sessions_the_same_way() {
+    let mut c = Cluster::new(1);
+    for (i, user) in ["a", "b", "c"].iter().enumerate() {
+        c.step(&Step::Event(format!(
+            r#"{{"user":"{user}","tab":"t","ts":{}}}"#,
+            1_700_000_000_000i64 + i as i64
+        )));
+    }
+    let bufs = c.snapshot();
+    let small = CONFIG.replace("max_sessions = 3000", "max_sessions = 2");
+    let cfg = Config::from_toml(&small).unwrap();
+    let rules = Arc::new(Rules::compile(&cfg).unwrap());
+    let mut e = Engine::new(rules, &cfg, 0, None).unwrap();
+    let r = e.restore_from(bodies(&bufs)[0], 1, 0);
+    assert_eq!((r.sessions, r.sub_sessions), (1, 1), "{r:?}");
+    assert_eq!(
+        (r.no_room, r.profile_changed, r.invalid),
+        (4, 0, 0),
+        "{r:?}"
+    );
+    assert!(r.changed_profiles.is_empty(), "{r:?}");
+}
+
 /// The timing harness: at a size CI affords by default; the recorded figures come from
 /// `SESSIONS=10000000 cargo test --release --test snapshot_roundtrip scale_harness -- --nocapture`
 /// (figures printed, nothing asserted about time).

@@ -88,7 +88,7 @@ impl Engine {
         st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
         if report.dropped() > 0 || !report.changed_profiles.is_empty() {
             log::warn!(
-                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; {} of changed profiles {:?}, {} invalid, {} without room not restored",
+                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; not restored: {} of changed or removed profiles {:?}, {} invalid, {} without room",
                 body.shard.to_native(),
                 body.generation.to_native(),
                 report.sessions,
@@ -139,11 +139,18 @@ impl State {
         let records = body.records.as_slice();
         let payload = body.payload.as_slice();
         // Fate of the last top-level record, which its sub-sessions share.
+        /// Why a top-level record was not imported; its sub-sessions are counted the same way.
+        #[derive(Clone, Copy)]
+        enum Lost {
+            ProfileChanged,
+            Invalid,
+            NoRoom,
+        }
         enum Top {
             None,
             Imported { index: u32, slot: u32 },
             OtherShard,
-            Dropped,
+            Dropped(Lost),
         }
         let mut top = Top::None;
         // Keys are hashed a few records ahead and their index buckets prefetched, so the index
@@ -164,8 +171,12 @@ impl State {
                         report.other_shard += 1;
                         continue;
                     }
-                    Top::Dropped => {
-                        report.profile_changed += 1;
+                    Top::Dropped(why) => {
+                        match why {
+                            Lost::ProfileChanged => report.profile_changed += 1,
+                            Lost::Invalid => report.invalid += 1,
+                            Lost::NoRoom => report.no_room += 1,
+                        }
                         continue;
                     }
                     _ => {
@@ -183,7 +194,7 @@ impl State {
                 Err(Reject::ProfileChanged) => {
                     report.profile_changed += 1;
                     if !is_sub {
-                        top = Top::Dropped;
+                        top = Top::Dropped(Lost::ProfileChanged);
                     }
                     continue;
                 }
@@ -196,7 +207,7 @@ impl State {
                         );
                     }
                     if !is_sub {
-                        top = Top::Dropped;
+                        top = Top::Dropped(Lost::Invalid);
                     }
                     continue;
                 }
@@ -227,7 +238,7 @@ impl State {
             let Some(slot) = self.table.alloc() else {
                 report.no_room += 1;
                 if !is_sub {
-                    top = Top::Dropped;
+                    top = Top::Dropped(Lost::NoRoom);
                 }
                 continue;
             };
@@ -235,7 +246,7 @@ impl State {
                 self.table.free(slot);
                 report.no_room += 1;
                 if !is_sub {
-                    top = Top::Dropped;
+                    top = Top::Dropped(Lost::NoRoom);
                 }
                 continue;
             };
