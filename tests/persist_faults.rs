@@ -313,6 +313,24 @@ fn inspect_prints_header_summary_and_sessions() {
         .contains("valid:          no"));
 }
 
+/// A header whose counts do not match its body (checksum made good) is not called valid.
+#[test]
+fn inspect_checks_the_header_counts_against_the_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, p2) = two_generations(dir.path());
+    let bytes = fs::read(&p2).unwrap();
+    let mut header = snapshot_file::SnapshotHeader::decode(&bytes[..HEADER_BYTES]).unwrap();
+    header.sessions = u64::MAX;
+    let f = OpenOptions::new().write(true).open(&p2).unwrap();
+    f.write_all_at(&header.encode(), 0).unwrap();
+    let mut out = Vec::new();
+    let err = sessionizer::persist::inspect::inspect(&p2, false, &mut out).unwrap_err();
+    assert!(err.contains("the body holds 20 and 0"), "{err}");
+    assert!(String::from_utf8(out)
+        .unwrap()
+        .contains("valid:          no"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The log.
 // ---------------------------------------------------------------------------------------------

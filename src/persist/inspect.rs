@@ -30,12 +30,28 @@ pub fn inspect(path: &Path, sessions: bool, out: &mut dyn Write) -> Result<(), S
         let _ = writeln!(out, "valid:          no ({e})");
         e.to_string()
     })?;
+    let body = snap.body();
+    let records = body.records.as_slice();
+    let subs = records
+        .iter()
+        .filter(|r| r.flags & RECORD_FLAG_SUB != 0)
+        .count() as u64;
+    let top = records.len() as u64 - subs;
+    // Recovery does not read the header's counts, but a header that misstates them is not the
+    // header of this body.
+    if (header.sessions, header.sub_sessions) != (top, subs) {
+        let e = format!(
+            "the header counts {} sessions and {} sub-sessions, the body holds {top} and {subs}",
+            header.sessions, header.sub_sessions
+        );
+        let _ = writeln!(out, "valid:          no ({e})");
+        return Err(e);
+    }
     writeln!(
         out,
-        "valid:          yes (header, length, body CRC-32 and archive checked)"
+        "valid:          yes (header, length, body CRC-32, archive and counts checked)"
     )
     .map_err(io)?;
-    let body = snap.body();
     writeln!(
         out,
         "table:          capacity {} slots, {} free runs; wheel {} one-second slots",
@@ -46,18 +62,14 @@ pub fn inspect(path: &Path, sessions: bool, out: &mut dyn Write) -> Result<(), S
     .map_err(io)?;
 
     let profiles = body.profiles.as_slice();
-    let records = body.records.as_slice();
     let mut per_profile = vec![0u64; profiles.len()];
-    let mut subs = 0u64;
     let (mut start_min, mut start_max) = (i64::MAX, i64::MIN);
     let mut payload_bytes = 0u64;
     for r in records {
         if let Some(n) = per_profile.get_mut(r.profile as usize) {
             *n += 1;
         }
-        if r.flags & RECORD_FLAG_SUB != 0 {
-            subs += 1;
-        } else {
+        if r.flags & RECORD_FLAG_SUB == 0 {
             start_min = start_min.min(r.start_ts.to_native());
             start_max = start_max.max(r.start_ts.to_native());
         }
@@ -88,8 +100,7 @@ pub fn inspect(path: &Path, sessions: bool, out: &mut dyn Write) -> Result<(), S
     writeln!(out, "summary:").map_err(io)?;
     writeln!(
         out,
-        "  sessions:     {} top-level, {subs} sub-sessions, {payload_bytes} payload bytes",
-        records.len() as u64 - subs
+        "  sessions:     {top} top-level, {subs} sub-sessions, {payload_bytes} payload bytes"
     )
     .map_err(io)?;
     if start_min <= start_max {
