@@ -679,6 +679,18 @@ impl Config {
         self.validate_memory()?;
         self.validate_limits()?;
         self.validate_intervals()?;
+        if self
+            .persist
+            .dir
+            .as_deref()
+            .is_some_and(|d| d.trim().is_empty())
+        {
+            return Err(err(
+                "persist.dir",
+                "empty; set a directory path, or remove the key for no durability",
+            ));
+        }
+        validate_log_level(&self.log.level)?;
         for (i, o) in self.outputs.iter().enumerate() {
             validate_output(i, o)?;
         }
@@ -766,73 +778,51 @@ impl Config {
     /// The intervals the runtime's timers run at: zero would spin (a snapshot or publish loop
     /// with no pause) and very long ones defeat what they are for.
     fn validate_intervals(&self) -> Result<(), ConfigError> {
-        let ms = Duration::from_millis;
-        let s = Duration::from_secs;
-        let mut checks = vec![
-            (
-                "metrics.publish_interval",
-                self.metrics.publish_interval,
-                ms(10),
-                s(3600),
-            ),
-            (
-                "limits.tcp_idle_timeout",
-                self.limits.tcp_idle_timeout,
-                s(1),
-                s(30 * 86_400),
-            ),
-            (
-                "persist.snapshot_interval",
-                self.persist.snapshot_interval,
-                ms(100),
-                s(7 * 86_400),
-            ),
-            (
-                "persist.fsync_interval",
-                self.persist.fsync_interval,
-                ms(1),
-                s(3600),
-            ),
-        ];
-        let outputs: Vec<String> = (0..self.outputs.len())
-            .map(|i| format!("output[{i}].fsync_interval"))
-            .collect();
-        for (o, key) in self.outputs.iter().zip(&outputs) {
-            checks.push((key.as_str(), o.fsync_interval, ms(1), s(3600)));
-        }
-        for (key, v, lo, hi) in checks {
-            if v.0 < lo || v.0 > hi {
-                return Err(err(
-                    key,
-                    format!(
-                        "{} is outside {}..={}; set it within that range",
-                        humantime::format_duration(v.0),
-                        humantime::format_duration(lo),
-                        humantime::format_duration(hi)
-                    ),
-                ));
+        let within = |key: &str, v: HumanDuration, lo: Duration, hi: Duration| {
+            if (lo..=hi).contains(&v.0) {
+                return Ok(());
             }
-        }
-        if self
-            .persist
-            .dir
-            .as_deref()
-            .is_some_and(|d| d.trim().is_empty())
-        {
-            return Err(err(
-                "persist.dir",
-                "empty; set a directory path, or remove the key for no durability",
-            ));
-        }
+            let f = humantime::format_duration;
+            Err(err(
+                key,
+                format!(
+                    "{} is outside {}..={}; set it within that range",
+                    f(v.0),
+                    f(lo),
+                    f(hi)
+                ),
+            ))
+        };
+        let (ms, s) = (Duration::from_millis, Duration::from_secs);
+        within(
+            "metrics.publish_interval",
+            self.metrics.publish_interval,
+            ms(10),
+            s(3600),
+        )?;
+        within(
+            "limits.tcp_idle_timeout",
+            self.limits.tcp_idle_timeout,
+            s(1),
+            s(30 * 86_400),
+        )?;
+        within(
+            "persist.snapshot_interval",
+            self.persist.snapshot_interval,
+            ms(100),
+            s(7 * 86_400),
+        )?;
+        within(
+            "persist.fsync_interval",
+            self.persist.fsync_interval,
+            ms(1),
+            s(3600),
+        )?;
         for (i, o) in self.outputs.iter().enumerate() {
-            if o.path.as_deref().is_some_and(|p| p.trim().is_empty()) {
-                return Err(err(
-                    format!("output[{i}].path"),
-                    "empty; set a directory path",
-                ));
-            }
+            let key = format!("output[{i}].fsync_interval");
+            within(&key, o.fsync_interval, ms(1), s(3600))?;
         }
-        validate_log_level(&self.log.level)
+        Ok(())
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
@@ -1076,9 +1066,9 @@ fn validate_output(i: usize, o: &Output) -> Result<(), ConfigError> {
         ));
     }
     match o.kind {
-        OutputKind::File if o.path.is_none() => Err(err(
+        OutputKind::File if o.path.as_deref().is_none_or(|p| p.trim().is_empty()) => Err(err(
             key("path"),
-            "missing; a file output needs a directory path",
+            "missing or empty; a file output needs a directory path",
         )),
         OutputKind::Tcp | OutputKind::Udp if o.address.is_none() => Err(err(
             key("address"),

@@ -107,8 +107,8 @@ fn check_files(files: &[PathBuf], output: &str) -> Result<(), ReplayError> {
     Ok(())
 }
 
-/// Replay into any writer (buffered here).
-pub fn replay_to<W: Write>(
+/// Replay into any writer (buffered here); `run` has checked the config and the files.
+fn replay_to<W: Write>(
     cfg: &Config,
     files: &[PathBuf],
     sink: W,
@@ -144,7 +144,6 @@ struct Replayer {
 
 impl Replayer {
     fn new(cfg: &Config) -> Result<Replayer, ReplayError> {
-        cfg.check_replayable().map_err(ReplayError::Config)?;
         let rules = Arc::new(Rules::compile(cfg).map_err(ReplayError::Config)?);
         let shards = cfg.core_list().len() as u32;
         assert!(shards >= 1);

@@ -333,7 +333,8 @@ impl Engine {
         // abort (the arena's own reservation reports its failure the same way).
         let no_memory = || {
             let n = u64::from(m.max_sessions);
-            let mib = (n * 48 + n * 8 * 8 / 7 + n * 4) >> 20;
+            let head = std::mem::size_of::<Head>() as u64;
+            let mib = (n * head + n * 8 * 8 / 7 + n * 4) >> 20;
             std::io::Error::new(
                 std::io::ErrorKind::OutOfMemory,
                 format!("memory.max_sessions = {n}: the session table, index and expiry list need about {mib} MiB per shard, and that much could not be allocated; lower max_sessions"),

@@ -138,7 +138,6 @@ impl State {
     ) {
         let records = body.records.as_slice();
         let payload = body.payload.as_slice();
-        // Fate of the last top-level record, which its sub-sessions share.
         /// Why a top-level record was not imported; its sub-sessions are counted the same way.
         #[derive(Clone, Copy)]
         enum Lost {
@@ -146,6 +145,7 @@ impl State {
             Invalid,
             NoRoom,
         }
+        // Fate of the last top-level record, which its sub-sessions share.
         enum Top {
             None,
             Imported { index: u32, slot: u32 },

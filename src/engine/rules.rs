@@ -282,14 +282,11 @@ impl Rules {
                 ("list", lists.iter().map(|x| &x.name).collect()),
                 ("sub_session", subs.iter().map(|x| &x.name).collect()),
             ] {
-                let mut sorted = names.clone();
-                sorted.sort();
-                if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                if let Some(name) = repeated(names) {
                     return Err(ConfigError {
                         key: at(&format!("{kind}.name")),
                         message: format!(
-                            "`{}` is used twice in this profile; names must be unique",
-                            w[0]
+                            "`{name}` is used twice in this profile; names must be unique"
                         ),
                     });
                 }
@@ -297,12 +294,10 @@ impl Rules {
             // Each captured field is one member of its object in the markers: listed twice, it
             // would be written twice, and JSON readers keep only one of them.
             for (kind, fields) in [("metadata", &p.metadata), ("state", &p.state)] {
-                let mut sorted: Vec<&String> = fields.iter().collect();
-                sorted.sort();
-                if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+                if let Some(field) = repeated(fields.iter().collect()) {
                     return Err(ConfigError {
                         key: at(kind),
-                        message: format!("`{}` is listed twice; list each field once", w[0]),
+                        message: format!("`{field}` is listed twice; list each field once"),
                     });
                 }
             }
@@ -555,6 +550,12 @@ fn timestamp_ms_any(f: Field<'_>, format: TsFormat) -> Option<i64> {
             _ => None,
         },
     }
+}
+
+/// The first of `names`, in sorted order, that occurs more than once.
+fn repeated(mut names: Vec<&String>) -> Option<&String> {
+    names.sort();
+    names.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 pub fn layout_for(counters: usize, aggregates: usize, splits: usize, subs: usize) -> Layout {

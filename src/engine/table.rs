@@ -93,8 +93,8 @@ impl Head {
 }
 
 /// `len` heads of zero bytes (a valid [`Head`]: every field is an integer), straight from the
-/// allocator's zeroed memory, so no page is touched here.
-/// `len` zeroed heads, or None when the allocator cannot give that much memory.
+/// allocator's zeroed memory, so no page is touched here; None when the allocator cannot give
+/// that much memory.
 fn zeroed_heads(len: usize) -> Option<Box<[Head]>> {
     let layout = std::alloc::Layout::array::<Head>(len).ok()?;
     assert!(layout.size() > 0);
