@@ -6,7 +6,7 @@
 
 mod util;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -455,16 +455,8 @@ fn sessions_due_after_downtime_end_once_at_restart_in_bounded_passes() {
         .unwrap()
         .replace(r#"idle_timeout = "30m""#, r#"idle_timeout = "4s""#);
     std::fs::write(&config, text).unwrap();
-    let lines: Vec<String> = (1..=USERS)
-        .map(|n| format!(r#"{{"user":"u{n}","type":"click","n":{n}}}"#))
-        .collect();
-    let p = Proc::start(&config);
     let t0 = Instant::now();
-    assert_eq!(
-        send_acked(p.tcp_addr(), "d", &lines, 1, Duration::ZERO),
-        USERS as u64
-    );
-    p.terminate();
+    start_with_one_click_each(&config, "d", 1..USERS + 1).terminate();
     let sent_in = t0.elapsed();
     let ended_before = output_lines(dir.path())
         .iter()
@@ -503,6 +495,63 @@ fn sessions_due_after_downtime_end_once_at_restart_in_bounded_passes() {
     );
     let starts = out.iter().filter(|v| v["kind"] == "session_start").count();
     assert_eq!(starts, USERS);
+}
+
+/// A restart onto a table smaller than the snapshot's sessions restores what fits and ends the
+/// rest at start-up as evicted, each once, with its id and its data: more of them per shard than
+/// the shard's output batch takes at once, so in bounded passes with deliveries in between.
+#[test]
+fn sessions_without_room_at_restart_end_as_evicted_once() {
+    const USERS: usize = 12_000;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let stderr = start_with_one_click_each(&config, "r", 1..USERS + 1).terminate();
+    assert!(stderr.iter().any(|l| l.contains("final snapshot written")));
+    let ids = session_ids_by_key(dir.path());
+    assert_eq!(ids.len(), USERS);
+
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("max_sessions = 20000", "max_sessions = 1000");
+    std::fs::write(&config, text).unwrap();
+    let p = Proc::start(&config);
+    let stderr = p.terminate();
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("without room (ended as evicted)")),
+        "{stderr:#?}"
+    );
+    let out = output_lines(dir.path());
+    let mut ended = HashSet::new();
+    for e in out.iter().filter(|v| v["kind"] == "session_end") {
+        let key = e["key"].as_str().unwrap();
+        assert!(
+            ended.insert(key.to_string()),
+            "the session of {key} ended twice"
+        );
+        assert_eq!(e["reason"], "evicted", "{e}");
+        assert_eq!(e["session_id"].as_str().unwrap(), ids[key], "{e}");
+        assert_eq!(e["count"], 1, "{e}");
+        let n: u64 = key[1..].parse().unwrap();
+        assert_eq!(e["metadata"]["n"], n, "{e}");
+    }
+    // Each of the two shards (some 6,000 sessions each) restored its 1,000 and ended the rest.
+    assert_eq!(ended.len(), USERS - 2 * 1000);
+}
+
+/// Starts the appliance on `config` and sends, acknowledged, one click from each of `users`
+/// (user `uN` with `"n":N`) as producer `producer`.
+fn start_with_one_click_each(config: &Path, producer: &str, users: std::ops::Range<usize>) -> Proc {
+    let lines: Vec<String> = users
+        .map(|n| format!(r#"{{"user":"u{n}","type":"click","n":{n}}}"#))
+        .collect();
+    let p = Proc::start(config);
+    assert_eq!(
+        send_acked(p.tcp_addr(), producer, &lines, 1, Duration::ZERO),
+        lines.len() as u64
+    );
+    p
 }
 
 fn session_ids_by_key(dir: &Path) -> HashMap<String, String> {
@@ -621,14 +670,7 @@ fn paced_snapshots_keep_the_budget_and_a_shutdown_does_not_wait_for_them() {
     );
     std::fs::write(&config, text).unwrap();
     let users = 19_000;
-    let lines: Vec<String> = (0..users)
-        .map(|u| format!(r#"{{"user":"u{u}","type":"click","n":{u}}}"#))
-        .collect();
-    let p = Proc::start(&config);
-    assert_eq!(
-        send_acked(p.tcp_addr(), "p", &lines, 1, Duration::ZERO),
-        users as u64
-    );
+    let p = start_with_one_click_each(&config, "p", 0..users);
     // A periodic snapshot big enough to be paced (each shard's share: 512 KiB a second).
     let deadline = Instant::now() + Duration::from_secs(30);
     let paced = loop {

@@ -709,13 +709,16 @@ fn changed_profile_is_not_imported() {
 }
 
 /// Sessions restored into a table too small for them are counted as without room, and so are
-/// their sub-sessions (they were once counted as of a changed profile, which named none).
+/// their sub-sessions (they were once counted as of a changed profile, which named none). They
+/// are not dropped unannounced: `end_unrestored` ends each as an eviction would, sub-sessions
+/// first (`parent_ended`), then the session (`evicted`), with the data they had, in batches
+/// that never fill more than half the output.
 #[test]
-fn sessions_without_room_count_their_sub_sessions_the_same_way() {
+fn sessions_without_room_end_as_evicted_with_their_data() {
     let mut c = Cluster::new(1);
     for (i, user) in ["a", "b", "c"].iter().enumerate() {
         c.step(&Step::Event(format!(
-            r#"{{"user":"{user}","tab":"t","ts":{}}}"#,
+            r#"{{"user":"{user}","tab":"t","ip":"10.0.0.{i}","page":"/p{i}","type":"click","price":{i}.5,"ts":{}}}"#,
             1_700_000_000_000i64 + i as i64
         )));
     }
@@ -724,7 +727,8 @@ fn sessions_without_room_count_their_sub_sessions_the_same_way() {
     let cfg = Config::from_toml(&small).unwrap();
     let rules = Arc::new(Rules::compile(&cfg).unwrap());
     let mut e = Engine::new(rules, &cfg, 0, None).unwrap();
-    let r = e.restore_from(bodies(&bufs)[0], 1, 0);
+    let body = bodies(&bufs)[0];
+    let mut r = e.restore_from(body, 1, 0);
     assert_eq!((r.sessions, r.sub_sessions), (1, 1), "{r:?}");
     assert_eq!(
         (r.no_room, r.profile_changed, r.invalid),
@@ -732,6 +736,58 @@ fn sessions_without_room_count_their_sub_sessions_the_same_way() {
         "{r:?}"
     );
     assert!(r.changed_profiles.is_empty(), "{r:?}");
+
+    // An output that holds about one marker before it is half full: the sessions end a few
+    // per call.
+    let mut out = Out::with_capacity(1024, 4);
+    let mut ended = Vec::new();
+    let mut calls = 0;
+    while e.end_unrestored(body, &mut r.unplaced, &mut out) {
+        calls += 1;
+        assert!(out.len() <= 4 && out.buf.len() <= 1024, "the output grew");
+        drain(&mut out, &mut ended);
+    }
+    drain(&mut out, &mut ended);
+    assert!(r.unplaced.is_empty());
+    assert!(calls >= 1, "a half-full output stops the batch");
+    assert!(!e.end_unrestored(body, &mut r.unplaced, &mut out) && out.is_empty());
+    assert_eq!(e.stats().evictions, 2);
+
+    // The same sessions ended by the original engine, reason aside.
+    c.finish();
+    let reasonless = |line: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let reason = v["reason"].take();
+        (v, reason)
+    };
+    let original: Vec<_> = c.lines[0]
+        .iter()
+        .filter(|l| l.contains("session_end\""))
+        .map(|l| reasonless(l).0)
+        .collect();
+    let kinds: Vec<_> = ended
+        .iter()
+        .map(|l| {
+            let (v, reason) = reasonless(l);
+            assert!(original.contains(&v), "{l} is not as the session was");
+            (v["kind"].as_str().unwrap().to_string(), reason)
+        })
+        .collect();
+    let pair = [
+        (
+            "sub_session_end".to_string(),
+            serde_json::json!("parent_ended"),
+        ),
+        ("session_end".to_string(), serde_json::json!("evicted")),
+    ];
+    assert_eq!(kinds, [pair.clone(), pair].concat(), "{ended:?}");
+    let ids: HashSet<_> = ended
+        .iter()
+        .map(|l| reasonless(l).0)
+        .filter(|v| v["kind"] == "session_end")
+        .map(|v| v["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "two sessions ended: {ended:?}");
 }
 
 /// The timing harness: at a size CI affords by default; the recorded figures come from

@@ -195,7 +195,7 @@ fn restore_and_drive(snap: &LoadedSnapshot, shards: u32, shard: u32, config: usi
     let (cfg, rules) = &fixture().configs[config];
     let mut engine = Engine::new(rules.clone(), cfg, shard as u8, None).expect("a small engine");
     let body = snap.body();
-    let r = engine.restore_from(body, shards, shard);
+    let mut r = engine.restore_from(body, shards, shard);
     let records = body.records.len() as u64;
     assert_eq!(
         r.sessions + r.sub_sessions + r.other_shard + r.dropped(),
@@ -208,9 +208,28 @@ fn restore_and_drive(snap: &LoadedSnapshot, shards: u32, shard: u32, config: usi
         "{r:?}"
     );
 
+    // The records without room end, each with a marker, in batches that never grow the output.
+    let mut out = Out::with_capacity(1 << 16, 256);
+    let ended_before =
+        engine.stats().sessions_ended.iter().sum::<u64>() + engine.stats().sub_sessions_ended;
+    let mut markers = 0u64;
+    while engine.end_unrestored(body, &mut r.unplaced, &mut out) {
+        markers += out.len() as u64;
+        out.clear();
+    }
+    markers += out.len() as u64;
+    out.clear();
+    let ended =
+        engine.stats().sessions_ended.iter().sum::<u64>() + engine.stats().sub_sessions_ended;
+    assert_eq!(
+        markers, r.no_room,
+        "one marker per record without room: {r:?}"
+    );
+    assert_eq!(ended - ended_before, r.no_room, "{r:?}");
+    assert!(r.unplaced.is_empty());
+
     // Drive the restored engine: events for the seeds' keys, timers, then the end of input.
     let mut dec = Decoder::new(rules.field_table(), 32, 4096);
-    let mut out = Out::with_capacity(1 << 16, 256);
     let base = body
         .profiles
         .iter()

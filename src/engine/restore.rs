@@ -16,7 +16,9 @@
 //! sub-session kinds) changed or that no longer exists are not imported; neither is a record that
 //! fails validation (a checksum-valid file written by a buggy or foreign build). Timeouts are not
 //! part of the fingerprint: deadlines are recomputed with the current rules, and a session placed
-//! in a wheel bucket later than its new deadline is moved forward.
+//! in a wheel bucket later than its new deadline is moved forward. Records the table or the arena
+//! has no room for are not dropped unannounced: [`Engine::end_unrestored`] ends them as an
+//! eviction would, each with its marker and its data.
 //!
 //! Sessions whose deadline passed while the process was down are ordinary wheel entries at or
 //! before their deadline second: the first `advance(Clock::Wall(now))` drains and ends them with
@@ -24,6 +26,7 @@
 
 use std::hash::BuildHasher;
 
+use super::markers::{self, Summary};
 use super::payload;
 use super::rules::{Layout, Rules};
 use super::snapshot::{
@@ -32,7 +35,7 @@ use super::snapshot::{
 };
 use super::table::{Head, FLAGS_ENGINE, NIL};
 use super::wheel::Wheel;
-use super::{due_s, fnv1a32, shard_of, Engine, State, FLAG_SUB};
+use super::{due_s, fnv1a32, shard_of, EndReason, Engine, Out, State, FLAG_SUB};
 use crate::config::RECORD_BYTES_MAX;
 
 impl Engine {
@@ -88,7 +91,7 @@ impl Engine {
         st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
         if report.dropped() > 0 || !report.changed_profiles.is_empty() {
             log::warn!(
-                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; not restored: {} of changed or removed profiles {:?}, {} invalid, {} without room",
+                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; not restored: {} of changed or removed profiles {:?}, {} invalid, {} without room (ended as evicted)",
                 body.shard.to_native(),
                 body.generation.to_native(),
                 report.sessions,
@@ -100,6 +103,71 @@ impl Engine {
             );
         }
         report
+    }
+}
+
+/// The archived records a compact restore had no room for, in archive order (a session before
+/// its sub-sessions), to be ended by [`Engine::end_unrestored`].
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Unplaced {
+    records: Vec<Checked>,
+    ended: usize,
+}
+
+impl Unplaced {
+    pub fn is_empty(&self) -> bool {
+        self.ended == self.records.len()
+    }
+}
+
+impl std::fmt::Debug for Unplaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of {} ended", self.ended, self.records.len())
+    }
+}
+
+impl Engine {
+    /// Ends, each with its marker, the archived sessions `restore_from` had no room for
+    /// (`report.unplaced`, from the same `body`), as an eviction ends them live: a session
+    /// `evicted` after its sub-sessions (`parent_ended`); a sub-session of a restored session
+    /// `evicted`. Nothing of an archive is dropped unannounced for want of room. Stops once
+    /// `out` is half full and returns whether some are left: call again after handing `out`
+    /// over, so that it never grows.
+    pub fn end_unrestored(
+        &mut self,
+        body: &ArchivedSnapshotBody,
+        unplaced: &mut Unplaced,
+        out: &mut Out,
+    ) -> bool {
+        let rules = &*self.rules;
+        let is_sub_of = |c: &Checked, parent: u32| {
+            let r = &body.records[c.index as usize];
+            r.flags & FLAG_SUB != 0 && r.parent.to_native() == parent
+        };
+        while let Some(&c) = unplaced.records.get(unplaced.ended) {
+            if out.half_full() {
+                return true;
+            }
+            if body.records[c.index as usize].flags & FLAG_SUB != 0 {
+                // Its parent was restored.
+                self.st
+                    .end_unplaced(rules, body, &c, EndReason::Evicted, out);
+                unplaced.ended += 1;
+                continue;
+            }
+            let subs = unplaced.records[unplaced.ended + 1..]
+                .iter()
+                .take_while(|s| is_sub_of(s, c.index))
+                .count();
+            for s in &unplaced.records[unplaced.ended + 1..][..subs] {
+                self.st
+                    .end_unplaced(rules, body, s, EndReason::ParentEnded, out);
+            }
+            self.st
+                .end_unplaced(rules, body, &c, EndReason::Evicted, out);
+            unplaced.ended += 1 + subs;
+        }
+        false
     }
 }
 
@@ -138,20 +206,6 @@ impl State {
     ) {
         let records = body.records.as_slice();
         let payload = body.payload.as_slice();
-        /// Why a top-level record was not imported; its sub-sessions are counted the same way.
-        #[derive(Clone, Copy)]
-        enum Lost {
-            ProfileChanged,
-            Invalid,
-            NoRoom,
-        }
-        // Fate of the last top-level record, which its sub-sessions share.
-        enum Top {
-            None,
-            Imported { index: u32, slot: u32 },
-            OtherShard,
-            Dropped(Lost),
-        }
         let mut top = Top::None;
         // Keys are hashed a few records ahead and their index buckets prefetched, so the index
         // inserts below overlap their cache misses. The slot of record i in the ring is reused
@@ -165,17 +219,27 @@ impl State {
             if !is_sub {
                 top = Top::None;
             } else {
-                match top {
-                    Top::Imported { index, .. } if r.parent.to_native() == index => {}
+                match &top {
+                    Top::Imported { index, .. } if r.parent.to_native() == *index => {}
                     Top::OtherShard => {
                         report.other_shard += 1;
                         continue;
                     }
-                    Top::Dropped(why) => {
+                    &Top::Evicted { index } => {
+                        match self.check_record(rules, body, map, i) {
+                            Ok(c) if r.parent.to_native() == index && names_parent(body, &c) => {
+                                report.no_room += 1;
+                                report.unplaced.records.push(c);
+                            }
+                            Err(Reject::ProfileChanged) => report.profile_changed += 1,
+                            _ => report.invalid += 1,
+                        }
+                        continue;
+                    }
+                    &Top::Dropped(why) => {
                         match why {
                             Lost::ProfileChanged => report.profile_changed += 1,
                             Lost::Invalid => report.invalid += 1,
-                            Lost::NoRoom => report.no_room += 1,
                         }
                         continue;
                     }
@@ -189,7 +253,7 @@ impl State {
             if let Some(ahead) = records.get(i + PREFETCH_AHEAD) {
                 ring[i % PREFETCH_AHEAD] = self.prefetch_index(body, map, ahead);
             }
-            let checked = match self.check_record(rules, body, map, r) {
+            let checked = match self.check_record(rules, body, map, i) {
                 Ok(c) => c,
                 Err(Reject::ProfileChanged) => {
                     report.profile_changed += 1;
@@ -238,16 +302,22 @@ impl State {
             let Some(slot) = self.table.alloc() else {
                 report.no_room += 1;
                 if !is_sub {
-                    top = Top::Dropped(Lost::NoRoom);
+                    top = Top::Evicted {
+                        index: checked.index,
+                    };
                 }
+                report.unplaced.records.push(checked);
                 continue;
             };
             let Some(data) = self.arena.alloc_copy(bytes) else {
                 self.table.free(slot);
                 report.no_room += 1;
                 if !is_sub {
-                    top = Top::Dropped(Lost::NoRoom);
+                    top = Top::Evicted {
+                        index: checked.index,
+                    };
                 }
+                report.unplaced.records.push(checked);
                 continue;
             };
             let p = checked.profile;
@@ -311,6 +381,49 @@ impl State {
         self.stats.active_by_profile[p as usize] += 1;
     }
 
+    /// Emits the end marker of archived record `c`, which is not in the engine, with `reason`;
+    /// a sub-session's names its parent, the archived record its `parent` field gives.
+    fn end_unplaced(
+        &mut self,
+        rules: &Rules,
+        body: &ArchivedSnapshotBody,
+        c: &Checked,
+        reason: EndReason,
+        out: &mut Out,
+    ) {
+        let payload = body.payload.as_slice();
+        let r = &body.records[c.index as usize];
+        let bytes = &payload[c.off..c.off + c.len];
+        let key_len = r.key_len.to_native() as usize;
+        let s = Summary {
+            id: r.id.to_native(),
+            start_ts: r.start_ts.to_native(),
+            last_ts: r.last_ts.to_native(),
+            count: r.count.to_native(),
+        };
+        if r.flags & FLAG_SUB == 0 {
+            let rule = &rules.profiles[c.profile as usize];
+            markers::session_end(out, rule, &bytes[..key_len], s, reason, bytes);
+            self.stats.sessions_ended[reason as usize] += 1;
+            self.stats.evictions += 1;
+            return;
+        }
+        // `check_record` passed both records and `names_parent` the pair: the ranges lie in
+        // the payload.
+        let pr = &body.records[r.parent.to_native() as usize];
+        let poff = pr.payload_off.to_native() as usize;
+        let parent_key = &payload[poff..poff + pr.key_len.to_native() as usize];
+        let (pp, si) = self.sub_of[c.profile as usize];
+        let rule = &rules.profiles[pp as usize];
+        let sub = &rule.subs[si as usize];
+        let sub_key = sub.key.map(|_| &bytes[8..key_len]);
+        let parent_id = pr.id.to_native();
+        markers::sub_session_end(
+            out, rule, sub, parent_key, sub_key, s, parent_id, reason, bytes, key_len,
+        );
+        self.stats.sub_sessions_ended += 1;
+    }
+
     /// Records sub-session `slot` at position `pos` of its parent's sub-session slots.
     fn set_sub_slot(&mut self, parent_slot: u32, pos: usize, slot: u32) {
         let ph = *self.table.get(parent_slot);
@@ -327,13 +440,46 @@ impl State {
 // Import helpers.
 // ---------------------------------------------------------------------------------------------
 
+/// Why a top-level record was not imported; its sub-sessions are counted the same way.
+#[derive(Clone, Copy)]
+enum Lost {
+    ProfileChanged,
+    Invalid,
+}
+
+/// Fate of the last top-level record in a compact import, which its sub-sessions share.
+enum Top {
+    None,
+    Imported {
+        index: u32,
+        slot: u32,
+    },
+    OtherShard,
+    Dropped(Lost),
+    /// Without room: it and its sub-sessions wait in [`Unplaced`] to be ended.
+    Evicted {
+        index: u32,
+    },
+}
+
+/// Whether checked sub-session record `c`'s key starts with its parent's id, as every
+/// sub-session's does (the parent's marker is named from it).
+fn names_parent(body: &ArchivedSnapshotBody, c: &Checked) -> bool {
+    let r = &body.records[c.index as usize];
+    let parent = &body.records[r.parent.to_native() as usize];
+    body.payload.as_slice()[c.off..c.off + 8] == parent.id.to_native().to_le_bytes()
+}
+
 enum Reject {
     ProfileChanged,
     Invalid(&'static str),
 }
 
 /// A record that passed validation: its new record profile and its payload range.
-struct Checked {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Checked {
+    /// The record's position in the archive.
+    index: u32,
     profile: u8,
     off: usize,
     len: usize,
@@ -539,8 +685,10 @@ impl State {
         rules: &Rules,
         body: &ArchivedSnapshotBody,
         map: &[Option<u8>],
-        r: &ArchivedRecordImage,
+        index: usize,
     ) -> Result<Checked, Reject> {
+        let r = &body.records[index];
+        let index = index as u32;
         let old = r.profile as usize;
         let Some(&mapped) = map.get(old) else {
             return Err(Reject::Invalid("profile index out of range"));
@@ -605,6 +753,7 @@ impl State {
             }
         }
         Ok(Checked {
+            index,
             profile: p,
             off,
             len,
@@ -682,7 +831,7 @@ impl State {
         let (mut tops, mut subs, mut links) = (0u64, 0u64, 0u64);
         for (i, r) in records.iter().enumerate() {
             let c = self
-                .check_record(rules, body, map, r)
+                .check_record(rules, body, map, i)
                 .map_err(|e| match e {
                     Reject::Invalid(reason) => reason,
                     Reject::ProfileChanged => "a changed profile",

@@ -94,6 +94,8 @@ pub struct RestoreReport {
     pub exact: bool,
     /// Names of archived profiles whose records were not imported.
     pub changed_profiles: Vec<String>,
+    /// The records counted in `no_room`, for [`super::Engine::end_unrestored`].
+    pub unplaced: super::restore::Unplaced,
 }
 
 impl RestoreReport {

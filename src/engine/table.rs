@@ -332,8 +332,6 @@ impl Table {
         &self.heads
     }
 
-    /// `false` for free slots and for slots beyond the capacity (so it can vet untrusted slots,
-    /// e.g. from a snapshot).
     /// Hint that the head of `slot` will be read soon.
     #[inline]
     pub fn prefetch(&self, slot: u32) {
@@ -345,6 +343,8 @@ impl Table {
         }
     }
 
+    /// `false` for free slots and for slots beyond the capacity (so it can vet untrusted slots,
+    /// e.g. from a snapshot).
     pub fn is_live(&self, slot: u32) -> bool {
         slot < self.fresh && self.heads[slot as usize].flags & FLAG_FREE == 0
     }

@@ -850,10 +850,18 @@ pub async fn recover(
             ));
         }
         let t = Instant::now();
-        let report = st.engine.restore_from(s.body(), shards, id);
+        let mut report = st.engine.restore_from(s.body(), shards, id);
         rec.restore = t.elapsed();
         if report.dropped() > 0 {
             log::warn!("shard {id}: snapshot restore dropped records: {report:?}");
+        }
+        // Sessions without room end now, as evicted, before the log's events meet their keys.
+        st.output.set_lossless(true);
+        while st
+            .engine
+            .end_unrestored(s.body(), &mut report.unplaced, &mut st.out)
+        {
+            drain_outputs(st).await;
         }
         rec.sessions = report.sessions;
         rec.snapshot = Some((s.path().to_path_buf(), h.generation));
