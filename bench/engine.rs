@@ -16,6 +16,8 @@
 //! - `engine_web_1M_keys/on_batch_hot_input`: the same, but each batch's lines are decoded
 //!   just before it is handed over (not timed), so the events arrive in cache as they do
 //!   behind the decoder; `on_batch` reads them from a million pre-parsed events in memory.
+//! - `engine_web_1M_keys/on_batch_hot_live_clock`: both, the input in cache and the wall clock:
+//!   the engine as the appliance's shards run it (decoded a window before, arrival time).
 //! - `engine_web_1M_keys/on_event`: the same, one `on_event` call per event (no lookahead).
 //! - `engine_web_1M_keys/decode_only`: the JSON decoder alone on the same lines, for scale.
 //!
@@ -298,7 +300,7 @@ impl Rig {
     /// (not timed): the engine meets its input in cache, as it does behind the decoder in the
     /// replay and the appliance. `feed` reads its events from a million pre-parsed ones, mostly
     /// from memory. Times each batch on its own, so the clock's two reads per 256 events count.
-    fn feed_hot(&mut self, n: usize) -> Duration {
+    fn feed_hot(&mut self, n: usize, live: bool) -> Duration {
         let mut spent = Duration::ZERO;
         let mut left = n;
         while left > 0 {
@@ -323,7 +325,12 @@ impl Rig {
                     |j| &window[j - i],
                     &mut items,
                 );
-                self.engine.on_batch(&items, Clock::Replay, &mut self.out);
+                let clock = if live {
+                    Clock::Wall(self.lines_ts(i))
+                } else {
+                    Clock::Replay
+                };
+                self.engine.on_batch(&items, clock, &mut self.out);
                 if self.out.len() >= OUT_EVERY {
                     self.out.clear();
                 }
@@ -331,7 +338,7 @@ impl Rig {
                 i = end;
             }
             let t = Stamp::now();
-            self.end_run(take, false);
+            self.end_run(take, live);
             spent += t.elapsed();
             left -= take;
         }
@@ -530,7 +537,10 @@ fn engine_benches(c: &mut Criterion, rig: &mut Rig) {
         b.iter_custom(|iters| (0..iters).map(|_| rig.feed(BATCH, Feed::BatchesLive)).sum())
     });
     g.bench_function("on_batch_hot_input", |b| {
-        b.iter_custom(|iters| (0..iters).map(|_| rig.feed_hot(BATCH)).sum())
+        b.iter_custom(|iters| (0..iters).map(|_| rig.feed_hot(BATCH, false)).sum())
+    });
+    g.bench_function("on_batch_hot_live_clock", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| rig.feed_hot(BATCH, true)).sum())
     });
     g.bench_function("on_event", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| rig.feed(BATCH, Feed::Single)).sum())
@@ -566,6 +576,7 @@ fn main() {
     let batch = per_event("engine_web_1M_keys", "on_batch");
     let live = per_event("engine_web_1M_keys", "on_batch_live_clock");
     let hot = per_event("engine_web_1M_keys", "on_batch_hot_input");
+    let hot_live = per_event("engine_web_1M_keys", "on_batch_hot_live_clock");
     let single = per_event("engine_web_1M_keys", "on_event");
     let dec = per_event("engine_web_1M_keys", "decode_only");
     let clock = if wall_clock() {
@@ -590,6 +601,7 @@ fn main() {
     show("engine, on_batch (pre-parsed)", batch);
     show("engine, on_batch (wall clock)", live);
     show("engine, on_batch (input in cache)", hot);
+    show("engine, on_batch (in cache, wall)", hot_live);
     show("engine, on_event (pre-parsed)", single);
     show("decode only", dec);
 }
