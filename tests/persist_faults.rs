@@ -229,6 +229,31 @@ fn both_generations_damaged_gives_none_with_reasons() {
     assert!(open_latest(dir.path(), 0).unwrap().is_none());
 }
 
+/// Files under newer snapshot names that are not snapshots (copied in, damaged) do not hide the
+/// valid generations: every generation is tried, newest first, until one loads.
+#[test]
+fn junk_under_newer_names_does_not_hide_the_valid_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    two_generations(dir.path());
+    for g in [7, 9] {
+        fs::write(
+            dir.path().join(snapshot_file::file_name(0, g)),
+            b"not a snapshot",
+        )
+        .unwrap();
+    }
+    let report = open_latest_with_report(dir.path(), 0).unwrap();
+    assert_eq!(report.snapshot.as_ref().unwrap().header().generation, 2);
+    assert_eq!(report.rejected.len(), 2, "{:?}", report.rejected);
+
+    // With the newest valid one damaged too, the one before it loads.
+    let newest = dir.path().join(snapshot_file::file_name(0, 2));
+    flip(&newest, HEADER_BYTES as u64 + 5);
+    let report = open_latest_with_report(dir.path(), 0).unwrap();
+    assert_eq!(report.snapshot.as_ref().unwrap().header().generation, 1);
+    assert_eq!(report.rejected.len(), 3, "{:?}", report.rejected);
+}
+
 /// A FIFO under the newest snapshot's name is rejected like a damaged file (recovery falls back
 /// to the previous generation) instead of blocking the open until something writes to it; a
 /// FIFO under a log name is a read error, not a hang.

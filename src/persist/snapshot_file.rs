@@ -12,7 +12,9 @@
 //!
 //! Loading ([`open_latest`]) maps the newest generation, validates the header, its checksum, the
 //! body length and CRC-32 and the archive (rkyv `access` with bytecheck), and falls back to the
-//! previous generation on any failure (with a warning); the mapping stays open and
+//! previous generation on any failure (with a warning), and to the one before that, until one
+//! loads: a publish leaves two, but files under newer names that are not snapshots (a copy, a
+//! damaged disk) must not hide the valid ones. The mapping stays open and
 //! [`LoadedSnapshot::body`] reads the archive in place.
 //!
 //! Invariants: a file under its final name is complete and fsynced (the rename comes after the
@@ -42,10 +44,6 @@ pub const HEADER_BYTES: usize = 128;
 const HEADER_CRC_AT: usize = 124;
 pub const PREFIX: &str = "snap-";
 pub const SUFFIX: &str = ".szs";
-/// Generations tried by [`open_latest`]: the newest and the one before (older ones are deleted
-/// on publish, and the log they need may be gone).
-const GENERATIONS_TRIED: usize = 2;
-
 /// The fixed header, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotHeader {
@@ -685,8 +683,8 @@ pub struct LatestReport {
     pub rejected: Vec<SnapshotError>,
 }
 
-/// The newest valid snapshot of `shard` in `dir`, trying the previous generation when the newest
-/// fails validation; `None` when there is none (or neither is valid: see the warnings, or use
+/// The newest valid snapshot of `shard` in `dir`, trying older generations in turn when the newest
+/// fails validation; `None` when there is none (or none is valid: see the warnings, or use
 /// [`open_latest_with_report`]). Errs only when the directory cannot be listed.
 pub fn open_latest(dir: &Path, shard: u32) -> Result<Option<LoadedSnapshot>, SnapshotError> {
     Ok(open_latest_with_report(dir, shard)?.snapshot)
@@ -695,7 +693,7 @@ pub fn open_latest(dir: &Path, shard: u32) -> Result<Option<LoadedSnapshot>, Sna
 pub fn open_latest_with_report(dir: &Path, shard: u32) -> Result<LatestReport, SnapshotError> {
     let gens = list_generations(dir, shard).map_err(|e| SnapshotError::io(dir, "list", e))?;
     let mut report = LatestReport::default();
-    for (_, path) in gens.iter().rev().take(GENERATIONS_TRIED) {
+    for (_, path) in gens.iter().rev() {
         match LoadedSnapshot::open(path) {
             Ok(s) if s.header.shard == shard => {
                 report.snapshot = Some(s);
