@@ -287,7 +287,7 @@ fn start_udp(
 }
 
 /// Raises SO_RCVBUF past `rmem_max` when root (SO_RCVBUFFORCE), else as far as allowed.
-fn set_receive_buffer(socket: &Socket, bytes: usize) {
+pub(crate) fn set_receive_buffer(socket: &Socket, bytes: usize) {
     let value = bytes as libc::c_int;
     // SAFETY: the option value is a live c_int of the size passed; the fd is open.
     let rc = unsafe {

@@ -773,6 +773,12 @@ mod tests {
     /// Sends 2,000 events at 50k/s to a local socket and checks every datagram.
     fn send_and_check(steer: bool) {
         let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Room for every datagram of the run (some 300 KB, more in kernel accounting): on a busy
+        // machine the reader may not run for the whole send, and the default buffer then drops
+        // datagrams the test waits for.
+        let receiver = Socket::from(receiver);
+        crate::baseline::set_receive_buffer(&receiver, 8 << 20);
+        let receiver = UdpSocket::from(receiver);
         receiver
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
@@ -786,9 +792,9 @@ mod tests {
         let datagrams = reader.join().unwrap();
         assert_eq!(datagrams, totals.sink.units_sent);
         if !steer {
-            // Full datagrams of 10 events, but for a few flushed after 1 ms when the thread
-            // was descheduled.
-            assert!((200..=220).contains(&datagrams), "{datagrams} datagrams");
+            // Full datagrams of 10 events, but for some flushed after 1 ms when the thread was
+            // descheduled (on a busy machine, many): far from one event per datagram.
+            assert!((200..=300).contains(&datagrams), "{datagrams} datagrams");
         }
     }
 
