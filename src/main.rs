@@ -95,7 +95,16 @@ fn main() -> ExitCode {
         Command::CheckConfig { path } => match load(path.as_deref()) {
             Some(cfg) => {
                 print_plan(&cfg, path.as_deref());
-                ExitCode::SUCCESS
+                match print_state(&cfg) {
+                    Ok(()) => {
+                        println!("ok");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        report!("sessionizer: a start on this configuration would fail: {e}");
+                        ExitCode::from(2)
+                    }
+                }
             }
             None => ExitCode::from(2),
         },
@@ -213,5 +222,17 @@ fn print_plan(cfg: &Config, path: Option<&Path>) {
             p.sub_sessions.len()
         );
     }
-    println!("ok");
+}
+
+/// What a start would do with the persist directory's state (`persist::preview`).
+fn print_state(cfg: &Config) -> Result<(), String> {
+    let rules = sessionizer::engine::rules::Rules::compile(cfg).map_err(|e| e.to_string())?;
+    let Some(previews) = sessionizer::persist::preview::preview(cfg, &rules)? else {
+        return Ok(());
+    };
+    let dir = cfg.persist.dir.as_deref().unwrap_or_default();
+    for line in sessionizer::persist::preview::describe(dir, &previews, cfg.memory.max_sessions) {
+        println!("{line}");
+    }
+    Ok(())
 }

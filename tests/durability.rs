@@ -540,6 +540,91 @@ fn sessions_without_room_at_restart_end_as_evicted_once() {
     assert_eq!(ended.len(), USERS - 2 * 1000);
 }
 
+/// `check-config` tells, before a restart, what the restart will do with the saved state: the
+/// sessions each shard's snapshot holds; for a profile whose session data changed, that its open
+/// sessions will not come back; sessions beyond a smaller table, that they will end as evicted;
+/// and another shard count, that the start would be refused.
+#[test]
+fn check_config_previews_what_a_restart_does_with_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let stderr = start_with_one_click_each(&config, "c", 0..10).terminate();
+    assert!(stderr.iter().any(|l| l.contains("final snapshot written")));
+    let text = std::fs::read_to_string(&config).unwrap();
+    let check = |text: &str| {
+        let path = dir.path().join("check.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_sessionizer"))
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        (out.status.code(), stdout, stderr)
+    };
+    let warnings = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.starts_with("warning: "))
+            .map(str::to_string)
+            .collect()
+    };
+
+    let (code, out, _) = check(&text);
+    assert_eq!(code, Some(0), "{out}");
+    let per_shard: Vec<u64> = out
+        .lines()
+        .filter(|l| l.starts_with("state: "))
+        .map(|l| {
+            let (_, rest) = l.split_once("snapshot generation ").expect(l);
+            let (_, rest) = rest.split_once(": ").unwrap();
+            rest.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(per_shard.len(), 2, "{out}");
+    assert_eq!(per_shard.iter().sum::<u64>(), 10, "{out}");
+    assert!(warnings(&out).is_empty(), "{out}");
+    assert_eq!(out.lines().last(), Some("ok"));
+
+    let changed = text.replace(r#"state = ["n"]"#, r#"state = ["n", "type"]"#);
+    let (code, out, _) = check(&changed);
+    assert_eq!(code, Some(0), "{out}");
+    let dropped: u64 = warnings(&out)
+        .iter()
+        .map(|w| {
+            assert!(
+                w.contains("profile \"web\" changed its session data"),
+                "{w}"
+            );
+            let (_, rest) = w.split_once(": its ").unwrap();
+            rest.split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(dropped, 10, "{out}");
+
+    let smaller = text.replace("max_sessions = 20000", "max_sessions = 2");
+    let (code, out, _) = check(&smaller);
+    assert_eq!(code, Some(0), "{out}");
+    let over: u64 = warnings(&out)
+        .iter()
+        .map(|w| {
+            assert!(w.contains("will end as evicted at start"), "{w}");
+            let (_, rest) = w.split_once("holds ").unwrap();
+            rest.split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    let expected: u64 = per_shard.iter().map(|n| n.saturating_sub(2)).sum();
+    assert_eq!(over, expected, "{out}");
+
+    let one_shard = text.replace("cores = [0, 1]", "cores = [0]");
+    let (code, _, err) = check(&one_shard);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("would fail") && err.contains("written by 2 shards"),
+        "{err}"
+    );
+}
+
 /// Starts the appliance on `config` and sends, acknowledged, one click from each of `users`
 /// (user `uN` with `"n":N`) as producer `producer`.
 fn start_with_one_click_each(config: &Path, producer: &str, users: std::ops::Range<usize>) -> Proc {

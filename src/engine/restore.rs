@@ -576,7 +576,7 @@ fn cursor_ok(cursor_s: i64) -> bool {
 }
 
 /// Old record-profile index -> new one, for profiles whose name and fingerprint are unchanged.
-fn profile_map(
+pub(crate) fn profile_map(
     rules: &Rules,
     body: &ArchivedSnapshotBody,
     report: &mut RestoreReport,

@@ -14,6 +14,15 @@ pub const FILE: &str = "SHARDS";
 /// directory from before `SHARDS` existed is checked against its file names: a snapshot or log
 /// of shard `s` means at least `s + 1` shards wrote it.
 pub fn check_and_record(dir: &Path, shards: u32) -> Result<(), String> {
+    if !check(dir, shards)? {
+        record(dir, shards).map_err(|e| format!("writing {}: {e}", dir.join(FILE).display()))?;
+    }
+    Ok(())
+}
+
+/// [`check_and_record`] without the record: whether `SHARDS` holds the count already, or an
+/// error when `dir` was written by another count.
+pub fn check(dir: &Path, shards: u32) -> Result<bool, String> {
     let path = dir.join(FILE);
     let refuse = |written: String| {
         Err(format!(
@@ -35,7 +44,7 @@ pub fn check_and_record(dir: &Path, shards: u32) -> Result<(), String> {
             if written != shards {
                 return refuse(written.to_string());
             }
-            return Ok(());
+            return Ok(true);
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("reading {}: {e}", path.display())),
@@ -45,7 +54,7 @@ pub fn check_and_record(dir: &Path, shards: u32) -> Result<(), String> {
             return refuse(format!("at least {}", u64::from(highest) + 1));
         }
     }
-    record(dir, shards).map_err(|e| format!("writing {}: {e}", path.display()))
+    Ok(false)
 }
 
 /// The highest shard id among the snapshot and log files in `dir`.
@@ -85,7 +94,12 @@ mod tests {
     #[test]
     fn the_count_is_recorded_and_another_refused() {
         let dir = tempfile::tempdir().unwrap();
+        // `check` (what `check-config` asks) judges without writing.
+        assert_eq!(check(dir.path(), 2), Ok(false));
+        assert!(!dir.path().join(FILE).exists());
         check_and_record(dir.path(), 2).unwrap();
+        assert_eq!(check(dir.path(), 2), Ok(true));
+        assert!(check(dir.path(), 3).is_err());
         assert_eq!(
             std::fs::read_to_string(dir.path().join(FILE)).unwrap(),
             "2\n"

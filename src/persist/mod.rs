@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod layout;
 pub mod log;
 pub mod pace;
+pub mod preview;
 pub mod producer;
 pub mod snapshot_file;
 
