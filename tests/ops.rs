@@ -71,9 +71,14 @@ struct App {
 
 impl App {
     fn start(watchdog_usec: Option<&str>) -> App {
+        App::start_with(watchdog_usec, |dir| config(dir, "logout"))
+    }
+
+    /// [`App::start`] on the config `text` makes for the test's directory.
+    fn start_with(watchdog_usec: Option<&str>, text: impl FnOnce(&Path) -> String) -> App {
         let dir = tempfile::tempdir().unwrap();
         let cfg_path = dir.path().join("sessionizer.toml");
-        std::fs::write(&cfg_path, config(dir.path(), "logout")).unwrap();
+        std::fs::write(&cfg_path, text(dir.path())).unwrap();
         let sock = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&sock).unwrap();
         let mut cmd = Command::new(BIN);
@@ -328,6 +333,57 @@ fn sighup_reloads_the_rules_and_a_broken_file_keeps_them() {
     // Still the reloaded rules.
     app.send("{\"user\":\"c\",\"type\":\"click\"}\n{\"user\":\"c\",\"type\":\"logout\"}\n{\"user\":\"c\",\"type\":\"bye\"}\n");
     assert_eq!(seq_of_bye("c"), 3);
+}
+
+/// The procedure of docs/operations.md, "Changing a profile's session data": a reload cannot
+/// change a profile's session data, so the changed profile is appended under a new name and the
+/// old one gets a `match` nothing satisfies. New events go to the new profile at once; the old
+/// profile's open session ends with its marker and its statistics when its timeout passes.
+#[test]
+fn a_profile_is_retired_by_reload_without_losing_its_sessions() {
+    let short = |dir: &Path| {
+        config(dir, "logout").replace(r#"idle_timeout = "30m""#, r#"idle_timeout = "2s""#)
+    };
+    let app = App::start_with(None, short);
+    app.wait_notification("READY=1");
+    app.send("{\"user\":\"a\",\"type\":\"click\",\"page\":\"/1\"}\n{\"user\":\"a\",\"type\":\"click\",\"page\":\"/2\"}\n");
+    let first = app.wait_output(|l| l["user"] == "a" && l["page"] == "/2");
+    assert_eq!(first["_session"]["profile"], "web");
+    let old_id = first["_session"]["id"].clone();
+
+    // Changing `web`'s session data in place is refused: the running rules stay.
+    let changed = short(app.dir.path()) + "state = [\"page\"]\n";
+    std::fs::write(&app.cfg_path, &changed).unwrap();
+    app.signal(libc::SIGHUP);
+    let why = app.wait_stderr(|l| l.contains("reload failed"));
+    assert!(why.contains("web"), "{why}");
+
+    // Retired: `web` matches nothing; its successor carries the change.
+    let retired = short(app.dir.path()).replace(
+        "name = \"web\"",
+        "name = \"web\"\nmatch = { field = \"_retired\", exists = true }",
+    ) + r#"
+[[profile]]
+name = "web_v2"
+key = "user"
+time = "processing"
+idle_timeout = "30m"
+state = ["page"]
+"#;
+    std::fs::write(&app.cfg_path, &retired).unwrap();
+    app.signal(libc::SIGHUP);
+    app.wait_stderr(|l| l.contains("reloaded rules"));
+    app.send("{\"user\":\"a\",\"type\":\"click\",\"page\":\"/3\"}\n");
+    let next = app.wait_output(|l| l["user"] == "a" && l["page"] == "/3");
+    assert_eq!(next["_session"]["profile"], "web_v2");
+    assert_ne!(next["_session"]["id"], old_id);
+
+    let end = app.wait_output(|l| l["kind"] == "session_end" && l["profile"] == "web");
+    assert_eq!(end["session_id"], old_id);
+    assert_eq!(
+        (end["count"].as_u64(), end["reason"].as_str()),
+        (Some(2), Some("idle"))
+    );
 }
 
 /// Per-shard value of `name` (`labels` narrow it), for shards 0 and 1.

@@ -124,7 +124,7 @@ pub fn describe(dir: &str, previews: &[ShardPreview], max_sessions: u32) -> Vec<
         }
         for (name, records) in p.dropped.iter().filter(|(_, n)| *n > 0) {
             lines.push(format!(
-                "warning: shard {s}: profile \"{name}\" changed its session data (key, time mode, captured fields, counters, aggregates, lists or sub-sessions) or was removed: its {records} open sessions and sub-sessions in the snapshot will not be restored and end without a marker"
+                "warning: shard {s}: profile \"{name}\" changed its session data (key, time mode, captured fields, counters, aggregates, lists or sub-sessions) or was removed: its {records} open sessions and sub-sessions in the snapshot will not be restored and end without a marker; to keep them, retire the profile instead (docs/operations.md, \"Changing a profile's session data\")"
             ));
         }
         if p.over_capacity > 0 {
