@@ -231,7 +231,7 @@ fn print_state(cfg: &Config) -> Result<(), String> {
         return Ok(());
     };
     let dir = cfg.persist.dir.as_deref().unwrap_or_default();
-    for line in sessionizer::persist::preview::describe(dir, &previews, cfg.memory.max_sessions) {
+    for line in sessionizer::persist::preview::describe(dir, &previews) {
         println!("{line}");
     }
     Ok(())

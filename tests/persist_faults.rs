@@ -20,6 +20,7 @@ use sessionizer::engine::rules::Rules;
 use sessionizer::engine::snapshot::SnapshotMeta;
 use sessionizer::engine::{Clock, Engine, Out};
 use sessionizer::persist::log::{self as plog, LogConfig, LogError, LogReader, LogWriter};
+use sessionizer::persist::preview;
 use sessionizer::persist::snapshot_file::{
     self, open_latest, open_latest_with_report, LoadedSnapshot, SnapshotError, SnapshotWriter,
     HEADER_BYTES,
@@ -252,6 +253,54 @@ fn junk_under_newer_names_does_not_hide_the_valid_generations() {
     let report = open_latest_with_report(dir.path(), 0).unwrap();
     assert_eq!(report.snapshot.as_ref().unwrap().header().generation, 1);
     assert_eq!(report.rejected.len(), 3, "{:?}", report.rejected);
+}
+
+/// `check-config`'s preview of a restart predicts what the restore then does: the records it
+/// says a smaller table or arena has no room for are those the restore ends as evicted, and a
+/// changed profile's records are those it does not import.
+#[test]
+fn the_restart_preview_predicts_the_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    snapshot_file::write_file(dir.path(), &engine_with(300), meta(1)).unwrap();
+    let same = "arena_bytes = \"1MiB\"\nmax_sessions = 1000";
+    let cases = [
+        (same, false, (0, 0)),
+        (
+            "arena_bytes = \"1MiB\"\nmax_sessions = 100",
+            false,
+            (200, 0),
+        ),
+        // 128 blocks of 64 bytes, one a session.
+        (
+            "arena_bytes = \"8KiB\"\nmax_sessions = 1000",
+            false,
+            (172, 0),
+        ),
+        (same, true, (0, 300)),
+    ];
+    for (memory, change_profile, (no_room, changed)) in cases {
+        let mut text = format!("cores = [0]\n[persist]\ndir = {:?}\n", dir.path())
+            + &CONFIG.replace(same, memory);
+        if change_profile {
+            text = text.replace(r#"state = ["page"]"#, r#"state = ["page", "type"]"#);
+        }
+        let cfg = Config::from_toml(&text).unwrap();
+        let rules = Arc::new(Rules::compile(&cfg).unwrap());
+        let previews = preview::preview(&cfg, &rules)
+            .unwrap()
+            .expect("a state dir");
+        let [p] = &previews[..] else {
+            panic!("one shard: {previews:?}")
+        };
+        assert_eq!((p.generation, p.sessions, p.rejected), (Some(1), 300, 0));
+        let dropped: u64 = p.dropped.iter().map(|(_, n)| n).sum();
+        assert_eq!((p.over_capacity, dropped), (no_room, changed), "{memory}");
+
+        let snap = open_latest(dir.path(), 0).unwrap().unwrap();
+        let mut e = Engine::new(rules, &cfg, 0, None).unwrap();
+        let r = e.restore_from(snap.body(), 1, 0);
+        assert_eq!((r.no_room, r.profile_changed), (no_room, changed), "{r:?}");
+    }
 }
 
 /// A FIFO under the newest snapshot's name is rejected like a damaged file (recovery falls back

@@ -3,11 +3,12 @@
 //! before a restart, not from its log after, that a changed profile's open sessions will not come
 //! back or that the table no longer holds them all. It reads what recovery reads (the shard
 //! count, each shard's newest valid snapshot) and judges the snapshot's profiles by the rule
-//! restore applies (name and fingerprint); it does not restore anything, so it stays cheap.
+//! restore applies (name and fingerprint). It restores nothing: it costs what opening the
+//! snapshots costs (their checksums) and one pass over their records.
 
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{Config, Memory};
 use crate::engine::restore::profile_map;
 use crate::engine::rules::Rules;
 use crate::engine::snapshot::{RestoreReport, RECORD_FLAG_SUB};
@@ -28,7 +29,8 @@ pub struct ShardPreview {
     /// Profiles of the snapshot whose records will not be restored (changed or removed), with
     /// their records (sessions and sub-sessions).
     pub dropped: Vec<(String, u64)>,
-    /// Records beyond `memory.max_sessions`: restored up to the limit, the rest ended as evicted.
+    /// Records the table (`memory.max_sessions`) or the arena (`memory.arena_bytes`) has no room
+    /// for, with the sub-sessions of those: ended as evicted at start.
     pub over_capacity: u64,
 }
 
@@ -46,7 +48,7 @@ pub fn preview(cfg: &Config, rules: &Rules) -> Result<Option<Vec<ShardPreview>>,
     let shards = cfg.core_list().len() as u32;
     layout::check(dir, shards)?;
     (0..shards)
-        .map(|shard| shard_preview(dir, shard, cfg.memory.max_sessions, rules))
+        .map(|shard| shard_preview(dir, shard, &cfg.memory, rules))
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
 }
@@ -54,7 +56,7 @@ pub fn preview(cfg: &Config, rules: &Rules) -> Result<Option<Vec<ShardPreview>>,
 fn shard_preview(
     dir: &Path,
     shard: u32,
-    max_sessions: u32,
+    memory: &Memory,
     rules: &Rules,
 ) -> Result<ShardPreview, String> {
     let latest = snapshot_file::open_latest_with_report(dir, shard).map_err(|e| e.to_string())?;
@@ -78,16 +80,37 @@ fn shard_preview(
             p.dropped.push((top, 0));
         }
     }
-    let mut kept = 0u64;
+    // Room as a compact restore into a fresh engine takes it: records in archive order, each a
+    // table slot and its payload's blocks; a session without room takes its sub-sessions along.
+    let block_bytes = u64::from(memory.block_bytes);
+    let blocks_total = memory.arena_bytes.0 / block_bytes;
+    let (mut slots, mut blocks, mut parent_placed) = (0u64, 0u64, false);
     for r in body.records.iter() {
-        if r.flags & RECORD_FLAG_SUB != 0 {
+        let is_sub = r.flags & RECORD_FLAG_SUB != 0;
+        if is_sub {
             p.sub_sessions += 1;
         } else {
             p.sessions += 1;
         }
         let old = r.profile as usize;
         match map.get(old) {
-            Some(Some(_)) => kept += 1,
+            Some(Some(_)) => {
+                let need = u64::from(r.payload_len.to_native())
+                    .div_ceil(block_bytes)
+                    .max(1);
+                let fits = (!is_sub || parent_placed)
+                    && slots < u64::from(memory.max_sessions)
+                    && blocks + need <= blocks_total;
+                if fits {
+                    slots += 1;
+                    blocks += need;
+                } else {
+                    p.over_capacity += 1;
+                }
+                if !is_sub {
+                    parent_placed = fits;
+                }
+            }
             Some(None) => {
                 let top = top_name(body.profiles[old].name.as_str());
                 if let Some((_, n)) = p.dropped.iter_mut().find(|(n, _)| *n == top) {
@@ -97,13 +120,12 @@ fn shard_preview(
             None => {}
         }
     }
-    p.over_capacity = kept.saturating_sub(u64::from(max_sessions));
     Ok(p)
 }
 
 /// The lines `check-config` prints for `previews` of the state in `dir`: one per shard, and a
 /// `warning:` line for what will not come back as it was.
-pub fn describe(dir: &str, previews: &[ShardPreview], max_sessions: u32) -> Vec<String> {
+pub fn describe(dir: &str, previews: &[ShardPreview]) -> Vec<String> {
     let mut lines = Vec::new();
     for p in previews {
         let s = p.shard;
@@ -129,7 +151,7 @@ pub fn describe(dir: &str, previews: &[ShardPreview], max_sessions: u32) -> Vec<
         }
         if p.over_capacity > 0 {
             lines.push(format!(
-                "warning: shard {s}: the snapshot holds {} more sessions and sub-sessions than memory.max_sessions = {max_sessions}: they will end as evicted at start",
+                "warning: shard {s}: the snapshot holds {} more sessions and sub-sessions than memory.max_sessions and memory.arena_bytes have room for: they will end as evicted at start",
                 p.over_capacity
             ));
         }
