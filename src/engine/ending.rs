@@ -14,6 +14,30 @@ use super::{
 use std::hash::BuildHasher;
 
 impl State {
+    /// Moves every open session of a record profile marked in `shrank` to the wheel slot of its
+    /// deadline under `rules` (see `Engine::set_rules`). A deadline already past lands in the
+    /// slot the next expiry pass drains.
+    pub(super) fn relink_shortened(&mut self, rules: &Rules, shrank: &[bool]) {
+        for s in 0..self.table.high_water() {
+            if !self.table.is_live(s) {
+                continue;
+            }
+            let h = *self.table.get(s);
+            if !shrank.get(h.profile as usize).copied().unwrap_or(false) {
+                continue;
+            }
+            let w = if h.flags & FLAG_SUB != 0 {
+                self.sub_of[h.profile as usize].0 as usize
+            } else {
+                h.profile as usize
+            };
+            let due = due_s(self.deadline(rules, s));
+            self.cow_unlink(s);
+            self.cow_link(w, s, due);
+            self.wheels[w].relink(self.table.heads_mut(), s, due);
+        }
+    }
+
     /// Return a record's wheel link, arena chain and table slot.
     pub(super) fn release(&mut self, wheel: usize, s: u32) {
         self.cow_unlink(s);

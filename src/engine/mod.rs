@@ -480,9 +480,12 @@ impl Engine {
     /// a change to an existing profile's session data layout (its captured fields, counters,
     /// aggregates, lists, sub-sessions or time mode), or a removed or reordered profile, cannot
     /// apply to live sessions: the reload is refused with the reason and the old rules stay.
-    /// A shortened timeout reaches an existing session at its next event or wheel check.
+    /// A shortened timeout applies to the open sessions too: they move to their new deadline's
+    /// wheel slot here (one pass over the table, only when some timeout shrank), since left at
+    /// the old one they would end only when the old timeout passed.
     pub fn set_rules(&mut self, rules: Arc<Rules>) -> Result<(), String> {
         check_compatible(&self.rules, &rules)?;
+        let shrank = shortened_timeouts(&self.rules, &rules);
         let st = &mut self.st;
         let old_top = self.rules.profiles.len();
         let slots_max = st.wheels.first().map(|w| w.slots_max()).unwrap_or(7200);
@@ -517,6 +520,9 @@ impl Engine {
         st.key_bytes_max = rules.key_bytes_max as usize;
         st.value_bytes_max = rules.value_bytes_max as usize;
         self.rules = rules;
+        if shrank.iter().any(|&s| s) {
+            self.st.relink_shortened(&self.rules, &shrank);
+        }
         Ok(())
     }
 
@@ -1054,6 +1060,32 @@ impl State {
 
 /// Why `new` cannot replace `old` under live sessions, if it cannot. Public so that the
 /// runtime can check a reload once, before any shard applies it (every shard would decide alike).
+/// Per record profile of `old` (top-level profiles, then sub-session kinds, numbered alike in
+/// `new` since the two are compatible): whether `new` gives its sessions an earlier deadline (a
+/// shorter idle timeout, or a shorter or new `max_duration`).
+fn shortened_timeouts(old: &Rules, new: &Rules) -> Vec<bool> {
+    let mut shrank: Vec<bool> = old
+        .profiles
+        .iter()
+        .zip(&new.profiles)
+        .map(|(a, b)| {
+            let max = |p: &ProfileRule| p.max_duration_ms.unwrap_or(i64::MAX);
+            b.idle_timeout_ms < a.idle_timeout_ms || max(b) < max(a)
+        })
+        .collect();
+    for (a, b) in old.profiles.iter().zip(&new.profiles) {
+        for (x, y) in a.subs.iter().zip(&b.subs) {
+            debug_assert_eq!(x.record_profile, y.record_profile);
+            let rp = x.record_profile as usize;
+            if shrank.len() <= rp {
+                shrank.resize(rp + 1, false);
+            }
+            shrank[rp] = y.idle_timeout_ms < x.idle_timeout_ms;
+        }
+    }
+    shrank
+}
+
 pub fn check_compatible(old: &Rules, new: &Rules) -> Result<(), String> {
     if new.profiles.len() < old.profiles.len() {
         return Err(format!(

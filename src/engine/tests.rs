@@ -28,6 +28,16 @@ impl Rig {
         }
     }
 
+    /// `Engine::set_rules` with `profiles` under [`Rig::new`]'s memory.
+    fn reload(&mut self, profiles: &str) -> Result<(), String> {
+        let cfg = Config::from_toml(&format!(
+            "[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{profiles}"
+        ))
+        .unwrap();
+        self.engine
+            .set_rules(Arc::new(Rules::compile(&cfg).unwrap()))
+    }
+
     fn send(&mut self, line: &str) {
         let ev = self.dec.decode(line.as_bytes()).unwrap();
         let ps: Vec<_> = self.engine.rules().matching(&ev).collect();
@@ -333,29 +343,62 @@ fn reload_changes_predicates_in_place_and_refuses_layout_changes() {
     let mut r = Rig::new(WEB);
     r.send(r#"{"user":"a","ts":1000,"type":"logout"}"#);
     assert_eq!(Rig::ends(&r.records()).len(), 1);
-    let changed = WEB.replace(r#"eq = "logout""#, r#"eq = "bye""#);
-    let cfg = Config::from_toml(&format!(
-        "[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{changed}"
-    ))
-    .unwrap();
-    r.engine
-        .set_rules(Arc::new(Rules::compile(&cfg).unwrap()))
+    r.reload(&WEB.replace(r#"eq = "logout""#, r#"eq = "bye""#))
         .unwrap();
     r.send(r#"{"user":"a","ts":2000,"type":"logout"}"#);
     assert!(
         Rig::ends(&r.records()).is_empty(),
         "logout no longer ends sessions"
     );
-    let bigger = WEB.replace(r#"metadata = ["ip"]"#, r#"metadata = ["ip", "ua"]"#);
-    let cfg = Config::from_toml(&format!(
-        "[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{bigger}"
-    ))
-    .unwrap();
     let err = r
-        .engine
-        .set_rules(Arc::new(Rules::compile(&cfg).unwrap()))
+        .reload(&WEB.replace(r#"metadata = ["ip"]"#, r#"metadata = ["ip", "ua"]"#))
         .unwrap_err();
     assert!(err.contains("needs a restart"), "{err}");
+}
+
+/// A reload that shortens the timeouts reaches the open sessions at once: each moves to its new
+/// deadline's wheel slot, so the next expiry pass past it ends the session (`idle`) instead of
+/// the pass the old timeout would have fired. A sub-session's own timeout the same way, while its
+/// parent, still within its timeout, goes on.
+#[test]
+fn a_reload_shortening_timeouts_moves_open_sessions_to_their_new_deadlines() {
+    let long = SHOP
+        .replace(r#"idle_timeout = "30s""#, r#"idle_timeout = "1h""#)
+        .replace(r#"idle_timeout = "10s""#, r#"idle_timeout = "30m""#);
+    let mut r = Rig::new(&long);
+    r.send(r#"{"user":"a","ts":1000,"type":"view"}"#);
+    r.send(r#"{"user":"b","ts":1000,"type":"cart"}"#);
+    r.send(r#"{"user":"b","ts":15000,"type":"view"}"#);
+    r.records();
+    // Longer timeouts move nothing earlier.
+    r.reload(&long.replace(r#""1h""#, r#""90m""#)).unwrap();
+    // The clock (the newest event time, in replay) reaches 32 s: under the old timeouts nothing
+    // is due; under SHOP's (30 s, sub-session 10 s) `b`'s sub-session (last at 15 s) and `a`'s
+    // session (last at 1 s) are, and `b`'s session (last at 15 s) is not.
+    r.reload(SHOP).unwrap();
+    r.send(r#"{"user":"c","ts":32000,"type":"view"}"#);
+    r.engine.advance(Clock::Replay, &mut r.out);
+    let recs = r.records();
+    let ended: Vec<_> = recs
+        .iter()
+        .filter(|x| x["kind"].as_str().is_some_and(|k| k.ends_with("_end")))
+        .map(|x| {
+            (
+                x["kind"].as_str().unwrap(),
+                x["key"].as_str().unwrap(),
+                x["reason"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ended,
+        [
+            ("sub_session_end", "b", "idle"),
+            ("session_end", "a", "idle")
+        ],
+        "{recs:?}"
+    );
+    assert_eq!(r.engine.live_sessions(), 2, "b's session and c's");
 }
 
 /// A state value that changes length inside the first block is rewritten there, moving the
