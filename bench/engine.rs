@@ -20,6 +20,10 @@
 //!   the engine as the appliance's shards run it (decoded a window before, arrival time).
 //! - `engine_web_1M_keys/on_event`: the same, one `on_event` call per event (no lookahead).
 //! - `engine_web_1M_keys/decode_only`: the JSON decoder alone on the same lines, for scale.
+//! - `reload_1M_sessions/shorten_idle_timeout`: `Engine::set_rules` with the idle timeout cut from
+//!   30 to 20 minutes, which moves every open session to its new deadline (the reload's one pass
+//!   over the table, while the shard takes no events); the rules are put back, untimed, after
+//!   each call. Per reload, not per event.
 //!
 //! Memory per session is printed once, after the 1M sessions are open.
 //!
@@ -555,6 +559,37 @@ fn engine_benches(c: &mut Criterion, rig: &mut Rig) {
     );
 }
 
+/// The reload that shortens a timeout, with the rig's sessions open (see the file comment).
+fn reload_bench(c: &mut Criterion, rig: &mut Rig) {
+    let shorter = |text: String| {
+        let cfg =
+            Config::from_toml(&text.replace(r#"idle_timeout = "30m""#, r#"idle_timeout = "20m""#))
+                .expect("bench config is valid");
+        Arc::new(Rules::compile(&cfg).expect("rules"))
+    };
+    let (short, long) = (shorter(config()), rig.rules.clone());
+    let mut g = c.benchmark_group("reload_1M_sessions");
+    g.sampling_mode(SamplingMode::Flat).sample_size(10);
+    g.bench_function("shorten_idle_timeout", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let t = Stamp::now();
+                rig.engine.set_rules(short.clone()).expect("compatible");
+                spent += t.elapsed();
+                rig.engine.set_rules(long.clone()).expect("compatible");
+            }
+            spent
+        })
+    });
+    g.finish();
+    println!(
+        "reload that shortens the idle timeout, {} open sessions: {:.1} ms (median)",
+        rig.engine.live_sessions(),
+        median_ns("reload_1M_sessions", "shorten_idle_timeout").unwrap_or(f64::NAN) / 1e6
+    );
+}
+
 /// Criterion's median (ns per iteration) of a finished benchmark, from its estimates file.
 fn median_ns(group: &str, bench: &str) -> Option<f64> {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
@@ -569,6 +604,7 @@ fn main() {
     let mut rig = setup();
     hashmap_baseline(&mut c, &rig.lines.keys);
     engine_benches(&mut c, &mut rig);
+    reload_bench(&mut c, &mut rig);
     c.final_summary();
 
     let per_event = |g: &str, b: &str| median_ns(g, b).map(|ns| ns / BATCH as f64);
