@@ -554,7 +554,7 @@ fn check_config_previews_what_a_restart_does_with_the_state() {
     let check = |text: &str| {
         let path = dir.path().join("check.toml");
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_sessionizer"))
+        let out = Command::new(util::BIN)
             .arg("check-config")
             .arg(&path)
             .output()

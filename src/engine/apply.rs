@@ -7,7 +7,7 @@
 use super::in_block;
 use super::payload::{self, VarEdits};
 use super::rules::{self, ProfileRule, Rules};
-use super::{captured, due_s, State, FLAG_META_DONE, VAR_FRONT_BYTES};
+use super::{captured, State, FLAG_META_DONE, VAR_FRONT_BYTES};
 use crate::decode::Event;
 
 impl State {
@@ -43,10 +43,7 @@ impl State {
             let w = h.profile as usize;
             // A start moved back can bring the max_duration deadline forward.
             if rule.max_duration_ms.is_some() {
-                let due = due_s(self.deadline(rules, s));
-                self.cow_unlink(s);
-                self.cow_link(w, s, due);
-                self.wheels[w].relink(self.table.heads_mut(), s, due);
+                self.relink_at_deadline(rules, w, s);
             }
         }
     }

@@ -31,11 +31,17 @@ impl State {
             } else {
                 h.profile as usize
             };
-            let due = due_s(self.deadline(rules, s));
-            self.cow_unlink(s);
-            self.cow_link(w, s, due);
-            self.wheels[w].relink(self.table.heads_mut(), s, due);
+            self.relink_at_deadline(rules, w, s);
         }
+    }
+
+    /// Moves session `s` to its deadline's second in wheel `w` (the snapshot capture's copies
+    /// made first).
+    pub(super) fn relink_at_deadline(&mut self, rules: &Rules, w: usize, s: u32) {
+        let due = due_s(self.deadline(rules, s));
+        self.cow_unlink(s);
+        self.cow_link(w, s, due);
+        self.wheels[w].relink(self.table.heads_mut(), s, due);
     }
 
     /// Return a record's wheel link, arena chain and table slot.
@@ -138,10 +144,7 @@ impl State {
                 };
                 // The bucket may be stale (lazy re-linking): re-link to the true deadline and
                 // accept the candidate once it stays the earliest.
-                let due = due_s(self.deadline(rules, v));
-                self.cow_unlink(v);
-                self.cow_link(q, v, due);
-                self.wheels[q].relink(self.table.heads_mut(), v, due);
+                self.relink_at_deadline(rules, q, v);
                 victim = Some(v);
                 if self.wheels[q].earliest(self.table.heads()) == Some(v) {
                     break;

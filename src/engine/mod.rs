@@ -1064,23 +1064,13 @@ impl State {
 /// `new` since the two are compatible): whether `new` gives its sessions an earlier deadline (a
 /// shorter idle timeout, or a shorter or new `max_duration`).
 fn shortened_timeouts(old: &Rules, new: &Rules) -> Vec<bool> {
-    let mut shrank: Vec<bool> = old
-        .profiles
-        .iter()
-        .zip(&new.profiles)
-        .map(|(a, b)| {
-            let max = |p: &ProfileRule| p.max_duration_ms.unwrap_or(i64::MAX);
-            b.idle_timeout_ms < a.idle_timeout_ms || max(b) < max(a)
-        })
-        .collect();
-    for (a, b) in old.profiles.iter().zip(&new.profiles) {
+    let max = |p: &ProfileRule| p.max_duration_ms.unwrap_or(i64::MAX);
+    let mut shrank = vec![false; old.record_profile_count()];
+    for (pi, (a, b)) in old.profiles.iter().zip(&new.profiles).enumerate() {
+        shrank[pi] = b.idle_timeout_ms < a.idle_timeout_ms || max(b) < max(a);
         for (x, y) in a.subs.iter().zip(&b.subs) {
             debug_assert_eq!(x.record_profile, y.record_profile);
-            let rp = x.record_profile as usize;
-            if shrank.len() <= rp {
-                shrank.resize(rp + 1, false);
-            }
-            shrank[rp] = y.idle_timeout_ms < x.idle_timeout_ms;
+            shrank[x.record_profile as usize] = y.idle_timeout_ms < x.idle_timeout_ms;
         }
     }
     shrank

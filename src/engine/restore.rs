@@ -289,7 +289,7 @@ impl State {
                     let parent_rec = &records[index as usize];
                     let layout = self.layouts[self.table.get(slot).profile as usize];
                     let position = sub_position(body, parent_rec, &layout, r.slot.to_native());
-                    match position.filter(|_| key[..8] == parent_rec.id.to_native().to_le_bytes()) {
+                    match position.filter(|_| names_parent(body, &checked)) {
                         Some(pos) => Some((slot, pos)),
                         None => {
                             report.invalid += 1;
@@ -299,18 +299,17 @@ impl State {
                 }
                 _ => None,
             };
-            let Some(slot) = self.table.alloc() else {
-                report.no_room += 1;
-                if !is_sub {
-                    top = Top::Evicted {
-                        index: checked.index,
-                    };
-                }
-                report.unplaced.records.push(checked);
-                continue;
-            };
-            let Some(data) = self.arena.alloc_copy(bytes) else {
-                self.table.free(slot);
+            let room = self
+                .table
+                .alloc()
+                .and_then(|slot| match self.arena.alloc_copy(bytes) {
+                    Some(data) => Some((slot, data)),
+                    None => {
+                        self.table.free(slot);
+                        None
+                    }
+                });
+            let Some((slot, data)) = room else {
                 report.no_room += 1;
                 if !is_sub {
                     top = Top::Evicted {

@@ -839,6 +839,10 @@ pub async fn recover(
     rec.open = t.elapsed();
     let mut after = 0;
     let mut generation = 1;
+    // What recovery emits (the ends of sessions without room, then the replay's re-emission of
+    // what the crash may have lost, at least once) must not meet a `drop` sink's full queue, so
+    // every output waits for room until ingest starts.
+    st.output.set_lossless(true);
     if let Some(s) = &latest.snapshot {
         let h = s.header();
         if h.shards != shards {
@@ -856,7 +860,6 @@ pub async fn recover(
             log::warn!("shard {id}: snapshot restore dropped records: {report:?}");
         }
         // Sessions without room end now, as evicted, before the log's events meet their keys.
-        st.output.set_lossless(true);
         while st
             .engine
             .end_unrestored(s.body(), &mut report.unplaced, &mut st.out)
@@ -877,9 +880,6 @@ pub async fn recover(
     drop(latest);
     let t_replay = Instant::now();
 
-    // What the replay emits re-emits what the crash may have lost (at-least-once): it must
-    // not meet a `drop` sink's full queue, so every output waits for room until ingest starts.
-    st.output.set_lossless(true);
     let mut producers = Producers::new(cfg.limits.producers_max as usize);
     let mut reader = LogReader::open(dir, id, after).map_err(|e| e.to_string())?;
     let mut last_advance = i64::MIN;
