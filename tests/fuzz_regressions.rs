@@ -423,3 +423,148 @@ key = "tab"
         assert_eq!(engine.live_sessions(), 0);
     }
 }
+
+/// fuzz/snapshot, body mode (found once the target's own headers carried the current format
+/// version, so that its mutated archives reached the restore again): an archived profile clock
+/// far outside any real time (`wall_last` near `i64::MIN`, a `max_ts` near `i64::MAX`) was
+/// restored as it was, and the first event on the wall clock overflowed the watermark's
+/// arithmetic. Archived clocks outside the range of record timestamps are now not taken: the
+/// profile's clock starts over.
+#[test]
+fn archived_clocks_out_of_range_are_not_restored() {
+    use sessionizer::decode::Decoder;
+    use sessionizer::engine::snapshot::{
+        fnv1a64, profile_descriptors, ProfileImage, SlotRun, SnapshotBody,
+    };
+    use sessionizer::engine::{Clock, Engine, Out};
+    use sessionizer::persist::snapshot_file::access_body;
+    use std::sync::Arc;
+
+    let text = r#"
+[memory]
+arena_bytes = "256KiB"
+max_sessions = 64
+[[profile]]
+name = "iot"
+key = "dev"
+time = "event"
+timestamp = { field = "ets" }
+allowed_lateness = "20s"
+idle_timeout = "60s"
+"#;
+    let cfg = Config::from_toml(text).unwrap();
+    let rules = Arc::new(Rules::compile(&cfg).unwrap());
+    let descriptors = profile_descriptors(&rules);
+    for (max_ts, wall_last) in [
+        (1_700_000_000_000, i64::MIN + 1),
+        (i64::MAX - 1, 1_700_000_000_000),
+        (i64::MIN + 1, 1_700_000_000_000),
+    ] {
+        let body = SnapshotBody {
+            format: BODY_FORMAT,
+            shard: 0,
+            shards: 1,
+            table_capacity: 64,
+            slots_max: cfg.slots.max,
+            profiles: descriptors
+                .iter()
+                .map(|(name, descriptor, parent)| ProfileImage {
+                    name: name.clone(),
+                    descriptor: descriptor.clone(),
+                    fingerprint: fnv1a64(descriptor.as_bytes()),
+                    parent: *parent,
+                    max_ts,
+                    wall_last,
+                    ..ProfileImage::default()
+                })
+                .collect(),
+            free_runs: vec![SlotRun { start: 0, len: 64 }],
+            ..SnapshotBody::default()
+        };
+        let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&body).unwrap();
+        let mut engine = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
+        let report = engine.restore_from(access_body(&bytes).unwrap(), 1, 0);
+        assert_eq!(report.dropped(), 0, "{report:?}");
+
+        let mut dec = Decoder::new(rules.field_table(), 32, 4096);
+        let mut out = Out::with_capacity(1 << 16, 64);
+        let ev = dec.decode(br#"{"dev":"d","ets":1700000000000}"#).unwrap();
+        engine.on_event(0, &ev, Clock::Wall(1_700_000_000_500), &mut out);
+        engine.advance(Clock::Wall(1_700_000_100_000), &mut out);
+        assert_eq!(engine.live_sessions(), 0, "{max_ts} {wall_last}");
+    }
+}
+
+/// fuzz/snapshot, body mode (`fuzz/corpus/snapshot/body-two-sessions-of-a-key`, a mutated seed
+/// archive whose records give one key of a processing-time profile two open sessions, the
+/// later one with an open sub-session): an event of that key merged the two, the absorbed
+/// session was freed with its sub-session still open and linked to it, and the sub-session's
+/// expiry then read its parent's freed slot (a panic). Live, such a profile never holds two
+/// sessions of a key; the merge now ends the absorbed session's sub-sessions (`parent_ended`).
+/// Restoring one archive twice into an engine makes the same state.
+#[test]
+fn a_merge_ends_the_sub_sessions_of_the_session_it_absorbs() {
+    use sessionizer::decode::Decoder;
+    use sessionizer::engine::snapshot::SnapshotMeta;
+    use sessionizer::engine::{Clock, Engine, Out};
+    use sessionizer::persist::snapshot_file::access_body;
+    use std::sync::Arc;
+
+    let text = r#"
+[memory]
+arena_bytes = "256KiB"
+max_sessions = 64
+[[profile]]
+name = "web"
+key = "user"
+idle_timeout = "60s"
+[[profile.sub_session]]
+name = "tab"
+key = "tab"
+idle_timeout = "30s"
+"#;
+    let cfg = Config::from_toml(text).unwrap();
+    let rules = Arc::new(Rules::compile(&cfg).unwrap());
+    let mut dec = Decoder::new(rules.field_table(), 32, 4096);
+    let mut out = Out::with_capacity(1 << 16, 64);
+    let t0 = 1_700_000_000_000;
+    let mut first = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
+    let ev = dec.decode(br#"{"user":"u","tab":"t"}"#).unwrap();
+    first.on_event(0, &ev, Clock::Wall(t0), &mut out);
+    let mut bytes = rkyv::util::AlignedVec::<16>::new();
+    first
+        .write_snapshot(
+            &mut bytes,
+            SnapshotMeta {
+                shard: 0,
+                shards: 1,
+                generation: 1,
+                wall_ms: t0,
+                log_seq: 0,
+            },
+        )
+        .unwrap();
+    let body = access_body(&bytes).unwrap();
+
+    let mut engine = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
+    for _ in 0..2 {
+        let report = engine.restore_from(body, 1, 0);
+        assert_eq!((report.sessions, report.sub_sessions), (1, 1), "{report:?}");
+    }
+    out.clear();
+    let ev = dec.decode(br#"{"user":"u"}"#).unwrap();
+    engine.on_event(0, &ev, Clock::Wall(t0 + 1_000), &mut out);
+    let kinds: Vec<String> = out
+        .iter()
+        .map(|(_, l)| serde_json::from_slice::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some(format!("{} {}", v["kind"].as_str()?, v["reason"])))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["sub_session_end \"parent_ended\"", "session_merged null"],
+        "{kinds:?}"
+    );
+    assert_eq!(engine.live_sessions(), 2, "the survivor and its tab");
+    engine.advance(Clock::Wall(t0 + 600_000), &mut out);
+    assert_eq!(engine.live_sessions(), 0);
+}

@@ -3,7 +3,7 @@
 //!
 //! The first byte picks the mode: the rest is a whole snapshot file, or only a body, for which
 //! the target writes a header with the right length and checksums (taking shard, shard count,
-//! generation and log position from the archive when it validates), so that mutations of a real
+//! generation, log position and session counts from the archive when it validates), so that mutations of a real
 //! archive get past the CRC into rkyv's validation and the restore's own checks. The second byte
 //! picks the restoring shard and shard count and the engine's rules (the seeds' own, for the
 //! exact slot-for-slot restore, or different ones, for the compact path). Checked:
@@ -27,10 +27,12 @@ use rkyv_align::Aligned;
 use sessionizer::config::Config;
 use sessionizer::decode::Decoder;
 use sessionizer::engine::rules::Rules;
+use sessionizer::engine::snapshot::RECORD_FLAG_SUB;
 use sessionizer::engine::{Clock, Engine, Out};
 use sessionizer::persist::inspect::inspect;
 use sessionizer::persist::snapshot_file::{
-    access_body, file_name, open_latest_with_report, LoadedSnapshot, SnapshotHeader, HEADER_BYTES,
+    access_body, file_name, open_latest_with_report, LoadedSnapshot, SnapshotHeader,
+    FORMAT_VERSION, HEADER_BYTES,
 };
 use sessionizer_fuzz::{clear_dir, scratch_dir, Bytes, ENGINE_CONFIG, ENGINE_CONFIG_OTHER};
 
@@ -98,17 +100,27 @@ fuzz_target!(|data: &[u8]| {
 /// generation and log position when it validates.
 fn with_header(body: &[u8]) -> Vec<u8> {
     let aligned = Aligned::new(body);
-    let (shard, shards, generation, log_seq) = match access_body(aligned.bytes()) {
-        Ok(a) => (
-            a.shard.to_native(),
-            a.shards.to_native(),
-            a.generation.to_native(),
-            a.log_seq.to_native(),
-        ),
-        Err(_) => (0, 1, GENERATION_IN_NAME, 0),
-    };
+    let (shard, shards, generation, log_seq, sessions, sub_sessions) =
+        match access_body(aligned.bytes()) {
+            Ok(a) => {
+                let subs = a
+                    .records
+                    .iter()
+                    .filter(|r| r.flags & RECORD_FLAG_SUB != 0)
+                    .count() as u64;
+                (
+                    a.shard.to_native(),
+                    a.shards.to_native(),
+                    a.generation.to_native(),
+                    a.log_seq.to_native(),
+                    a.records.len() as u64 - subs,
+                    subs,
+                )
+            }
+            Err(_) => (0, 1, GENERATION_IN_NAME, 0, 0, 0),
+        };
     let header = SnapshotHeader {
-        version: 1,
+        version: FORMAT_VERSION,
         shard,
         shards,
         generation,
@@ -119,8 +131,8 @@ fn with_header(body: &[u8]) -> Vec<u8> {
         id_seq: 0,
         min_clock_ms: i64::MIN,
         wheel_cursor_s: 0,
-        sessions: 0,
-        sub_sessions: 0,
+        sessions,
+        sub_sessions,
     };
     let mut file = header.encode().to_vec();
     file.extend_from_slice(body);

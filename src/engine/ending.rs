@@ -79,24 +79,7 @@ impl State {
         }
         let p = h.profile as usize;
         let rule = &rules.profiles[p];
-        if !rule.subs.is_empty() {
-            self.load(s, false);
-            let base = h.key_len as usize;
-            for i in 0..payload::sub_slots(&rule.layout) {
-                let sub = payload::sub_slot(&self.pay, base, &rule.layout, i);
-                if sub == NIL {
-                    continue;
-                }
-                let sub_reason = if now != NONE_TS && now > self.deadline(rules, sub) {
-                    EndReason::Idle
-                } else if reason == EndReason::EndOfInput {
-                    EndReason::EndOfInput
-                } else {
-                    EndReason::ParentEnded
-                };
-                self.end_sub(rules, sub, sub_reason, out);
-            }
-        }
+        self.end_subs(rules, s, reason, now, out);
         let len = self.load(s, false);
         let key_len = h.key_len as usize;
         markers::session_end(
@@ -115,6 +98,40 @@ impl State {
         self.chain_remove(h.profile, s, hash, &key);
         self.keybuf = key;
         self.release(p, s);
+    }
+
+    /// End the open sub-sessions of session `s`, which ends with `reason` at clock `now`
+    /// (`NONE_TS`: unknown): each idle if its own deadline passed, `end_of_input` with its parent,
+    /// otherwise `parent_ended`. Uses `pay`.
+    pub(super) fn end_subs(
+        &mut self,
+        rules: &Rules,
+        s: u32,
+        reason: EndReason,
+        now: i64,
+        out: &mut Out,
+    ) {
+        let h = *self.table.get(s);
+        let rule = &rules.profiles[h.profile as usize];
+        if rule.subs.is_empty() {
+            return;
+        }
+        self.load(s, false);
+        let base = h.key_len as usize;
+        for i in 0..payload::sub_slots(&rule.layout) {
+            let sub = payload::sub_slot(&self.pay, base, &rule.layout, i);
+            if sub == NIL {
+                continue;
+            }
+            let sub_reason = if now != NONE_TS && now > self.deadline(rules, sub) {
+                EndReason::Idle
+            } else if reason == EndReason::EndOfInput {
+                EndReason::EndOfInput
+            } else {
+                EndReason::ParentEnded
+            };
+            self.end_sub(rules, sub, sub_reason, out);
+        }
     }
 
     /// Make room, before anything is evicted or refused, by ending one session that is due: the

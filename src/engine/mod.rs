@@ -950,6 +950,11 @@ impl State {
         let base = key.len();
         self.cow(early);
         self.cow(late);
+        // Sub-sessions live on processing-time profiles, which hold one open session per key and
+        // so never merge; a restored archive can still hold two (it is checked record by record,
+        // not against every invariant). The absorbed session's sub-sessions end with it rather
+        // than outlive it.
+        self.end_subs(rules, late, EndReason::ParentEnded, NONE_TS, out);
         let e_len = self.load(early, false);
         self.load(late, true);
         for i in 0..rule.counters.len() {

@@ -175,12 +175,21 @@ impl State {
     /// Clocks and wheel cursors: the latest over every archive restored. The id sequence resumes
     /// after the archive's.
     fn restore_clocks(&mut self, body: &ArchivedSnapshotBody, map: &[Option<u8>], exact: bool) {
+        // A clock outside the range of a record's timestamps is not one this engine kept (the
+        // clock arithmetic would overflow on it): the profile's clock starts over instead.
+        let usable = |t: i64| {
+            if (-TS_ABS_MAX..=TS_ABS_MAX).contains(&t) {
+                t
+            } else {
+                super::NONE_TS
+            }
+        };
         for (old, image) in body.profiles.iter().enumerate() {
             let Some(p) = map[old] else { continue };
             if (p as usize) < self.clocks.len() {
                 let c = &mut self.clocks[p as usize];
-                c.max_ts = c.max_ts.max(image.max_ts.to_native());
-                c.wall_last = c.wall_last.max(image.wall_last.to_native());
+                c.max_ts = c.max_ts.max(usable(image.max_ts.to_native()));
+                c.wall_last = c.wall_last.max(usable(image.wall_last.to_native()));
                 // A wheel starting near the archived cursor avoids re-linking every session at
                 // the first drain (far deadlines would otherwise sit clamped at the horizon).
                 let cursor = image.wheel_cursor_s.to_native();
@@ -289,7 +298,12 @@ impl State {
                     let parent_rec = &records[index as usize];
                     let layout = self.layouts[self.table.get(slot).profile as usize];
                     let position = sub_position(body, parent_rec, &layout, r.slot.to_native());
-                    match position.filter(|_| names_parent(body, &checked)) {
+                    // A position another sub-session took already (two records under one old
+                    // slot) would leave one unknown to its parent, to outlive it.
+                    let usable = |pos: &usize| {
+                        names_parent(body, &checked) && self.sub_slot(slot, *pos) == NIL
+                    };
+                    match position.filter(usable) {
                         Some(pos) => Some((slot, pos)),
                         None => {
                             report.invalid += 1;
@@ -424,6 +438,19 @@ impl State {
     }
 
     /// Records sub-session `slot` at position `pos` of its parent's sub-session slots.
+    /// The slot at position `pos` of `parent_slot`'s sub-session slots (`NIL`: none).
+    fn sub_slot(&self, parent_slot: u32, pos: usize) -> u32 {
+        let ph = self.table.get(parent_slot);
+        let layout = self.layouts[ph.profile as usize];
+        let mut b = [0u8; 4];
+        self.arena.read(
+            ph.data,
+            ph.key_len as usize + layout.subs_off + 4 * pos,
+            &mut b,
+        );
+        u32::from_le_bytes(b)
+    }
+
     fn set_sub_slot(&mut self, parent_slot: u32, pos: usize, slot: u32) {
         let ph = *self.table.get(parent_slot);
         let layout = self.layouts[ph.profile as usize];
