@@ -157,6 +157,10 @@ pub struct Config {
     pub log: Log,
     #[serde(rename = "profile")]
     pub profiles: Vec<Profile>,
+    /// The TOML text this was parsed from. Snapshots keep it, so that a restart whose profiles
+    /// changed can still end the sessions of the old ones with their data (`engine::restore`).
+    #[serde(skip)]
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -606,7 +610,7 @@ pub struct Profile {
 impl Config {
     /// Parse and validate. The error string is meant for an operator, verbatim.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
             let span = e.span().map(|s| line_of(text, s.start)).unwrap_or(0);
             err(
                 if span > 0 {
@@ -618,6 +622,7 @@ impl Config {
             )
         })?;
         cfg.validate()?;
+        cfg.source = text.to_string();
         Ok(cfg)
     }
 

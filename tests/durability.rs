@@ -540,6 +540,67 @@ fn sessions_without_room_at_restart_end_as_evicted_once() {
     assert_eq!(ended.len(), USERS - 2 * 1000);
 }
 
+/// A restart whose profile changed its session data ends that profile's open sessions at
+/// start, as evicted, each once, with its id and the data it had (rendered as the profile was
+/// when the snapshot was written); a key's next event starts a new session under the new
+/// profile.
+#[test]
+fn a_changed_profile_ends_its_open_sessions_at_restart_with_their_data() {
+    const USERS: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let stderr = start_with_one_click_each(&config, "c", 1..USERS + 1).terminate();
+    assert!(stderr.iter().any(|l| l.contains("final snapshot written")));
+    let starts = |out: &[serde_json::Value], key: &str| -> Vec<String> {
+        out.iter()
+            .filter(|v| v["kind"] == "session_start" && v["key"] == key)
+            .map(|v| v["session_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = output_lines(dir.path());
+    let ids: HashMap<String, String> = (1..=USERS)
+        .map(|n| {
+            let key = format!("u{n}");
+            let [id] = &starts(&before, &key)[..] else {
+                panic!("one session of {key}")
+            };
+            (key, id.clone())
+        })
+        .collect();
+
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(r#"state = ["n"]"#, r#"state = ["n", "type"]"#);
+    std::fs::write(&config, text).unwrap();
+    let stderr = start_with_one_click_each(&config, "d", 1..2).terminate();
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("with the configuration the snapshot kept")),
+        "{stderr:#?}"
+    );
+    let out = output_lines(dir.path());
+    let mut ended = HashSet::new();
+    for e in out.iter().filter(|v| v["kind"] == "session_end") {
+        let key = e["key"].as_str().unwrap();
+        assert!(ended.insert(key.to_string()), "{key} ended twice");
+        let n: u64 = key[1..].parse().unwrap();
+        assert_eq!(e["reason"], "evicted", "{e}");
+        assert_eq!(e["session_id"].as_str().unwrap(), ids[key], "{e}");
+        assert_eq!(e["count"], 1, "{e}");
+        assert_eq!(e["metadata"], serde_json::json!({ "n": n }), "{e}");
+        assert_eq!(
+            e["state"],
+            serde_json::json!({ "n": n }),
+            "the old state: {e}"
+        );
+    }
+    assert_eq!(ended.len(), USERS);
+    let u1 = starts(&out, "u1");
+    assert_eq!(u1.len(), 2, "u1's click after the restart opened a session");
+    assert_ne!(u1[1], ids["u1"]);
+}
+
 /// `check-config` tells, before a restart, what the restart will do with the saved state: the
 /// sessions each shard's snapshot holds; for a profile whose session data changed, that its open
 /// sessions will not come back; sessions beyond a smaller table, that they will end as evicted;
@@ -593,7 +654,8 @@ fn check_config_previews_what_a_restart_does_with_the_state() {
         .iter()
         .map(|w| {
             assert!(
-                w.contains("profile \"web\" changed its session data"),
+                w.contains("profile \"web\" changed its session data")
+                    && w.contains("will end at start, as evicted, with the data they have"),
                 "{w}"
             );
             let (_, rest) = w.split_once(": its ").unwrap();

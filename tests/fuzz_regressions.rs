@@ -68,6 +68,8 @@ fn log_positions_near_u64_max_fail_validation() {
         wheel_cursor_s: 0,
         sessions: 0,
         sub_sessions: 0,
+        config_len: 0,
+        config_crc32: 0,
     };
     assert_eq!(
         SnapshotHeader::decode(&h.encode()),
@@ -328,6 +330,8 @@ fn inspect_prints_a_record_with_a_wild_payload_offset() {
         wheel_cursor_s: 0,
         sessions: 2,
         sub_sessions: 0,
+        config_len: 0,
+        config_crc32: 0,
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join(file_name(0, 1));

@@ -50,7 +50,10 @@ fn engine_with(sessions: u32) -> Engine {
 }
 
 fn engine_of(config: &str, sessions: u32) -> Engine {
-    let cfg = Config::from_toml(config).unwrap();
+    engine_from(Config::from_toml(config).unwrap(), sessions)
+}
+
+fn engine_from(cfg: Config, sessions: u32) -> Engine {
     let rules = Arc::new(Rules::compile(&cfg).unwrap());
     let mut e = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
     let mut dec = Decoder::new(rules.field_table(), 32, 65536);
@@ -201,11 +204,12 @@ fn checksum_valid_but_malformed_archive_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let (_, p2) = two_generations(dir.path());
     let mut bytes = fs::read(&p2).unwrap();
-    // The root is the last thing in the body; its last field is `records` (offset i32, len u32).
-    let n = bytes.len();
-    bytes[n - 1] = 0x7f;
     let mut header = snapshot_file::SnapshotHeader::decode(&bytes).unwrap();
-    header.body_crc32 = crc32fast::hash(&bytes[HEADER_BYTES..]);
+    // The root is the last thing in the body (the configuration follows it); its last field is
+    // `records` (offset i32, len u32).
+    let body_end = HEADER_BYTES + header.body_len as usize;
+    bytes[body_end - 1] = 0x7f;
+    header.body_crc32 = crc32fast::hash(&bytes[HEADER_BYTES..body_end]);
     bytes[..HEADER_BYTES].copy_from_slice(&header.encode());
     fs::write(&p2, &bytes).unwrap();
     let report = open_latest_with_report(dir.path(), 0).unwrap();
@@ -257,28 +261,40 @@ fn junk_under_newer_names_does_not_hide_the_valid_generations() {
 
 /// `check-config`'s preview of a restart predicts what the restore then does: the records it
 /// says a smaller table or arena has no room for are those the restore ends as evicted, and a
-/// changed profile's records are those it does not import.
+/// changed profile's records are those it ends with the configuration the snapshot kept, or,
+/// from a snapshot without one, drops.
 #[test]
 fn the_restart_preview_predicts_the_restore() {
-    let dir = tempfile::tempdir().unwrap();
-    snapshot_file::write_file(dir.path(), &engine_with(300), meta(1)).unwrap();
+    let kept = tempfile::tempdir().unwrap();
+    snapshot_file::write_file(kept.path(), &engine_with(300), meta(1)).unwrap();
+    // A snapshot of rules whose configuration text is unknown keeps none.
+    let none = tempfile::tempdir().unwrap();
+    let mut cfg = Config::from_toml(CONFIG).unwrap();
+    cfg.source.clear();
+    let anonymous = engine_from(cfg, 300);
+    snapshot_file::write_file(none.path(), &anonymous, meta(1)).unwrap();
+
     let same = "arena_bytes = \"1MiB\"\nmax_sessions = 1000";
     let cases = [
-        (same, false, (0, 0)),
+        (same, false, true, (0, 0, 0)),
         (
             "arena_bytes = \"1MiB\"\nmax_sessions = 100",
             false,
-            (200, 0),
+            true,
+            (200, 0, 0),
         ),
         // 128 blocks of 64 bytes, one a session.
         (
             "arena_bytes = \"8KiB\"\nmax_sessions = 1000",
             false,
-            (172, 0),
+            true,
+            (172, 0, 0),
         ),
-        (same, true, (0, 300)),
+        (same, true, true, (0, 300, 0)),
+        (same, true, false, (0, 0, 300)),
     ];
-    for (memory, change_profile, (no_room, changed)) in cases {
+    for (memory, change_profile, keeps_config, (no_room, ended, dropped)) in cases {
+        let dir = if keeps_config { &kept } else { &none };
         let mut text = format!("cores = [0]\n[persist]\ndir = {:?}\n", dir.path())
             + &CONFIG.replace(same, memory);
         if change_profile {
@@ -293,13 +309,22 @@ fn the_restart_preview_predicts_the_restore() {
             panic!("one shard: {previews:?}")
         };
         assert_eq!((p.generation, p.sessions, p.rejected), (Some(1), 300, 0));
-        let dropped: u64 = p.dropped.iter().map(|(_, n)| n).sum();
-        assert_eq!((p.over_capacity, dropped), (no_room, changed), "{memory}");
+        let sum = |l: &[(String, u64)]| l.iter().map(|(_, n)| n).sum::<u64>();
+        assert_eq!(
+            (p.over_capacity, sum(&p.ended), sum(&p.dropped)),
+            (no_room, ended, dropped),
+            "{memory} {p:?}"
+        );
 
         let snap = open_latest(dir.path(), 0).unwrap().unwrap();
+        assert_eq!(snap.config().is_some(), keeps_config);
         let mut e = Engine::new(rules, &cfg, 0, None).unwrap();
-        let r = e.restore_from(snap.body(), 1, 0);
-        assert_eq!((r.no_room, r.profile_changed), (no_room, changed), "{r:?}");
+        let r = e.restore_from_with(snap.body(), 1, 0, snap.config());
+        assert_eq!(
+            (r.no_room, r.retired, r.profile_changed),
+            (no_room, ended, dropped),
+            "{r:?}"
+        );
     }
 }
 

@@ -708,6 +708,42 @@ fn changed_profile_is_not_imported() {
     assert!(!r.exact);
 }
 
+/// The kind and reason of each of `ended`'s markers, checking that each is, reason aside, one
+/// the original engine (whose output is `original`) emitted when it ended that session itself.
+fn ended_as_they_were(original: &[String], ended: &[String]) -> Vec<(String, serde_json::Value)> {
+    let reasonless = |line: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let reason = v["reason"].take();
+        (v, reason)
+    };
+    let original: Vec<_> = original
+        .iter()
+        .filter(|l| l.contains("session_end\""))
+        .map(|l| reasonless(l).0)
+        .collect();
+    ended
+        .iter()
+        .map(|l| {
+            let (v, reason) = reasonless(l);
+            assert!(original.contains(&v), "{l} is not as the session was");
+            (v["kind"].as_str().unwrap().to_string(), reason)
+        })
+        .collect()
+}
+
+/// What `sessions` sessions with one open tab each end with when they are evicted at start: per
+/// session, the tab's end (`parent_ended`), then its own (`evicted`).
+fn evicted_with_their_tabs(sessions: usize) -> Vec<(String, serde_json::Value)> {
+    let pair = [
+        (
+            "sub_session_end".to_string(),
+            serde_json::json!("parent_ended"),
+        ),
+        ("session_end".to_string(), serde_json::json!("evicted")),
+    ];
+    pair.iter().cloned().cycle().take(2 * sessions).collect()
+}
+
 /// Sessions restored into a table too small for them are counted as without room, and so are
 /// their sub-sessions (they were once counted as of a changed profile, which named none). They
 /// are not dropped unannounced: `end_unrestored` ends each as an eviction would, sub-sessions
@@ -753,41 +789,97 @@ fn sessions_without_room_end_as_evicted_with_their_data() {
     assert!(!e.end_unrestored(body, &mut r.unplaced, &mut out) && out.is_empty());
     assert_eq!(e.stats().evictions, 2);
 
-    // The same sessions ended by the original engine, reason aside.
     c.finish();
-    let reasonless = |line: &str| {
-        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let reason = v["reason"].take();
-        (v, reason)
-    };
-    let original: Vec<_> = c.lines[0]
-        .iter()
-        .filter(|l| l.contains("session_end\""))
-        .map(|l| reasonless(l).0)
-        .collect();
-    let kinds: Vec<_> = ended
-        .iter()
-        .map(|l| {
-            let (v, reason) = reasonless(l);
-            assert!(original.contains(&v), "{l} is not as the session was");
-            (v["kind"].as_str().unwrap().to_string(), reason)
-        })
-        .collect();
-    let pair = [
-        (
-            "sub_session_end".to_string(),
-            serde_json::json!("parent_ended"),
-        ),
-        ("session_end".to_string(), serde_json::json!("evicted")),
-    ];
-    assert_eq!(kinds, [pair.clone(), pair].concat(), "{ended:?}");
+    let kinds = ended_as_they_were(&c.lines[0], &ended);
+    assert_eq!(kinds, evicted_with_their_tabs(2), "{ended:?}");
     let ids: HashSet<_> = ended
         .iter()
-        .map(|l| reasonless(l).0)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|v| v["kind"] == "session_end")
         .map(|v| v["key"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(ids.len(), 2, "two sessions ended: {ended:?}");
+}
+
+/// A restart whose profile changed its session data does not drop that profile's open
+/// sessions: given the configuration the snapshot kept, the restore checks them against its
+/// rules and `end_unrestored` ends them as the old profile rendered them (sub-sessions first,
+/// `parent_ended`, then the session, `evicted`), with the data they had. The unchanged profile
+/// is restored; the changed one's keys start new sessions under the new rules.
+#[test]
+fn changed_profiles_end_with_the_configuration_the_snapshot_kept() {
+    let mut c = Cluster::new(1);
+    for (i, user) in ["a", "b", "c"].iter().enumerate() {
+        c.step(&Step::Event(format!(
+            r#"{{"user":"{user}","tab":"t","ip":"10.0.0.{i}","page":"/p{i}","type":"click","price":{i}.5,"ts":{}}}"#,
+            1_700_000_000_000i64 + i as i64
+        )));
+    }
+    c.step(&Step::Event(
+        r#"{"dev":"d","ets":1700000000000,"temp":20,"fw":"1"}"#.into(),
+    ));
+    let bufs = c.snapshot();
+    let body = bodies(&bufs)[0];
+    let changed = CONFIG.replace("metadata = [\"ip\"]", "metadata = [\"ip\", \"ua\"]");
+    let (rules, cfg) = rules_and_config_from(&changed);
+
+    // Without the configuration, the changed profile's records are dropped, as they were.
+    let mut e = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
+    let r = e.restore_from(body, 1, 0);
+    assert_eq!(
+        (r.sessions, r.profile_changed, r.retired),
+        (1, 6, 0),
+        "{r:?}"
+    );
+
+    let mut e = Engine::new(rules, &cfg, 0, None).unwrap();
+    let mut r = e.restore_from_with(body, 1, 0, Some(CONFIG));
+    assert_eq!(
+        (r.sessions, r.sub_sessions),
+        (1, 0),
+        "the iot session: {r:?}"
+    );
+    assert_eq!(
+        (r.retired, r.profile_changed, r.invalid),
+        (6, 0, 0),
+        "{r:?}"
+    );
+    assert_eq!(r.changed_profiles, vec!["web".to_string()]);
+    let mut out = Out::with_capacity(1024, 4);
+    let mut ended = Vec::new();
+    while e.end_unrestored(body, &mut r.unplaced, &mut out) {
+        drain(&mut out, &mut ended);
+    }
+    drain(&mut out, &mut ended);
+    assert!(r.unplaced.is_empty());
+
+    c.finish();
+    let kinds = ended_as_they_were(&c.lines[0], &ended);
+    assert_eq!(kinds, evicted_with_their_tabs(3), "{ended:?}");
+
+    // The changed profile's keys start over under the new rules.
+    let mut out = Out::with_capacity(1 << 16, 256);
+    let mut lines = Vec::new();
+    let (rules2, _) = rules_and_config_from(&changed);
+    let mut dec = sessionizer::decode::Decoder::new(rules2.field_table(), 32, 65536);
+    let line = r#"{"user":"a","tab":"t","ip":"10.0.0.9","ua":"x","ts":1700000000100}"#;
+    let ev = dec.decode(line.as_bytes()).unwrap();
+    e.on_event(0, &ev, Clock::Replay, &mut out);
+    drain(&mut out, &mut lines);
+    let start = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["kind"] == "session_start")
+        .expect("a new session");
+    assert_eq!(
+        start["metadata"],
+        serde_json::json!({"ip": "10.0.0.9", "ua": "x"})
+    );
+    let old_ids: HashSet<_> = ended
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["session_id"].clone())
+        .collect();
+    assert!(!old_ids.contains(&start["session_id"]), "{start}");
 }
 
 /// The timing harness: at a size CI affords by default; the recorded figures come from

@@ -1,10 +1,12 @@
 //! Snapshot loading (`persist::snapshot_file`: `LoadedSnapshot::open`, `open_latest_with_report`,
-//! `persist::inspect`) and restoring what validated into an engine (`Engine::restore_from`).
+//! `persist::inspect`) and restoring what validated into an engine
+//! (`Engine::restore_from_with`, given the configuration the file keeps).
 //!
 //! The first byte picks the mode: the rest is a whole snapshot file, or only a body, for which
 //! the target writes a header with the right length and checksums (taking shard, shard count,
-//! generation, log position and session counts from the archive when it validates), so that mutations of a real
-//! archive get past the CRC into rkyv's validation and the restore's own checks. The second byte
+//! generation, log position and session counts from the archive when it validates) and appends the seeds'
+//! configuration, so that mutations of a real archive get past the CRC into rkyv's validation
+//! and the restore's own checks. The second byte
 //! picks the restoring shard and shard count and the engine's rules (the seeds' own, for the
 //! exact slot-for-slot restore, or different ones, for the compact path). Checked:
 //! - nothing panics, whatever the file;
@@ -13,7 +15,8 @@
 //!   succeeds exactly when loading does;
 //! - a body that validates, given a correct header, is loaded (no false rejections);
 //! - restoring accounts for every record exactly once (imported, another shard's, of a changed
-//!   profile, invalid, or without room), the engine holds exactly the sessions imported, and
+//!   profile (ended with the kept configuration's rules, or dropped), invalid, or without
+//!   room), one end marker for each record without room or of a changed profile ended, the engine holds exactly the sessions imported, and
 //!   driving it afterwards (events, timers, the end of input) keeps the engine's invariants,
 //!   with every session ended at the end.
 
@@ -97,8 +100,9 @@ fuzz_target!(|data: &[u8]| {
 });
 
 /// A correct header for `body`: right length and CRCs, and the archive's own shard, shard count,
-/// generation and log position when it validates.
+/// generation and log position when it validates; the seeds' configuration after the body.
 fn with_header(body: &[u8]) -> Vec<u8> {
+    let config = ENGINE_CONFIG.as_bytes();
     let aligned = Aligned::new(body);
     let (shard, shards, generation, log_seq, sessions, sub_sessions) =
         match access_body(aligned.bytes()) {
@@ -133,9 +137,12 @@ fn with_header(body: &[u8]) -> Vec<u8> {
         wheel_cursor_s: 0,
         sessions,
         sub_sessions,
+        config_len: config.len() as u32,
+        config_crc32: crc32fast::hash(config),
     };
     let mut file = header.encode().to_vec();
     file.extend_from_slice(body);
+    file.extend_from_slice(config);
     file
 }
 
@@ -160,7 +167,12 @@ fn check(file: &[u8], shards: u32, shard: u32, config: usize) {
     assert_eq!(latest.snapshot.is_some(), opened.is_ok());
     assert_eq!(latest.rejected.len(), usize::from(opened.is_err()));
 
-    let body = file.get(HEADER_BYTES..).unwrap_or(&[]);
+    // The body is what the header says, when it decodes; the configuration section follows.
+    let after = file.get(HEADER_BYTES..).unwrap_or(&[]);
+    let body_len = header
+        .as_ref()
+        .map_or(after.len(), |h| (h.body_len.min(after.len() as u64)) as usize);
+    let (body, kept) = after.split_at(body_len);
     let aligned = Aligned::new(body);
     let archive_ok = access_body(aligned.bytes()).is_ok();
     let snap = match opened {
@@ -170,7 +182,10 @@ fn check(file: &[u8], shards: u32, shard: u32, config: usize) {
             // written for it (`with_header`) loads.
             if let Some(h) = &header {
                 let consistent = h.body_len == body.len() as u64
+                    && u64::from(h.config_len) == kept.len() as u64
                     && h.body_crc32 == crc32fast::hash(body)
+                    && h.config_crc32 == crc32fast::hash(kept)
+                    && std::str::from_utf8(kept).is_ok()
                     && archive_ok;
                 if consistent {
                     let a = access_body(aligned.bytes()).expect("validated above");
@@ -188,8 +203,13 @@ fn check(file: &[u8], shards: u32, shard: u32, config: usize) {
     // Loaded: so it validated, every part of it.
     let h = header.expect("a loaded file has a header that decodes");
     assert_eq!(snap.header(), &h);
-    assert_eq!(file.len() as u64, HEADER_BYTES as u64 + h.body_len);
+    assert_eq!(
+        file.len() as u64,
+        HEADER_BYTES as u64 + h.body_len + u64::from(h.config_len)
+    );
     assert_eq!(crc32fast::hash(body), h.body_crc32);
+    assert_eq!(crc32fast::hash(kept), h.config_crc32);
+    assert_eq!(snap.config().map(str::as_bytes), Some(kept).filter(|c| !c.is_empty()));
     assert!(archive_ok, "loaded an archive that does not validate");
     let archived = snap.body();
     assert_eq!(archived.shard.to_native(), h.shard);
@@ -207,7 +227,7 @@ fn restore_and_drive(snap: &LoadedSnapshot, shards: u32, shard: u32, config: usi
     let (cfg, rules) = &fixture().configs[config];
     let mut engine = Engine::new(rules.clone(), cfg, shard as u8, None).expect("a small engine");
     let body = snap.body();
-    let mut r = engine.restore_from(body, shards, shard);
+    let mut r = engine.restore_from_with(body, shards, shard, snap.config());
     let records = body.records.len() as u64;
     assert_eq!(
         r.sessions + r.sub_sessions + r.other_shard + r.dropped(),
@@ -234,10 +254,11 @@ fn restore_and_drive(snap: &LoadedSnapshot, shards: u32, shard: u32, config: usi
     let ended =
         engine.stats().sessions_ended.iter().sum::<u64>() + engine.stats().sub_sessions_ended;
     assert_eq!(
-        markers, r.no_room,
-        "one marker per record without room: {r:?}"
+        markers,
+        r.no_room + r.retired,
+        "one marker per record without room or of a changed profile ended: {r:?}"
     );
-    assert_eq!(ended - ended_before, r.no_room, "{r:?}");
+    assert_eq!(ended - ended_before, r.no_room + r.retired, "{r:?}");
     assert!(r.unplaced.is_empty());
 
     // Drive the restored engine: events for the seeds' keys, timers, then the end of input.

@@ -91,6 +91,8 @@ pub(crate) struct CutGlobals {
     pub id_seq: u64,
     /// (name, descriptor, parent record profile or `u32::MAX`) per record profile.
     pub profiles: Vec<(String, String, u32)>,
+    /// The configuration text of the rules at the cut ([`super::rules::Rules::source`]).
+    pub config: String,
 }
 
 /// A complete capture: every session live at the cut and the cut's globals, independent of the
@@ -107,6 +109,12 @@ impl Captured {
     /// The buffers, for the next capture.
     pub fn into_buffers(self) -> CaptureBuffers {
         self.bufs
+    }
+
+    /// The configuration text of the rules at the cut: a snapshot file keeps it beside the
+    /// body, for a restart whose profiles changed (`Engine::restore_from_with`).
+    pub fn config(&self) -> &str {
+        &self.globals.config
     }
 
     /// Top-level sessions the engine copied before changing them (the rest were swept).
@@ -250,6 +258,7 @@ fn cut_globals(st: &State, rules: &Rules, bufs: &mut CaptureBuffers) -> CutGloba
         slots_max: st.wheels.first().map_or(0, |w| w.slots_max()),
         id_seq: st.ids.seq(),
         profiles: profile_descriptors(rules),
+        config: rules.source.clone(),
     }
 }
 

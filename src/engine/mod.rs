@@ -297,6 +297,45 @@ struct State {
     cap: capture::Capture,
 }
 
+/// What the engine keeps of each record profile (top-level profiles, then sub-session kinds),
+/// derived from the rules: `State`'s copies, and restore's for the rules of an older
+/// configuration.
+struct Kinds {
+    /// Record profile -> (parent profile, sub index), for sub-session kinds.
+    sub_of: Vec<(u8, u8)>,
+    /// Payload layout of each top-level profile.
+    layouts: Vec<rules::Layout>,
+    /// Counter count of each record profile (used for sub-session kinds).
+    sub_counters: Vec<usize>,
+}
+
+impl Kinds {
+    fn of(rules: &Rules) -> Kinds {
+        let top = rules.profiles.len();
+        let mut sub_of = vec![(0u8, 0u8); top];
+        for (pi, p) in rules.profiles.iter().enumerate() {
+            for (si, s) in p.subs.iter().enumerate() {
+                assert_eq!(s.record_profile as usize, sub_of.len());
+                sub_of.push((pi as u8, si as u8));
+            }
+        }
+        let sub_counters = (0..rules.record_profile_count())
+            .map(|rp| match rp.checked_sub(top) {
+                None => 0,
+                Some(_) => {
+                    let (pp, si) = sub_of[rp];
+                    rules.profiles[pp as usize].subs[si as usize].counters.len()
+                }
+            })
+            .collect();
+        Kinds {
+            layouts: rules.profiles.iter().map(|p| p.layout).collect(),
+            sub_of,
+            sub_counters,
+        }
+    }
+}
+
 impl Engine {
     /// The engine of shard `shard`, its memory reserved and written now.
     pub fn new(
@@ -318,14 +357,11 @@ impl Engine {
     ) -> std::io::Result<Engine> {
         let m = &cfg.memory;
         let top = rules.profiles.len();
-        let mut sub_of = vec![(0u8, 0u8); top];
-        for (pi, p) in rules.profiles.iter().enumerate() {
-            for (si, s) in p.subs.iter().enumerate() {
-                assert_eq!(s.record_profile as usize, sub_of.len());
-                sub_of.push((pi as u8, si as u8));
-            }
-        }
-        let sub_of_tmp = sub_of.clone();
+        let Kinds {
+            sub_of,
+            layouts,
+            sub_counters,
+        } = Kinds::of(&rules);
         let arena = Arena::with_pages(m.arena_bytes.0, m.block_bytes, numa_node, pages)?;
         let stats = Stats {
             blocks_total: u64::from(arena.blocks_total()),
@@ -362,17 +398,8 @@ impl Engine {
                 top
             ],
             sub_of,
-            layouts: rules.profiles.iter().map(|p| p.layout).collect(),
-            sub_counters: (0..rules.record_profile_count())
-                .map(|rp| {
-                    if rp < top {
-                        0
-                    } else {
-                        let (pp, si) = sub_of_tmp[rp];
-                        rules.profiles[pp as usize].subs[si as usize].counters.len()
-                    }
-                })
-                .collect(),
+            layouts,
+            sub_counters,
             ids: IdGen::new(cfg.node_id, shard),
             hasher: foldhash::fast::FixedState::with_seed(0x5e55_1011_2e5e_ed01),
             on_full: m.on_full,
@@ -496,24 +523,11 @@ impl Engine {
                 wall_last: NONE_TS,
             });
         }
-        st.layouts = rules.profiles.iter().map(|p| p.layout).collect();
-        st.sub_of.clear();
-        st.sub_of
-            .extend((0..rules.profiles.len()).map(|_| (0u8, 0u8)));
-        for (pi, p) in rules.profiles.iter().enumerate() {
-            for si in 0..p.subs.len() {
-                st.sub_of.push((pi as u8, si as u8));
-            }
-        }
-        st.sub_counters = (0..rules.record_profile_count())
-            .map(|rp| match rp.checked_sub(rules.profiles.len()) {
-                None => 0,
-                Some(_) => {
-                    let (pp, si) = st.sub_of[rp];
-                    rules.profiles[pp as usize].subs[si as usize].counters.len()
-                }
-            })
-            .collect();
+        Kinds {
+            sub_of: st.sub_of,
+            layouts: st.layouts,
+            sub_counters: st.sub_counters,
+        } = Kinds::of(&rules);
         st.stats
             .active_by_profile
             .resize(rules.record_profile_count(), 0);

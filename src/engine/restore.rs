@@ -18,13 +18,17 @@
 //! part of the fingerprint: deadlines are recomputed with the current rules, and a session placed
 //! in a wheel bucket later than its new deadline is moved forward. Records the table or the arena
 //! has no room for are not dropped unannounced: [`Engine::end_unrestored`] ends them as an
-//! eviction would, each with its marker and its data.
+//! eviction would, each with its marker and its data. Nor are those of a changed profile, when
+//! the snapshot kept the configuration it was written with ([`Engine::restore_from_with`]):
+//! they are validated against that configuration's rules and ended with them, rendered as the
+//! old profile rendered them.
 //!
 //! Sessions whose deadline passed while the process was down are ordinary wheel entries at or
 //! before their deadline second: the first `advance(Clock::Wall(now))` drains and ends them with
 //! their normal reason, once (ending releases the record).
 
 use std::hash::BuildHasher;
+use std::sync::Arc;
 
 use super::markers::{self, Summary};
 use super::payload;
@@ -35,8 +39,8 @@ use super::snapshot::{
 };
 use super::table::{Head, FLAGS_ENGINE, NIL};
 use super::wheel::Wheel;
-use super::{due_s, fnv1a32, shard_of, EndReason, Engine, Out, State, FLAG_SUB};
-use crate::config::RECORD_BYTES_MAX;
+use super::{due_s, fnv1a32, shard_of, EndReason, Engine, Kinds, Out, State, Stats, FLAG_SUB};
+use crate::config::{Config, RECORD_BYTES_MAX};
 
 impl Engine {
     /// Import the sessions of `body` that shard `shard` of `shards` owns. Call it once per
@@ -47,6 +51,20 @@ impl Engine {
         body: &ArchivedSnapshotBody,
         shards: u32,
         shard: u32,
+    ) -> RestoreReport {
+        self.restore_from_with(body, shards, shard, None)
+    }
+
+    /// [`Engine::restore_from`], given the configuration text the snapshot kept
+    /// (`LoadedSnapshot::config`): the records of a profile whose session data changed since, or
+    /// that is gone, are then not dropped but checked against that configuration's rules
+    /// (`report.retired`), for [`Engine::end_unrestored`] to end with their data.
+    pub fn restore_from_with(
+        &mut self,
+        body: &ArchivedSnapshotBody,
+        shards: u32,
+        shard: u32,
+        config: Option<&str>,
     ) -> RestoreReport {
         assert!(shards > 0 && shard < shards, "shard {shard} of {shards}");
         assert!(
@@ -85,19 +103,35 @@ impl Engine {
             }
         }
         if !report.exact {
+            let previous = match config {
+                Some(text) if map.iter().any(Option::is_none) => {
+                    Previous::compile(text, body, &map).map(Arc::new)
+                }
+                _ => None,
+            };
             st.restore_clocks(body, &map, false);
-            st.import_compact(rules, body, &map, shards, shard, &mut report);
+            st.import_compact(
+                rules,
+                body,
+                &map,
+                previous.as_deref(),
+                shards,
+                shard,
+                &mut report,
+            );
+            report.unplaced.previous = previous;
         }
         st.stats.blocks_used = u64::from(st.arena.blocks_total() - st.arena.blocks_free());
         if report.dropped() > 0 || !report.changed_profiles.is_empty() {
             log::warn!(
-                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; not restored: {} of changed or removed profiles {:?}, {} invalid, {} without room (ended as evicted)",
+                "snapshot of shard {} generation {}: {} sessions and {} sub-sessions restored; not restored: {} of changed or removed profiles {:?} (ended as evicted, with the configuration the snapshot kept), {} more of them (dropped: the snapshot kept no configuration that describes them), {} invalid, {} without room (ended as evicted)",
                 body.shard.to_native(),
                 body.generation.to_native(),
                 report.sessions,
                 report.sub_sessions,
-                report.profile_changed,
+                report.retired,
                 report.changed_profiles,
+                report.profile_changed,
                 report.invalid,
                 report.no_room
             );
@@ -106,23 +140,122 @@ impl Engine {
     }
 }
 
-/// The archived records a compact restore had no room for, in archive order (a session before
-/// its sub-sessions), to be ended by [`Engine::end_unrestored`].
-#[derive(Clone, Default, PartialEq, Eq)]
+/// The archived records a compact restore did not import but ends, each list in archive order
+/// (a session before its sub-sessions): those it had no room for, and those of profiles that
+/// changed, checked against the rules of the configuration the snapshot kept. Ended by
+/// [`Engine::end_unrestored`].
+#[derive(Clone, Default)]
 pub struct Unplaced {
+    /// Checked against the current rules.
     records: Vec<Checked>,
     ended: usize,
+    /// Checked against `previous`.
+    retired: Vec<Checked>,
+    retired_ended: usize,
+    previous: Option<Arc<Previous>>,
 }
 
 impl Unplaced {
     pub fn is_empty(&self) -> bool {
-        self.ended == self.records.len()
+        self.ended == self.records.len() && self.retired_ended == self.retired.len()
     }
 }
 
+impl PartialEq for Unplaced {
+    /// The records and how far they are ended (the rules they were checked against follow
+    /// from the archive).
+    fn eq(&self, other: &Unplaced) -> bool {
+        (&self.records, self.ended, &self.retired, self.retired_ended)
+            == (
+                &other.records,
+                other.ended,
+                &other.retired,
+                other.retired_ended,
+            )
+    }
+}
+
+impl Eq for Unplaced {}
+
 impl std::fmt::Debug for Unplaced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} of {} ended", self.ended, self.records.len())
+        write!(
+            f,
+            "{} of {} without room ended, {} of {} of changed profiles ended",
+            self.ended,
+            self.records.len(),
+            self.retired_ended,
+            self.retired.len()
+        )
+    }
+}
+
+/// The rules of the configuration a snapshot kept, for its records of profiles that changed
+/// since (or are gone): they are validated against these rules and ended with them, their
+/// markers rendered as the old profile rendered them.
+pub(super) struct Previous {
+    rules: Rules,
+    kinds: Kinds,
+    /// Archived record profile -> record profile of `rules` (every one `rules` describes as
+    /// the archive does: a sub-session kind that did not change still ends with its parent).
+    map: Vec<Option<u8>>,
+}
+
+impl Previous {
+    /// None, with a warning, when the text no longer loads, or when none of the archive's
+    /// changed profiles is in it as the archive describes it (its name and fingerprint).
+    fn compile(
+        text: &str,
+        body: &ArchivedSnapshotBody,
+        current: &[Option<u8>],
+    ) -> Option<Previous> {
+        let rules = match Config::from_toml(text).and_then(|cfg| Rules::compile(&cfg)) {
+            Ok(rules) => rules,
+            Err(e) => {
+                log::warn!(
+                    "the configuration the snapshot kept does not load any more ({e}): the sessions of its changed profiles cannot be ended with their data"
+                );
+                return None;
+            }
+        };
+        let old = profile_descriptors(&rules);
+        let map: Vec<Option<u8>> = body
+            .profiles
+            .iter()
+            .map(|image| {
+                old.iter()
+                    .position(|(name, descriptor, _)| {
+                        name.as_str() == image.name.as_str()
+                            && fnv1a64(descriptor.as_bytes()) == image.fingerprint.to_native()
+                    })
+                    .and_then(|q| u8::try_from(q).ok())
+            })
+            .collect();
+        if !map
+            .iter()
+            .zip(current)
+            .any(|(then, now)| then.is_some() && now.is_none())
+        {
+            log::warn!(
+                "the configuration the snapshot kept does not describe its changed profiles: their sessions cannot be ended with their data"
+            );
+            return None;
+        }
+        Some(Previous {
+            kinds: Kinds::of(&rules),
+            rules,
+            map,
+        })
+    }
+
+    fn against(&self) -> Against<'_> {
+        Against {
+            rules: &self.rules,
+            map: &self.map,
+            layouts: &self.kinds.layouts,
+            sub_counters: &self.kinds.sub_counters,
+            key_bytes_max: self.rules.key_bytes_max as usize,
+        }
     }
 }
 
@@ -133,41 +266,118 @@ impl Engine {
     /// `evicted`. Nothing of an archive is dropped unannounced for want of room. Stops once
     /// `out` is half full and returns whether some are left: call again after handing `out`
     /// over, so that it never grows.
+    ///
+    /// The records of changed profiles (`report.retired`) end the same way, rendered with the
+    /// rules of the configuration the snapshot kept: the old sessions end with the data they
+    /// had, and the log's events after the snapshot open new sessions under the new profiles.
     pub fn end_unrestored(
         &mut self,
         body: &ArchivedSnapshotBody,
         unplaced: &mut Unplaced,
         out: &mut Out,
     ) -> bool {
-        let rules = &*self.rules;
+        let stats = &mut self.st.stats;
+        let now = Ending {
+            rules: &self.rules,
+            sub_of: &self.st.sub_of,
+            body,
+        };
+        if now.end_all(&unplaced.records, &mut unplaced.ended, stats, out) {
+            return true;
+        }
+        match &unplaced.previous {
+            Some(previous) => Ending {
+                rules: &previous.rules,
+                sub_of: &previous.kinds.sub_of,
+                body,
+            }
+            .end_all(&unplaced.retired, &mut unplaced.retired_ended, stats, out),
+            None => false,
+        }
+    }
+}
+
+/// Ends archived records that are not in the engine, rendered with `rules`.
+struct Ending<'a> {
+    rules: &'a Rules,
+    /// `rules`' record profile -> (parent profile, sub index), for sub-session kinds.
+    sub_of: &'a [(u8, u8)],
+    body: &'a ArchivedSnapshotBody,
+}
+
+impl Ending<'_> {
+    /// Ends `list[*ended..]` as `Engine::end_unrestored` describes; true when it stopped at a
+    /// half-full `out`.
+    fn end_all(
+        &self,
+        list: &[Checked],
+        ended: &mut usize,
+        stats: &mut Stats,
+        out: &mut Out,
+    ) -> bool {
+        let body = self.body;
         let is_sub_of = |c: &Checked, parent: u32| {
             let r = &body.records[c.index as usize];
             r.flags & FLAG_SUB != 0 && r.parent.to_native() == parent
         };
-        while let Some(&c) = unplaced.records.get(unplaced.ended) {
+        while let Some(&c) = list.get(*ended) {
             if out.half_full() {
                 return true;
             }
             if body.records[c.index as usize].flags & FLAG_SUB != 0 {
                 // Its parent was restored.
-                self.st
-                    .end_unplaced(rules, body, &c, EndReason::Evicted, out);
-                unplaced.ended += 1;
+                self.end(&c, EndReason::Evicted, stats, out);
+                *ended += 1;
                 continue;
             }
-            let subs = unplaced.records[unplaced.ended + 1..]
+            let subs = list[*ended + 1..]
                 .iter()
                 .take_while(|s| is_sub_of(s, c.index))
                 .count();
-            for s in &unplaced.records[unplaced.ended + 1..][..subs] {
-                self.st
-                    .end_unplaced(rules, body, s, EndReason::ParentEnded, out);
+            for s in &list[*ended + 1..][..subs] {
+                self.end(s, EndReason::ParentEnded, stats, out);
             }
-            self.st
-                .end_unplaced(rules, body, &c, EndReason::Evicted, out);
-            unplaced.ended += 1 + subs;
+            self.end(&c, EndReason::Evicted, stats, out);
+            *ended += 1 + subs;
         }
         false
+    }
+
+    /// Emits the end marker of archived record `c`, which is not in the engine, with `reason`;
+    /// a sub-session's names its parent, the archived record its `parent` field gives.
+    fn end(&self, c: &Checked, reason: EndReason, stats: &mut Stats, out: &mut Out) {
+        let (rules, body) = (self.rules, self.body);
+        let payload = body.payload.as_slice();
+        let r = &body.records[c.index as usize];
+        let bytes = &payload[c.off..c.off + c.len];
+        let key_len = r.key_len.to_native() as usize;
+        let s = Summary {
+            id: r.id.to_native(),
+            start_ts: r.start_ts.to_native(),
+            last_ts: r.last_ts.to_native(),
+            count: r.count.to_native(),
+        };
+        if r.flags & FLAG_SUB == 0 {
+            let rule = &rules.profiles[c.profile as usize];
+            markers::session_end(out, rule, &bytes[..key_len], s, reason, bytes);
+            stats.sessions_ended[reason as usize] += 1;
+            stats.evictions += 1;
+            return;
+        }
+        // `check_record` passed both records and `names_parent` the pair: the ranges lie in
+        // the payload.
+        let pr = &body.records[r.parent.to_native() as usize];
+        let poff = pr.payload_off.to_native() as usize;
+        let parent_key = &payload[poff..poff + pr.key_len.to_native() as usize];
+        let (pp, si) = self.sub_of[c.profile as usize];
+        let rule = &rules.profiles[pp as usize];
+        let sub = &rule.subs[si as usize];
+        let sub_key = sub.key.map(|_| &bytes[8..key_len]);
+        let parent_id = pr.id.to_native();
+        markers::sub_session_end(
+            out, rule, sub, parent_key, sub_key, s, parent_id, reason, bytes, key_len,
+        );
+        stats.sub_sessions_ended += 1;
     }
 }
 
@@ -203,12 +413,15 @@ impl State {
     }
 
     /// Compact mode: every importable record this shard owns, in a fresh slot, its key chain and
-    /// wheel bucket rebuilt; the others are counted in `report`.
+    /// wheel bucket rebuilt; the others are counted in `report`. Those of changed profiles are
+    /// checked against `previous`, when given, and kept to be ended (`report.retired`).
+    #[allow(clippy::too_many_arguments)]
     fn import_compact(
         &mut self,
         rules: &Rules,
         body: &ArchivedSnapshotBody,
         map: &[Option<u8>],
+        previous: Option<&Previous>,
         shards: u32,
         shard: u32,
         report: &mut RestoreReport,
@@ -245,6 +458,21 @@ impl State {
                         }
                         continue;
                     }
+                    &Top::Retired { index } => {
+                        match previous.map(|p| p.against().check(body, i)) {
+                            Some(Ok(c))
+                                if r.parent.to_native() == index && names_parent(body, &c) =>
+                            {
+                                report.retired += 1;
+                                report.unplaced.retired.push(c);
+                            }
+                            Some(Err(Reject::ProfileChanged)) | None => {
+                                report.profile_changed += 1;
+                            }
+                            _ => report.invalid += 1,
+                        }
+                        continue;
+                    }
                     &Top::Dropped(why) => {
                         match why {
                             Lost::ProfileChanged => report.profile_changed += 1,
@@ -265,9 +493,32 @@ impl State {
             let checked = match self.check_record(rules, body, map, i) {
                 Ok(c) => c,
                 Err(Reject::ProfileChanged) => {
-                    report.profile_changed += 1;
-                    if !is_sub {
-                        top = Top::Dropped(Lost::ProfileChanged);
+                    // A sub-session here has a restored parent (`top`), which it ends before.
+                    let retired = previous
+                        .and_then(|p| p.against().check(body, i).ok())
+                        .filter(|c| !is_sub || names_parent(body, c));
+                    let owned = |c: &Checked| {
+                        let key = &payload[c.off..c.off + r.key_len.to_native() as usize];
+                        shard_of(fnv1a32(key), shards) == shard
+                    };
+                    match retired {
+                        Some(c) if !is_sub && !owned(&c) => {
+                            report.other_shard += 1;
+                            top = Top::OtherShard;
+                        }
+                        Some(c) => {
+                            report.retired += 1;
+                            report.unplaced.retired.push(c);
+                            if !is_sub {
+                                top = Top::Retired { index: c.index };
+                            }
+                        }
+                        None => {
+                            report.profile_changed += 1;
+                            if !is_sub {
+                                top = Top::Dropped(Lost::ProfileChanged);
+                            }
+                        }
                     }
                     continue;
                 }
@@ -394,49 +645,6 @@ impl State {
         self.stats.active_by_profile[p as usize] += 1;
     }
 
-    /// Emits the end marker of archived record `c`, which is not in the engine, with `reason`;
-    /// a sub-session's names its parent, the archived record its `parent` field gives.
-    fn end_unplaced(
-        &mut self,
-        rules: &Rules,
-        body: &ArchivedSnapshotBody,
-        c: &Checked,
-        reason: EndReason,
-        out: &mut Out,
-    ) {
-        let payload = body.payload.as_slice();
-        let r = &body.records[c.index as usize];
-        let bytes = &payload[c.off..c.off + c.len];
-        let key_len = r.key_len.to_native() as usize;
-        let s = Summary {
-            id: r.id.to_native(),
-            start_ts: r.start_ts.to_native(),
-            last_ts: r.last_ts.to_native(),
-            count: r.count.to_native(),
-        };
-        if r.flags & FLAG_SUB == 0 {
-            let rule = &rules.profiles[c.profile as usize];
-            markers::session_end(out, rule, &bytes[..key_len], s, reason, bytes);
-            self.stats.sessions_ended[reason as usize] += 1;
-            self.stats.evictions += 1;
-            return;
-        }
-        // `check_record` passed both records and `names_parent` the pair: the ranges lie in
-        // the payload.
-        let pr = &body.records[r.parent.to_native() as usize];
-        let poff = pr.payload_off.to_native() as usize;
-        let parent_key = &payload[poff..poff + pr.key_len.to_native() as usize];
-        let (pp, si) = self.sub_of[c.profile as usize];
-        let rule = &rules.profiles[pp as usize];
-        let sub = &rule.subs[si as usize];
-        let sub_key = sub.key.map(|_| &bytes[8..key_len]);
-        let parent_id = pr.id.to_native();
-        markers::sub_session_end(
-            out, rule, sub, parent_key, sub_key, s, parent_id, reason, bytes, key_len,
-        );
-        self.stats.sub_sessions_ended += 1;
-    }
-
     /// Records sub-session `slot` at position `pos` of its parent's sub-session slots.
     /// The slot at position `pos` of `parent_slot`'s sub-session slots (`NIL`: none).
     fn sub_slot(&self, parent_slot: u32, pos: usize) -> u32 {
@@ -462,6 +670,95 @@ impl State {
     }
 }
 
+/// What validating a record needs of the rules it is checked against: the current ones, or
+/// those of the configuration a snapshot kept ([`Previous`]).
+struct Against<'a> {
+    rules: &'a Rules,
+    /// Archived record profile -> record profile of `rules`.
+    map: &'a [Option<u8>],
+    layouts: &'a [Layout],
+    sub_counters: &'a [usize],
+    key_bytes_max: usize,
+}
+
+impl Against<'_> {
+    /// Validates one record, its captured values included.
+    fn check(&self, body: &ArchivedSnapshotBody, index: usize) -> Result<Checked, Reject> {
+        let (rules, map) = (self.rules, self.map);
+        let r = &body.records[index];
+        let index = index as u32;
+        let old = r.profile as usize;
+        let Some(&mapped) = map.get(old) else {
+            return Err(Reject::Invalid("profile index out of range"));
+        };
+        let Some(p) = mapped else {
+            return Err(Reject::ProfileChanged);
+        };
+        let is_sub = r.flags & FLAG_SUB != 0;
+        let top = self.layouts.len();
+        if is_sub != (p as usize >= top) {
+            return Err(Reject::Invalid(
+                "sub-session flag disagrees with the profile kind",
+            ));
+        }
+        let payload = body.payload.as_slice();
+        let off = usize::try_from(r.payload_off.to_native())
+            .map_err(|_| Reject::Invalid("payload offset"))?;
+        let len = r.payload_len.to_native() as usize;
+        if off.checked_add(len).is_none_or(|end| end > payload.len()) {
+            return Err(Reject::Invalid("payload range outside the archive"));
+        }
+        if len > RECORD_BYTES_MAX {
+            return Err(Reject::Invalid("payload longer than a record may be"));
+        }
+        let (start_ts, last_ts) = (r.start_ts.to_native(), r.last_ts.to_native());
+        if !(-TS_ABS_MAX..=TS_ABS_MAX).contains(&start_ts)
+            || !(start_ts..=TS_ABS_MAX).contains(&last_ts)
+        {
+            return Err(Reject::Invalid("timestamps out of range"));
+        }
+        let bytes = &payload[off..off + len];
+        let key_len = r.key_len.to_native() as usize;
+        if is_sub {
+            let n = self.sub_counters[p as usize];
+            if key_len < 8
+                || key_len > self.key_bytes_max + 8
+                || len != key_len + 4 * n + 2
+                || payload::get_u16(bytes, key_len + 4 * n) != 0
+            {
+                return Err(Reject::Invalid(
+                    "sub-session payload does not match its kind",
+                ));
+            }
+        } else {
+            let l = &self.layouts[p as usize];
+            if key_len > self.key_bytes_max || len < key_len + l.fixed_bytes {
+                return Err(Reject::Invalid(
+                    "payload shorter than its key and fixed part",
+                ));
+            }
+            let var_len = payload::get_u16(bytes, key_len + l.var_len_off) as usize;
+            if len != key_len + l.fixed_bytes + var_len {
+                return Err(Reject::Invalid("payload length disagrees with its var_len"));
+            }
+            let rule = &rules.profiles[p as usize];
+            if !var_area_ok(
+                &bytes[key_len + l.fixed_bytes..],
+                rule.metadata.len() + rule.state.len(),
+                rule.lists.len(),
+            ) {
+                return Err(Reject::Invalid("malformed captured values"));
+            }
+        }
+        Ok(Checked {
+            index,
+            profile: p,
+            off,
+            len,
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Import helpers.
 // ---------------------------------------------------------------------------------------------
@@ -484,6 +781,11 @@ enum Top {
     Dropped(Lost),
     /// Without room: it and its sub-sessions wait in [`Unplaced`] to be ended.
     Evicted {
+        index: u32,
+    },
+    /// Of a changed profile: it and its sub-sessions wait in [`Unplaced`] to be ended with the
+    /// rules of the configuration the snapshot kept.
+    Retired {
         index: u32,
     },
 }
@@ -632,6 +934,28 @@ pub(crate) fn profile_map(
         .collect()
 }
 
+/// Per archived record profile: whether `Engine::restore_from_with` given `config` ends its
+/// records with their data (its profile changed, `map` gives it no current one, and `config`
+/// describes it as the archive does).
+pub(crate) fn retirable(
+    config: Option<&str>,
+    body: &ArchivedSnapshotBody,
+    map: &[Option<u8>],
+) -> Vec<bool> {
+    let previous = config
+        .filter(|_| map.iter().any(Option::is_none))
+        .and_then(|text| Previous::compile(text, body, map));
+    match previous {
+        Some(p) => p
+            .map
+            .iter()
+            .zip(map)
+            .map(|(then, now)| then.is_some() && now.is_none())
+            .collect(),
+        None => vec![false; map.len()],
+    }
+}
+
 /// Position in the parent's sub-session slots (as archived) that names `old_slot`.
 fn sub_position(
     body: &ArchivedSnapshotBody,
@@ -705,7 +1029,7 @@ impl State {
         Some((p, hash))
     }
 
-    /// Validates one record, its captured values included.
+    /// Validates one record against the current rules, its captured values included.
     fn check_record(
         &self,
         rules: &Rules,
@@ -713,77 +1037,14 @@ impl State {
         map: &[Option<u8>],
         index: usize,
     ) -> Result<Checked, Reject> {
-        let r = &body.records[index];
-        let index = index as u32;
-        let old = r.profile as usize;
-        let Some(&mapped) = map.get(old) else {
-            return Err(Reject::Invalid("profile index out of range"));
-        };
-        let Some(p) = mapped else {
-            return Err(Reject::ProfileChanged);
-        };
-        let is_sub = r.flags & FLAG_SUB != 0;
-        let top = self.layouts.len();
-        if is_sub != (p as usize >= top) {
-            return Err(Reject::Invalid(
-                "sub-session flag disagrees with the profile kind",
-            ));
+        Against {
+            rules,
+            map,
+            layouts: &self.layouts,
+            sub_counters: &self.sub_counters,
+            key_bytes_max: self.key_bytes_max,
         }
-        let payload = body.payload.as_slice();
-        let off = usize::try_from(r.payload_off.to_native())
-            .map_err(|_| Reject::Invalid("payload offset"))?;
-        let len = r.payload_len.to_native() as usize;
-        if off.checked_add(len).is_none_or(|end| end > payload.len()) {
-            return Err(Reject::Invalid("payload range outside the archive"));
-        }
-        if len > RECORD_BYTES_MAX {
-            return Err(Reject::Invalid("payload longer than a record may be"));
-        }
-        let (start_ts, last_ts) = (r.start_ts.to_native(), r.last_ts.to_native());
-        if !(-TS_ABS_MAX..=TS_ABS_MAX).contains(&start_ts)
-            || !(start_ts..=TS_ABS_MAX).contains(&last_ts)
-        {
-            return Err(Reject::Invalid("timestamps out of range"));
-        }
-        let bytes = &payload[off..off + len];
-        let key_len = r.key_len.to_native() as usize;
-        if is_sub {
-            let n = self.sub_counters[p as usize];
-            if key_len < 8
-                || key_len > self.key_bytes_max + 8
-                || len != key_len + 4 * n + 2
-                || payload::get_u16(bytes, key_len + 4 * n) != 0
-            {
-                return Err(Reject::Invalid(
-                    "sub-session payload does not match its kind",
-                ));
-            }
-        } else {
-            let l = &self.layouts[p as usize];
-            if key_len > self.key_bytes_max || len < key_len + l.fixed_bytes {
-                return Err(Reject::Invalid(
-                    "payload shorter than its key and fixed part",
-                ));
-            }
-            let var_len = payload::get_u16(bytes, key_len + l.var_len_off) as usize;
-            if len != key_len + l.fixed_bytes + var_len {
-                return Err(Reject::Invalid("payload length disagrees with its var_len"));
-            }
-            let rule = &rules.profiles[p as usize];
-            if !var_area_ok(
-                &bytes[key_len + l.fixed_bytes..],
-                rule.metadata.len() + rule.state.len(),
-                rule.lists.len(),
-            ) {
-                return Err(Reject::Invalid("malformed captured values"));
-            }
-        }
-        Ok(Checked {
-            index,
-            profile: p,
-            off,
-            len,
-        })
+        .check(body, index)
     }
 
     /// Whether `body` may be restored exactly, by what is known before reading its records: the

@@ -199,6 +199,8 @@ pub struct Rules {
     pub subs_per_session_max: u32,
     pub key_bytes_max: u32,
     pub value_bytes_max: u32,
+    /// The configuration text these rules were compiled from ([`Config::source`]).
+    pub source: String,
 }
 
 impl Rules {
@@ -213,6 +215,7 @@ impl Rules {
                 subs_per_session_max: cfg.limits.sub_sessions_per_session_max,
                 key_bytes_max: cfg.limits.key_bytes_max,
                 value_bytes_max: cfg.limits.value_bytes_max,
+                source: cfg.source.clone(),
             },
         };
         let top = cfg.profiles.len();

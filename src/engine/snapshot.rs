@@ -84,8 +84,13 @@ pub struct RestoreReport {
     pub sub_sessions: u64,
     /// Records (and their sub-sessions) whose key another shard owns now.
     pub other_shard: u64,
-    /// Records of a profile that changed or no longer exists.
+    /// Records of a profile that changed or no longer exists, dropped: the snapshot kept no
+    /// configuration that describes them (see `retired`).
     pub profile_changed: u64,
+    /// Records of a profile that changed or no longer exists, checked against the rules of the
+    /// configuration the snapshot kept, to be ended with them by
+    /// [`super::Engine::end_unrestored`].
+    pub retired: u64,
     /// Records that failed validation.
     pub invalid: u64,
     /// Records refused because the table or the arena is full.
@@ -94,13 +99,13 @@ pub struct RestoreReport {
     pub exact: bool,
     /// Names of archived profiles whose records were not imported.
     pub changed_profiles: Vec<String>,
-    /// The records counted in `no_room`, for [`super::Engine::end_unrestored`].
+    /// The records counted in `no_room` and `retired`, for [`super::Engine::end_unrestored`].
     pub unplaced: super::restore::Unplaced,
 }
 
 impl RestoreReport {
     pub fn dropped(&self) -> u64 {
-        self.profile_changed + self.invalid + self.no_room
+        self.profile_changed + self.retired + self.invalid + self.no_room
     }
 }
 

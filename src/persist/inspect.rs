@@ -180,6 +180,15 @@ fn print_header(path: &Path, h: &SnapshotHeader, out: &mut dyn Write) -> std::io
         "body:           {} bytes, CRC-32 {:08x}",
         h.body_len, h.body_crc32
     )?;
+    if h.config_len > 0 {
+        writeln!(
+            out,
+            "configuration:  {} bytes, CRC-32 {:08x} (the rules' TOML, after the body)",
+            h.config_len, h.config_crc32
+        )?;
+    } else {
+        writeln!(out, "configuration:  none")?;
+    }
     writeln!(
         out,
         "log_seq:        {} (recovery replays the log after this record)",

@@ -1,7 +1,8 @@
 //! What a start on a configuration would do with the durable state in its persist directory,
 //! found without changing anything there: `check-config` prints it, so that an operator learns
-//! before a restart, not from its log after, that a changed profile's open sessions will not come
-//! back or that the table no longer holds them all. It reads what recovery reads (the shard
+//! before a restart, not from its log after, that a changed profile's open sessions will end at
+//! the start (or, with no configuration in the snapshot to render them, vanish) or that the table
+//! no longer holds them all. It reads what recovery reads (the shard
 //! count, each shard's newest valid snapshot) and judges the snapshot's profiles by the rule
 //! restore applies (name and fingerprint). It restores nothing: it costs what opening the
 //! snapshots costs (their checksums) and one pass over their records.
@@ -9,7 +10,7 @@
 use std::path::Path;
 
 use crate::config::{Config, Memory};
-use crate::engine::restore::profile_map;
+use crate::engine::restore::{profile_map, retirable};
 use crate::engine::rules::Rules;
 use crate::engine::snapshot::{RestoreReport, RECORD_FLAG_SUB};
 
@@ -26,8 +27,13 @@ pub struct ShardPreview {
     pub rejected: usize,
     pub sessions: u64,
     pub sub_sessions: u64,
-    /// Profiles of the snapshot whose records will not be restored (changed or removed), with
-    /// their records (sessions and sub-sessions).
+    /// Profiles of the snapshot whose records will not be restored (changed or removed) and
+    /// that the configuration the snapshot kept describes: their records (sessions and
+    /// sub-sessions) end at start, as evicted, with their data.
+    pub ended: Vec<(String, u64)>,
+    /// The other changed or removed profiles, whose records are dropped without a marker (a
+    /// snapshot written before snapshots kept the configuration, or one whose configuration no
+    /// longer loads).
     pub dropped: Vec<(String, u64)>,
     /// Records the table (`memory.max_sessions`) or the arena (`memory.arena_bytes`) has no room
     /// for, with the sub-sessions of those: ended as evicted at start.
@@ -72,19 +78,17 @@ fn shard_preview(
     let body = snap.body();
     let mut report = RestoreReport::default();
     let map = profile_map(rules, body, &mut report);
+    let retired = retirable(snap.config(), body, &map);
     // A sub-session kind (`parent/sub`) is reported under its parent, whose change drops it too.
     let top_name = |name: &str| name.split('/').next().unwrap_or(name).to_string();
-    for name in &report.changed_profiles {
-        let top = top_name(name);
-        if !p.dropped.iter().any(|(n, _)| *n == top) {
-            p.dropped.push((top, 0));
-        }
-    }
     // Room as a compact restore into a fresh engine takes it: records in archive order, each a
-    // table slot and its payload's blocks; a session without room takes its sub-sessions along.
+    // table slot and its payload's blocks. A sub-session shares its parent's fate: no room, or
+    // its profile's change.
     let block_bytes = u64::from(memory.block_bytes);
     let blocks_total = memory.arena_bytes.0 / block_bytes;
-    let (mut slots, mut blocks, mut parent_placed) = (0u64, 0u64, false);
+    let (mut slots, mut blocks) = (0u64, 0u64);
+    // The last session's fate: placed, or changed (as record profile `old`).
+    let mut parent: Result<(), Option<usize>> = Err(None);
     for r in body.records.iter() {
         let is_sub = r.flags & RECORD_FLAG_SUB != 0;
         if is_sub {
@@ -93,31 +97,43 @@ fn shard_preview(
             p.sessions += 1;
         }
         let old = r.profile as usize;
-        match map.get(old) {
-            Some(Some(_)) => {
-                let need = u64::from(r.payload_len.to_native())
-                    .div_ceil(block_bytes)
-                    .max(1);
-                let fits = (!is_sub || parent_placed)
-                    && slots < u64::from(memory.max_sessions)
-                    && blocks + need <= blocks_total;
-                if fits {
-                    slots += 1;
-                    blocks += need;
-                } else {
-                    p.over_capacity += 1;
-                }
-                if !is_sub {
-                    parent_placed = fits;
-                }
+        let changed = match (is_sub, parent, map.get(old)) {
+            (true, Err(Some(top)), _) => Some(top),
+            (_, _, Some(None)) => Some(old),
+            _ => None,
+        };
+        if let Some(changed) = changed {
+            let top = top_name(body.profiles[changed].name.as_str());
+            // A changed sub-session of a session without room is dropped: the ends of changed
+            // profiles come after those of sessions without room, too late for its parent's.
+            let ends = retired[changed] && !(is_sub && parent == Err(None));
+            let list = if ends { &mut p.ended } else { &mut p.dropped };
+            match list.iter_mut().find(|(n, _)| *n == top) {
+                Some((_, n)) => *n += 1,
+                None => list.push((top, 1)),
             }
-            Some(None) => {
-                let top = top_name(body.profiles[old].name.as_str());
-                if let Some((_, n)) = p.dropped.iter_mut().find(|(n, _)| *n == top) {
-                    *n += 1;
-                }
+            if !is_sub {
+                parent = Err(Some(old));
             }
-            None => {}
+            continue;
+        }
+        if map.get(old).is_none() {
+            continue;
+        }
+        let need = u64::from(r.payload_len.to_native())
+            .div_ceil(block_bytes)
+            .max(1);
+        let fits = (!is_sub || parent.is_ok())
+            && slots < u64::from(memory.max_sessions)
+            && blocks + need <= blocks_total;
+        if fits {
+            slots += 1;
+            blocks += need;
+        } else {
+            p.over_capacity += 1;
+        }
+        if !is_sub {
+            parent = if fits { Ok(()) } else { Err(None) };
         }
     }
     Ok(p)
@@ -142,6 +158,11 @@ pub fn describe(dir: &str, previews: &[ShardPreview]) -> Vec<String> {
             lines.push(format!(
                 "warning: shard {s}: {} newer snapshot file(s) do not load and will be skipped (the start-up log names why)",
                 p.rejected
+            ));
+        }
+        for (name, records) in p.ended.iter().filter(|(_, n)| *n > 0) {
+            lines.push(format!(
+                "warning: shard {s}: profile \"{name}\" changed its session data (key, time mode, captured fields, counters, aggregates, lists or sub-sessions) or was removed: its {records} open sessions and sub-sessions in the snapshot will end at start, as evicted, with the data they have (rendered by the profile as the snapshot's configuration had it); to let them run their course instead, retire the profile (docs/operations.md, \"Changing a profile's session data\")"
             ));
         }
         for (name, records) in p.dropped.iter().filter(|(_, n)| *n > 0) {

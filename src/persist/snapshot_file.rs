@@ -37,8 +37,15 @@ use crate::engine::Engine;
 
 pub const MAGIC: [u8; 8] = *b"SZSNAP01";
 /// 2: a session payload's var area holds state values before metadata values (1: after), and
-/// head flag bit 1 marks metadata fully captured.
-pub const FORMAT_VERSION: u32 = 2;
+/// head flag bit 1 marks metadata fully captured. 3: the configuration text the rules were
+/// compiled from follows the body (header bytes 104..112 give its length and CRC-32).
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest version read: a version 2 file is a version 3 file without the configuration.
+const FORMAT_VERSION_MIN: u32 = 2;
+/// The largest configuration section written or read. A larger configuration is left out of
+/// the snapshot (with a warning): a restart that changes its profiles then cannot end the old
+/// profiles' sessions with their data.
+pub const CONFIG_BYTES_MAX: usize = 1 << 20;
 pub const HEADER_BYTES: usize = 128;
 /// Offset of the header checksum: CRC-32 of bytes `0..HEADER_CRC_AT`.
 const HEADER_CRC_AT: usize = 124;
@@ -63,10 +70,13 @@ pub struct SnapshotHeader {
     pub wheel_cursor_s: i64,
     pub sessions: u64,
     pub sub_sessions: u64,
+    /// Bytes of the configuration text after the body (0: none), and its CRC-32.
+    pub config_len: u32,
+    pub config_crc32: u32,
 }
 
 impl SnapshotHeader {
-    fn new(meta: &SnapshotMeta, s: &SnapshotSummary) -> SnapshotHeader {
+    fn new(meta: &SnapshotMeta, s: &SnapshotSummary, config: &[u8]) -> SnapshotHeader {
         SnapshotHeader {
             version: FORMAT_VERSION,
             shard: meta.shard,
@@ -81,6 +91,8 @@ impl SnapshotHeader {
             wheel_cursor_s: s.wheel_cursor_s,
             sessions: s.sessions,
             sub_sessions: s.sub_sessions,
+            config_len: config.len() as u32,
+            config_crc32: crc32fast::hash(config),
         }
     }
 
@@ -102,7 +114,9 @@ impl SnapshotHeader {
         b[80..88].copy_from_slice(&self.wheel_cursor_s.to_le_bytes());
         b[88..96].copy_from_slice(&self.sessions.to_le_bytes());
         b[96..104].copy_from_slice(&self.sub_sessions.to_le_bytes());
-        // 104..124: reserved, zero.
+        b[104..108].copy_from_slice(&self.config_len.to_le_bytes());
+        b[108..112].copy_from_slice(&self.config_crc32.to_le_bytes());
+        // 112..124: reserved, zero.
         let crc = crc32fast::hash(&b[..HEADER_CRC_AT]);
         b[HEADER_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         b
@@ -121,8 +135,12 @@ impl SnapshotHeader {
             return Err("header checksum mismatch");
         }
         let version = u32_at(8);
-        if version != FORMAT_VERSION {
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version) {
             return Err("unsupported format version");
+        }
+        let config_len = u32_at(104);
+        if config_len as usize > CONFIG_BYTES_MAX {
+            return Err("configuration section larger than a snapshot keeps");
         }
         if u32_at(12) as usize != HEADER_BYTES {
             return Err("unexpected header length");
@@ -146,6 +164,9 @@ impl SnapshotHeader {
             wheel_cursor_s: u64_at(80) as i64,
             sessions: u64_at(88),
             sub_sessions: u64_at(96),
+            // Reserved and zero in version 2.
+            config_len,
+            config_crc32: u32_at(108),
         })
     }
 }
@@ -318,6 +339,8 @@ pub struct SnapshotWriter {
     file: File,
     header: [u8; HEADER_BYTES],
     body: AlignedVec,
+    /// The configuration section, after the body.
+    config: Vec<u8>,
     /// Bytes of header + body written so far.
     written: u64,
     stage: Stage,
@@ -374,6 +397,7 @@ impl SnapshotWriter {
             .truncate(true)
             .open(&tmp)
             .map_err(|e| SnapshotError::io(&tmp, "create", e))?;
+        let config = config_section(captured.config());
         Ok(SnapshotWriter {
             dir: dir.to_path_buf(),
             shard: meta.shard,
@@ -381,8 +405,9 @@ impl SnapshotWriter {
             path: dir.join(file_name(meta.shard, meta.generation)),
             tmp,
             file,
-            header: SnapshotHeader::new(&meta, &summary).encode(),
+            header: SnapshotHeader::new(&meta, &summary, &config).encode(),
             body,
+            config,
             written: 0,
             stage: Stage::Writing,
             summary,
@@ -399,7 +424,7 @@ impl SnapshotWriter {
 
     /// Total bytes of the file.
     pub fn file_bytes(&self) -> u64 {
-        (HEADER_BYTES + self.body.len()) as u64
+        (HEADER_BYTES + self.body.len() + self.config.len()) as u64
     }
 
     /// Bytes of the file written so far.
@@ -420,10 +445,13 @@ impl SnapshotWriter {
                 let start = self.written;
                 while budget > 0 && self.written < total {
                     let at = self.written as usize;
+                    let body_end = HEADER_BYTES + self.body.len();
                     let (src, src_at) = if at < HEADER_BYTES {
                         (&self.header[..], at)
-                    } else {
+                    } else if at < body_end {
                         (&self.body[..], at - HEADER_BYTES)
+                    } else {
+                        (&self.config[..], at - body_end)
                     };
                     let n = ((src.len() - src_at) as u64).min(budget) as usize;
                     let done = self.file.write_at(&src[src_at..src_at + n], self.written)?;
@@ -562,7 +590,10 @@ pub fn write_file(
         let summary = engine.write_snapshot(&mut w, meta).map_err(io("write"))?;
         w.flush().map_err(io("write"))?;
         drop(w);
-        let header = SnapshotHeader::new(&meta, &summary).encode();
+        let config = config_section(&engine.rules().source);
+        file.write_all_at(&config, HEADER_BYTES as u64 + summary.body_bytes)
+            .map_err(io("write configuration"))?;
+        let header = SnapshotHeader::new(&meta, &summary, &config).encode();
         file.write_all_at(&header, 0).map_err(io("write header"))?;
         file.sync_all().map_err(io("fsync"))?;
         Ok(summary)
@@ -579,6 +610,19 @@ pub fn write_file(
     fsync_dir(dir).map_err(|e| SnapshotError::io(dir, "fsync directory", e))?;
     prune(dir, meta.shard, meta.generation);
     Ok((path, summary))
+}
+
+/// The configuration section for `text`: empty when it is larger than [`CONFIG_BYTES_MAX`].
+fn config_section(text: &str) -> Vec<u8> {
+    if text.len() > CONFIG_BYTES_MAX {
+        log::warn!(
+            "the configuration ({} bytes) is larger than a snapshot keeps ({CONFIG_BYTES_MAX}); \
+             a restart that changes its profiles will not end their open sessions with their data",
+            text.len()
+        );
+        return Vec::new();
+    }
+    text.as_bytes().to_vec()
 }
 
 /// A validated snapshot file, mapped read-only.
@@ -621,7 +665,9 @@ impl LoadedSnapshot {
             path: path.to_path_buf(),
             reason,
         })?;
-        let expected = (HEADER_BYTES as u64).saturating_add(header.body_len);
+        let expected = (HEADER_BYTES as u64)
+            .saturating_add(header.body_len)
+            .saturating_add(u64::from(header.config_len));
         if expected != len {
             return Err(SnapshotError::Length {
                 path: path.to_path_buf(),
@@ -629,7 +675,16 @@ impl LoadedSnapshot {
                 found: len,
             });
         }
-        let body = &map[HEADER_BYTES..];
+        let body_end = HEADER_BYTES + header.body_len as usize;
+        let config = &map[body_end..];
+        if crc32fast::hash(config) != header.config_crc32 || std::str::from_utf8(config).is_err() {
+            return Err(SnapshotError::Mismatch {
+                path: path.to_path_buf(),
+                reason: "the configuration section does not match its checksum or is not UTF-8"
+                    .into(),
+            });
+        }
+        let body = &map[HEADER_BYTES..body_end];
         let (crc, archived) = check_body(body);
         if crc != header.body_crc32 {
             return Err(SnapshotError::Checksum {
@@ -671,7 +726,19 @@ impl LoadedSnapshot {
     pub fn body(&self) -> &ArchivedSnapshotBody {
         // SAFETY: `open` validated exactly these bytes with `rkyv::access` (bytecheck), and the
         // read-only mapping they live in is owned by `self` and never written.
-        unsafe { rkyv::access_unchecked::<ArchivedSnapshotBody>(&self.map[HEADER_BYTES..]) }
+        unsafe { rkyv::access_unchecked::<ArchivedSnapshotBody>(&self.map[self.body_range()]) }
+    }
+
+    fn body_range(&self) -> std::ops::Range<usize> {
+        HEADER_BYTES..HEADER_BYTES + self.header.body_len as usize
+    }
+
+    /// The configuration text the snapshot's rules were compiled from; `None` in a version 2
+    /// file, or when the configuration was too large to keep.
+    pub fn config(&self) -> Option<&str> {
+        let config = &self.map[self.body_range().end..];
+        // `open` checked it is UTF-8.
+        std::str::from_utf8(config).ok().filter(|c| !c.is_empty())
     }
 }
 

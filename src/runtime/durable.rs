@@ -854,12 +854,15 @@ pub async fn recover(
             ));
         }
         let t = Instant::now();
-        let mut report = st.engine.restore_from(s.body(), shards, id);
+        let mut report = st
+            .engine
+            .restore_from_with(s.body(), shards, id, s.config());
         rec.restore = t.elapsed();
         if report.dropped() > 0 {
             log::warn!("shard {id}: snapshot restore dropped records: {report:?}");
         }
-        // Sessions without room end now, as evicted, before the log's events meet their keys.
+        // Sessions without room, and those of profiles whose session data changed, end now, as
+        // evicted, before the log's events meet their keys.
         while st
             .engine
             .end_unrestored(s.body(), &mut report.unplaced, &mut st.out)

@@ -462,6 +462,7 @@ impl Coordinator {
         // Only the profiles apply live; validate them against the running limits and wheel.
         let effective = Config {
             profiles: new.profiles,
+            source: new.source,
             ..self.running.clone()
         };
         effective.validate().map_err(|e| {
