@@ -338,21 +338,26 @@ fn sighup_reloads_the_rules_and_a_broken_file_keeps_them() {
 /// The procedure of docs/operations.md, "Changing a profile's session data": a reload cannot
 /// change a profile's session data, so the changed profile is appended under a new name and the
 /// old one gets a `match` nothing satisfies. New events go to the new profile at once; the old
-/// profile's open session ends with its marker and its statistics when its timeout passes.
+/// profile's open session, and its open sub-session, end with their markers and statistics when
+/// their timeouts pass. (Appending a profile renumbers the sub-session kinds, which the reload
+/// carries the open sub-sessions through.)
 #[test]
 fn a_profile_is_retired_by_reload_without_losing_its_sessions() {
     let short = |dir: &Path| {
         config(dir, "logout").replace(r#"idle_timeout = "30m""#, r#"idle_timeout = "2s""#)
+            + "[[profile.sub_session]]\nname = \"tab\"\nkey = \"tab\"\nidle_timeout = \"2s\"\n"
     };
     let app = App::start_with(None, short);
     app.wait_notification("READY=1");
-    app.send("{\"user\":\"a\",\"type\":\"click\",\"page\":\"/1\"}\n{\"user\":\"a\",\"type\":\"click\",\"page\":\"/2\"}\n");
+    app.send("{\"user\":\"a\",\"tab\":\"t\",\"type\":\"click\",\"page\":\"/1\"}\n{\"user\":\"a\",\"tab\":\"t\",\"type\":\"click\",\"page\":\"/2\"}\n");
     let first = app.wait_output(|l| l["user"] == "a" && l["page"] == "/2");
     assert_eq!(first["_session"]["profile"], "web");
     let old_id = first["_session"]["id"].clone();
+    let tab = app.wait_output(|l| l["kind"] == "sub_session_start");
+    assert_eq!(tab["parent_session_id"], old_id);
 
     // Changing `web`'s session data in place is refused: the running rules stay.
-    let changed = short(app.dir.path()) + "state = [\"page\"]\n";
+    let changed = short(app.dir.path()).replace("ends_when", "state = [\"page\"]\nends_when");
     std::fs::write(&app.cfg_path, &changed).unwrap();
     app.signal(libc::SIGHUP);
     let why = app.wait_stderr(|l| l.contains("reload failed"));
@@ -384,6 +389,9 @@ state = ["page"]
         (end["count"].as_u64(), end["reason"].as_str()),
         (Some(2), Some("idle"))
     );
+    let tab_end = app.wait_output(|l| l["kind"] == "sub_session_end");
+    assert_eq!(tab_end["session_id"], tab["session_id"]);
+    assert_eq!(tab_end["count"], 2, "{tab_end}");
 }
 
 /// Per-shard value of `name` (`labels` narrow it), for shards 0 and 1.

@@ -509,12 +509,17 @@ impl Engine {
     /// apply to live sessions: the reload is refused with the reason and the old rules stay.
     /// A shortened timeout applies to the open sessions too: they move to their new deadline's
     /// wheel slot here (one pass over the table, only when some timeout shrank), since left at
-    /// the old one they would end only when the old timeout passed.
+    /// the old one they would end only when the old timeout passed. Appended profiles renumber
+    /// the sub-session kinds (numbered after every profile): the open sub-sessions take their
+    /// new numbers here, in another such pass.
     pub fn set_rules(&mut self, rules: Arc<Rules>) -> Result<(), String> {
         check_compatible(&self.rules, &rules)?;
         let shrank = shortened_timeouts(&self.rules, &rules);
         let st = &mut self.st;
         let old_top = self.rules.profiles.len();
+        // Sub-session kinds are numbered after every top-level profile: appended profiles move
+        // each kind up by their number.
+        let shift = rules.profiles.len() - old_top;
         let slots_max = st.wheels.first().map(|w| w.slots_max()).unwrap_or(7200);
         for _ in old_top..rules.profiles.len() {
             st.wheels.push(Wheel::new(slots_max, 0));
@@ -523,14 +528,21 @@ impl Engine {
                 wall_last: NONE_TS,
             });
         }
+        // Before the kinds change: a capture in progress copies what the pass changes as it
+        // was, by the numbering it was cut with.
+        if shift > 0 && self.rules.record_profile_count() > old_top {
+            st.renumber_subs(shift as u8);
+        }
         Kinds {
             sub_of: st.sub_of,
             layouts: st.layouts,
             sub_counters: st.sub_counters,
         } = Kinds::of(&rules);
-        st.stats
-            .active_by_profile
-            .resize(rules.record_profile_count(), 0);
+        let mut active = vec![0; rules.record_profile_count()];
+        for (rp, &n) in st.stats.active_by_profile.iter().enumerate() {
+            active[if rp < old_top { rp } else { rp + shift }] = n;
+        }
+        st.stats.active_by_profile = active;
         st.key_bytes_max = rules.key_bytes_max as usize;
         st.value_bytes_max = rules.value_bytes_max as usize;
         self.rules = rules;
@@ -1084,12 +1096,11 @@ impl State {
 /// shorter idle timeout, or a shorter or new `max_duration`).
 fn shortened_timeouts(old: &Rules, new: &Rules) -> Vec<bool> {
     let max = |p: &ProfileRule| p.max_duration_ms.unwrap_or(i64::MAX);
-    let mut shrank = vec![false; old.record_profile_count()];
+    let mut shrank = vec![false; new.record_profile_count()];
     for (pi, (a, b)) in old.profiles.iter().zip(&new.profiles).enumerate() {
         shrank[pi] = b.idle_timeout_ms < a.idle_timeout_ms || max(b) < max(a);
         for (x, y) in a.subs.iter().zip(&b.subs) {
-            debug_assert_eq!(x.record_profile, y.record_profile);
-            shrank[x.record_profile as usize] = y.idle_timeout_ms < x.idle_timeout_ms;
+            shrank[y.record_profile as usize] = y.idle_timeout_ms < x.idle_timeout_ms;
         }
     }
     shrank
@@ -1135,11 +1146,6 @@ pub fn check_compatible(old: &Rules, new: &Rules) -> Result<(), String> {
         if let Some(why) = why {
             return Err(format!("profile `{}`: {why}; the session data layout differs, so this change needs a restart", a.name));
         }
-    }
-    if new.profiles.len() > old.profiles.len() && old.profiles.iter().any(|p| !p.subs.is_empty()) {
-        return Err(
-            "adding a profile renumbers sub-session kinds; this change needs a restart".into(),
-        );
     }
     Ok(())
 }

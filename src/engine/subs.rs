@@ -226,4 +226,27 @@ impl State {
         self.release(pp as usize, s);
         self.stats.sub_sessions_ended += 1;
     }
+
+    /// After a reload that appended `shift` profiles: sub-session kinds are numbered after the
+    /// top-level profiles, so every kind moved up by `shift`. Each open sub-session takes its new
+    /// number, and its index entry, hashed with the number, moves with it (the snapshot
+    /// capture's copy made first). One pass over the table, while the shard takes no events.
+    pub(super) fn renumber_subs(&mut self, shift: u8) {
+        for s in 0..self.table.high_water() {
+            if !self.table.is_live(s) || self.table.get(s).flags & FLAG_SUB == 0 {
+                continue;
+            }
+            self.cow(s);
+            let h = *self.table.get(s);
+            self.keybuf.clear();
+            self.keybuf.resize(h.key_len as usize, 0);
+            self.arena.read(h.data, 0, &mut self.keybuf);
+            let new = h.profile + shift;
+            self.index
+                .remove(self.hasher.hash_one((h.profile, &self.keybuf[..])), s);
+            self.index
+                .insert(self.hasher.hash_one((new, &self.keybuf[..])), s);
+            self.table.get_mut(s).profile = new;
+        }
+    }
 }

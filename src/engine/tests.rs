@@ -28,14 +28,17 @@ impl Rig {
         }
     }
 
-    /// `Engine::set_rules` with `profiles` under [`Rig::new`]'s memory.
+    /// `Engine::set_rules` with `profiles` under [`Rig::new`]'s memory; the decoder takes the
+    /// new rules' fields, as the runtime's does.
     fn reload(&mut self, profiles: &str) -> Result<(), String> {
         let cfg = Config::from_toml(&format!(
             "[memory]\narena_bytes = \"1MiB\"\nmax_sessions = 1000\n{profiles}"
         ))
         .unwrap();
-        self.engine
-            .set_rules(Arc::new(Rules::compile(&cfg).unwrap()))
+        let rules = Arc::new(Rules::compile(&cfg).unwrap());
+        self.engine.set_rules(rules.clone())?;
+        self.dec = Decoder::new(rules.field_table(), 32, 65536);
+        Ok(())
     }
 
     fn send(&mut self, line: &str) {
@@ -399,6 +402,85 @@ fn a_reload_shortening_timeouts_moves_open_sessions_to_their_new_deadlines() {
         "{recs:?}"
     );
     assert_eq!(r.engine.live_sessions(), 2, "b's session and c's");
+}
+
+/// A reload that appends a profile, beside one with sub-sessions, renumbers the sub-session
+/// kinds (they come after every top-level profile): the open sub-sessions take their new
+/// numbers and go on (same id, their counters continuing), the appended profile's own
+/// sub-sessions work, and a snapshot taken after the reload restores both.
+#[test]
+fn a_reload_appending_a_profile_keeps_the_open_sub_sessions() {
+    let mut r = Rig::new(SHOP);
+    r.send(r#"{"user":"u","ts":1000,"type":"view"}"#);
+    r.send(r#"{"user":"u","ts":2000,"type":"cart"}"#);
+    r.send(r#"{"user":"u","ts":3000,"type":"pay"}"#);
+    let started = r.records();
+    let sub_id = started
+        .iter()
+        .find(|x| x["kind"] == "sub_session_start")
+        .expect("the checkout started")["session_id"]
+        .clone();
+    let more = format!(
+        "{SHOP}{}",
+        SHOP.replace(r#"name = "shop""#, r#"name = "store""#)
+            .replace(r#"key = "user""#, r#"key = "shopper""#)
+    );
+    // A sliced capture cut before the reload and finished after it holds the state at its cut,
+    // by the old numbering.
+    let meta = snapshot::SnapshotMeta {
+        shard: 0,
+        shards: 1,
+        generation: 1,
+        wall_ms: 0,
+        log_seq: 0,
+    };
+    let mut at_cut = rkyv::util::AlignedVec::<16>::new();
+    r.engine.write_snapshot(&mut at_cut, meta).unwrap();
+    r.engine.capture_begin(snapshot::CaptureBuffers::default());
+    r.reload(&more).unwrap();
+    while !r.engine.capture_step(1) {}
+    let mut sliced = rkyv::util::AlignedVec::<16>::new();
+    r.engine
+        .capture_take()
+        .write_body(&mut sliced, meta)
+        .unwrap();
+    assert!(sliced[..] == at_cut[..], "the capture saw the reload");
+    r.send(r#"{"user":"u","ts":4000,"type":"pay"}"#);
+    r.send(r#"{"shopper":"s","ts":4000,"type":"cart"}"#);
+    r.send(r#"{"user":"u","ts":5000,"type":"buy"}"#);
+    let recs = r.records();
+    let ends: Vec<_> = recs
+        .iter()
+        .filter(|x| x["kind"] == "sub_session_end")
+        .collect();
+    assert_eq!(ends.len(), 1, "{recs:?}");
+    assert_eq!(ends[0]["session_id"], sub_id, "the same checkout went on");
+    assert_eq!(ends[0]["reason"], "ends_when");
+    assert_eq!(ends[0]["counters"]["steps"], 4, "cart, pay, pay, buy");
+    assert_eq!(
+        recs.iter()
+            .filter(|x| x["kind"] == "sub_session_start" && x["profile"] == "store")
+            .count(),
+        1,
+        "{recs:?}"
+    );
+
+    // Round trip: the store's open checkout comes back under its number.
+    let mut bytes = rkyv::util::AlignedVec::<16>::new();
+    r.engine.write_snapshot(&mut bytes, meta).unwrap();
+    let body = crate::persist::snapshot_file::access_body(&bytes).unwrap();
+    let mut again = Rig::new(&more);
+    let report = again.engine.restore_from(body, 1, 0);
+    assert_eq!((report.sessions, report.sub_sessions), (2, 1), "{report:?}");
+    assert_eq!(report.dropped(), 0, "{report:?}");
+    again.send(r#"{"shopper":"s","ts":6000,"type":"buy"}"#);
+    let recs = again.records();
+    let end = recs
+        .iter()
+        .find(|x| x["kind"] == "sub_session_end")
+        .expect("the store's checkout ended");
+    assert_eq!(end["profile"], "store");
+    assert_eq!(end["counters"]["steps"], 2, "{recs:?}");
 }
 
 /// A state value that changes length inside the first block is rewritten there, moving the
