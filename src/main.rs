@@ -52,6 +52,9 @@ enum Command {
         path: PathBuf,
         #[arg(long)]
         sessions: bool,
+        /// Print only the configuration the snapshot keeps (the TOML its rules came from).
+        #[arg(long, conflicts_with = "sessions")]
+        config: bool,
     },
 }
 
@@ -108,9 +111,18 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(2),
         },
-        Command::InspectSnapshot { path, sessions } => {
+        Command::InspectSnapshot {
+            path,
+            sessions,
+            config,
+        } => {
             let stdout = std::io::stdout();
-            match sessionizer::persist::inspect::inspect(&path, sessions, &mut stdout.lock()) {
+            let shown = if config {
+                sessionizer::persist::inspect::kept_config(&path, &mut stdout.lock())
+            } else {
+                sessionizer::persist::inspect::inspect(&path, sessions, &mut stdout.lock())
+            };
+            match shown {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     report!("sessionizer inspect-snapshot: {}: {e}", path.display());

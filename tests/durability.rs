@@ -551,6 +551,28 @@ fn a_changed_profile_ends_its_open_sessions_at_restart_with_their_data() {
     let config = write_config(dir.path(), "");
     let stderr = start_with_one_click_each(&config, "c", 1..USERS + 1).terminate();
     assert!(stderr.iter().any(|l| l.contains("final snapshot written")));
+    // Each shard's snapshot keeps the configuration it ran with.
+    let state = dir.path().join("state");
+    let snaps: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "szs"))
+        .collect();
+    assert!(snaps.len() >= 2, "{snaps:?}");
+    for snap in &snaps {
+        let out = Command::new(util::BIN)
+            .args(["inspect-snapshot", "--config"])
+            .arg(snap)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(
+            out.stdout,
+            std::fs::read(&config).unwrap(),
+            "{}",
+            snap.display()
+        );
+    }
     let starts = |out: &[serde_json::Value], key: &str| -> Vec<String> {
         out.iter()
             .filter(|v| v["kind"] == "session_start" && v["key"] == key)

@@ -14,6 +14,20 @@ use crate::decode::write_json_string;
 use crate::engine::out::{write_i64, write_id, write_u64};
 use crate::engine::snapshot::RECORD_FLAG_SUB;
 
+/// Writes the configuration text the snapshot at `path` keeps (after validating the whole
+/// file); errs when it keeps none (format version 2, or a configuration too large to keep).
+pub fn kept_config(path: &Path, out: &mut dyn Write) -> Result<(), String> {
+    let snap = LoadedSnapshot::open(path).map_err(|e| e.to_string())?;
+    let text = snap.config().ok_or_else(|| {
+        format!(
+            "keeps no configuration (format version {})",
+            snap.header().version
+        )
+    })?;
+    out.write_all(text.as_bytes())
+        .map_err(|e| format!("writing the configuration: {e}"))
+}
+
 pub fn inspect(path: &Path, sessions: bool, out: &mut dyn Write) -> Result<(), String> {
     let io = |e: std::io::Error| format!("writing the report: {e}");
     let mut head = [0u8; HEADER_BYTES];
