@@ -572,3 +572,67 @@ idle_timeout = "30s"
     engine.advance(Clock::Wall(t0 + 600_000), &mut out);
     assert_eq!(engine.live_sessions(), 0);
 }
+
+/// fuzz/snapshot, body mode (`fuzz/corpus/snapshot/body-two-chains-of-a-key`): an archive whose
+/// two sessions of one key each head a chain of their own passed the exact restore's checks
+/// (each chain is well formed), and both were indexed under the key. Ending the one the index
+/// does not answer for walked the other's chain without finding it (a panic). The exact restore
+/// now inserts one index entry per key and, finding a second, restores compactly, which chains
+/// them. Made here by renaming one key of a real archive to the other.
+#[test]
+fn two_chains_of_one_key_restore_compactly() {
+    use sessionizer::decode::Decoder;
+    use sessionizer::engine::snapshot::SnapshotMeta;
+    use sessionizer::engine::{Clock, Engine, Out};
+    use sessionizer::persist::snapshot_file::access_body;
+    use std::sync::Arc;
+
+    let text = r#"
+[memory]
+arena_bytes = "256KiB"
+max_sessions = 64
+[[profile]]
+name = "web"
+key = "user"
+idle_timeout = "60s"
+"#;
+    let cfg = Config::from_toml(text).unwrap();
+    let rules = Arc::new(Rules::compile(&cfg).unwrap());
+    let mut dec = Decoder::new(rules.field_table(), 32, 4096);
+    let mut out = Out::with_capacity(1 << 16, 64);
+    let t0 = 1_700_000_000_000;
+    let mut first = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
+    for user in ["key-A", "key-B"] {
+        let line = format!(r#"{{"user":"{user}"}}"#);
+        let ev = dec.decode(line.as_bytes()).unwrap();
+        first.on_event(0, &ev, Clock::Wall(t0), &mut out);
+    }
+    let meta = SnapshotMeta {
+        shard: 0,
+        shards: 1,
+        generation: 1,
+        wall_ms: t0,
+        log_seq: 0,
+    };
+    let mut bytes = rkyv::util::AlignedVec::<16>::new();
+    first.write_snapshot(&mut bytes, meta).unwrap();
+    let at = bytes
+        .windows(5)
+        .position(|w| w == b"key-B")
+        .expect("the key in the payload");
+    bytes[at + 4] = b'A';
+    let body = access_body(&bytes).unwrap();
+
+    let mut engine = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
+    let report = engine.restore_from(body, 1, 0);
+    assert!(!report.exact, "{report:?}");
+    assert_eq!((report.sessions, report.dropped()), (2, 0), "{report:?}");
+    out.clear();
+    engine.advance(Clock::Wall(t0 + 600_000), &mut out);
+    assert_eq!(engine.live_sessions(), 0);
+    let ends = out
+        .iter()
+        .filter(|(_, l)| l.windows(11).any(|w| w == b"session_end"))
+        .count();
+    assert_eq!(ends, 2);
+}

@@ -155,6 +155,43 @@ impl Index {
         self.version += 1;
     }
 
+    /// [`Index::insert`], unless an entry of the same tag already names the same key
+    /// (`same(slot)` of its slot, asked only on a tag match): then nothing is inserted and the
+    /// answer is false. For entries from outside the engine (a restored archive), whose keys are
+    /// not known to be unique.
+    pub fn insert_unless(
+        &mut self,
+        hash: u64,
+        slot: u32,
+        mut same: impl FnMut(u32) -> bool,
+    ) -> bool {
+        assert_ne!(slot, NIL);
+        assert!(self.len < self.len_max, "insert into a full index");
+        let tag = tag_of(hash);
+        let mut at = self.home(tag);
+        loop {
+            let entry = self.entries[at as usize];
+            if entry.slot == NIL {
+                break;
+            }
+            if entry.tag == tag && same(entry.slot) {
+                return false;
+            }
+            at = self.next(at);
+        }
+        self.entries[at as usize] = Entry { tag, slot };
+        self.len += 1;
+        self.version += 1;
+        true
+    }
+
+    /// Empty every entry (a restore that found an archive unusable starts over).
+    pub fn clear(&mut self) {
+        self.entries.fill(EMPTY);
+        self.len = 0;
+        self.version += 1;
+    }
+
     /// Replace the slot stored for an existing key entry (entry identified by hash + current
     /// slot).
     pub fn replace(&mut self, hash: u64, old_slot: u32, new_slot: u32) {
@@ -327,6 +364,32 @@ mod tests {
         let mut index = Index::new(4);
         index.insert(1 << 32, 3);
         index.remove(1 << 32, 4);
+    }
+
+    /// `insert_unless` asks about entries of the same tag only, inserts unless one names the
+    /// same key, and `clear` empties the index.
+    #[test]
+    fn insert_unless_refuses_a_second_entry_for_a_key() {
+        let mut index = Index::new(8);
+        let (tag_a, tag_b) = (1u64 << 32, 2u64 << 32);
+        assert!(index.insert_unless(tag_a, 1, |_| unreachable!("nothing indexed yet")));
+        let mut asked = Vec::new();
+        assert!(index.insert_unless(tag_b, 2, |s| {
+            asked.push(s);
+            true
+        }));
+        assert!(
+            asked.is_empty(),
+            "another tag is not asked about: {asked:?}"
+        );
+        // Same tag: a different key goes in, the same key does not.
+        assert!(index.insert_unless(tag_a, 3, |s| s != 1));
+        assert!(!index.insert_unless(tag_a, 4, |s| s == 3));
+        assert_eq!(index.len(), 3);
+        assert_eq!(index.find(tag_a, |s| s == 3), Some(3));
+        index.clear();
+        assert!(index.is_empty());
+        assert_eq!(index.find(tag_a, |_| true), None);
     }
 
     #[derive(Clone, Debug)]

@@ -92,7 +92,7 @@ impl Engine {
                     report.sessions = imported.sessions;
                     report.sub_sessions = imported.sub_sessions;
                     st.restore_clocks(body, &map, true);
-                    st.finish_exact(rules, body, &map, imported);
+                    st.finish_exact(rules, body, &map);
                 }
                 Err(reason) => {
                     log::warn!(
@@ -813,9 +813,8 @@ pub(super) struct Checked {
     len: usize,
 }
 
-/// An exact import that checked out, before its index inserts.
+/// An exact import that checked out, its index entries inserted.
 struct ExactImport {
-    pending: PendingIndex,
     sessions: u64,
     sub_sessions: u64,
 }
@@ -849,8 +848,13 @@ impl PendingIndex {
     }
 
     /// Counting sort on the top `BUCKET_BITS` bits (within a bucket the order is free: its
-    /// entries' homes lie within a few tens of kilobytes of each other), then insert.
-    fn insert_all(self, index: &mut super::index::Index) {
+    /// entries' homes lie within a few tens of kilobytes of each other), then insert. Stops at
+    /// an entry whose key `same(indexed, new)` says an indexed slot has already: false.
+    fn insert_all(
+        self,
+        index: &mut super::index::Index,
+        mut same: impl FnMut(u32, u32) -> bool,
+    ) -> bool {
         let shift = 64 - Self::BUCKET_BITS;
         let mut starts = vec![0usize; (1 << Self::BUCKET_BITS) + 1];
         for &e in &self.packed {
@@ -866,9 +870,10 @@ impl PendingIndex {
             starts[b] += 1;
         }
         drop(self);
-        for e in sorted {
-            index.insert(e & Self::TAG_MASK, e as u32);
-        }
+        sorted.into_iter().all(|e| {
+            let slot = e as u32;
+            index.insert_unless(e & Self::TAG_MASK, slot, |indexed| same(indexed, slot))
+        })
     }
 }
 
@@ -1288,22 +1293,28 @@ impl State {
         if linked != records.len() as u64 {
             return Err("a session in no wheel");
         }
+        // One index entry per key: a chain head or a sub-session whose key another one has too
+        // would be unreachable, and ending it would not find it.
+        let (table, arena, key) = (&self.table, &self.arena, &mut self.keybuf);
+        let unique = pending.insert_all(&mut self.index, |indexed, new| {
+            let (a, b) = (table.get(indexed), table.get(new));
+            key.clear();
+            key.resize(b.key_len as usize, 0);
+            arena.read(b.data, 0, key);
+            a.profile == b.profile && a.key_len == b.key_len && arena.starts_with(a.data, key)
+        });
+        if !unique {
+            return Err("two sessions of one key outside a chain");
+        }
         Ok(ExactImport {
-            pending,
             sessions: tops,
             sub_sessions: subs,
         })
     }
 
-    /// Exact mode, once the import checked out: the archive's free list (in its order), the
-    /// index, and the wheels as archived.
-    fn finish_exact(
-        &mut self,
-        rules: &Rules,
-        body: &ArchivedSnapshotBody,
-        map: &[Option<u8>],
-        imported: ExactImport,
-    ) {
+    /// Exact mode, once the import checked out: the archive's free list (in its order) and the
+    /// wheels as archived.
+    fn finish_exact(&mut self, rules: &Rules, body: &ArchivedSnapshotBody, map: &[Option<u8>]) {
         // Freed in reverse, so the free list pops in the archived order.
         for run in body.free_runs.iter().rev() {
             let (start, len) = (run.start.to_native(), run.len.to_native());
@@ -1312,15 +1323,18 @@ impl State {
             }
         }
         debug_assert_eq!(self.table.live() as usize, body.records.len());
-        imported.pending.insert_all(&mut self.index);
         self.relink_exact(rules, body, map);
     }
 
     /// Back to the empty engine an exact import started from: every slot and block free, in
-    /// their initial order, and no session counted. The index and wheels were not touched yet.
+    /// their initial order, no index entry, and no session counted. The wheels were not touched
+    /// yet.
     fn undo_import(&mut self) {
         self.table.reset();
         self.arena.reset();
+        if !self.index.is_empty() {
+            self.index.clear();
+        }
         self.stats.active_by_profile.fill(0);
     }
 
