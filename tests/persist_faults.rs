@@ -385,6 +385,43 @@ fn chunked_writer_publishes_and_keeps_two_generations() {
     );
 }
 
+/// A file of format version 2 (written before snapshots kept their configuration: no section,
+/// header bytes 104..112 zero) still loads, and keeps no configuration; a version 3 header that
+/// claims a section the file does not hold, or whose section fails its checksum, does not.
+#[test]
+fn version_2_files_load_without_a_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::from_toml(CONFIG).unwrap();
+    cfg.source.clear();
+    let (path, _) = snapshot_file::write_file(dir.path(), &engine_from(cfg, 5), meta(1)).unwrap();
+    let mut bytes = fs::read(&path).unwrap();
+    let mut header = snapshot_file::SnapshotHeader::decode(&bytes).unwrap();
+    assert_eq!((header.version, header.config_len), (3, 0));
+    header.version = 2;
+    bytes[..HEADER_BYTES].copy_from_slice(&header.encode());
+    fs::write(&path, &bytes).unwrap();
+    let s = snapshot_file::LoadedSnapshot::open(&path).unwrap();
+    assert_eq!((s.header().version, s.header().sessions), (2, 5));
+    assert_eq!(s.config(), None);
+
+    // A section the file does not hold, then one that fails its checksum.
+    header.version = 3;
+    header.config_len = 4;
+    header.config_crc32 = crc32fast::hash(b"[x]\n");
+    bytes[..HEADER_BYTES].copy_from_slice(&header.encode());
+    fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        snapshot_file::LoadedSnapshot::open(&path),
+        Err(SnapshotError::Length { .. })
+    ));
+    bytes.extend_from_slice(b"[y]\n");
+    fs::write(&path, &bytes).unwrap();
+    assert!(matches!(
+        snapshot_file::LoadedSnapshot::open(&path),
+        Err(SnapshotError::Mismatch { .. })
+    ));
+}
+
 #[test]
 fn inspect_prints_header_summary_and_sessions() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,6 +431,17 @@ fn inspect_prints_header_summary_and_sessions() {
     let text = String::from_utf8(out).unwrap();
     assert!(text.contains("generation:     2"), "{text}");
     assert!(text.contains("20 top-level, 0 sub-sessions"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "configuration:  {} bytes, CRC-32 {:08x} (the rules' TOML, after the body)",
+            CONFIG.len(),
+            crc32fast::hash(CONFIG.as_bytes())
+        )),
+        "{text}"
+    );
+    let mut kept = Vec::new();
+    sessionizer::persist::inspect::kept_config(&p2, &mut kept).unwrap();
+    assert_eq!(kept, CONFIG.as_bytes());
     let lines: Vec<serde_json::Value> = text
         .lines()
         .filter(|l| l.starts_with('{'))
