@@ -509,10 +509,8 @@ idle_timeout = "60s"
 #[test]
 fn a_merge_ends_the_sub_sessions_of_the_session_it_absorbs() {
     use sessionizer::decode::Decoder;
-    use sessionizer::engine::snapshot::SnapshotMeta;
     use sessionizer::engine::{Clock, Engine, Out};
     use sessionizer::persist::snapshot_file::access_body;
-    use std::sync::Arc;
 
     let text = r#"
 [memory]
@@ -527,28 +525,11 @@ name = "tab"
 key = "tab"
 idle_timeout = "30s"
 "#;
-    let cfg = Config::from_toml(text).unwrap();
-    let rules = Arc::new(Rules::compile(&cfg).unwrap());
+    let t0 = 1_700_000_000_000;
+    let (cfg, rules, bytes) = archive_after(text, &[r#"{"user":"u","tab":"t"}"#], t0);
+    let body = access_body(&bytes).unwrap();
     let mut dec = Decoder::new(rules.field_table(), 32, 4096);
     let mut out = Out::with_capacity(1 << 16, 64);
-    let t0 = 1_700_000_000_000;
-    let mut first = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
-    let ev = dec.decode(br#"{"user":"u","tab":"t"}"#).unwrap();
-    first.on_event(0, &ev, Clock::Wall(t0), &mut out);
-    let mut bytes = rkyv::util::AlignedVec::<16>::new();
-    first
-        .write_snapshot(
-            &mut bytes,
-            SnapshotMeta {
-                shard: 0,
-                shards: 1,
-                generation: 1,
-                wall_ms: t0,
-                log_seq: 0,
-            },
-        )
-        .unwrap();
-    let body = access_body(&bytes).unwrap();
 
     let mut engine = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
     for _ in 0..2 {
@@ -581,11 +562,8 @@ idle_timeout = "30s"
 /// them. Made here by renaming one key of a real archive to the other.
 #[test]
 fn two_chains_of_one_key_restore_compactly() {
-    use sessionizer::decode::Decoder;
-    use sessionizer::engine::snapshot::SnapshotMeta;
     use sessionizer::engine::{Clock, Engine, Out};
     use sessionizer::persist::snapshot_file::access_body;
-    use std::sync::Arc;
 
     let text = r#"
 [memory]
@@ -596,26 +574,10 @@ name = "web"
 key = "user"
 idle_timeout = "60s"
 "#;
-    let cfg = Config::from_toml(text).unwrap();
-    let rules = Arc::new(Rules::compile(&cfg).unwrap());
-    let mut dec = Decoder::new(rules.field_table(), 32, 4096);
-    let mut out = Out::with_capacity(1 << 16, 64);
     let t0 = 1_700_000_000_000;
-    let mut first = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
-    for user in ["key-A", "key-B"] {
-        let line = format!(r#"{{"user":"{user}"}}"#);
-        let ev = dec.decode(line.as_bytes()).unwrap();
-        first.on_event(0, &ev, Clock::Wall(t0), &mut out);
-    }
-    let meta = SnapshotMeta {
-        shard: 0,
-        shards: 1,
-        generation: 1,
-        wall_ms: t0,
-        log_seq: 0,
-    };
-    let mut bytes = rkyv::util::AlignedVec::<16>::new();
-    first.write_snapshot(&mut bytes, meta).unwrap();
+    let lines = [r#"{"user":"key-A"}"#, r#"{"user":"key-B"}"#];
+    let (cfg, rules, mut bytes) = archive_after(text, &lines, t0);
+    let mut out = Out::with_capacity(1 << 16, 64);
     let at = bytes
         .windows(5)
         .position(|w| w == b"key-B")
@@ -635,4 +597,36 @@ idle_timeout = "60s"
         .filter(|(_, l)| l.windows(11).any(|w| w == b"session_end"))
         .count();
     assert_eq!(ends, 2);
+}
+
+/// An engine on `text`'s rules fed `lines` (profile 0, on the wall clock at `t0`): its config,
+/// its rules and the archive of its state, as the restore regressions start from.
+fn archive_after(
+    text: &str,
+    lines: &[&str],
+    t0: i64,
+) -> (Config, std::sync::Arc<Rules>, rkyv::util::AlignedVec<16>) {
+    use sessionizer::decode::Decoder;
+    use sessionizer::engine::snapshot::SnapshotMeta;
+    use sessionizer::engine::{Clock, Engine, Out};
+
+    let cfg = Config::from_toml(text).unwrap();
+    let rules = std::sync::Arc::new(Rules::compile(&cfg).unwrap());
+    let mut dec = Decoder::new(rules.field_table(), 32, 4096);
+    let mut out = Out::with_capacity(1 << 16, 64);
+    let mut engine = Engine::new(rules.clone(), &cfg, 0, None).unwrap();
+    for line in lines {
+        let ev = dec.decode(line.as_bytes()).unwrap();
+        engine.on_event(0, &ev, Clock::Wall(t0), &mut out);
+    }
+    let meta = SnapshotMeta {
+        shard: 0,
+        shards: 1,
+        generation: 1,
+        wall_ms: t0,
+        log_seq: 0,
+    };
+    let mut bytes = rkyv::util::AlignedVec::<16>::new();
+    engine.write_snapshot(&mut bytes, meta).unwrap();
+    (cfg, rules, bytes)
 }

@@ -92,7 +92,7 @@ pub(crate) struct CutGlobals {
     /// (name, descriptor, parent record profile or `u32::MAX`) per record profile.
     pub profiles: Vec<(String, String, u32)>,
     /// The configuration text of the rules at the cut ([`super::rules::Rules::source`]).
-    pub config: String,
+    pub config: std::sync::Arc<str>,
 }
 
 /// A complete capture: every session live at the cut and the cut's globals, independent of the
@@ -113,7 +113,7 @@ impl Captured {
 
     /// The configuration text of the rules at the cut: a snapshot file keeps it beside the
     /// body, for a restart whose profiles changed (`Engine::restore_from_with`).
-    pub fn config(&self) -> &str {
+    pub fn config(&self) -> &std::sync::Arc<str> {
         &self.globals.config
     }
 

@@ -135,24 +135,10 @@ impl Index {
 
     /// Insert a new entry (caller guarantees the key is absent and !is_full()).
     pub fn insert(&mut self, hash: u64, slot: u32) {
-        assert_ne!(slot, NIL);
-        assert!(self.len < self.len_max, "insert into a full index");
-        let tag = tag_of(hash);
-        let mut at = self.home(tag);
-        loop {
-            let entry = self.entries[at as usize];
-            if entry.slot == NIL {
-                break;
-            }
-            debug_assert!(
-                entry != (Entry { tag, slot }),
-                "insert of an entry already present"
-            );
-            at = self.next(at);
-        }
-        self.entries[at as usize] = Entry { tag, slot };
-        self.len += 1;
-        self.version += 1;
+        self.insert_unless(hash, slot, |indexed| {
+            debug_assert_ne!(indexed, slot, "insert of an entry already present");
+            false
+        });
     }
 
     /// [`Index::insert`], unless an entry of the same tag already names the same key

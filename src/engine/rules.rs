@@ -9,6 +9,7 @@ use crate::config::{
     AggregateOp, Config, ConfigError, PredicateSpec, TimeMode, TsFormat, FIELDS_MAX,
 };
 use crate::decode::{Event, Field, FieldId, FieldTable, PATHS_MAX, SEGMENT_BYTES_MAX};
+use std::sync::Arc;
 
 // Every path a rule set may read must fit one field table.
 const _: () = assert!(FIELDS_MAX <= PATHS_MAX);
@@ -200,7 +201,7 @@ pub struct Rules {
     pub key_bytes_max: u32,
     pub value_bytes_max: u32,
     /// The configuration text these rules were compiled from ([`Config::source`]).
-    pub source: String,
+    pub source: Arc<str>,
 }
 
 impl Rules {
@@ -215,7 +216,7 @@ impl Rules {
                 subs_per_session_max: cfg.limits.sub_sessions_per_session_max,
                 key_bytes_max: cfg.limits.key_bytes_max,
                 value_bytes_max: cfg.limits.value_bytes_max,
-                source: cfg.source.clone(),
+                source: cfg.source.as_str().into(),
             },
         };
         let top = cfg.profiles.len();

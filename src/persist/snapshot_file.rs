@@ -27,6 +27,7 @@ use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::{Mmap, MmapOptions};
 use rkyv::util::AlignedVec;
@@ -340,7 +341,7 @@ pub struct SnapshotWriter {
     header: [u8; HEADER_BYTES],
     body: AlignedVec,
     /// The configuration section, after the body.
-    config: Vec<u8>,
+    config: Arc<str>,
     /// Bytes of header + body written so far.
     written: u64,
     stage: Stage,
@@ -405,7 +406,7 @@ impl SnapshotWriter {
             path: dir.join(file_name(meta.shard, meta.generation)),
             tmp,
             file,
-            header: SnapshotHeader::new(&meta, &summary, &config).encode(),
+            header: SnapshotHeader::new(&meta, &summary, config.as_bytes()).encode(),
             body,
             config,
             written: 0,
@@ -451,7 +452,7 @@ impl SnapshotWriter {
                     } else if at < body_end {
                         (&self.body[..], at - HEADER_BYTES)
                     } else {
-                        (&self.config[..], at - body_end)
+                        (self.config.as_bytes(), at - body_end)
                     };
                     let n = ((src.len() - src_at) as u64).min(budget) as usize;
                     let done = self.file.write_at(&src[src_at..src_at + n], self.written)?;
@@ -591,9 +592,9 @@ pub fn write_file(
         w.flush().map_err(io("write"))?;
         drop(w);
         let config = config_section(&engine.rules().source);
-        file.write_all_at(&config, HEADER_BYTES as u64 + summary.body_bytes)
+        file.write_all_at(config.as_bytes(), HEADER_BYTES as u64 + summary.body_bytes)
             .map_err(io("write configuration"))?;
-        let header = SnapshotHeader::new(&meta, &summary, &config).encode();
+        let header = SnapshotHeader::new(&meta, &summary, config.as_bytes()).encode();
         file.write_all_at(&header, 0).map_err(io("write header"))?;
         file.sync_all().map_err(io("fsync"))?;
         Ok(summary)
@@ -612,17 +613,18 @@ pub fn write_file(
     Ok((path, summary))
 }
 
-/// The configuration section for `text`: empty when it is larger than [`CONFIG_BYTES_MAX`].
-fn config_section(text: &str) -> Vec<u8> {
+/// The configuration section for `text` (shared, not copied): empty when it is larger than
+/// [`CONFIG_BYTES_MAX`].
+fn config_section(text: &Arc<str>) -> Arc<str> {
     if text.len() > CONFIG_BYTES_MAX {
         log::warn!(
             "the configuration ({} bytes) is larger than a snapshot keeps ({CONFIG_BYTES_MAX}); \
              a restart that changes its profiles will not end their open sessions with their data",
             text.len()
         );
-        return Vec::new();
+        return Arc::from("");
     }
-    text.as_bytes().to_vec()
+    text.clone()
 }
 
 /// A validated snapshot file, mapped read-only.
