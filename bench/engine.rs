@@ -18,6 +18,8 @@
 //!   behind the decoder; `on_batch` reads them from a million pre-parsed events in memory.
 //! - `engine_web_1M_keys/on_batch_hot_live_clock`: both, the input in cache and the wall clock:
 //!   the engine as the appliance's shards run it (decoded a window before, arrival time).
+//! - `engine_web_1M_keys/on_batch_hot_live_clock_markers_only`: the same with the events stream
+//!   off (`Out::events`), as the shards run when no output carries it: markers only.
 //! - `engine_web_1M_keys/on_event`: the same, one `on_event` call per event (no lookahead).
 //! - `engine_web_1M_keys/decode_only`: the JSON decoder alone on the same lines, for scale.
 //! - `reload_1M_sessions/shorten_idle_timeout`: `Engine::set_rules` with the idle timeout cut from
@@ -546,6 +548,12 @@ fn engine_benches(c: &mut Criterion, rig: &mut Rig) {
     g.bench_function("on_batch_hot_live_clock", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| rig.feed_hot(BATCH, true)).sum())
     });
+    // As the appliance runs it when no output carries the events stream (`Out::events`).
+    rig.out.events = false;
+    g.bench_function("on_batch_hot_live_clock_markers_only", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| rig.feed_hot(BATCH, true)).sum())
+    });
+    rig.out.events = true;
     g.bench_function("on_event", |b| {
         b.iter_custom(|iters| (0..iters).map(|_| rig.feed(BATCH, Feed::Single)).sum())
     });
@@ -613,6 +621,7 @@ fn main() {
     let live = per_event("engine_web_1M_keys", "on_batch_live_clock");
     let hot = per_event("engine_web_1M_keys", "on_batch_hot_input");
     let hot_live = per_event("engine_web_1M_keys", "on_batch_hot_live_clock");
+    let markers_only = per_event("engine_web_1M_keys", "on_batch_hot_live_clock_markers_only");
     let single = per_event("engine_web_1M_keys", "on_event");
     let dec = per_event("engine_web_1M_keys", "decode_only");
     let clock = if wall_clock() {
@@ -638,6 +647,7 @@ fn main() {
     show("engine, on_batch (wall clock)", live);
     show("engine, on_batch (input in cache)", hot);
     show("engine, on_batch (in cache, wall)", hot_live);
+    show("  the same, markers only", markers_only);
     show("engine, on_event (pre-parsed)", single);
     show("decode only", dec);
 }

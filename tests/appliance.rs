@@ -344,6 +344,75 @@ fn sigterm_drains_flushes_and_exits_zero() {
 }
 
 /// The CPUs a thread may run on, from `Cpus_allowed_list` in its `status` (e.g. `0-2,5`).
+/// Outputs that carry only the markers: the shards leave the events unwritten (none counted
+/// on the events stream), and the sessions, their ids and statistics are the same.
+#[test]
+fn markers_only_outputs_get_whole_sessions_and_no_events_are_written() {
+    let app = Appliance::start(|d| {
+        config(d, &[0, 1], "[metrics]\naddress = \"127.0.0.1:0\"\n")
+            .replacen(
+                "[[output]]\nkind = \"tcp\"\n",
+                "[[output]]\nkind = \"tcp\"\nstreams = [\"markers\"]\n",
+                1,
+            )
+            .replacen(
+                "[[output]]\nkind = \"file\"\n",
+                "[[output]]\nkind = \"file\"\nstreams = [\"markers\"]\n",
+                1,
+            )
+    });
+    let mut out = app.consumer();
+    let keys: Vec<String> = (0..20).map(|i| format!("m-{i}")).collect();
+    let mut data = String::new();
+    for ty in ["click", "page", "logout"] {
+        for k in &keys {
+            data.push_str(&format!("{{\"user\":\"{k}\",\"type\":\"{ty}\"}}\n"));
+        }
+    }
+    let _conn = tcp_send(app.tcp_addr(), data.as_bytes());
+    let lines = out
+        .read_until(T, |l| count_kind(l, "session_end") == keys.len())
+        .to_vec();
+    let recs = json_lines(&lines);
+    assert!(
+        recs.iter()
+            .all(|r| r["kind"] == "session_start" || r["kind"] == "session_end"),
+        "{lines:#?}"
+    );
+    let mut starts = BTreeMap::new();
+    for r in &recs {
+        if r["kind"] == "session_start" {
+            starts.insert(
+                r["key"].as_str().unwrap().to_string(),
+                r["session_id"].clone(),
+            );
+        }
+    }
+    assert_eq!(starts.len(), keys.len());
+    for r in recs.iter().filter(|r| r["kind"] == "session_end") {
+        assert_eq!(r["count"], 3, "{r}");
+        assert_eq!(r["reason"], "ends_when", "{r}");
+        assert_eq!(r["session_id"], starts[r["key"].as_str().unwrap()], "{r}");
+    }
+    let files = app.wait_files(T, |f| f.len() >= lines.len());
+    assert_eq!(files.len(), lines.len(), "{files:#?}");
+    let events = (3 * keys.len()) as f64;
+    let text = wait_metrics(&app, T, |t| {
+        metric_sum(t, "sessionizer_events_in_total", &[]) >= events
+            && metric_sum(t, "sessionizer_events_out_total", &[("stream", "markers")])
+                >= (2 * keys.len()) as f64
+    });
+    assert_eq!(
+        metric_sum(
+            &text,
+            "sessionizer_events_out_total",
+            &[("stream", "events")]
+        ),
+        0.0,
+        "{text}"
+    );
+}
+
 fn allowed_cpus(status_path: &std::path::Path) -> BTreeSet<usize> {
     let status = std::fs::read_to_string(status_path).expect("task status");
     let list = status

@@ -900,6 +900,7 @@ impl State {
             );
         }
         match ev.enriched_head() {
+            _ if !out.events => {}
             Some((head, comma)) => {
                 let member = &rule.text.member_head;
                 markers::enriched_event(out, head, comma, member, h.id, h.count, h.start_ts)

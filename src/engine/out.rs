@@ -21,6 +21,11 @@ pub struct Out {
     pub recs: Vec<Rec>,
     /// For the `start_ts` of enriched events (see [`HighDigits`]).
     pub high: HighDigits,
+    /// Whether the events stream (enriched and passed-through events) is written. The runtime
+    /// turns it off when no output subscribes to that stream: a deployment that keeps only
+    /// the markers then does not copy every event into a batch that no sink takes. The
+    /// engine's work and its other records do not change.
+    pub events: bool,
 }
 
 impl Out {
@@ -29,6 +34,7 @@ impl Out {
             buf: Vec::with_capacity(bytes),
             recs: Vec::with_capacity(records),
             high: HighDigits::default(),
+            events: true,
         }
     }
 
@@ -80,6 +86,9 @@ impl Out {
 
     /// An event no profile matched: passed through untouched on the events stream.
     pub fn passthrough(&mut self, raw: &[u8]) {
+        if !self.events {
+            return;
+        }
         self.buf.extend_from_slice(raw);
         self.finish(Stream::Events);
     }

@@ -2,7 +2,7 @@
 //! against a reference model is `tests/model.rs`.
 
 use super::*;
-use crate::config::Config;
+use crate::config::{Config, Stream};
 use crate::decode::Decoder;
 
 struct Rig {
@@ -887,4 +887,40 @@ fn shard_of_is_hash_modulo_shards() {
         assert_eq!(shard_of(u32::MAX, shards), u32::MAX % shards);
         assert_eq!(shard_of(0, shards), 0);
     }
+}
+
+/// With the events stream off (no output carries it) the engine writes every other record as
+/// before, byte for byte and in order, and no event; the passed-through events go too.
+#[test]
+fn events_stream_off_leaves_every_other_record_unchanged() {
+    let lines = [
+        r#"{"user":"a","ts":1000,"type":"click","ip":"1.2.3.4","page":"/x"}"#,
+        r#"{"user":"b","ts":1500,"type":"click","page":"/y","price":3}"#,
+        r#"{"user":"a","ts":2000,"type":"page","page":"/zz","price":2}"#,
+        r#"{"user":"a","ts":2500,"type":"logout"}"#,
+        r#"{"ts":2600,"type":"click"}"#,
+        r#"{"user":"b","ts":30000,"type":"click"}"#,
+    ];
+    let run = |events: bool| {
+        let mut r = Rig::new(WEB);
+        r.out.events = events;
+        for l in lines {
+            r.send(l);
+        }
+        r.out.passthrough(b"{\"unmatched\":1}");
+        r.engine.finish(&mut r.out);
+        let recs: Vec<(Stream, Vec<u8>)> = r.out.iter().map(|(s, l)| (s, l.to_vec())).collect();
+        (recs, r.engine.stats().clone())
+    };
+    let (on, stats_on) = run(true);
+    let (off, stats_off) = run(false);
+    assert_eq!(on.iter().filter(|(s, _)| *s == Stream::Events).count(), 6);
+    assert!(off.iter().all(|(s, _)| *s != Stream::Events), "{off:?}");
+    let rest: Vec<_> = on
+        .into_iter()
+        .filter(|(s, _)| *s != Stream::Events)
+        .collect();
+    assert!(rest.iter().any(|(s, _)| *s == Stream::Markers));
+    assert_eq!(off, rest);
+    assert_eq!(format!("{stats_on:?}"), format!("{stats_off:?}"));
 }

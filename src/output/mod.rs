@@ -412,6 +412,12 @@ const _: fn() = || {
 };
 
 impl ShardOutput {
+    /// Whether some sink takes `stream`'s records (the shard leaves unwritten a stream none
+    /// takes, see [`Out::events`]).
+    pub fn subscribes(&self, stream: Stream) -> bool {
+        self.lanes.iter().any(|l| l.mask & stream_bit(stream) != 0)
+    }
+
     /// Copy each record of `out` into the pending batch of every sink subscribed to its stream.
     /// Never blocks. Full batches are handed to the sink thread through a bounded queue
     /// (recycled buffers); see the module doc for what happens when the queue is full.

@@ -14,7 +14,7 @@ use super::counters::LocalCounters;
 use super::durable::Durable;
 use super::handoff::{batch_lines, Batch, HandoffOut};
 use super::ops::ShardMetrics;
-use crate::config::Transport;
+use crate::config::{Stream, Transport};
 use crate::decode::{Decoder, Parsed};
 use crate::engine::rules::{ProfileId, Rules};
 use crate::engine::{route, Clock, Engine, Out, Route};
@@ -130,13 +130,15 @@ impl Shard {
         let profiles = rules.profiles.len();
         let metrics = ShardMetrics::new(&rules);
         let parsed = window_slots(&dec);
+        let mut out = Out::with_capacity(out_bytes, 8192);
+        out.events = output.subscribes(Stream::Events);
         Shard {
             id,
             shards,
             rules,
             engine,
             dec,
-            out: Out::with_capacity(out_bytes, 8192),
+            out,
             output,
             handoff,
             c: LocalCounters::default(),
