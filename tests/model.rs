@@ -542,7 +542,13 @@ fn check_many(specs: &[(&str, &Spec)], evs: &[Ev], advance: &[bool]) {
     });
 }
 
+/// `cases` per property, or `MODEL_CASES` when set: a long campaign runs the same properties
+/// deeper (`MODEL_CASES=20000 cargo test --release --test model`).
 fn prop_config(cases: u32) -> PropConfig {
+    let cases = std::env::var("MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(cases);
     PropConfig {
         cases,
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
