@@ -19,7 +19,7 @@ mod harness;
 #[path = "model/reference.rs"]
 mod reference;
 
-use harness::{header, run, Observed};
+use harness::{header, run, run_wall, Observed, Run};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, FileFailurePersistence};
 use reference::{expected_stats, Ev, RefSession, RefSub, Spec, SubSpec, Time, BASE_MS};
@@ -542,6 +542,56 @@ fn check_many(specs: &[(&str, &Spec)], evs: &[Ev], advance: &[bool]) {
     });
 }
 
+/// A run's records, per key in the order written, with every session id replaced by the
+/// session's place among its key's (`k3/0` is key `k3`'s first session) and the enriched events
+/// without their own `ts`. Runs on different clocks issue different ids for the same sessions
+/// (the wall clock sets a floor under the id sequence), and the ids decide the order in which
+/// sessions due in the same second end (the wheel's lanes); on the wall clock the `ts` an event
+/// carries is not its time.
+fn per_key_records(run: &Run) -> BTreeMap<String, Vec<(sessionizer::config::Stream, Value)>> {
+    fn rename(v: &mut Value, names: &BTreeMap<String, String>) {
+        match v {
+            Value::String(s) => {
+                if let Some(name) = names.get(s.as_str()) {
+                    *s = name.clone();
+                }
+            }
+            Value::Array(a) => a.iter_mut().for_each(|x| rename(x, names)),
+            Value::Object(o) => o.values_mut().for_each(|x| rename(x, names)),
+            _ => {}
+        }
+    }
+    let mut names = BTreeMap::new();
+    let mut per_key_count: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &run.records {
+        if r.v["kind"] == "session_start" {
+            let key = r.v["key"]
+                .as_str()
+                .expect("a start names its key")
+                .to_string();
+            let n = per_key_count.entry(key.clone()).or_insert(0);
+            let id = r.v["session_id"].as_str().expect("a start names its id");
+            names.insert(id.to_string(), format!("{key}/{n}"));
+            *n += 1;
+        }
+    }
+    let mut by_key: BTreeMap<String, Vec<_>> = BTreeMap::new();
+    for r in &run.records {
+        let mut v = r.v.clone();
+        let key = if r.stream == sessionizer::config::Stream::Events {
+            v.as_object_mut()
+                .expect("an event is an object")
+                .remove("ts");
+            v["user"].as_str().unwrap_or_default().to_string()
+        } else {
+            v["key"].as_str().unwrap_or_default().to_string()
+        };
+        rename(&mut v, &names);
+        by_key.entry(key).or_default().push((r.stream, v));
+    }
+    by_key
+}
+
 /// `cases` per property, or `MODEL_CASES` when set: a long campaign runs the same properties
 /// deeper (`MODEL_CASES=20000 cargo test --release --test model`).
 fn prop_config(cases: u32) -> PropConfig {
@@ -653,6 +703,70 @@ proptest! {
         let (evs, sent) = timeline_with(&raws, keys, idle, &types, Back::None, true);
         let evs = arrive(evs, &sent, &key_delays, spec.lateness_ms * 3 / 2 + 1, false);
         check_one(&spec, &evs, &schedule(&advance));
+    }
+
+    /// h) Processing time on the wall clock, as the appliance runs it: an event's time is its
+    /// arrival, whatever `ts` it carries. Each key's records, in order, equal those of the
+    /// replay of the same events stamped with their arrival times (which (a) checks against the
+    /// reference), ids aside, and so do the counters; on the wall clock too `on_event`,
+    /// `on_batch` and the bounded expiry agree (`run_wall`).
+    #[test]
+    fn processing_time_on_the_wall_clock_equals_the_replay_of_arrivals(
+        raws in raws(160),
+        keys in 1u8..=5,
+        idle in 1_000i64..20_000,
+        max_mul in proptest::option::of(1i64..4),
+        starts in any::<bool>(),
+        ends in any::<bool>(),
+        split in any::<bool>(),
+        lists in any::<bool>(),
+        skew in any::<i32>(),
+        advance in advance_schedule(),
+    ) {
+        let spec = Spec {
+            max_ms: max_mul.map(|m| m * idle + idle / 3),
+            starts: starts.then_some("start"),
+            ends: ends.then_some("end"),
+            split_camp: split,
+            stats: true,
+            no_lists: !lists,
+            ..Spec::gap_only(Time::Processing, idle)
+        };
+        let types = ["click", "click", "click", "view", "view", "start", "end"];
+        let (arrivals, _) = timeline(&raws, keys, idle, &types, Back::Step);
+        let wall: Vec<i64> = arrivals.iter().map(|e| e.ts).collect();
+        let carried: Vec<Ev> = arrivals
+            .iter()
+            .map(|e| Ev {
+                ts: e.ts + i64::from(skew) * (i64::from(e.n % 7) - 3),
+                ..e.clone()
+            })
+            .collect();
+        let toml = config(&header(4096, "evict_oldest"), &[("p", &spec)]);
+        let sched = schedule(&advance);
+        with_case(&toml, &arrivals, &sched, || {
+            let replayed = run(&toml, &arrivals, &sched);
+            let live = run_wall(&toml, &carried, &wall, &sched);
+            let (l, r) = (per_key_records(&live), per_key_records(&replayed));
+            assert_eq!(
+                l.keys().collect::<Vec<_>>(),
+                r.keys().collect::<Vec<_>>(),
+                "keys with records"
+            );
+            for (key, lv) in &l {
+                let rv = &r[key];
+                if let Some(i) = (0..lv.len().max(rv.len())).find(|&i| lv.get(i) != rv.get(i)) {
+                    panic!(
+                        "key {key}: wall clock (left) and replay (right) differ at its record {i} of {}/{}:\n{:?}\n{:?}",
+                        lv.len(),
+                        rv.len(),
+                        lv.get(i),
+                        rv.get(i)
+                    );
+                }
+            }
+            assert_eq!(format!("{:?}", live.stats), format!("{:?}", replayed.stats));
+        });
     }
 
     /// d) Sub-sessions in a processing-time profile: one kind keyed by `tab`, opened and closed by

@@ -1,4 +1,5 @@
-//! Drives the real engine the way `replay` does (one shard, `Clock::Replay`), parses every record
+//! Drives the real engine the way `replay` does (one shard, `Clock::Replay`; or on a wall clock
+//! given per event, as the appliance runs), parses every record
 //! it writes with serde_json, and rebuilds from them what the engine claims happened: sessions
 //! with their end markers, the events enriched into each (resolved through `session_merged`),
 //! sub-sessions, late events and dead letters. It also checks the structural promises that hold
@@ -53,9 +54,21 @@ pub fn run(toml: &str, evs: &[Ev], advance_after: &[bool]) -> Run {
 /// into an output batch with no reserved room, so most steps stop early and put due sessions
 /// back): it must end the same sessions with the same records, in whatever order.
 pub fn run_lines(toml: &str, lines: &[String], advance_after: &[bool]) -> Run {
-    let single = run_mode(toml, lines, advance_after, Mode::Single);
-    let batched = run_mode(toml, lines, advance_after, Mode::Batched);
-    let bounded = run_mode(toml, lines, advance_after, Mode::Bounded);
+    run_clocked(toml, lines, None, advance_after)
+}
+
+/// `run` on the wall clock, as the appliance runs: event `i` arrives at `wall[i]` (epoch ms),
+/// and the advance after it runs at that time too. The same three runs, compared alike.
+pub fn run_wall(toml: &str, evs: &[Ev], wall: &[i64], advance_after: &[bool]) -> Run {
+    assert_eq!(evs.len(), wall.len(), "one arrival time per event");
+    let lines: Vec<String> = evs.iter().map(Ev::line).collect();
+    run_clocked(toml, &lines, Some(wall), advance_after)
+}
+
+fn run_clocked(toml: &str, lines: &[String], wall: Option<&[i64]>, advance_after: &[bool]) -> Run {
+    let single = run_mode(toml, lines, wall, advance_after, Mode::Single);
+    let batched = run_mode(toml, lines, wall, advance_after, Mode::Batched);
+    let bounded = run_mode(toml, lines, wall, advance_after, Mode::Bounded);
     let sorted = |run: &Run| {
         let mut v: Vec<String> = run
             .records
@@ -107,8 +120,16 @@ enum Mode {
     Bounded,
 }
 
-fn run_mode(toml: &str, lines: &[String], advance_after: &[bool], mode: Mode) -> Run {
+fn run_mode(
+    toml: &str,
+    lines: &[String],
+    wall: Option<&[i64]>,
+    advance_after: &[bool],
+    mode: Mode,
+) -> Run {
     let batched = mode == Mode::Batched;
+    // The clock of event `i` (and of the advance after it).
+    let clock = |i: usize| wall.map_or(Clock::Replay, |w| Clock::Wall(w[i]));
     let cfg =
         Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
     let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
@@ -155,23 +176,34 @@ fn run_mode(toml: &str, lines: &[String], advance_after: &[bool], mode: Mode) ->
             .collect();
         let table = dec.table();
         let mut items: Vec<(ProfileId, Event<'_>)> = Vec::new();
+        // A batch takes one clock: it ends where the clock changes.
+        let mut batch_clock = if lines.is_empty() {
+            Clock::Replay
+        } else {
+            clock(0)
+        };
         for (i, line) in lines.iter().enumerate() {
             let ev = parsed[i].event(line.as_bytes(), table);
+            if clock(i) != batch_clock {
+                engine.on_batch(&items, batch_clock, &mut out);
+                items.clear();
+                batch_clock = clock(i);
+            }
             let before = items.len();
             items.extend(rules.matching(&ev).map(|p| (p, ev)));
             if items.len() == before {
                 // A pass-through goes out in order with what the engine emits around it.
-                engine.on_batch(&items, Clock::Replay, &mut out);
+                engine.on_batch(&items, batch_clock, &mut out);
                 items.clear();
                 out.passthrough(ev.raw());
             }
             let advanced = advance_after.get(i).copied().unwrap_or(false);
             if advanced || i + 1 == lines.len() {
-                engine.on_batch(&items, Clock::Replay, &mut out);
+                engine.on_batch(&items, batch_clock, &mut out);
                 items.clear();
             }
             if advanced {
-                engine.advance(Clock::Replay, &mut out);
+                engine.advance(clock(i), &mut out);
                 drain(&mut out, &mut records);
                 advances.push((i, records.len()));
             }
@@ -198,7 +230,7 @@ fn run_mode(toml: &str, lines: &[String], advance_after: &[bool], mode: Mode) ->
         }
         for &p in &profiles {
             match route(&rules, p, &ev, 1) {
-                Route::Owner(0) => engine.on_event(p, &ev, Clock::Replay, &mut out),
+                Route::Owner(0) => engine.on_event(p, &ev, clock(i), &mut out),
                 r => panic!("generated events always have a short key: {r:?}"),
             }
         }
@@ -206,9 +238,9 @@ fn run_mode(toml: &str, lines: &[String], advance_after: &[bool], mode: Mode) ->
         // A bounded step may leave due sessions for later: no promise to check after it.
         let mut complete = advanced;
         if advanced && mode == Mode::Bounded {
-            complete = !engine.advance_bounded(Clock::Replay, &mut out);
+            complete = !engine.advance_bounded(clock(i), &mut out);
         } else if advanced {
-            engine.advance(Clock::Replay, &mut out);
+            engine.advance(clock(i), &mut out);
         }
         drain(&mut out, &mut records);
         if complete {
