@@ -617,6 +617,50 @@ fn schedule(at: &BTreeSet<usize>) -> Vec<bool> {
     (0..200).map(|i| at.contains(&i)).collect()
 }
 
+/// A profile with every boundary rule, counters, aggregates, metadata, state and lists (unless
+/// `lists` is false), on `time`.
+fn every_rule(
+    time: Time,
+    idle: i64,
+    max_mul: Option<i64>,
+    starts: bool,
+    ends: bool,
+    split: bool,
+    lists: bool,
+) -> Spec {
+    Spec {
+        max_ms: max_mul.map(|m| m * idle + idle / 3),
+        starts: starts.then_some("start"),
+        ends: ends.then_some("end"),
+        split_camp: split,
+        stats: true,
+        no_lists: !lists,
+        ..Spec::gap_only(time, idle)
+    }
+}
+
+/// A processing-time case: a profile with every boundary rule, counters, aggregates, metadata,
+/// state and (some of the time) lists; in-order events with a few steps back that the monotone
+/// clock absorbs; where `advance` runs.
+fn processing_case() -> impl Strategy<Value = (Spec, Vec<Ev>, Vec<bool>)> {
+    (
+        raws(160),
+        1u8..=5,
+        1_000i64..20_000,
+        proptest::option::of(1i64..4),
+        (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        advance_schedule(),
+    )
+        .prop_map(
+            |(raws, keys, idle, max_mul, (starts, ends, split, lists), advance)| {
+                let spec = every_rule(Time::Processing, idle, max_mul, starts, ends, split, lists);
+                let types = ["click", "click", "click", "view", "view", "start", "end"];
+                let (evs, _) = timeline(&raws, keys, idle, &types, Back::Step);
+                (spec, evs, schedule(&advance))
+            },
+        )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Properties.
 // ---------------------------------------------------------------------------------------------
@@ -627,29 +671,8 @@ proptest! {
     /// a) Processing time, in-order arrival (with a few steps back that the monotone replay clock
     /// absorbs): every boundary rule, counters, aggregates, metadata, state and lists.
     #[test]
-    fn processing_time_matches_reference(
-        raws in raws(160),
-        keys in 1u8..=5,
-        idle in 1_000i64..20_000,
-        max_mul in proptest::option::of(1i64..4),
-        starts in any::<bool>(),
-        ends in any::<bool>(),
-        split in any::<bool>(),
-        lists in any::<bool>(),
-        advance in advance_schedule(),
-    ) {
-        let spec = Spec {
-            max_ms: max_mul.map(|m| m * idle + idle / 3),
-            starts: starts.then_some("start"),
-            ends: ends.then_some("end"),
-            split_camp: split,
-            stats: true,
-            no_lists: !lists,
-            ..Spec::gap_only(Time::Processing, idle)
-        };
-        let types = ["click", "click", "click", "view", "view", "start", "end"];
-        let (evs, _) = timeline(&raws, keys, idle, &types, Back::Step);
-        check_one(&spec, &evs, &schedule(&advance));
+    fn processing_time_matches_reference((spec, evs, advance) in processing_case()) {
+        check_one(&spec, &evs, &advance);
     }
 
     /// b) Event time, out of order within (and some beyond) the allowed lateness, gap-only
@@ -691,13 +714,7 @@ proptest! {
     ) {
         let spec = Spec {
             lateness_ms: lateness_mul * idle,
-            max_ms: max_mul.map(|m| m * idle + idle / 3),
-            starts: starts.then_some("start"),
-            ends: ends.then_some("end"),
-            split_camp: split,
-            stats: true,
-            no_lists: !lists,
-            ..Spec::gap_only(Time::Event, idle)
+            ..every_rule(Time::Event, idle, max_mul, starts, ends, split, lists)
         };
         let types = ["click", "click", "view", "view", "start", "end"];
         let (evs, sent) = timeline_with(&raws, keys, idle, &types, Back::None, true);
@@ -712,28 +729,9 @@ proptest! {
     /// `on_batch` and the bounded expiry agree (`run_wall`).
     #[test]
     fn processing_time_on_the_wall_clock_equals_the_replay_of_arrivals(
-        raws in raws(160),
-        keys in 1u8..=5,
-        idle in 1_000i64..20_000,
-        max_mul in proptest::option::of(1i64..4),
-        starts in any::<bool>(),
-        ends in any::<bool>(),
-        split in any::<bool>(),
-        lists in any::<bool>(),
+        (spec, arrivals, sched) in processing_case(),
         skew in any::<i32>(),
-        advance in advance_schedule(),
     ) {
-        let spec = Spec {
-            max_ms: max_mul.map(|m| m * idle + idle / 3),
-            starts: starts.then_some("start"),
-            ends: ends.then_some("end"),
-            split_camp: split,
-            stats: true,
-            no_lists: !lists,
-            ..Spec::gap_only(Time::Processing, idle)
-        };
-        let types = ["click", "click", "click", "view", "view", "start", "end"];
-        let (arrivals, _) = timeline(&raws, keys, idle, &types, Back::Step);
         let wall: Vec<i64> = arrivals.iter().map(|e| e.ts).collect();
         let carried: Vec<Ev> = arrivals
             .iter()
@@ -743,7 +741,6 @@ proptest! {
             })
             .collect();
         let toml = config(&header(4096, "evict_oldest"), &[("p", &spec)]);
-        let sched = schedule(&advance);
         with_case(&toml, &arrivals, &sched, || {
             let replayed = run(&toml, &arrivals, &sched);
             let live = run_wall(&toml, &carried, &wall, &sched);
