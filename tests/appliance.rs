@@ -344,6 +344,44 @@ fn sigterm_drains_flushes_and_exits_zero() {
 }
 
 /// The CPUs a thread may run on, from `Cpus_allowed_list` in its `status` (e.g. `0-2,5`).
+/// An event-time profile live: once its input stops, the watermark moves on with the wall
+/// clock, so the quiet key's session ends (`idle`) with no further event, long before any
+/// shutdown.
+#[test]
+fn event_time_sessions_end_when_their_input_stops() {
+    let extra = r#"
+[[profile]]
+name = "iot"
+match = { field = "src", eq = "iot" }
+key = "dev"
+time = "event"
+timestamp = { field = "ts", format = "epoch_ms" }
+allowed_lateness = "1s"
+idle_timeout = "1s"
+"#;
+    let app = Appliance::start(|d| config(d, &[0, 1], extra));
+    let mut out = app.consumer();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let ts = [now - 200, now - 100, now];
+    let mut data = String::new();
+    for t in ts {
+        data.push_str(&format!(
+            "{{\"user\":\"u1\",\"src\":\"iot\",\"dev\":\"d1\",\"ts\":{t}}}\n"
+        ));
+    }
+    let _conn = tcp_send(app.tcp_addr(), data.as_bytes());
+    let is_iot_end = |l: &String| l.contains("\"kind\":\"session_end\"") && l.contains("\"iot\"");
+    let lines = out.read_until(T, |l| l.iter().any(is_iot_end)).to_vec();
+    let end: Value = serde_json::from_str(lines.iter().find(|l| is_iot_end(l)).unwrap()).unwrap();
+    assert_eq!(end["reason"], "idle", "{end}");
+    assert_eq!(end["count"], 3, "{end}");
+    assert_eq!(end["start_ts"], ts[0], "{end}");
+    assert_eq!(end["last_ts"], ts[2], "{end}");
+}
+
 /// Outputs that carry only the markers: the shards leave the events unwritten (none counted
 /// on the events stream), and the sessions, their ids and statistics are the same.
 #[test]

@@ -924,3 +924,46 @@ fn events_stream_off_leaves_every_other_record_unchanged() {
     assert_eq!(off, rest);
     assert_eq!(format!("{stats_on:?}"), format!("{stats_off:?}"));
 }
+
+const IOT: &str = r#"
+[[profile]]
+name = "iot"
+key = "dev"
+time = "event"
+timestamp = { field = "ts" }
+allowed_lateness = "5s"
+idle_timeout = "10s"
+"#;
+
+/// Event time on the wall clock: while the input is quiet the watermark moves on with the wall
+/// clock (`max_ts + idle_advance - lateness`), so a quiet key's session ends without another
+/// event, once the wall clock has run `idle + lateness` past its last event's arrival.
+#[test]
+fn event_time_sessions_end_on_the_wall_clock_while_input_is_quiet() {
+    let mut r = Rig::new(IOT);
+    let w0 = 1_750_000_000_000i64;
+    // Each event arrives 2 s after its own time.
+    for (ts, wall) in [(w0 - 2_000, w0), (w0 - 1_000, w0 + 1_000)] {
+        let line = format!(r#"{{"dev":"d1","ts":{ts}}}"#);
+        let ev = r.dec.decode(line.as_bytes()).unwrap();
+        r.engine.on_event(0, &ev, Clock::Wall(wall), &mut r.out);
+    }
+    let last = w0 - 1_000;
+    let arrived = w0 + 1_000;
+    // Watermark at `arrived + 14 s`: last + 14 s - 5 s, before the deadline (last + 10 s).
+    r.engine.advance(Clock::Wall(arrived + 14_000), &mut r.out);
+    assert!(Rig::ends(&r.records()).is_empty());
+    // At `arrived + 17 s` it is last + 12 s: past the deadline's second.
+    r.engine.advance(Clock::Wall(arrived + 17_000), &mut r.out);
+    let recs = r.records();
+    let ends = Rig::ends(&recs);
+    assert_eq!(ends.len(), 1, "{recs:#?}");
+    assert_eq!(ends[0]["reason"], "idle");
+    assert_eq!(ends[0]["count"], 2);
+    assert_eq!(ends[0]["last_ts"], last);
+    // In replay there is no wall clock: the same session stays open until more input.
+    let mut replay = Rig::new(IOT);
+    replay.send(&format!(r#"{{"dev":"d1","ts":{last}}}"#));
+    replay.engine.advance(Clock::Replay, &mut replay.out);
+    assert!(Rig::ends(&replay.records()).is_empty());
+}
