@@ -543,7 +543,8 @@ fn check_many(specs: &[(&str, &Spec)], evs: &[Ev], advance: &[bool]) {
 }
 
 /// A run's records, per key in the order written, with every session id replaced by the
-/// session's place among its key's (`k3/0` is key `k3`'s first session) and the enriched events
+/// session's place among its key's (`k3/0` is key `k3`'s first session, `k3/sub0` its first
+/// sub-session) and the enriched events
 /// without their own `ts`. Runs on different clocks issue different ids for the same sessions
 /// (the wall clock sets a floor under the id sequence), and the ids decide the order in which
 /// sessions ending together do (see below); on the wall clock the `ts` an event carries is not
@@ -564,16 +565,18 @@ fn per_key_records(run: &Run) -> BTreeMap<String, Vec<(sessionizer::config::Stre
     let mut names = BTreeMap::new();
     let mut per_key_count: BTreeMap<String, usize> = BTreeMap::new();
     for r in &run.records {
-        if r.v["kind"] == "session_start" {
-            let key = r.v["key"]
-                .as_str()
-                .expect("a start names its key")
-                .to_string();
-            let n = per_key_count.entry(key.clone()).or_insert(0);
-            let id = r.v["session_id"].as_str().expect("a start names its id");
-            names.insert(id.to_string(), format!("{key}/{n}"));
-            *n += 1;
-        }
+        let kind = if r.v["kind"] == "session_start" {
+            ""
+        } else if r.v["kind"] == "sub_session_start" {
+            "sub"
+        } else {
+            continue;
+        };
+        let key = r.v["key"].as_str().expect("a start names its key");
+        let n = per_key_count.entry(format!("{key}{kind}")).or_insert(0);
+        let id = r.v["session_id"].as_str().expect("a start names its id");
+        names.insert(id.to_string(), format!("{key}/{kind}{n}"));
+        *n += 1;
     }
     let mut by_key: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for r in &run.records {
@@ -592,7 +595,9 @@ fn per_key_records(run: &Run) -> BTreeMap<String, Vec<(sessionizer::config::Stre
     // Sessions of a key ending together (one expiry pass, the finish) end in the order of
     // their wheel lanes or table slots, both set by the ids: compare such a run as a set.
     for records in by_key.values_mut() {
-        let is_end = |r: &(sessionizer::config::Stream, Value)| r.1["kind"] == "session_end";
+        let is_end = |r: &(sessionizer::config::Stream, Value)| {
+            r.1["kind"] == "session_end" || r.1["kind"] == "sub_session_end"
+        };
         let mut at = 0;
         while at < records.len() {
             let run = records[at..].iter().take_while(|r| is_end(r)).count();
@@ -683,6 +688,35 @@ fn every_rule(
         no_lists: !lists,
         ..Spec::gap_only(time, idle)
     }
+}
+
+/// A processing-time profile with one sub-session kind keyed by `tab`, opened and closed by
+/// event type, with a shorter idle timeout; parents end on logout or idle.
+fn sub_session_case() -> impl Strategy<Value = (Spec, Vec<Ev>, Vec<bool>)> {
+    (
+        raws(160),
+        1u8..=3,
+        2_000i64..20_000,
+        1i64..=4,
+        (any::<bool>(), any::<bool>()),
+        advance_schedule(),
+    )
+        .prop_map(
+            |(raws, keys, idle, sub_idle_div, (starts, ends), advance)| {
+                let spec = Spec {
+                    ends: Some("logout"),
+                    sub: Some(SubSpec {
+                        idle_ms: idle / sub_idle_div,
+                        starts: starts.then_some("open"),
+                        ends: ends.then_some("close"),
+                    }),
+                    ..Spec::gap_only(Time::Processing, idle)
+                };
+                let types = ["click", "click", "view", "open", "open", "close", "logout"];
+                let (evs, _) = timeline(&raws, keys, idle, &types, Back::None);
+                (spec, evs, schedule(&advance))
+            },
+        )
 }
 
 /// A processing-time case: a profile with every boundary rule, counters, aggregates, metadata,
@@ -826,27 +860,19 @@ proptest! {
     /// d) Sub-sessions in a processing-time profile: one kind keyed by `tab`, opened and closed by
     /// event type, with a shorter idle timeout; parents end on logout or idle.
     #[test]
-    fn sub_sessions_match_reference(
-        raws in raws(160),
-        keys in 1u8..=3,
-        idle in 2_000i64..20_000,
-        sub_idle_div in 1i64..=4,
-        starts in any::<bool>(),
-        ends in any::<bool>(),
-        advance in advance_schedule(),
+    fn sub_sessions_match_reference((spec, evs, advance) in sub_session_case()) {
+        check_one(&spec, &evs, &advance);
+    }
+
+    /// j) Sub-sessions on the wall clock, as (h): each key's records, sub-session markers
+    /// included, equal those of the replay of the events stamped with their arrival times.
+    #[test]
+    fn sub_sessions_on_the_wall_clock_equal_the_replay_of_arrivals(
+        (spec, arrivals, advance) in sub_session_case(),
     ) {
-        let spec = Spec {
-            ends: Some("logout"),
-            sub: Some(SubSpec {
-                idle_ms: idle / sub_idle_div,
-                starts: starts.then_some("open"),
-                ends: ends.then_some("close"),
-            }),
-            ..Spec::gap_only(Time::Processing, idle)
-        };
-        let types = ["click", "click", "view", "open", "open", "close", "logout"];
-        let (evs, _) = timeline(&raws, keys, idle, &types, Back::None);
-        check_one(&spec, &evs, &schedule(&advance));
+        let wall: Vec<i64> = arrivals.iter().map(|e| e.ts).collect();
+        let carried: Vec<Ev> = arrivals.iter().map(|e| Ev { ts: 1, ..e.clone() }).collect();
+        assert_wall_equals_replay(&spec, &arrivals, &carried, &wall, &advance);
     }
 }
 
