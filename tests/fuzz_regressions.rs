@@ -499,6 +499,17 @@ idle_timeout = "60s"
     }
 }
 
+/// A small engine with one processing-time profile keyed by `user` (the archives below).
+const SMALL_WEB: &str = r#"
+[memory]
+arena_bytes = "256KiB"
+max_sessions = 64
+[[profile]]
+name = "web"
+key = "user"
+idle_timeout = "60s"
+"#;
+
 /// fuzz/snapshot, body mode (`fuzz/corpus/snapshot/body-two-sessions-of-a-key`, a mutated seed
 /// archive whose records give one key of a processing-time profile two open sessions, the
 /// later one with an open sub-session): an event of that key merged the two, the absorbed
@@ -512,21 +523,15 @@ fn a_merge_ends_the_sub_sessions_of_the_session_it_absorbs() {
     use sessionizer::engine::{Clock, Engine, Out};
     use sessionizer::persist::snapshot_file::access_body;
 
-    let text = r#"
-[memory]
-arena_bytes = "256KiB"
-max_sessions = 64
-[[profile]]
-name = "web"
-key = "user"
-idle_timeout = "60s"
-[[profile.sub_session]]
+    let text = format!(
+        r#"{SMALL_WEB}[[profile.sub_session]]
 name = "tab"
 key = "tab"
 idle_timeout = "30s"
-"#;
+"#
+    );
     let t0 = 1_700_000_000_000;
-    let (cfg, rules, bytes) = archive_after(text, &[r#"{"user":"u","tab":"t"}"#], t0);
+    let (cfg, rules, bytes) = archive_after(&text, &[r#"{"user":"u","tab":"t"}"#], t0);
     let body = access_body(&bytes).unwrap();
     let mut dec = Decoder::new(rules.field_table(), 32, 4096);
     let mut out = Out::with_capacity(1 << 16, 64);
@@ -565,18 +570,9 @@ fn two_chains_of_one_key_restore_compactly() {
     use sessionizer::engine::{Clock, Engine, Out};
     use sessionizer::persist::snapshot_file::access_body;
 
-    let text = r#"
-[memory]
-arena_bytes = "256KiB"
-max_sessions = 64
-[[profile]]
-name = "web"
-key = "user"
-idle_timeout = "60s"
-"#;
     let t0 = 1_700_000_000_000;
     let lines = [r#"{"user":"key-A"}"#, r#"{"user":"key-B"}"#];
-    let (cfg, rules, mut bytes) = archive_after(text, &lines, t0);
+    let (cfg, rules, mut bytes) = archive_after(SMALL_WEB, &lines, t0);
     let mut out = Out::with_capacity(1 << 16, 64);
     let at = bytes
         .windows(5)

@@ -242,10 +242,12 @@ impl State {
             self.keybuf.resize(h.key_len as usize, 0);
             self.arena.read(h.data, 0, &mut self.keybuf);
             let new = h.profile + shift;
-            self.index
-                .remove(self.hasher.hash_one((h.profile, &self.keybuf[..])), s);
-            self.index
-                .insert(self.hasher.hash_one((new, &self.keybuf[..])), s);
+            let (was, will) = (
+                self.key_hash(h.profile, &self.keybuf),
+                self.key_hash(new, &self.keybuf),
+            );
+            self.index.remove(was, s);
+            self.index.insert(will, s);
             self.table.get_mut(s).profile = new;
         }
     }
