@@ -195,6 +195,7 @@ impl State {
         stop: Stop,
     ) -> bool {
         let rule = &rules.profiles[p];
+        self.clocks[p].hold(rule, clock);
         let now = self.profile_clock(rule, p, clock);
         if now == NONE_TS {
             return false;

@@ -178,7 +178,9 @@ pub fn shard_of(hash: u32, shards: u32) -> u32 {
 /// Per-profile clock state on this shard.
 #[derive(Clone, Copy, Debug)]
 struct ProfileClock {
-    /// Largest event time accepted (event time) or the monotone arrival time (processing).
+    /// Largest event time accepted (event time) or the monotone arrival time (processing). In
+    /// event time on the wall clock, also raised to the watermark an expiry pass used plus
+    /// the lateness ([`ProfileClock::hold`]).
     max_ts: i64,
     /// Wall time of the last event of this profile (event time: drives the idle advance).
     wall_last: i64,
@@ -202,6 +204,20 @@ impl ProfileClock {
                 self.max_ts.saturating_add(idle_advance) - rule.allowed_lateness_ms
             }
             (TimeMode::Event, Clock::Replay) => self.max_ts - rule.allowed_lateness_ms,
+        }
+    }
+
+    /// Keep the watermark an expiry pass is about to end sessions by: fold the idle advance
+    /// into `max_ts`. Why: the next accepted event resets the idle advance, and the watermark
+    /// would fall back to that event's own time less the lateness; an event behind the pass
+    /// would then be accepted where the pass had already ended its key's session, and start
+    /// another instead of joining it or being late.
+    fn hold(&mut self, rule: &ProfileRule, clock: Clock) {
+        if let (TimeMode::Event, Clock::Wall(now)) = (rule.time, clock) {
+            if self.max_ts != NONE_TS && self.wall_last != NONE_TS && now > self.wall_last {
+                self.max_ts = self.max_ts.saturating_add(now - self.wall_last);
+                self.wall_last = now;
+            }
         }
     }
 }

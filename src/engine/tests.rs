@@ -967,3 +967,36 @@ fn event_time_sessions_end_on_the_wall_clock_while_input_is_quiet() {
     replay.engine.advance(Clock::Replay, &mut replay.out);
     assert!(Rig::ends(&replay.records()).is_empty());
 }
+
+/// An expiry pass on the wall clock ends sessions by the watermark the quiet spell advanced; the
+/// watermark then stays there. Before, the next accepted event set it back to that event's own
+/// `ts - lateness`, and an event behind the pass but within a session it had ended was accepted
+/// into a new session of its key: the "accepted events never need a closed session" promise of
+/// docs/semantics.md broken.
+#[test]
+fn the_watermark_an_expiry_pass_used_does_not_move_back() {
+    let mut r = Rig::new(IOT);
+    let w0 = 1_750_000_000_000i64;
+    let send = |r: &mut Rig, dev: &str, ts: i64, wall: i64| {
+        let line = format!(r#"{{"dev":"{dev}","ts":{ts}}}"#);
+        let ev = r.dec.decode(line.as_bytes()).unwrap();
+        r.engine.on_event(0, &ev, Clock::Wall(wall), &mut r.out);
+    };
+    send(&mut r, "d1", w0, w0);
+    // 17 s of quiet: the watermark is w0 + 17 s - 5 s, past d1's deadline (w0 + 10 s).
+    r.engine.advance(Clock::Wall(w0 + 17_000), &mut r.out);
+    let recs = r.records();
+    assert_eq!(Rig::ends(&recs).len(), 1, "{recs:#?}");
+    // Within lateness of that watermark: accepted.
+    send(&mut r, "d2", w0 + 12_500, w0 + 17_000);
+    // Behind the pass's watermark (w0 + 12 s), though within d1's ended session: late.
+    send(&mut r, "d1", w0 + 9_000, w0 + 17_000);
+    let recs = r.records();
+    let kinds: Vec<&str> = recs
+        .iter()
+        .map(|v| v["kind"].as_str().unwrap_or("event"))
+        .collect();
+    assert_eq!(kinds, ["session_start", "event", "late_event"], "{recs:#?}");
+    assert_eq!(recs[2]["watermark"], w0 + 12_000);
+    assert_eq!(r.engine.stats().late, 1);
+}
