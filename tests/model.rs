@@ -1,6 +1,7 @@
-//! The engine's acceptance test: property tests that drive the real engine (one shard,
-//! `Clock::Replay`, the real decoder) with generated event streams and compare every session it
-//! ends with a brute-force reference model of docs/semantics.md (`model/reference.rs`).
+//! The engine's acceptance test: property tests that drive the real engine (one shard, the real
+//! decoder, on the replay clock or on a wall clock given per event) with generated event streams
+//! and compare every session it ends with a brute-force reference model of docs/semantics.md
+//! (`model/reference.rs`), or a wall-clock run with the replay the reference checks.
 //!
 //! Compared exactly: which events form each session (after `session_merged`), its key, times,
 //! count, counters, aggregates, metadata, state and lists, sub-sessions, and the late set; the end
@@ -19,7 +20,7 @@ mod harness;
 #[path = "model/reference.rs"]
 mod reference;
 
-use harness::{header, run, run_wall, Observed, Run};
+use harness::{header, run, run_wall, run_wall_at, Observed, Run};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PropConfig, FileFailurePersistence};
 use reference::{expected_stats, Ev, RefSession, RefSub, Spec, SubSpec, Time, BASE_MS};
@@ -212,6 +213,17 @@ fn timeline_with(
 /// drawn per event (`per_event`) or per key (keeps each key in order). Arrival indices are
 /// renumbered.
 fn arrive(evs: Vec<Ev>, sent: &[i64], delays: &[u16], scale_ms: i64, per_event: bool) -> Vec<Ev> {
+    arrive_at(evs, sent, delays, scale_ms, per_event).0
+}
+
+/// `arrive`, with each event's arrival time (in arrival order, so never decreasing).
+fn arrive_at(
+    evs: Vec<Ev>,
+    sent: &[i64],
+    delays: &[u16],
+    scale_ms: i64,
+    per_event: bool,
+) -> (Vec<Ev>, Vec<i64>) {
     let mut timed: Vec<(i64, Ev)> = evs
         .into_iter()
         .map(|e| {
@@ -230,11 +242,11 @@ fn arrive(evs: Vec<Ev>, sent: &[i64], delays: &[u16], scale_ms: i64, per_event: 
     timed
         .into_iter()
         .enumerate()
-        .map(|(n, (_, mut e))| {
+        .map(|(n, (at, mut e))| {
             e.n = n as u32;
-            e
+            (e, at)
         })
-        .collect()
+        .unzip()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -251,6 +263,17 @@ fn lines(evs: &[Ev]) -> String {
 /// Run `f`; if it panics, panic again with the config and events appended, so the failure shows
 /// the whole case (proptest then shrinks and prints the minimal one).
 fn with_case<T>(toml: &str, evs: &[Ev], advance: &[bool], f: impl FnOnce() -> T) -> T {
+    with_case_timed(toml, evs, advance, "", f)
+}
+
+/// `with_case`, the failure also showing `timing` (the clocks of a wall-clock run).
+fn with_case_timed<T>(
+    toml: &str,
+    evs: &[Ev],
+    advance: &[bool],
+    timing: &str,
+    f: impl FnOnce() -> T,
+) -> T {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(t) => t,
         Err(e) => {
@@ -262,7 +285,7 @@ fn with_case<T>(toml: &str, evs: &[Ev], advance: &[bool], f: impl FnOnce() -> T)
             let adv: Vec<usize> = (0..evs.len())
                 .filter(|&i| advance.get(i).copied().unwrap_or(false))
                 .collect();
-            panic!("{msg}\n# --- config:\n{toml}# --- advance after events: {adv:?}\n# --- events (arrival order):\n{}", lines(evs));
+            panic!("{msg}\n# --- config:\n{toml}# --- advance after events: {adv:?}\n{timing}# --- events (arrival order):\n{}", lines(evs));
         }
     }
 }
@@ -290,6 +313,20 @@ fn compare(
     refs: &[RefSession],
     late: &BTreeSet<u32>,
     o: &Observed,
+) {
+    compare_clocked(profile, spec, evs, refs, late, o, &BTreeMap::new());
+}
+
+/// `compare`, where `pass_clock` gives the profile's clock at the passes after some events (by
+/// event index) when it is not the replay's (the wall clock's idle advance).
+fn compare_clocked(
+    profile: &str,
+    spec: &Spec,
+    evs: &[Ev],
+    refs: &[RefSession],
+    late: &BTreeSet<u32>,
+    o: &Observed,
+    pass_clock: &BTreeMap<usize, i64>,
 ) {
     let by_n: BTreeMap<u32, &Ev> = evs.iter().map(|e| (e.n, e)).collect();
     // Every non-late event is enriched exactly once; late ones never.
@@ -404,11 +441,12 @@ fn compare(
             compare_subs(id, &r.subs, o);
         }
     }
-    check_timely(spec, evs, refs, late, o, &got);
+    check_timely(spec, evs, refs, late, o, &got, pass_clock);
 }
 
 /// After each `advance`, every session more than the wheel's one-second slack past its deadline
-/// (by the profile's clock then: the replay clock, or the watermark) has ended.
+/// (by the profile's clock then: the replay clock, or the watermark; `pass_clock` where given)
+/// has ended.
 fn check_timely(
     spec: &Spec,
     evs: &[Ev],
@@ -416,12 +454,14 @@ fn check_timely(
     late: &BTreeSet<u32>,
     o: &Observed,
     got: &BTreeMap<Vec<u32>, &str>,
+    pass_clock: &BTreeMap<usize, i64>,
 ) {
     for &(at, written) in &o.advances {
         let seen = evs
             .iter()
             .filter(|e| e.n as usize <= at && !late.contains(&e.n));
         let clock = match spec.time {
+            _ if pass_clock.contains_key(&at) => Some(pass_clock[&at]),
             Time::Processing => seen.map(|e| e.ts).max(),
             Time::Event => seen.map(|e| e.ts).max().map(|m| m - spec.lateness_ms),
         };
@@ -537,6 +577,35 @@ fn check_many(specs: &[(&str, &Spec)], evs: &[Ev], advance: &[bool]) {
         assert_eq!(
             o.late_set(),
             late_all,
+            "late events: engine (left) vs reference (right)"
+        );
+    });
+}
+
+/// Run one gap-only event-time profile on the wall clock, `evs` arriving at `wall` and expiry
+/// passes at `passes` (see `harness::run_wall_at`), and compare with the reference's watermark
+/// on the wall clock.
+fn check_wall(spec: &Spec, evs: &[Ev], wall: &[i64], passes: &[Option<i64>]) {
+    let toml = config(&header(4096, "evict_oldest"), &[("p", spec)]);
+    let advance: Vec<bool> = passes.iter().map(Option::is_some).collect();
+    let timing = format!(
+        "# --- arrival times (wall ms - {BASE_MS}): {:?}\n# --- passes (event index, wall ms - {BASE_MS}): {:?}\n",
+        wall.iter().map(|w| w - BASE_MS).collect::<Vec<_>>(),
+        passes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.map(|p| (i, p - BASE_MS)))
+            .collect::<Vec<_>>()
+    );
+    with_case_timed(&toml, evs, &advance, &timing, || {
+        let r = run_wall_at(&toml, evs, wall, passes);
+        let o = Observed::new(&r);
+        assert!(o.dead.is_empty(), "unexpected dead letters: {:?}", o.dead);
+        let (refs, late, pass_clock) = reference::event_time_wall(spec, evs, wall, passes);
+        compare_clocked("p", spec, evs, &refs, &late, &o, &pass_clock);
+        assert_eq!(
+            o.late_set(),
+            late,
             "late events: engine (left) vs reference (right)"
         );
     });
@@ -855,6 +924,41 @@ proptest! {
             })
             .collect();
         assert_wall_equals_replay(&spec, &evs, &evs, &wall, &schedule(&advance));
+    }
+
+    /// k) Event time on a wall clock that runs on between arrivals, as live: each event arrives
+    /// at its send time plus a delay of its own (out of order within and beyond the lateness),
+    /// and expiry passes run in the gaps between arrivals, where the watermark advances with
+    /// the wall clock alone (the idle advance) and ends quiet keys' sessions. Equal to the
+    /// reference's watermark on the wall clock: sessions and their data, merges, the late set.
+    #[test]
+    fn event_time_with_the_idle_advance_matches_reference(
+        raws in raws(160),
+        keys in 1u8..=4,
+        idle in 1_000i64..20_000,
+        lateness_halves in 0i64..=4,
+        delays in proptest::collection::vec(any::<u16>(), 1..64),
+        delay_mul in 0i64..=3,
+        advance in advance_schedule(),
+        into_gap in proptest::collection::vec(any::<u16>(), 1..32),
+    ) {
+        let spec = Spec {
+            lateness_ms: lateness_halves * idle / 2,
+            ..Spec::gap_only(Time::Event, idle)
+        };
+        let far = spec.lateness_ms + idle;
+        let (evs, sent) = timeline(&raws, keys, idle, &["click", "view"], Back::FarLate(far));
+        let (evs, wall) = arrive_at(evs, &sent, &delays, (delay_mul * spec.lateness_ms / 2).max(idle / 4), true);
+        let passes: Vec<Option<i64>> = (0..evs.len())
+            .map(|i| {
+                advance.contains(&i).then(|| {
+                    let next = wall.get(i + 1).copied().unwrap_or(wall[i] + 3 * idle + spec.lateness_ms);
+                    let f = i64::from(into_gap[i % into_gap.len()]);
+                    wall[i] + (next - wall[i]) * f / i64::from(u16::MAX)
+                })
+            })
+            .collect();
+        check_wall(&spec, &evs, &wall, &passes);
     }
 
     /// d) Sub-sessions in a processing-time profile: one kind keyed by `tab`, opened and closed by

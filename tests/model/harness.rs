@@ -65,10 +65,54 @@ pub fn run_wall(toml: &str, evs: &[Ev], wall: &[i64], advance_after: &[bool]) ->
     run_clocked(toml, &lines, Some(wall), advance_after)
 }
 
+/// `run_wall` with expiry passes at wall times of their own: after event `i`, one at
+/// `advance_at[i]` (no earlier than `wall[i]`, no later than `wall[i + 1]`) when it is set. Between
+/// arrivals the clock runs on with no input, so event-time watermarks advance while it is quiet.
+pub fn run_wall_at(toml: &str, evs: &[Ev], wall: &[i64], advance_at: &[Option<i64>]) -> Run {
+    assert_eq!(evs.len(), wall.len(), "one arrival time per event");
+    assert_eq!(
+        evs.len(),
+        advance_at.len(),
+        "one advance time (or none) per event"
+    );
+    for (i, at) in advance_at.iter().enumerate() {
+        if let Some(at) = *at {
+            assert!(
+                wall[i] <= at,
+                "a pass after event {i} runs no earlier than it"
+            );
+            assert!(
+                wall.get(i + 1).is_none_or(|&next| at <= next),
+                "a pass after event {i} runs no later than the next arrival"
+            );
+        }
+    }
+    let lines: Vec<String> = evs.iter().map(Ev::line).collect();
+    let advance_after: Vec<bool> = advance_at.iter().map(Option::is_some).collect();
+    let passes: Vec<i64> = advance_at
+        .iter()
+        .zip(wall)
+        .map(|(at, &w)| at.unwrap_or(w))
+        .collect();
+    run_clocked_at(toml, &lines, Some(wall), Some(&passes), &advance_after)
+}
+
 fn run_clocked(toml: &str, lines: &[String], wall: Option<&[i64]>, advance_after: &[bool]) -> Run {
-    let single = run_mode(toml, lines, wall, advance_after, Mode::Single);
-    let batched = run_mode(toml, lines, wall, advance_after, Mode::Batched);
-    let bounded = run_mode(toml, lines, wall, advance_after, Mode::Bounded);
+    run_clocked_at(toml, lines, wall, wall, advance_after)
+}
+
+/// `passes[i]`: the wall time of the pass after event `i` (with `wall`).
+fn run_clocked_at(
+    toml: &str,
+    lines: &[String],
+    wall: Option<&[i64]>,
+    passes: Option<&[i64]>,
+    advance_after: &[bool],
+) -> Run {
+    let clocks = Clocks { wall, passes };
+    let single = run_mode(toml, lines, clocks, advance_after, Mode::Single);
+    let batched = run_mode(toml, lines, clocks, advance_after, Mode::Batched);
+    let bounded = run_mode(toml, lines, clocks, advance_after, Mode::Bounded);
     let sorted = |run: &Run| {
         let mut v: Vec<String> = run
             .records
@@ -110,6 +154,26 @@ fn run_clocked(toml: &str, lines: &[String], wall: Option<&[i64]>, advance_after
     single
 }
 
+/// The clocks a run gives the engine: none (replay), or per event its arrival and the time of
+/// the pass after it.
+#[derive(Clone, Copy)]
+struct Clocks<'a> {
+    wall: Option<&'a [i64]>,
+    passes: Option<&'a [i64]>,
+}
+
+impl Clocks<'_> {
+    /// The clock of event `i`.
+    fn event(&self, i: usize) -> Clock {
+        self.wall.map_or(Clock::Replay, |w| Clock::Wall(w[i]))
+    }
+
+    /// The clock of the pass after event `i`.
+    fn pass(&self, i: usize) -> Clock {
+        self.passes.map_or(Clock::Replay, |w| Clock::Wall(w[i]))
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// One `on_event` call per event.
@@ -123,13 +187,12 @@ enum Mode {
 fn run_mode(
     toml: &str,
     lines: &[String],
-    wall: Option<&[i64]>,
+    clocks: Clocks<'_>,
     advance_after: &[bool],
     mode: Mode,
 ) -> Run {
     let batched = mode == Mode::Batched;
-    // The clock of event `i` (and of the advance after it).
-    let clock = |i: usize| wall.map_or(Clock::Replay, |w| Clock::Wall(w[i]));
+    let clock = |i: usize| clocks.event(i);
     let cfg =
         Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
     let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
@@ -203,7 +266,7 @@ fn run_mode(
                 items.clear();
             }
             if advanced {
-                engine.advance(clock(i), &mut out);
+                engine.advance(clocks.pass(i), &mut out);
                 drain(&mut out, &mut records);
                 advances.push((i, records.len()));
             }
@@ -238,9 +301,9 @@ fn run_mode(
         // A bounded step may leave due sessions for later: no promise to check after it.
         let mut complete = advanced;
         if advanced && mode == Mode::Bounded {
-            complete = !engine.advance_bounded(clock(i), &mut out);
+            complete = !engine.advance_bounded(clocks.pass(i), &mut out);
         } else if advanced {
-            engine.advance(clock(i), &mut out);
+            engine.advance(clocks.pass(i), &mut out);
         }
         drain(&mut out, &mut records);
         if complete {

@@ -378,6 +378,67 @@ pub fn event_time(spec: &Spec, evs: &[Ev]) -> (Vec<RefSession>, BTreeSet<u32>) {
         }
     }
     let wm_final = max_ts.map_or(i64::MIN, |m| m - spec.lateness_ms);
+    (by_time(spec, evs, &late, &wm_at, wm_final), late)
+}
+
+/// Event time on the wall clock (docs/semantics.md, "Time"): event `i` arrives at `wall[i]`
+/// and, when `passes[i]` is set, an expiry pass runs at that wall time after it. The watermark
+/// is `max_ts + idle_advance - lateness`, the idle advance being the wall time since the last
+/// accepted event; an accepted event moves `max_ts` up to its time but no further than its
+/// arrival; a pass keeps the watermark it ended sessions by (its idle advance joins
+/// `max_ts`). End of input runs on the replay clock (no idle advance). The input must be gap
+/// only (no rule boundaries). Also returns the watermark at each pass, by the index of the
+/// event it follows.
+pub fn event_time_wall(
+    spec: &Spec,
+    evs: &[Ev],
+    wall: &[i64],
+    passes: &[Option<i64>],
+) -> (Vec<RefSession>, BTreeSet<u32>, BTreeMap<usize, i64>) {
+    assert_eq!(spec.time, Time::Event);
+    assert!(
+        !spec.has_rules(),
+        "reference: the wall clock is modelled for gap-only profiles"
+    );
+    let mut max_ts: Option<i64> = None;
+    let mut wall_last = i64::MIN;
+    let mut late = BTreeSet::new();
+    let mut wm_at: Vec<i64> = Vec::with_capacity(evs.len());
+    let mut pass_wm = BTreeMap::new();
+    for (i, e) in evs.iter().enumerate() {
+        let wm = max_ts.map_or(i64::MIN, |m| {
+            m + (wall[i] - wall_last).max(0) - spec.lateness_ms
+        });
+        wm_at.push(wm);
+        if e.ts < wm {
+            late.insert(e.n);
+        } else {
+            let upto = e.ts.min(wall[i]);
+            max_ts = Some(max_ts.map_or(upto, |m| m.max(upto)));
+            wall_last = wall[i];
+        }
+        if let (Some(at), Some(m)) = (passes[i], max_ts) {
+            if at > wall_last {
+                max_ts = Some(m + (at - wall_last));
+                wall_last = at;
+            }
+            pass_wm.insert(i, max_ts.unwrap_or(m) - spec.lateness_ms);
+        }
+    }
+    let wm_final = max_ts.map_or(i64::MIN, |m| m - spec.lateness_ms);
+    (by_time(spec, evs, &late, &wm_at, wm_final), late, pass_wm)
+}
+
+/// Event time, step 2: each key's accepted events in time order, split where the profile's
+/// boundaries fall. `wm_at[i]`: the watermark when event `i` arrived; `wm_final`: at end of
+/// input.
+fn by_time(
+    spec: &Spec,
+    evs: &[Ev],
+    late: &BTreeSet<u32>,
+    wm_at: &[i64],
+    wm_final: i64,
+) -> Vec<RefSession> {
     // 2. Per key, the accepted events in time order (stable: equal times keep arrival order).
     let mut by_key: BTreeMap<u8, Vec<(usize, &Ev)>> = BTreeMap::new();
     for (i, e) in evs.iter().enumerate() {
@@ -426,7 +487,7 @@ pub fn event_time(spec: &Spec, evs: &[Ev]) -> (Vec<RefSession>, BTreeSet<u32>) {
         }
     }
     done.sort_by_key(|s| s.events[0]);
-    (done, late)
+    done
 }
 
 /// The sub-sessions of one parent session, walking its events (with their times) in order.
