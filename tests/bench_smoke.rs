@@ -236,7 +236,7 @@ fn reproduce_quick_runs_every_step() {
         .stderr(File::create(&stderr_path).expect("stderr file"))
         .spawn()
         .expect("spawn sessionizer-bench");
-    // Five appliance runs, a replay and a two-step sweep of about a second each, plus start-ups.
+    // Six appliance runs, a replay and a two-step sweep of about a second each, plus start-ups.
     let status = Guard(Some(child)).wait(Duration::from_secs(240));
     let context = || {
         format!(
@@ -282,12 +282,24 @@ fn reproduce_quick_runs_every_step() {
     // Receivers count what they took in before they were stopped: something, never more than
     // was sent (the appliance is stopped right after the sending ends, so a TCP tail still in
     // the socket buffers may go uncounted; UDP may also drop in the kernel).
-    for run in ["appliance_tcp", "appliance_udp"] {
+    for run in ["appliance_tcp", "appliance_tcp_markers", "appliance_udp"] {
         let x = &round[run];
         assert!(n(&x["processed"]) > 0, "{run}: {round}");
         assert!(n(&x["processed"]) <= n(&x["sent"]), "{run}: {round}");
         assert!(n(&x["processed"]) as f64 / x["shard_cpu_s"].as_f64().unwrap() > 0.0);
     }
+    // The markers-only outputs wrote no enriched events: far fewer bytes an event than the full
+    // run's files, which hold the markers and a copy of every event besides (~250 against ~16
+    // bytes an event here).
+    let per_event = |run: &str| {
+        let x = &round[run];
+        n(&x["file_outputs"]["bytes"]) as f64 / n(&x["processed"]) as f64
+    };
+    assert!(
+        per_event("appliance_tcp_markers") < per_event("appliance_tcp") / 2.0,
+        "file bytes an event, markers only vs every stream: {round}"
+    );
+    assert!(table.contains("markers-only outputs"), "{table}");
     for run in ["raw_tcp", "raw_udp"] {
         let x = &round[run];
         assert!(n(&x["received"]) > 0, "{run}: {round}");

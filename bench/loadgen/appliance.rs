@@ -453,9 +453,21 @@ pub struct ConfigSpec {
     /// (ingest waits for the writer, so a run's rate includes writing every record); `None`:
     /// no file output.
     pub file_output: Option<PathBuf>,
+    /// The outputs carry the markers, late and dead-letter streams but not the enriched
+    /// events (the shards then do not write them, docs/operations.md).
+    pub markers_only: bool,
 }
 
 impl ConfigSpec {
+    /// Every output's `streams` value.
+    fn streams(&self) -> &'static str {
+        if self.markers_only {
+            r#"["markers", "late", "dead_letter"]"#
+        } else {
+            r#"["events", "markers", "late", "dead_letter"]"#
+        }
+    }
+
     /// The TOML text. The profile is the clickstream bench profile of `bench/README.md`
     /// ("Profiles for benchmarking"): keyed by user, ended by a logout or the idle timeout, with
     /// the `ts` field as its replay time.
@@ -482,16 +494,18 @@ address = "127.0.0.1:0"
 [[output]]
 kind = "tcp"
 address = "127.0.0.1:0"
-streams = ["events", "markers", "late", "dead_letter"]
+streams = {streams}
 "#,
             cores = self.cores,
             arena = self.arena_bytes,
             max_sessions = self.max_sessions,
+            streams = self.streams(),
         );
         if let Some(dir) = &self.file_output {
             t += &format!(
-                "\n[[output]]\nkind = \"file\"\npath = {}\nwhen_full = \"block\"\nstreams = [\"events\", \"markers\", \"late\", \"dead_letter\"]\n",
-                serde_json::Value::from(dir.display().to_string())
+                "\n[[output]]\nkind = \"file\"\npath = {}\nwhen_full = \"block\"\nstreams = {}\n",
+                serde_json::Value::from(dir.display().to_string()),
+                self.streams()
             );
         }
         if let Some(interval) = &self.metrics_publish {
@@ -546,6 +560,7 @@ mod tests {
             snapshot_write_rate: None,
             idle_timeout: "1s".to_string(),
             file_output: None,
+            markers_only: false,
         };
         let plain = spec.toml();
         assert!(plain.contains("cores = [0]") && plain.contains("idle_timeout = \"1s\""));
@@ -558,6 +573,16 @@ mod tests {
         assert!(full.contains("[metrics]\naddress = \"127.0.0.1:0\""));
         assert!(full.contains("dir = \"/tmp/x y\"\nsnapshot_interval = \"100ms\""));
         assert!(full.contains("kind = \"file\"\npath = \"/tmp/out\"\nwhen_full = \"block\""));
+        assert_eq!(full.matches(r#"streams = ["events", "markers""#).count(), 2);
+        spec.markers_only = true;
+        let markers = spec.toml();
+        assert!(!markers.contains("\"events\""), "{markers}");
+        assert_eq!(
+            markers
+                .matches(r#"streams = ["markers", "late", "dead_letter"]"#)
+                .count(),
+            2
+        );
     }
 
     #[test]

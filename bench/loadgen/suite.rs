@@ -585,6 +585,8 @@ pub struct ReproduceOptions {
 pub struct ReproduceRound {
     pub raw_tcp: RawRun,
     pub appliance_tcp: ApplianceRun,
+    /// As `appliance_tcp`, with outputs that carry no enriched events.
+    pub appliance_tcp_markers: ApplianceRun,
     pub raw_udp: RawRun,
     pub appliance_udp: ApplianceRun,
     pub engine: EngineRun,
@@ -600,6 +602,7 @@ fn bench_config(setup: &Setup, metrics: bool) -> ConfigSpec {
         snapshot_write_rate: None,
         idle_timeout: "1s".to_string(),
         file_output: None,
+        markers_only: false,
     }
 }
 
@@ -612,6 +615,11 @@ pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result
     let flat_config = ConfigSpec {
         file_output: Some(setup.dir.join("file-output")),
         ..config.clone()
+    };
+    // The same with outputs for the markers alone: what writing the enriched events costs.
+    let markers_config = ConfigSpec {
+        markers_only: true,
+        ..flat_config.clone()
     };
     let cfg_path = setup.dir.join("bench.toml");
     std::fs::write(&cfg_path, config.toml()).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
@@ -647,6 +655,16 @@ pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result
             None,
         )?;
         std::thread::sleep(BETWEEN_RUNS);
+        let appliance_tcp_markers = appliance_flat_out(
+            setup,
+            &format!("appliance-tcp-markers-{r}"),
+            &markers_config,
+            Transport::Tcp,
+            o.keys,
+            o.duration,
+            None,
+        )?;
+        std::thread::sleep(BETWEEN_RUNS);
         let raw_udp = raw_flat_out(setup, "raw-udp", Transport::Udp, o.keys, o.duration)?;
         std::thread::sleep(BETWEEN_RUNS);
         let appliance_udp = appliance_flat_out(
@@ -667,9 +685,10 @@ pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result
             &setup.dir.join(format!("replay-{r}.log")),
         )?;
         eprintln!(
-            "reproduce: round {r}: tcp {}/s (raw {}/s), udp {}/s (raw {}/s), engine alone {}/s",
+            "reproduce: round {r}: tcp {}/s (raw {}/s, markers only {}/s), udp {}/s (raw {}/s), engine alone {}/s",
             svg::short_number(appliance_tcp.processed_per_s.round()),
             svg::short_number(raw_tcp.received_per_s.round()),
+            svg::short_number(appliance_tcp_markers.processed_per_s.round()),
             svg::short_number(appliance_udp.processed_per_s.round()),
             svg::short_number(raw_udp.received_per_s.round()),
             svg::short_number(engine.events_per_s.round()),
@@ -677,6 +696,7 @@ pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result
         rounds.push(ReproduceRound {
             raw_tcp,
             appliance_tcp,
+            appliance_tcp_markers,
             raw_udp,
             appliance_udp,
             engine,
@@ -754,6 +774,16 @@ pub fn reproduce(setup: &Setup, o: &ReproduceOptions, argv: &[String]) -> Result
             col(&|r| r.appliance_tcp.processed_per_s / r.raw_tcp.received_per_s),
         ),
     ]);
+    rows.extend(appliance_rows(
+        "appliance, TCP flat out, markers-only outputs, events/s",
+        "TCP markers only",
+        |r| &r.appliance_tcp_markers,
+    ));
+    rows.push(Row::new(
+        "appliance TCP markers only ÷ appliance TCP, per shard CPU-second",
+        "ratio",
+        col(&|r| r.appliance_tcp_markers.per_cpu_s / r.appliance_tcp.per_cpu_s),
+    ));
     rows.extend(appliance_rows(
         "appliance, UDP flat out (10 events/datagram), events/s",
         "UDP",
@@ -1157,6 +1187,7 @@ fn snapshot_run(
         snapshot_write_rate: o.snapshot_write_rate.clone(),
         idle_timeout: "30m".to_string(),
         file_output: None,
+        markers_only: false,
     };
     let app = Appliance::start(&setup.binary, &setup.dir, label, &config.toml())?;
     let url = app.metrics_url().ok_or("no metrics endpoint")?;
@@ -1595,6 +1626,7 @@ fn recovery_round(
         snapshot_write_rate: None,
         idle_timeout: "30m".to_string(),
         file_output: None,
+        markers_only: false,
     };
     let load_cfg = config(&state.path);
 
