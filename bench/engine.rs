@@ -26,6 +26,9 @@
 //!   30 to 20 minutes, which moves every open session to its new deadline (the reload's one pass
 //!   over the table, while the shard takes no events); the rules are put back, untimed, after
 //!   each call. Per reload, not per event.
+//! - `reload_1M_sessions/append_profile_renumber_subs`: `Engine::set_rules` appending a profile
+//!   to one whose 1M sessions each hold an open sub-session: the sub-session kinds are numbered
+//!   after every profile, so the reload renumbers and re-indexes the 1M open sub-sessions.
 //!
 //! Memory per session is printed once, after the 1M sessions are open.
 //!
@@ -598,6 +601,106 @@ fn reload_bench(c: &mut Criterion, rig: &mut Rig) {
     );
 }
 
+/// A processing-time profile whose every session holds one open sub-session, followed by
+/// `extra` profiles that match nothing (what a reload appends).
+fn sub_config(extra: usize) -> String {
+    let mut t = format!(
+        r#"
+[memory]
+arena_bytes = "{ARENA_MIB}MiB"
+block_bytes = {BLOCK_BYTES}
+max_sessions = {sub_max}
+
+[[profile]]
+name = "app"
+key = "user"
+time = "processing"
+idle_timeout = "30m"
+
+[[profile.sub_session]]
+name = "tab"
+key = "tab"
+idle_timeout = "10m"
+"#,
+        sub_max = 2 * *KEYS + 1024,
+    );
+    for i in 0..extra {
+        t += &format!(
+            "\n[[profile]]\nname = \"x{i}\"\nmatch = {{ field = \"never\", exists = true }}\nkey = \"user\"\nidle_timeout = \"1m\"\n"
+        );
+    }
+    t
+}
+
+/// An engine on [`sub_config`] with no extra profile, a session and a sub-session open for
+/// each of the bench's keys.
+fn sub_engine() -> (Engine, Vec<Arc<Rules>>) {
+    let cfg = Config::from_toml(&sub_config(0)).expect("bench config is valid");
+    let rules = Arc::new(Rules::compile(&cfg).expect("rules"));
+    let mut engine = Engine::new(rules.clone(), &cfg, 0, None).expect("engine reserves memory");
+    let mut dec = Decoder::new(rules.field_table(), 32, 4096);
+    let mut out = Out::with_capacity(4 << 20, 4096);
+    for k in 0..*KEYS {
+        let line = format!(r#"{{"user":"u{k}","tab":"t{}"}}"#, k % 7);
+        let ev = dec.decode(line.as_bytes()).expect("valid line");
+        engine.on_event(0, &ev, Clock::Wall(T0_MS), &mut out);
+        if out.half_full() {
+            out.clear();
+        }
+    }
+    // Each later reload appends one more profile (the config allows 200 in all).
+    let appended = (1..150)
+        .map(|n| {
+            let cfg = Config::from_toml(&sub_config(n)).expect("bench config is valid");
+            Arc::new(Rules::compile(&cfg).expect("rules"))
+        })
+        .collect();
+    (engine, appended)
+}
+
+/// The reload that appends a profile with every key's sub-session open: sub-session kinds are
+/// numbered after every profile, so the reload renumbers and re-indexes each open
+/// sub-session in one pass over the table, while the shard takes no events. Each call appends
+/// one more profile; the engine is rebuilt, untimed, when the config's limit is near.
+fn renumber_bench(c: &mut Criterion) {
+    // Built on the first call: a filtered run that skips this bench skips its set-up too.
+    let mut rig: Option<(Engine, Vec<Arc<Rules>>)> = None;
+    let mut next = 0;
+    let mut g = c.benchmark_group("reload_1M_sessions");
+    g.sampling_mode(SamplingMode::Flat).sample_size(10);
+    g.bench_function("append_profile_renumber_subs", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                if rig
+                    .as_ref()
+                    .is_none_or(|(_, appended)| next == appended.len())
+                {
+                    rig = Some(sub_engine());
+                    next = 0;
+                }
+                let (engine, appended) = rig.as_mut().expect("built above");
+                let t = Stamp::now();
+                engine
+                    .set_rules(appended[next].clone())
+                    .expect("an appended profile is compatible");
+                spent += t.elapsed();
+                next += 1;
+            }
+            spent
+        })
+    });
+    g.finish();
+    if let Some((engine, _)) = &rig {
+        println!(
+            "reload that appends a profile, {} open sessions and sub-sessions: {:.1} ms (median)",
+            engine.live_sessions(),
+            median_ns("reload_1M_sessions", "append_profile_renumber_subs").unwrap_or(f64::NAN)
+                / 1e6
+        );
+    }
+}
+
 /// Criterion's median (ns per iteration) of a finished benchmark, from its estimates file.
 fn median_ns(group: &str, bench: &str) -> Option<f64> {
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
@@ -613,6 +716,8 @@ fn main() {
     hashmap_baseline(&mut c, &rig.lines.keys);
     engine_benches(&mut c, &mut rig);
     reload_bench(&mut c, &mut rig);
+    drop(rig);
+    renumber_bench(&mut c);
     c.final_summary();
 
     let per_event = |g: &str, b: &str| median_ns(g, b).map(|ns| ns / BATCH as f64);

@@ -645,6 +645,14 @@ impl State {
         self.hasher.hash_one((p, key))
     }
 
+    /// The index hash of a sub-session of record kind `kind` (its key holds the parent's id):
+    /// by the parent profile and the sub-session's place in it, not by the kind's number, which
+    /// a reload that appends profiles moves up (`renumber_subs`), so that such a reload leaves
+    /// the index alone.
+    fn sub_key_hash(&self, kind: u8, key: &[u8]) -> u64 {
+        self.hasher.hash_one((self.sub_of[kind as usize], key))
+    }
+
     /// The first level of `on_batch`'s lookahead for an upcoming event: find its key, hash it
     /// and request the index entry. Like the next two levels, a hint only: nothing here changes
     /// the engine, and a wrong guess costs a wasted request. Writes its ring entry in place:

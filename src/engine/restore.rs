@@ -27,7 +27,6 @@
 //! before their deadline second: the first `advance(Clock::Wall(now))` drains and ends them with
 //! their normal reason, once (ending releases the record).
 
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use super::markers::{self, Summary};
@@ -589,7 +588,7 @@ impl State {
             self.place(r, slot, data, p, key.len(), link);
             if let Some((parent_slot, pos)) = parent {
                 self.set_sub_slot(parent_slot, pos, slot);
-                self.index.insert(self.hasher.hash_one((p, key)), slot);
+                self.index.insert(self.sub_key_hash(p, key), slot);
                 let due = due_s(self.deadline(rules, slot));
                 let wheel = self.table.get(parent_slot).profile as usize;
                 self.wheels[wheel].link(self.table.heads_mut(), slot, due);
@@ -1173,7 +1172,7 @@ impl State {
                 Some((parent_slot, pos)) => {
                     self.set_sub_slot(parent_slot, pos, slot);
                     subs += 1;
-                    self.hasher.hash_one((p, key))
+                    self.sub_key_hash(p, key)
                 }
                 None => self.key_hash(p, key),
             };

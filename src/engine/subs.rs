@@ -9,7 +9,6 @@ use super::rules::{self, Rules};
 use super::table::{Head, NIL};
 use super::{due_s, summary, Clock, EndReason, Out, State, FLAG_SUB};
 use crate::decode::Event;
-use std::hash::BuildHasher;
 
 impl State {
     /// Sub-sessions of the parent `parent` for this event (processing-time profiles).
@@ -38,7 +37,7 @@ impl State {
             self.keybuf.extend_from_slice(&parent_id.to_le_bytes());
             self.keybuf.extend_from_slice(sub_key);
             let rp = sub.record_profile;
-            let hash = self.hasher.hash_one((rp, &self.keybuf[..]));
+            let hash = self.sub_key_hash(rp, &self.keybuf);
             let mut s = {
                 let (table, arena, key) = (&self.table, &self.arena, &self.keybuf);
                 self.index
@@ -221,7 +220,7 @@ impl State {
             &self.pay2[..len],
             key_len,
         );
-        let hash = self.hasher.hash_one((h.profile, &self.pay2[..key_len]));
+        let hash = self.sub_key_hash(h.profile, &self.pay2[..key_len]);
         self.index.remove(hash, s);
         self.release(pp as usize, s);
         self.stats.sub_sessions_ended += 1;
@@ -229,26 +228,16 @@ impl State {
 
     /// After a reload that appended `shift` profiles: sub-session kinds are numbered after the
     /// top-level profiles, so every kind moved up by `shift`. Each open sub-session takes its new
-    /// number, and its index entry, hashed with the number, moves with it (the snapshot
-    /// capture's copy made first). One pass over the table, while the shard takes no events.
+    /// number (the snapshot capture's copy made first); its index entry stays, hashed by what
+    /// the kind is rather than its number (`sub_key_hash`). One pass over the table's heads,
+    /// while the shard takes no events.
     pub(super) fn renumber_subs(&mut self, shift: u8) {
         for s in 0..self.table.high_water() {
             if !self.table.is_live(s) || self.table.get(s).flags & FLAG_SUB == 0 {
                 continue;
             }
             self.cow(s);
-            let h = *self.table.get(s);
-            self.keybuf.clear();
-            self.keybuf.resize(h.key_len as usize, 0);
-            self.arena.read(h.data, 0, &mut self.keybuf);
-            let new = h.profile + shift;
-            let (was, will) = (
-                self.key_hash(h.profile, &self.keybuf),
-                self.key_hash(new, &self.keybuf),
-            );
-            self.index.remove(was, s);
-            self.index.insert(will, s);
-            self.table.get_mut(s).profile = new;
+            self.table.get_mut(s).profile += shift;
         }
     }
 }
