@@ -382,6 +382,70 @@ idle_timeout = "1s"
     assert_eq!(end["last_ts"], ts[2], "{end}");
 }
 
+/// The watermark an expiry pass ended sessions by stays (docs/semantics.md, "Time"), live: a
+/// quiet key's session ends by the idle advance; an event then accepted within the lateness
+/// does not set the watermark back to its own time, so an older event of the ended session's
+/// key is late, not a second session. (Before, the second event took the watermark back to
+/// `ts - lateness`, and the older event, there exactly, opened a new session of `d1`.)
+#[test]
+fn an_event_behind_the_pass_that_ended_its_session_is_late() {
+    let extra = r#"
+[[profile]]
+name = "iot"
+match = { field = "src", eq = "iot" }
+key = "dev"
+time = "event"
+timestamp = { field = "ts", format = "epoch_ms" }
+allowed_lateness = "3s"
+idle_timeout = "1s"
+"#;
+    // One shard: the watermark is the shard's.
+    let app = Appliance::start(|d| config(d, &[0], extra));
+    let mut out = app.consumer();
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let line = |dev: &str, ts: i64| {
+        format!("{{\"user\":\"u1\",\"src\":\"iot\",\"dev\":\"{dev}\",\"ts\":{ts}}}\n")
+    };
+    let _first = tcp_send(app.tcp_addr(), line("d1", t0).as_bytes());
+    let is_iot =
+        |l: &str, kind: &str| l.contains(&format!("\"kind\":\"{kind}\"")) && l.contains("\"iot\"");
+    // The pass ends d1's session once the watermark (t0 + wall time since - 3 s) is past its
+    // deadline, t0 + 1 s, by the wheel's second: 4 to 5 s after t0.
+    out.read_until(T, |l| l.iter().any(|l| is_iot(l, "session_end")));
+    // d2 at t0 + 4 s: not late (the watermark is about now - 3 s). d1 at t0 + 1 s: behind the
+    // pass's watermark, within the ended session's reach (exactly `idle` after its event).
+    let more = line("d2", t0 + 4_000) + &line("d1", t0 + 1_000);
+    let _second = tcp_send(app.tcp_addr(), more.as_bytes());
+    let lines = out
+        .read_until(T, |l| {
+            l.iter().any(|l| is_iot(l, "late_event"))
+                || l.iter().filter(|l| is_iot(l, "session_start")).count() == 3
+        })
+        .to_vec();
+    let recs = json_lines(&lines);
+    let iot: Vec<&Value> = recs.iter().filter(|r| r["profile"] == "iot").collect();
+    let kinds: Vec<(&str, &str)> = iot
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap(), r["key"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("session_start", "d1"),
+            ("session_end", "d1"),
+            ("session_start", "d2"),
+            ("late_event", "d1")
+        ],
+        "{lines:#?}"
+    );
+    let late = iot[3];
+    assert_eq!(late["ts"], t0 + 1_000, "{late}");
+    assert!(late["watermark"].as_i64().unwrap() > t0 + 1_000, "{late}");
+}
+
 /// Outputs that carry only the markers: the shards leave the events unwritten (none counted
 /// on the events stream), and the sessions, their ids and statistics are the same.
 #[test]
