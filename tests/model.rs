@@ -678,17 +678,30 @@ fn per_key_records(run: &Run) -> BTreeMap<String, Vec<(sessionizer::config::Stre
 }
 
 /// The engine on the wall clock (`carried` arriving at `wall`) writes, per key and in order,
-/// the records of the replay of `replayed`, ids aside, with the same counters.
+/// the records of the replay of `replayed`, ids aside, with the same counters. The live run's
+/// expiry passes run at the events' arrivals, or at `passes` (see `harness::run_wall_at`);
+/// the replay's after the same events.
 fn assert_wall_equals_replay(
     spec: &Spec,
     replayed: &[Ev],
     carried: &[Ev],
     wall: &[i64],
     advance: &[bool],
+    passes: Option<&[Option<i64>]>,
 ) {
     let toml = config(&header(4096, "evict_oldest"), &[("p", spec)]);
     with_case(&toml, replayed, advance, || {
-        let live = run_wall(&toml, carried, wall, advance);
+        let live = match passes {
+            Some(passes) => {
+                assert!(
+                    (0..carried.len())
+                        .all(|i| passes[i].is_some() == advance.get(i).copied().unwrap_or(false)),
+                    "passes after the events the replay advances after"
+                );
+                run_wall_at(&toml, carried, wall, passes)
+            }
+            None => run_wall(&toml, carried, wall, advance),
+        };
         let replay = run(&toml, replayed, advance);
         assert_eq!(format!("{:?}", live.stats), format!("{:?}", replay.stats));
         let (l, r) = (per_key_records(&live), per_key_records(&replay));
@@ -710,6 +723,29 @@ fn assert_wall_equals_replay(
             }
         }
     });
+}
+
+/// Expiry passes after the events `advance` marks, each at a point of the gap between the
+/// clock so far (the latest arrival) and the next arrival (`into_gap`, a fraction of it in
+/// 1/65535ths), the last up to `tail` ms after it. A clock that steps back (the next arrival
+/// earlier) gets its pass at the latest arrival. (A comparison with a replay takes no tail: the
+/// replay ends at its last event's clock, which a pass beyond it would have passed.)
+fn gap_passes(wall: &[i64], advance: &[bool], into_gap: &[u16], tail: i64) -> Vec<Option<i64>> {
+    let mut latest = i64::MIN;
+    (0..wall.len())
+        .map(|i| {
+            latest = latest.max(wall[i]);
+            advance.get(i).copied().unwrap_or(false).then(|| {
+                let next = wall
+                    .get(i + 1)
+                    .copied()
+                    .unwrap_or(latest + tail)
+                    .max(latest);
+                let f = i64::from(into_gap[i % into_gap.len()]);
+                latest + (next - latest) * f / i64::from(u16::MAX)
+            })
+        })
+        .collect()
 }
 
 /// `cases` per property, or `MODEL_CASES` when set: a long campaign runs the same properties
@@ -875,11 +911,14 @@ proptest! {
     /// arrival, whatever `ts` it carries. Each key's records, in order, equal those of the
     /// replay of the same events stamped with their arrival times (which (a) checks against the
     /// reference), ids aside, and so do the counters; on the wall clock too `on_event`,
-    /// `on_batch` and the bounded expiry agree (`run_wall`).
+    /// `on_batch` and the bounded expiry agree (`run_wall`). The live run's expiry passes run
+    /// in the gaps between arrivals, as the shard's timer runs them: whether a pass or the
+    /// key's next event ends a session changes no key's records.
     #[test]
     fn processing_time_on_the_wall_clock_equals_the_replay_of_arrivals(
         (spec, arrivals, sched) in processing_case(),
         skew in any::<i32>(),
+        into_gap in proptest::collection::vec(any::<u16>(), 1..32),
     ) {
         let wall: Vec<i64> = arrivals.iter().map(|e| e.ts).collect();
         let carried: Vec<Ev> = arrivals
@@ -889,7 +928,8 @@ proptest! {
                 ..e.clone()
             })
             .collect();
-        assert_wall_equals_replay(&spec, &arrivals, &carried, &wall, &sched);
+        let passes = gap_passes(&wall, &sched, &into_gap, 0);
+        assert_wall_equals_replay(&spec, &arrivals, &carried, &wall, &sched, Some(&passes));
     }
 
     /// i) Event time on a wall clock that reads the newest event time seen (a source whose
@@ -923,7 +963,7 @@ proptest! {
                 Some(*newest)
             })
             .collect();
-        assert_wall_equals_replay(&spec, &evs, &evs, &wall, &schedule(&advance));
+        assert_wall_equals_replay(&spec, &evs, &evs, &wall, &schedule(&advance), None);
     }
 
     /// k) Event time on a wall clock that runs on between arrivals, as live: each event arrives
@@ -949,15 +989,7 @@ proptest! {
         let far = spec.lateness_ms + idle;
         let (evs, sent) = timeline(&raws, keys, idle, &["click", "view"], Back::FarLate(far));
         let (evs, wall) = arrive_at(evs, &sent, &delays, (delay_mul * spec.lateness_ms / 2).max(idle / 4), true);
-        let passes: Vec<Option<i64>> = (0..evs.len())
-            .map(|i| {
-                advance.contains(&i).then(|| {
-                    let next = wall.get(i + 1).copied().unwrap_or(wall[i] + 3 * idle + spec.lateness_ms);
-                    let f = i64::from(into_gap[i % into_gap.len()]);
-                    wall[i] + (next - wall[i]) * f / i64::from(u16::MAX)
-                })
-            })
-            .collect();
+        let passes = gap_passes(&wall, &schedule(&advance), &into_gap, 3 * idle + spec.lateness_ms);
         check_wall(&spec, &evs, &wall, &passes);
     }
 
@@ -970,13 +1002,15 @@ proptest! {
 
     /// j) Sub-sessions on the wall clock, as (h): each key's records, sub-session markers
     /// included, equal those of the replay of the events stamped with their arrival times.
+    /// Passes run at arrivals: a pass in a gap ends an idle sub-session ahead of the key's next
+    /// events, where the replay ends it after them (a key's sub-sessions end independently).
     #[test]
     fn sub_sessions_on_the_wall_clock_equal_the_replay_of_arrivals(
         (spec, arrivals, advance) in sub_session_case(),
     ) {
         let wall: Vec<i64> = arrivals.iter().map(|e| e.ts).collect();
         let carried: Vec<Ev> = arrivals.iter().map(|e| Ev { ts: 1, ..e.clone() }).collect();
-        assert_wall_equals_replay(&spec, &arrivals, &carried, &wall, &advance);
+        assert_wall_equals_replay(&spec, &arrivals, &carried, &wall, &advance, None);
     }
 }
 

@@ -66,8 +66,9 @@ pub fn run_wall(toml: &str, evs: &[Ev], wall: &[i64], advance_after: &[bool]) ->
 }
 
 /// `run_wall` with expiry passes at wall times of their own: after event `i`, one at
-/// `advance_at[i]` (no earlier than `wall[i]`, no later than `wall[i + 1]`) when it is set. Between
-/// arrivals the clock runs on with no input, so event-time watermarks advance while it is quiet.
+/// `advance_at[i]` (no earlier than `wall[i]`; the next arrival may read an earlier clock, as
+/// after a step back of the host's) when it is set. Between arrivals the clock runs on with no
+/// input, so event-time watermarks advance while it is quiet.
 pub fn run_wall_at(toml: &str, evs: &[Ev], wall: &[i64], advance_at: &[Option<i64>]) -> Run {
     assert_eq!(evs.len(), wall.len(), "one arrival time per event");
     assert_eq!(
@@ -80,10 +81,6 @@ pub fn run_wall_at(toml: &str, evs: &[Ev], wall: &[i64], advance_at: &[Option<i6
             assert!(
                 wall[i] <= at,
                 "a pass after event {i} runs no earlier than it"
-            );
-            assert!(
-                wall.get(i + 1).is_none_or(|&next| at <= next),
-                "a pass after event {i} runs no later than the next arrival"
             );
         }
     }
