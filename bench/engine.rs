@@ -28,7 +28,7 @@
 //!   each call. Per reload, not per event.
 //! - `reload_1M_sessions/append_profile_renumber_subs`: `Engine::set_rules` appending a profile
 //!   to one whose 1M sessions each hold an open sub-session: the sub-session kinds are numbered
-//!   after every profile, so the reload renumbers and re-indexes the 1M open sub-sessions.
+//!   after every profile, so the reload gives the 1M open sub-sessions their new numbers.
 //!
 //! Memory per session is printed once, after the 1M sessions are open.
 //!
@@ -634,7 +634,7 @@ idle_timeout = "10m"
 
 /// An engine on [`sub_config`] with no extra profile, a session and a sub-session open for
 /// each of the bench's keys.
-fn sub_engine() -> (Engine, Vec<Arc<Rules>>) {
+fn sub_engine() -> Engine {
     let cfg = Config::from_toml(&sub_config(0)).expect("bench config is valid");
     let rules = Arc::new(Rules::compile(&cfg).expect("rules"));
     let mut engine = Engine::new(rules.clone(), &cfg, 0, None).expect("engine reserves memory");
@@ -648,41 +648,40 @@ fn sub_engine() -> (Engine, Vec<Arc<Rules>>) {
             out.clear();
         }
     }
-    // Each later reload appends one more profile (the config allows 200 in all).
-    let appended = (1..150)
-        .map(|n| {
-            let cfg = Config::from_toml(&sub_config(n)).expect("bench config is valid");
-            Arc::new(Rules::compile(&cfg).expect("rules"))
-        })
-        .collect();
-    (engine, appended)
+    engine
 }
 
 /// The reload that appends a profile with every key's sub-session open: sub-session kinds are
-/// numbered after every profile, so the reload renumbers and re-indexes each open
-/// sub-session in one pass over the table, while the shard takes no events. Each call appends
-/// one more profile; the engine is rebuilt, untimed, when the config's limit is near.
+/// numbered after every profile, so the reload gives each open sub-session its new number in
+/// one pass over the table, while the shard takes no events. Each call appends one more
+/// profile; the engine is rebuilt, untimed, before the config's limit of 200 profiles.
 fn renumber_bench(c: &mut Criterion) {
     // Built on the first call: a filtered run that skips this bench skips its set-up too.
-    let mut rig: Option<(Engine, Vec<Arc<Rules>>)> = None;
+    let mut engine: Option<Engine> = None;
+    let mut appended: Vec<Arc<Rules>> = Vec::new();
     let mut next = 0;
     let mut g = c.benchmark_group("reload_1M_sessions");
     g.sampling_mode(SamplingMode::Flat).sample_size(10);
     g.bench_function("append_profile_renumber_subs", |b| {
         b.iter_custom(|iters| {
+            if appended.is_empty() {
+                // Rules with 1, 2, ... profiles appended: reload `n` takes the `n`th.
+                appended = (1..150)
+                    .map(|n| {
+                        let cfg = Config::from_toml(&sub_config(n)).expect("bench config is valid");
+                        Arc::new(Rules::compile(&cfg).expect("rules"))
+                    })
+                    .collect();
+            }
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
-                if rig
-                    .as_ref()
-                    .is_none_or(|(_, appended)| next == appended.len())
-                {
-                    rig = Some(sub_engine());
+                if engine.is_none() || next == appended.len() {
+                    engine = Some(sub_engine());
                     next = 0;
                 }
-                let (engine, appended) = rig.as_mut().expect("built above");
+                let e = engine.as_mut().expect("built above");
                 let t = Stamp::now();
-                engine
-                    .set_rules(appended[next].clone())
+                e.set_rules(appended[next].clone())
                     .expect("an appended profile is compatible");
                 spent += t.elapsed();
                 next += 1;
@@ -691,7 +690,7 @@ fn renumber_bench(c: &mut Criterion) {
         })
     });
     g.finish();
-    if let Some((engine, _)) = &rig {
+    if let Some(engine) = &engine {
         println!(
             "reload that appends a profile, {} open sessions and sub-sessions: {:.1} ms (median)",
             engine.live_sessions(),

@@ -343,28 +343,38 @@ fn sigterm_drains_flushes_and_exits_zero() {
     assert_eq!(sum(&stats, "udp_events"), 20, "{stats:?}");
 }
 
-/// The CPUs a thread may run on, from `Cpus_allowed_list` in its `status` (e.g. `0-2,5`).
+/// An event-time profile keyed by `dev` on lines with `"src":"iot"`, idle after 1 s.
+fn iot_profile(lateness: &str) -> String {
+    format!(
+        r#"
+[[profile]]
+name = "iot"
+match = {{ field = "src", eq = "iot" }}
+key = "dev"
+time = "event"
+timestamp = {{ field = "ts", format = "epoch_ms" }}
+allowed_lateness = "{lateness}"
+idle_timeout = "1s"
+"#
+    )
+}
+
+fn epoch_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 /// An event-time profile live: once its input stops, the watermark moves on with the wall
 /// clock, so the quiet key's session ends (`idle`) with no further event, long before any
 /// shutdown.
 #[test]
 fn event_time_sessions_end_when_their_input_stops() {
-    let extra = r#"
-[[profile]]
-name = "iot"
-match = { field = "src", eq = "iot" }
-key = "dev"
-time = "event"
-timestamp = { field = "ts", format = "epoch_ms" }
-allowed_lateness = "1s"
-idle_timeout = "1s"
-"#;
-    let app = Appliance::start(|d| config(d, &[0, 1], extra));
+    let extra = iot_profile("1s");
+    let app = Appliance::start(|d| config(d, &[0, 1], &extra));
     let mut out = app.consumer();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = epoch_ms_now();
     let ts = [now - 200, now - 100, now];
     let mut data = String::new();
     for t in ts {
@@ -389,23 +399,11 @@ idle_timeout = "1s"
 /// `ts - lateness`, and the older event, there exactly, opened a new session of `d1`.)
 #[test]
 fn an_event_behind_the_pass_that_ended_its_session_is_late() {
-    let extra = r#"
-[[profile]]
-name = "iot"
-match = { field = "src", eq = "iot" }
-key = "dev"
-time = "event"
-timestamp = { field = "ts", format = "epoch_ms" }
-allowed_lateness = "3s"
-idle_timeout = "1s"
-"#;
+    let extra = iot_profile("3s");
     // One shard: the watermark is the shard's.
-    let app = Appliance::start(|d| config(d, &[0], extra));
+    let app = Appliance::start(|d| config(d, &[0], &extra));
     let mut out = app.consumer();
-    let t0 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let t0 = epoch_ms_now();
     let line = |dev: &str, ts: i64| {
         format!("{{\"user\":\"u1\",\"src\":\"iot\",\"dev\":\"{dev}\",\"ts\":{ts}}}\n")
     };
@@ -515,6 +513,7 @@ fn markers_only_outputs_get_whole_sessions_and_no_events_are_written() {
     );
 }
 
+/// The CPUs a thread may run on, from `Cpus_allowed_list` in its `status` (e.g. `0-2,5`).
 fn allowed_cpus(status_path: &std::path::Path) -> BTreeSet<usize> {
     let status = std::fs::read_to_string(status_path).expect("task status");
     let list = status

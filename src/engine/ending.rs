@@ -11,7 +11,6 @@ use super::{
     due_by, due_s, summary, Clock, EndReason, Out, State, Stop, EVICT_SCAN_MAX, EXPIRE_AHEAD_HEAD,
     EXPIRE_AHEAD_PAYLOAD, EXPIRE_CHUNK, FLAG_SUB, NONE_TS,
 };
-use std::hash::BuildHasher;
 
 impl State {
     /// Moves every open session of a record profile marked in `shrank` to the wheel slot of its
@@ -91,7 +90,7 @@ impl State {
             &self.pay[..len],
         );
         self.stats.sessions_ended[reason as usize] += 1;
-        let hash = self.hasher.hash_one((h.profile, &self.pay[..key_len]));
+        let hash = self.key_hash(h.profile, &self.pay[..key_len]);
         self.keybuf.clear();
         self.keybuf.extend_from_slice(&self.pay[..key_len]);
         let key = std::mem::take(&mut self.keybuf);

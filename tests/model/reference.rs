@@ -418,11 +418,15 @@ pub fn event_time_wall(
             wall_last = wall[i];
         }
         if let (Some(at), Some(m)) = (passes[i], max_ts) {
-            if at > wall_last {
-                max_ts = Some(m + (at - wall_last));
+            let held = if at > wall_last {
+                let held = m + (at - wall_last);
                 wall_last = at;
-            }
-            pass_wm.insert(i, max_ts.unwrap_or(m) - spec.lateness_ms);
+                held
+            } else {
+                m
+            };
+            max_ts = Some(held);
+            pass_wm.insert(i, held - spec.lateness_ms);
         }
     }
     let wm_final = max_ts.map_or(i64::MIN, |m| m - spec.lateness_ms);
