@@ -301,7 +301,7 @@ impl Replayer {
         if self.since_advance >= ADVANCE_EVERY_EVENTS {
             self.since_advance = 0;
             for e in &mut self.engines {
-                if e.advance_bounded(Clock::Replay, &mut self.out) {
+                if e.advance_bounded(Clock::Replay, &mut self.out).left {
                     // The rest after this window's output is written.
                     self.since_advance = ADVANCE_EVERY_EVENTS;
                 }
@@ -321,7 +321,10 @@ impl Replayer {
     /// End every open session (`end_of_input` unless due), writing the output in batches.
     fn finish<W: Write>(&mut self, w: &mut W) -> io::Result<()> {
         for i in 0..self.engines.len() {
-            while self.engines[i].advance_bounded(Clock::Replay, &mut self.out) {
+            while self.engines[i]
+                .advance_bounded(Clock::Replay, &mut self.out)
+                .left
+            {
                 self.write_out(w)?;
             }
         }

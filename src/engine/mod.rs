@@ -52,6 +52,19 @@ use wheel::Wheel;
 
 pub use out::Out;
 
+/// What one expiry pass did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// It stopped with due sessions left for another pass (after the output is delivered).
+    pub left: bool,
+    /// It ended at least one session (the runtime logs such a pass at once: see
+    /// `runtime::durable`).
+    pub ended: bool,
+    /// It held an event-time watermark (`ProfileClock::hold`), which the next accepted event
+    /// of that profile is judged by.
+    pub held: bool,
+}
+
 /// Where time comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Clock {
@@ -212,13 +225,16 @@ impl ProfileClock {
     /// would fall back to that event's own time less the lateness; an event behind the pass
     /// would then be accepted where the pass had already ended its key's session, and start
     /// another instead of joining it or being late.
-    fn hold(&mut self, rule: &ProfileRule, clock: Clock) {
+    /// Returns whether it moved `max_ts` (the next event's watermark depends on it).
+    fn hold(&mut self, rule: &ProfileRule, clock: Clock) -> bool {
         if let (TimeMode::Event, Clock::Wall(now)) = (rule.time, clock) {
             if self.max_ts != NONE_TS && self.wall_last != NONE_TS && now > self.wall_last {
                 self.max_ts = self.max_ts.saturating_add(now - self.wall_last);
                 self.wall_last = now;
+                return true;
             }
         }
+        false
     }
 }
 
@@ -581,12 +597,19 @@ impl Engine {
     /// Returns whether some are left. Why: a mass expiry (a clock jump, a restart after downtime,
     /// the end of a burst of keys) would otherwise write every marker at once, and `out` would
     /// grow past its reserved size instead of being delivered in steps.
-    pub fn advance_bounded(&mut self, clock: Clock, out: &mut Out) -> bool {
+    pub fn advance_bounded(&mut self, clock: Clock, out: &mut Out) -> Pass {
         self.advance_with(clock, out, true)
     }
 
-    fn advance_with(&mut self, clock: Clock, out: &mut Out, bounded: bool) -> bool {
+    fn advance_with(&mut self, clock: Clock, out: &mut Out, bounded: bool) -> Pass {
         let rules = &*self.rules;
+        let live = self.st.table.live();
+        // Every profile's hold first, to know whether the pass moved any (`expire` holds again
+        // at the same clock: a no-op).
+        let mut held = false;
+        for (c, rule) in self.st.clocks.iter_mut().zip(&rules.profiles) {
+            held |= c.hold(rule, clock);
+        }
         let mut left = false;
         for p in 0..rules.profiles.len() {
             let stop = if bounded { Stop::HalfFull } else { Stop::Never };
@@ -594,7 +617,11 @@ impl Engine {
         }
         self.st.stats.blocks_used =
             u64::from(self.st.arena.blocks_total() - self.st.arena.blocks_free());
-        left
+        Pass {
+            left,
+            ended: self.st.table.live() < live,
+            held,
+        }
     }
 
     /// End every open session: the due ones with their reason, the rest with `end_of_input`.
@@ -609,7 +636,7 @@ impl Engine {
     }
 
     fn finish_with(&mut self, out: &mut Out, bounded: bool) -> bool {
-        if self.advance_with(Clock::Replay, out, bounded) {
+        if self.advance_with(Clock::Replay, out, bounded).left {
             return true;
         }
         let rules = &*self.rules;

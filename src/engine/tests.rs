@@ -645,7 +645,7 @@ fn bounded_expiry_and_finish_end_everything_in_steps_within_the_batch() {
     let mut got = Vec::new();
     let mut steps = 0;
     loop {
-        let left = r.engine.advance_bounded(Clock::Replay, &mut small);
+        let left = r.engine.advance_bounded(Clock::Replay, &mut small).left;
         assert_eq!(
             (small.buf.capacity(), small.recs.capacity()),
             (bytes, recs),
@@ -999,4 +999,37 @@ fn the_watermark_an_expiry_pass_used_does_not_move_back() {
     assert_eq!(kinds, ["session_start", "event", "late_event"], "{recs:#?}");
     assert_eq!(recs[2]["watermark"], w0 + 12_000);
     assert_eq!(r.engine.stats().late, 1);
+}
+
+/// A pass reports whether it ended a session (the runtime logs those at once), whether it held
+/// a watermark (the runtime logs the last such before the next event), and whether it stopped
+/// with due sessions left.
+#[test]
+fn a_pass_reports_what_it_did() {
+    let w0 = 1_750_000_000_000i64;
+    let mut r = Rig::new(IOT);
+    for dev in ["d1", "d2", "d3"] {
+        let line = format!(r#"{{"dev":"{dev}","ts":{w0}}}"#);
+        let ev = r.dec.decode(line.as_bytes()).unwrap();
+        r.engine.on_event(0, &ev, Clock::Wall(w0), &mut r.out);
+    }
+    r.records();
+    let mut pass_at = |wall: i64| r.engine.advance_bounded(Clock::Wall(wall), &mut r.out);
+    let held = Pass {
+        held: true,
+        ..Pass::default()
+    };
+    // The watermark reaches w0 + 3 s, short of the deadlines (w0 + 10 s), and is held there.
+    assert_eq!(pass_at(w0 + 8_000), held);
+    // At the same wall time there is nothing more to hold.
+    assert_eq!(pass_at(w0 + 8_000), Pass::default());
+    // Past the deadlines, with room in the output for every end.
+    let ended = Pass {
+        left: false,
+        ended: true,
+        held: true,
+    };
+    assert_eq!(pass_at(w0 + 17_000), ended);
+    assert_eq!(pass_at(w0 + 18_000), held, "nothing is left to end");
+    assert_eq!(Rig::ends(&r.records()).len(), 3);
 }

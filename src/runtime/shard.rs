@@ -518,6 +518,7 @@ impl Shard {
     pub fn advance(&mut self, now_ms: i64) -> bool {
         self.engine
             .advance_bounded(Clock::Wall(now_ms), &mut self.out)
+            .left
     }
 }
 

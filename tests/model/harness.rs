@@ -298,7 +298,7 @@ fn run_mode(
         // A bounded step may leave due sessions for later: no promise to check after it.
         let mut complete = advanced;
         if advanced && mode == Mode::Bounded {
-            complete = !engine.advance_bounded(clocks.pass(i), &mut out);
+            complete = !engine.advance_bounded(clocks.pass(i), &mut out).left;
         } else if advanced {
             engine.advance(clocks.pass(i), &mut out);
         }
