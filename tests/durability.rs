@@ -1036,3 +1036,203 @@ fn a_log_record_from_the_future_is_replayed_as_arriving_now() {
         "{stderr:#?}"
     );
 }
+
+/// The log records the expiry passes, and recovery runs them where the live shard did. An
+/// event-time pass holds the watermark it ended a session by, and which later events are late
+/// follows from when it ran: here an event the live shard accepted, 5 ms inside the watermark,
+/// which a replay running its own passes at the records' arrival times (what a log of the first
+/// version gets) would have reported late, and one the live shard reported late, which a replay
+/// without the pass would have accepted.
+#[test]
+fn recovery_runs_the_logged_expiry_passes_where_they_ran() {
+    use sessionizer::config::FsyncPolicy;
+    use sessionizer::persist::log::{LogConfig, LogWriter, PASS};
+    let iot = r#"[[profile]]
+name = "iot"
+key = "dev"
+time = "event"
+timestamp = { field = "ts" }
+idle_timeout = "1s"
+allowed_lateness = "1s"
+"#;
+    // Keys shard 0 owns (for `web`, which keys by `user`, too: the events carry the same key).
+    let mut keys = (0..).map(|i| format!("dev{i}")).filter(|k| {
+        sessionizer::engine::shard_of(sessionizer::engine::fnv1a32(k.as_bytes()), 2) == 0
+    });
+    let mut key = || keys.next().unwrap();
+    let (a, x, y, z) = (key(), key(), key(), key());
+    // Two minutes ago, on a second's boundary (the wheel's deadlines are seconds).
+    let w = (sessionizer::persist::wall_ms_now() - 120_000) / 1000 * 1000;
+    let line = |dev: &str, ts: i64| format!(r#"{{"dev":"{dev}","user":"{dev}","ts":{ts}}}"#);
+    let run = |version: u32| -> Vec<serde_json::Value> {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), iot);
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(state.join("SHARDS"), "2\n").unwrap();
+        let config = LogConfig {
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(10),
+            buffer_bytes: 1 << 16,
+        };
+        let mut log = LogWriter::create(&state, 0, 1, 1, config).unwrap();
+        // `a` is accepted: the watermark is its time less the lateness, then runs on with the
+        // wall clock while the input is quiet.
+        log.append(w + 10_000, line(&a, w + 1_000).as_bytes())
+            .unwrap();
+        // A pass 3.45 s later: watermark w + 3.45 s, past `a`'s deadline (w + 2 s): it ends
+        // `a`'s session and holds the watermark there.
+        if version >= 2 {
+            log.append(w + 13_450, PASS).unwrap();
+        }
+        // 10 ms later the watermark is w + 3.46 s: `x` is accepted (and moves nothing up).
+        log.append(w + 13_460, line(&x, w + 3_470).as_bytes())
+            .unwrap();
+        // 10 ms later still, w + 3.47 s: `y`, at w + 3.465 s, is accepted too.
+        log.append(w + 13_470, line(&y, w + 3_465).as_bytes())
+            .unwrap();
+        // `z`, 70 ms behind the watermark the pass held (w + 3.47 s by now): late.
+        log.append(w + 13_480, line(&z, w + 3_400).as_bytes())
+            .unwrap();
+        log.commit().unwrap();
+        drop(log);
+        if version == 1 {
+            // The same file as the first version wrote it (no pass records).
+            let path = state.join(sessionizer::persist::log::file_name(0, 1));
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[8..12].copy_from_slice(&1u32.to_le_bytes());
+            let crc = crc32fast::hash(&bytes[..60]);
+            bytes[60..64].copy_from_slice(&crc.to_le_bytes());
+            std::fs::write(&path, bytes).unwrap();
+        }
+        let p = Proc::start(&cfg);
+        let stderr = p.terminate();
+        let passes = if version >= 2 { 1 } else { 0 };
+        assert!(
+            stderr.iter().any(|l| l.contains(&format!(
+                "4 logged events replayed (0 duplicates skipped, 0 covered records read past) and {passes} logged expiry passes run"
+            ))),
+            "{stderr:#?}"
+        );
+        output_lines(dir.path())
+            .into_iter()
+            .filter(|v| v["profile"] == "iot" || v["_session"]["profile"] == "iot")
+            .collect()
+    };
+    let late = |out: &[serde_json::Value]| -> Vec<String> {
+        out.iter()
+            .filter(|v| v["kind"] == "late_event")
+            .map(|v| v["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let started = |out: &[serde_json::Value]| -> usize {
+        out.iter().filter(|v| v["kind"] == "session_start").count()
+    };
+
+    let out = run(2);
+    assert_eq!(late(&out), [z.as_str()], "{out:#?}");
+    assert_eq!(started(&out), 3, "{out:#?}");
+    let at = |kind: &str, key: &str| {
+        out.iter()
+            .position(|v| v["kind"] == kind && v["key"] == key)
+            .unwrap_or_else(|| panic!("no {kind} of {key}: {out:#?}"))
+    };
+    assert!(
+        at("session_end", &a) < at("session_start", &x),
+        "the logged pass ended `a` before `x` arrived: {out:#?}"
+    );
+
+    // A log of the first version is still read, and replayed as before: passes at arrival
+    // times, here one at `x`'s, which holds the watermark 10 ms further on.
+    let out = run(1);
+    assert_eq!(late(&out), [y.as_str(), z.as_str()], "{out:#?}");
+    assert_eq!(started(&out), 2, "{out:#?}");
+}
+
+/// Live, the shard logs a pass that ends a session (before its end marker leaves), in its
+/// place among the events, and nothing for the passes of a quiet shard.
+#[test]
+fn the_live_shard_logs_the_expiry_pass_that_ends_a_session() {
+    use sessionizer::persist::log::{LogReader, PASS};
+    let iot = r#"[[profile]]
+name = "iot"
+key = "dev"
+time = "event"
+timestamp = { field = "ts" }
+idle_timeout = "1s"
+allowed_lateness = "0s"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), iot);
+    // No snapshot while the test looks: it would let the log files it covers go.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            r#"snapshot_interval = "150ms""#,
+            r#"snapshot_interval = "1h""#,
+        ),
+    )
+    .unwrap();
+    let p = Proc::start(&cfg);
+    let line = |dev: &str| {
+        let ts = sessionizer::persist::wall_ms_now();
+        format!(r#"{{"dev":"{dev}","user":"{dev}","ts":{ts}}}"#)
+    };
+    // The stream, numbered from 1 (`send_acked` sends from a place in it).
+    let mut lines = vec![line("a")];
+    assert_eq!(send_acked(p.tcp_addr(), "p1", &lines, 1, Duration::ZERO), 1);
+    // The watermark runs on with the wall clock: a pass ends `a` a second or two later.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !output_lines(dir.path())
+        .iter()
+        .any(|v| v["kind"] == "session_end" && v["key"] == "a")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "`a` never ended: {:#?}",
+            p.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Quiet for a while (passes that end nothing), then one more event.
+    std::thread::sleep(Duration::from_millis(500));
+    lines.push(line("b"));
+    assert_eq!(send_acked(p.tcp_addr(), "p1", &lines, 2, Duration::ZERO), 2);
+    p.kill9();
+
+    let state = dir.path().join("state");
+    let mut records = Vec::new();
+    for shard in 0..2 {
+        let mut r = LogReader::open(&state, shard, 0).unwrap();
+        while let Some(rec) = r.next_record().unwrap() {
+            assert!(rec.passes_logged);
+            let what = if rec.raw == PASS {
+                "pass".to_string()
+            } else if let Some(i) = rec.raw.windows(6).position(|w| w == br#""dev":"#) {
+                String::from_utf8_lossy(&rec.raw[i + 7..i + 8]).into_owned()
+            } else {
+                continue; // a producers' checkpoint
+            };
+            records.push((shard, what, rec.wall_ms));
+        }
+    }
+    let shard_of =
+        |k: &str| sessionizer::engine::shard_of(sessionizer::engine::fnv1a32(k.as_bytes()), 2);
+    let on = |shard: u32| -> Vec<&str> {
+        records
+            .iter()
+            .filter(|r| r.0 == shard)
+            .map(|r| r.1.as_str())
+            .collect()
+    };
+    let (sa, sb) = (shard_of("a"), shard_of("b"));
+    if sa == sb {
+        // The pass that ended `a`, then the last quiet one before `b`.
+        assert_eq!(on(sa), ["a", "pass", "pass", "b"], "{records:?}");
+    } else {
+        assert_eq!(on(sa), ["a", "pass"], "{records:?}");
+        // `b`'s shard had no watermark to hold before `b`.
+        assert_eq!(on(sb), ["b"], "{records:?}");
+    }
+}

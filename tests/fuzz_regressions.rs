@@ -11,7 +11,8 @@ use sessionizer::config::{Config, FsyncPolicy};
 use sessionizer::engine::rules::Rules;
 use sessionizer::engine::snapshot::BODY_FORMAT;
 use sessionizer::persist::log::{
-    file_name, LogConfig, LogError, LogHeader, LogReader, LogWriter, SEQ_MAX,
+    file_name, LogConfig, LogError, LogHeader, LogReader, LogWriter,
+    FORMAT_VERSION as LOG_FORMAT_VERSION, SEQ_MAX,
 };
 use sessionizer::persist::snapshot_file::{SnapshotHeader, FORMAT_VERSION};
 
@@ -26,6 +27,7 @@ fn log_config() -> LogConfig {
 /// A log file as the writer frames it: header, then `[len][crc32][wall ms][raw]` per record.
 fn write_log(dir: &Path, generation: u64, first_seq: u64, records: &[&[u8]]) {
     let header = LogHeader {
+        version: LOG_FORMAT_VERSION,
         shard: 0,
         generation,
         first_seq,

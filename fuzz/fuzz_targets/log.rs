@@ -26,7 +26,7 @@ use libfuzzer_sys::fuzz_target;
 use sessionizer::config::FsyncPolicy;
 use sessionizer::persist::log::{
     file_name, LogConfig, LogError, LogHeader, LogReadReport, LogReader, LogWriter,
-    FRAME_HEADER_BYTES, HEADER_BYTES, SEQ_MAX,
+    FORMAT_VERSION, FRAME_HEADER_BYTES, HEADER_BYTES, SEQ_MAX,
 };
 use sessionizer_fuzz::{clear_dir, scratch_dir, Bytes};
 
@@ -113,6 +113,7 @@ fn built_files(b: &mut Bytes<'_>, dir: &Path) -> Model {
             damaged_header = true;
         }
         let header = LogHeader {
+            version: FORMAT_VERSION,
             shard: 0,
             generation: g as u64,
             first_seq: seq,

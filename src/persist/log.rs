@@ -1,6 +1,7 @@
 //! The event log: per shard, append-only files `log-<shard>-<generation>.szl` holding every
-//! accepted event with its arrival wall time, so recovery can replay what came after the newest
-//! snapshot through the restored engine (`docs/storage-format.md` documents every byte).
+//! accepted event with its arrival wall time, and the expiry passes a replay must run where they
+//! ran ([`PASS`]), so recovery can replay what came after the newest snapshot through the
+//! restored engine (`docs/storage-format.md` documents every byte).
 //!
 //! Each file starts with a 64-byte header (magic, shard, generation, the sequence number of its
 //! first record); records are framed as `[len u32][crc32 u32][arrival wall ms i64][raw bytes]`
@@ -44,7 +45,13 @@ use super::{fsync_dir, list_files};
 use crate::config::{FsyncPolicy, Persist};
 
 pub const MAGIC: [u8; 8] = *b"SZLOG001";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 logs the expiry passes that matter to a replay ([`PASS`]); version 1 files are read
+/// too, and their replay runs its own passes at the records' arrival times.
+pub const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION_MIN: u32 = 1;
+/// The raw bytes of an expiry-pass record, whose wall time is the pass's: one control byte,
+/// which no event line starts with (like the producer tags, `persist::producer`).
+pub const PASS: &[u8] = &[0x1C];
 pub const HEADER_BYTES: usize = 64;
 /// Offset of the header checksum: CRC-32 of bytes `0..HEADER_CRC_AT`.
 const HEADER_CRC_AT: usize = 60;
@@ -159,6 +166,8 @@ pub fn list_generations(dir: &Path, shard: u32) -> io::Result<Vec<(u64, PathBuf)
 /// A log file's header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogHeader {
+    /// [`FORMAT_VERSION`] when written by this build; an older one when read.
+    pub version: u32,
     pub shard: u32,
     pub generation: u64,
     /// Sequence number of the file's first record.
@@ -170,7 +179,7 @@ impl LogHeader {
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut b = [0u8; HEADER_BYTES];
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..16].copy_from_slice(&(HEADER_BYTES as u32).to_le_bytes());
         b[16..20].copy_from_slice(&self.shard.to_le_bytes());
         // 20..24 reserved
@@ -195,13 +204,17 @@ impl LogHeader {
         if crc32fast::hash(&b[..HEADER_CRC_AT]) != u32_at(HEADER_CRC_AT) {
             return Err("log header checksum mismatch");
         }
-        if u32_at(8) != FORMAT_VERSION || u32_at(12) as usize != HEADER_BYTES {
+        let version = u32_at(8);
+        if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&version)
+            || u32_at(12) as usize != HEADER_BYTES
+        {
             return Err("unsupported log format version");
         }
         if u64_at(32) > SEQ_MAX {
             return Err("log first sequence out of range");
         }
         Ok(LogHeader {
+            version,
             shard: u32_at(16),
             generation: u64_at(24),
             first_seq: u64_at(32),
@@ -838,6 +851,7 @@ fn create_file_unsynced(
         .open(&path)
         .map_err(|e| LogError::io(&path, "create", e))?;
     let header = LogHeader {
+        version: FORMAT_VERSION,
         shard,
         generation,
         first_seq,
@@ -881,6 +895,9 @@ pub struct LogRecord<'a> {
     pub seq: u64,
     pub wall_ms: i64,
     pub raw: &'a [u8],
+    /// The record's file logs the expiry passes (version 2 on): a replay runs passes at the
+    /// [`PASS`] records and nowhere else.
+    pub passes_logged: bool,
 }
 
 /// What a [`LogReader`] met.
@@ -924,6 +941,8 @@ struct OpenLog {
     offset: u64,
     /// Sequence of the next record.
     seq: u64,
+    /// The file's version logs the expiry passes.
+    passes_logged: bool,
 }
 
 /// Iterates one shard's logged records with sequence > `after_seq` (see the module doc).
@@ -981,6 +1000,7 @@ impl LogReader {
                 self.done = true;
                 return Ok(None);
             }
+            let passes_logged = self.file.as_ref().is_some_and(|f| f.passes_logged);
             match self.read_one()? {
                 Some((seq, wall_ms)) => {
                     if seq <= self.after_seq {
@@ -997,6 +1017,7 @@ impl LogReader {
                         seq,
                         wall_ms,
                         raw: &self.buf,
+                        passes_logged,
                     }));
                 }
                 None => {
@@ -1062,6 +1083,7 @@ impl LogReader {
                 len,
                 offset: HEADER_BYTES as u64,
                 seq: header.first_seq,
+                passes_logged: header.version >= 2,
             });
             return Ok(true);
         }
@@ -1078,6 +1100,7 @@ impl LogReader {
             len,
             offset,
             seq,
+            ..
         }) = self.file.as_mut()
         else {
             return Ok(None);

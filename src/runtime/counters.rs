@@ -132,7 +132,8 @@ counters! {
     log_bytes,
     /// Log writes or syncs that failed (retried), e.g. a full disk.
     log_errors,
-    /// Events applied without a log record (the log buffer was full: a failing disk).
+    /// Events applied, or expiry passes run, without a log record (the log buffer was full: a
+    /// failing disk).
     log_unlogged,
     /// Gauge: sequence of the last durable log record.
     log_durable_seq,

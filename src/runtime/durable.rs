@@ -18,11 +18,18 @@
 //! When the log cannot take an event (its buffer is full because the disk refuses writes), the
 //! event is applied anyway, so ingest never stops, and counted as unlogged; nothing applied after
 //! it is reported durable until a snapshot captured after it is published.
+//!
+//! Expiry passes are logged too ([`Durable::pass_ran`]), so that a replay runs them where the
+//! live shard did: an event-time pass holds the watermark it used, and with it which later
+//! events are late. A pass that ended a session is logged at once, before its end markers
+//! leave. Of the others only those that held a watermark matter, and of them only the last
+//! before the next event (a later hold covers an earlier one), so it is logged then. An idle
+//! shard therefore writes nothing, and a busy one a record per pass at most.
 
 use super::shard::Shard;
 use crate::config::{Config, SnapshotWriteRate};
 use crate::engine::snapshot::{CaptureBuffers, SnapshotMeta};
-use crate::engine::Engine;
+use crate::engine::{Engine, Pass};
 use crate::persist::pace::WriteRate;
 use crate::persist::producer::{self, Producers, Seen};
 use crate::persist::snapshot_file::{self, open_latest_with_report};
@@ -131,6 +138,9 @@ pub struct Durable {
     pub capture_buffers: Option<CaptureBuffers>,
     /// Scratch for checkpoint records.
     scratch: Vec<u8>,
+    /// Wall time of the last expiry pass that held a watermark, when it ended nothing and is
+    /// not logged yet.
+    pass_pending: Option<i64>,
     pub stats: DurableStats,
 }
 
@@ -183,6 +193,7 @@ impl Durable {
             snap_buffer: None,
             capture_buffers: None,
             scratch: Vec::new(),
+            pass_pending: None,
             stats: DurableStats::default(),
         }
     }
@@ -200,7 +211,38 @@ impl Durable {
 
     /// Log one event about to be applied (its raw line, tagged if it has a producer).
     pub fn log_event(&mut self, wall_ms: i64, raw: &[u8]) {
+        self.log_pending_pass();
         self.applied += 1;
+        self.append(wall_ms, raw, "event applied", self.applied);
+    }
+
+    /// An expiry pass ran at `wall_ms` (see the module doc): logged now if it ended a session,
+    /// before the next event if it only held a watermark.
+    pub fn pass_ran(&mut self, wall_ms: i64, pass: Pass) {
+        if pass.ended {
+            self.pass_pending = None;
+            self.log_pass(wall_ms);
+        } else if pass.held {
+            self.pass_pending = Some(wall_ms);
+        }
+    }
+
+    fn log_pending_pass(&mut self) {
+        if let Some(wall_ms) = self.pass_pending.take() {
+            self.log_pass(wall_ms);
+        }
+    }
+
+    fn log_pass(&mut self, wall_ms: i64) {
+        // Should it not be logged, what is applied after it is not reported durable.
+        let next = self.applied + 1;
+        self.append(wall_ms, crate::persist::log::PASS, "expiry pass run", next);
+    }
+
+    /// Append a record. If the log cannot take it, what was applied from the applied-event
+    /// count `unlogged_from` on is not reported durable until a snapshot captured after it is
+    /// published (a replay could not re-create it).
+    fn append(&mut self, wall_ms: i64, raw: &[u8], what: &str, unlogged_from: u64) {
         let mut result = self.log.append(wall_ms, raw);
         if matches!(result, Err(LogError::BufferFull { .. })) {
             // Make room: write and sync what is buffered, on this thread (the disk is behind:
@@ -214,7 +256,7 @@ impl Durable {
             self.stats.unlogged += 1;
             if self.stats.unlogged.is_power_of_two() {
                 log::warn!(
-                    "shard {}: event applied without being logged ({} so far): {e}",
+                    "shard {}: {what} without being logged ({} so far): {e}",
                     self.shard,
                     self.stats.unlogged
                 );
@@ -224,7 +266,7 @@ impl Durable {
             } else {
                 &mut self.first_unlogged
             };
-            slot.get_or_insert(self.applied);
+            slot.get_or_insert(unlogged_from);
         }
     }
 
@@ -332,7 +374,9 @@ impl Durable {
     /// far is in the snapshot, nothing applied later is.
     fn capture_begin(&mut self, engine: &mut Engine) -> Result<SnapshotMeta, String> {
         // The cut sees everything applied so far; the checkpoint record must directly follow
-        // `log_seq`, so it is appended before anything else can be.
+        // `log_seq`, so it is appended before anything else can be. (A pass still pending
+        // may follow it: the snapshot holds what that pass did, and a replay from an older
+        // snapshot meets it before the next event, where it ran.)
         let meta = SnapshotMeta {
             shard: self.shard,
             shards: self.shards,
@@ -812,6 +856,8 @@ pub struct Recovered {
     pub snapshot: Option<(PathBuf, u64)>,
     pub sessions: u64,
     pub replayed: u64,
+    /// Expiry passes the log recorded, run again.
+    pub passes: u64,
     pub duplicates: u64,
     /// Log records the snapshot already covered that recovery read through to reach the rest
     /// (0 unless a rotation at a snapshot's cut failed).
@@ -905,6 +951,16 @@ pub async fn recover(
             }
             continue;
         }
+        if r.passes_logged && r.raw == crate::persist::log::PASS {
+            // In one go what the live shard may have done in steps (the rest of a stopped pass
+            // went on at a later one, logged in turn): the same sessions end, by the same
+            // clocks.
+            while st.advance(r.wall_ms) {
+                drain_outputs(st).await;
+            }
+            rec.passes += 1;
+            continue;
+        }
         let t = producer::untag(r.raw);
         if let Some((pid, seq)) = t.producer {
             if producers.observe(pid, seq) == Seen::Duplicate {
@@ -912,7 +968,9 @@ pub async fn recover(
                 continue;
             }
         }
-        if r.wall_ms >= last_advance.saturating_add(super::ADVANCE_INTERVAL_MS) {
+        // A file of the first version did not log its passes: run them at arrival times.
+        if !r.passes_logged && r.wall_ms >= last_advance.saturating_add(super::ADVANCE_INTERVAL_MS)
+        {
             while st.advance(r.wall_ms) {
                 drain_outputs(st).await;
             }
@@ -941,13 +999,6 @@ pub async fn recover(
     .map_err(|e| e.to_string())?;
     // The shard must not wait in fdatasync (`persist::log`): its helper thread does.
     log.sync_in_background().map_err(|e| e.to_string())?;
-    // Sessions whose time passed while the process was down end now, a batch at a time.
-    let now = super::shard::now_ms();
-    while st.advance(now) {
-        drain_outputs(st).await;
-    }
-    drain_outputs(st).await;
-    st.output.set_lossless(false);
     let mut d = Durable::new(
         dir.to_path_buf(),
         id,
@@ -957,10 +1008,18 @@ pub async fn recover(
         handoffs,
         generation,
     );
-    rec.replay = t_replay.elapsed();
     d.stats.recovered_sessions = rec.sessions;
     d.stats.replayed = rec.replayed;
     st.durable = Some(d);
+    // Sessions whose time passed while the process was down end now, a batch at a time, by a
+    // pass logged as any other.
+    let now = super::shard::now_ms();
+    while st.advance(now) {
+        drain_outputs(st).await;
+    }
+    drain_outputs(st).await;
+    st.output.set_lossless(false);
+    rec.replay = t_replay.elapsed();
     Ok(rec)
 }
 

@@ -612,7 +612,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("recovering from {dir}: {e}"))?;
         log::info!(
-            "shard {id}: recovered in {:?}: {} sessions from {}, {} logged events replayed ({} duplicates skipped, {} covered records read past); open {:?}, restore {:?}, replay {:?}",
+            "shard {id}: recovered in {:?}: {} sessions from {}, {} logged events replayed ({} duplicates skipped, {} covered records read past) and {} logged expiry passes run; open {:?}, restore {:?}, replay {:?}",
             t0.elapsed(),
             rec.sessions,
             rec.snapshot
@@ -621,6 +621,7 @@ async fn shard_run(a: ShardArgs) -> Result<(), String> {
             rec.replayed,
             rec.duplicates,
             rec.read_past,
+            rec.passes,
             rec.open,
             rec.restore,
             rec.replay

@@ -513,12 +513,16 @@ impl Shard {
         c.replayed_events = d.stats.replayed;
     }
 
-    /// One bounded expiry pass (`Engine::advance_bounded`): true when due sessions are left
-    /// for another pass once `out` has been delivered.
+    /// One bounded expiry pass (`Engine::advance_bounded`), logged as `runtime::durable`
+    /// says: true when due sessions are left for another pass once `out` has been delivered.
     pub fn advance(&mut self, now_ms: i64) -> bool {
-        self.engine
-            .advance_bounded(Clock::Wall(now_ms), &mut self.out)
-            .left
+        let pass = self
+            .engine
+            .advance_bounded(Clock::Wall(now_ms), &mut self.out);
+        if let Some(d) = self.durable.as_mut() {
+            d.pass_ran(now_ms, pass);
+        }
+        pass.left
     }
 }
 
