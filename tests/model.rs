@@ -1374,3 +1374,143 @@ fn bad_timestamps_are_dead_letters() {
     let enriched: Vec<u32> = o.enriched.iter().map(|e| e.n).collect();
     assert_eq!(enriched, [0, 4]);
 }
+
+/// Recovery from a snapshot taken part-way and the log after it (`harness::live_and_recovered`)
+/// writes what the live run wrote after the cut. With passes run at once, record for record;
+/// with passes in steps (the live run's mass expiry goes on at later steps, the recovery ends
+/// at the first record all that was due), the same records, and in the same order within each
+/// session and among the records of no session (late events, dead letters).
+fn check_recovery(
+    toml: &str,
+    evs: &[Ev],
+    wall: &[i64],
+    passes: &[Option<i64>],
+    cut: u16,
+    steps: bool,
+) {
+    let lines: Vec<String> = evs.iter().map(Ev::line).collect();
+    let advance: Vec<bool> = passes.iter().map(Option::is_some).collect();
+    let timing = format!(
+        "# --- arrival times (wall ms - {BASE_MS}): {:?}\n# --- passes (event index, wall ms - {BASE_MS}): {:?}\n# --- log cut at {cut}/65535 of the records, passes in steps: {steps}\n",
+        wall.iter().map(|w| w - BASE_MS).collect::<Vec<_>>(),
+        passes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.map(|p| (i, p - BASE_MS)))
+            .collect::<Vec<_>>()
+    );
+    with_case_timed(toml, evs, &advance, &timing, || {
+        // The records the log will hold: at most one pass before each event and one per step.
+        let most = 2 * evs.len() + passes.iter().flatten().count();
+        let cut = most * usize::from(cut) / usize::from(u16::MAX);
+        let end = wall
+            .iter()
+            .chain(passes.iter().flatten())
+            .max()
+            .copied()
+            .unwrap_or(BASE_MS)
+            + 86_400_000;
+        let r = harness::live_and_recovered(toml, &lines, wall, passes, cut, steps, end);
+        let text = |recs: &[harness::Rec]| -> Vec<String> {
+            recs.iter()
+                .map(|r| format!("{:?} {}", r.stream, r.v))
+                .collect()
+        };
+        let (live, recovered) = (text(&r.live), text(&r.recovered));
+        if !steps {
+            if let Some(i) =
+                (0..live.len().max(recovered.len())).find(|&i| live.get(i) != recovered.get(i))
+            {
+                let window = |v: &[String]| {
+                    v[i.saturating_sub(3).min(v.len())..(i + 3).min(v.len())].to_vec()
+                };
+                panic!(
+                    "live and recovered records differ at {i} (of {} and {}), after {:?} replayed:\nlive: {:#?}\nrecovered: {:#?}",
+                    live.len(),
+                    recovered.len(),
+                    r.replayed,
+                    window(&live),
+                    window(&recovered)
+                );
+            }
+            return;
+        }
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        assert_eq!(
+            sorted(live.clone()),
+            sorted(recovered.clone()),
+            "live (left) vs recovered (right), any order"
+        );
+        let by_session = |recs: &[harness::Rec]| {
+            let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for r in recs {
+                let id = r.v["session_id"]
+                    .as_str()
+                    .or_else(|| r.v["_session"]["id"].as_str())
+                    .unwrap_or("-");
+                m.entry(id.to_string())
+                    .or_default()
+                    .push(format!("{:?} {}", r.stream, r.v));
+            }
+            m
+        };
+        assert_eq!(
+            by_session(&r.live),
+            by_session(&r.recovered),
+            "live (left) vs recovered (right), per session"
+        );
+    });
+}
+
+proptest! {
+    #![proptest_config(prop_config(150))]
+
+    /// l) Event time on the wall clock, out of order, every boundary rule, passes in the gaps,
+    /// a table that may be full: recovery from a snapshot and the log (which records the passes
+    /// the watermark depends on) writes what the live run wrote, late verdicts included.
+    #[test]
+    fn recovery_from_the_log_equals_the_live_run_in_event_time(
+        raws in raws(120),
+        keys in 1u8..=5,
+        idle in 1_000i64..20_000,
+        lateness_halves in 0i64..=4,
+        max_mul in proptest::option::of(1i64..4),
+        rules in (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+        delays in proptest::collection::vec(any::<u16>(), 1..64),
+        delay_mul in 0i64..=3,
+        advance in advance_schedule(),
+        into_gap in proptest::collection::vec(any::<u16>(), 1..32),
+        (cut, steps, tight) in (any::<u16>(), any::<bool>(), any::<bool>()),
+    ) {
+        let (starts, ends, split, lists) = rules;
+        let spec = Spec {
+            lateness_ms: lateness_halves * idle / 2,
+            ..every_rule(Time::Event, idle, max_mul, starts, ends, split, lists)
+        };
+        let types = ["click", "click", "click", "view", "view", "start", "end"];
+        let far = spec.lateness_ms + idle;
+        let (evs, sent) = timeline(&raws, keys, idle, &types, Back::FarLate(far));
+        let (evs, wall) = arrive_at(evs, &sent, &delays, (delay_mul * spec.lateness_ms / 2).max(idle / 4), true);
+        let passes = gap_passes(&wall, &schedule(&advance), &into_gap, 3 * idle + spec.lateness_ms);
+        let sessions = if tight { 6 } else { 4096 };
+        let toml = config(&header(sessions, "evict_oldest"), &[("p", &spec)]);
+        check_recovery(&toml, &evs, &wall, &passes, cut, steps);
+    }
+
+    /// m) The same for processing time: every boundary rule, or sub-sessions.
+    #[test]
+    fn recovery_from_the_log_equals_the_live_run_in_processing_time(
+        (spec, evs, sched) in prop_oneof![processing_case(), sub_session_case()],
+        into_gap in proptest::collection::vec(any::<u16>(), 1..32),
+        (cut, steps, tight) in (any::<u16>(), any::<bool>(), any::<bool>()),
+    ) {
+        let wall: Vec<i64> = evs.iter().map(|e| e.ts).collect();
+        let passes = gap_passes(&wall, &sched, &into_gap, 3 * spec.idle_ms);
+        let sessions = if tight { 6 } else { 4096 };
+        let toml = config(&header(sessions, "evict_oldest"), &[("p", &spec)]);
+        check_recovery(&toml, &evs, &wall, &passes, cut, steps);
+    }
+}

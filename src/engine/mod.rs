@@ -60,9 +60,11 @@ pub struct Pass {
     /// It ended at least one session (the runtime logs such a pass at once: see
     /// `runtime::durable`).
     pub ended: bool,
-    /// It held an event-time watermark (`ProfileClock::hold`), which the next accepted event
-    /// of that profile is judged by.
-    pub held: bool,
+    /// It changed the engine: ended a session, held an event-time watermark
+    /// (`ProfileClock::hold`), which the next accepted event of that profile is judged by, or
+    /// moved a wheel on (re-linking what it found early), where later passes, evictions and
+    /// links depend on it. A pass that did none of these can be left out of a replay.
+    pub changed: bool,
 }
 
 /// Where time comes from.
@@ -606,21 +608,25 @@ impl Engine {
         let live = self.st.table.live();
         // Every profile's hold first, to know whether the pass moved any (`expire` holds again
         // at the same clock: a no-op).
-        let mut held = false;
+        let mut changed = false;
         for (c, rule) in self.st.clocks.iter_mut().zip(&rules.profiles) {
-            held |= c.hold(rule, clock);
+            changed |= c.hold(rule, clock);
         }
         let mut left = false;
         for p in 0..rules.profiles.len() {
             let stop = if bounded { Stop::HalfFull } else { Stop::Never };
+            let cursor = self.st.wheels[p].cursor_s();
             left |= self.st.expire(rules, p, clock, out, stop);
+            // A wheel drains only when its cursor moves on (then to the next second).
+            changed |= self.st.wheels[p].cursor_s() != cursor;
         }
         self.st.stats.blocks_used =
             u64::from(self.st.arena.blocks_total() - self.st.arena.blocks_free());
+        let ended = self.st.table.live() < live;
         Pass {
             left,
-            ended: self.st.table.live() < live,
-            held,
+            ended,
+            changed: changed || ended,
         }
     }
 

@@ -1001,12 +1001,16 @@ fn the_watermark_an_expiry_pass_used_does_not_move_back() {
     assert_eq!(r.engine.stats().late, 1);
 }
 
-/// A pass reports whether it ended a session (the runtime logs those at once), whether it held
-/// a watermark (the runtime logs the last such before the next event), and whether it stopped
-/// with due sessions left.
+/// A pass reports whether it ended a session (the runtime logs those at once), whether it
+/// changed the engine otherwise (the runtime logs the last such before its next record), and
+/// whether it stopped with due sessions left.
 #[test]
 fn a_pass_reports_what_it_did() {
     let w0 = 1_750_000_000_000i64;
+    let changed = Pass {
+        changed: true,
+        ..Pass::default()
+    };
     let mut r = Rig::new(IOT);
     for dev in ["d1", "d2", "d3"] {
         let line = format!(r#"{{"dev":"{dev}","ts":{w0}}}"#);
@@ -1015,21 +1019,25 @@ fn a_pass_reports_what_it_did() {
     }
     r.records();
     let mut pass_at = |wall: i64| r.engine.advance_bounded(Clock::Wall(wall), &mut r.out);
-    let held = Pass {
-        held: true,
-        ..Pass::default()
-    };
     // The watermark reaches w0 + 3 s, short of the deadlines (w0 + 10 s), and is held there.
-    assert_eq!(pass_at(w0 + 8_000), held);
-    // At the same wall time there is nothing more to hold.
+    assert_eq!(pass_at(w0 + 8_000), changed);
+    // At the same wall time nothing is left to hold, and the wheel is at that second.
     assert_eq!(pass_at(w0 + 8_000), Pass::default());
     // Past the deadlines, with room in the output for every end.
     let ended = Pass {
         left: false,
         ended: true,
-        held: true,
+        changed: true,
     };
     assert_eq!(pass_at(w0 + 17_000), ended);
-    assert_eq!(pass_at(w0 + 18_000), held, "nothing is left to end");
+    assert_eq!(pass_at(w0 + 18_000), changed, "nothing is left to end");
     assert_eq!(Rig::ends(&r.records()).len(), 3);
+
+    // Processing time holds nothing: a pass changes the engine when its wheel moves on to
+    // another second, whether or not a session is open.
+    let mut r = Rig::new(WEB);
+    let mut pass_at = |wall: i64| r.engine.advance_bounded(Clock::Wall(wall), &mut r.out);
+    assert_eq!(pass_at(w0), changed);
+    assert_eq!(pass_at(w0 + 999), Pass::default());
+    assert_eq!(pass_at(w0 + 1_000), changed);
 }

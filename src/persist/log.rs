@@ -52,6 +52,42 @@ const FORMAT_VERSION_MIN: u32 = 1;
 /// The raw bytes of an expiry-pass record, whose wall time is the pass's: one control byte,
 /// which no event line starts with (like the producer tags, `persist::producer`).
 pub const PASS: &[u8] = &[0x1C];
+
+/// Which expiry passes the log records, and where (`docs/storage-format.md`, "Record kinds"):
+/// a pass that ended a session at once, before its end markers leave; of those that changed the
+/// engine otherwise (held a watermark, moved a wheel on), the last before the next record, just
+/// before it; none that changed nothing. A pass so left out ended nothing, and the next one
+/// logged does all it did (a later hold covers an earlier one; a wheel drained up to a later
+/// second re-links what an earlier drain would have, in the same order). Apart from the writer
+/// so that the model tests keep a log exactly as the shard does.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PassRecorder {
+    pending: Option<i64>,
+}
+
+impl PassRecorder {
+    /// After a pass at `wall_ms`: the times of the pass records to append now (at most two: the
+    /// one left pending, then this one), in order.
+    pub fn after_pass(
+        &mut self,
+        wall_ms: i64,
+        pass: crate::engine::Pass,
+    ) -> impl Iterator<Item = i64> {
+        let mut now = [None, None];
+        if pass.ended {
+            now = [self.pending.take(), Some(wall_ms)];
+        } else if pass.changed {
+            self.pending = Some(wall_ms);
+        }
+        now.into_iter().flatten()
+    }
+
+    /// Before any other record (an event, a producers' checkpoint): the time of a pass record
+    /// to append first, if any.
+    pub fn before_event(&mut self) -> Option<i64> {
+        self.pending.take()
+    }
+}
 pub const HEADER_BYTES: usize = 64;
 /// Offset of the header checksum: CRC-32 of bytes `0..HEADER_CRC_AT`.
 const HEADER_CRC_AT: usize = 60;

@@ -21,15 +21,17 @@
 //!
 //! Expiry passes are logged too ([`Durable::pass_ran`]), so that a replay runs them where the
 //! live shard did: an event-time pass holds the watermark it used, and with it which later
-//! events are late. A pass that ended a session is logged at once, before its end markers
-//! leave. Of the others only those that held a watermark matter, and of them only the last
-//! before the next event (a later hold covers an earlier one), so it is logged then. An idle
-//! shard therefore writes nothing, and a busy one a record per pass at most.
+//! events are late, and a pass moves its wheel on, which decides the order of later ends and
+//! which session an eviction picks. A pass that ended a session is logged at once, before its
+//! end markers leave; of the others that changed the engine, the last before the next record
+//! is logged then (`PassRecorder`). An idle shard therefore writes nothing, and a busy one a
+//! record or two per pass at most.
 
 use super::shard::Shard;
 use crate::config::{Config, SnapshotWriteRate};
 use crate::engine::snapshot::{CaptureBuffers, SnapshotMeta};
 use crate::engine::{Engine, Pass};
+use crate::persist::log::PassRecorder;
 use crate::persist::pace::WriteRate;
 use crate::persist::producer::{self, Producers, Seen};
 use crate::persist::snapshot_file::{self, open_latest_with_report};
@@ -138,9 +140,8 @@ pub struct Durable {
     pub capture_buffers: Option<CaptureBuffers>,
     /// Scratch for checkpoint records.
     scratch: Vec<u8>,
-    /// Wall time of the last expiry pass that held a watermark, when it ended nothing and is
-    /// not logged yet.
-    pass_pending: Option<i64>,
+    /// Which expiry passes to log, and when.
+    passes: PassRecorder,
     pub stats: DurableStats,
 }
 
@@ -193,7 +194,7 @@ impl Durable {
             snap_buffer: None,
             capture_buffers: None,
             scratch: Vec::new(),
-            pass_pending: None,
+            passes: PassRecorder::default(),
             stats: DurableStats::default(),
         }
     }
@@ -211,25 +212,18 @@ impl Durable {
 
     /// Log one event about to be applied (its raw line, tagged if it has a producer).
     pub fn log_event(&mut self, wall_ms: i64, raw: &[u8]) {
-        self.log_pending_pass();
+        if let Some(at) = self.passes.before_event() {
+            self.log_pass(at);
+        }
         self.applied += 1;
         self.append(wall_ms, raw, "event applied", self.applied);
     }
 
     /// An expiry pass ran at `wall_ms` (see the module doc): logged now if it ended a session,
-    /// before the next event if it only held a watermark.
+    /// before the next event if it changed the engine otherwise.
     pub fn pass_ran(&mut self, wall_ms: i64, pass: Pass) {
-        if pass.ended {
-            self.pass_pending = None;
-            self.log_pass(wall_ms);
-        } else if pass.held {
-            self.pass_pending = Some(wall_ms);
-        }
-    }
-
-    fn log_pending_pass(&mut self) {
-        if let Some(wall_ms) = self.pass_pending.take() {
-            self.log_pass(wall_ms);
+        for at in self.passes.after_pass(wall_ms, pass) {
+            self.log_pass(at);
         }
     }
 

@@ -683,3 +683,171 @@ impl Observed {
         self.late_records.iter().map(|(_, n)| *n).collect()
     }
 }
+
+/// A record of the log a shard keeps (`persist::log`): an event (its index) with its arrival
+/// time, or an expiry pass with its time.
+#[derive(Clone, Copy, Debug)]
+enum Logged {
+    Event(usize, i64),
+    Pass(i64),
+}
+
+/// What the live run wrote after the cut, and what recovery from the cut wrote.
+pub struct Recovered {
+    pub live: Vec<Rec>,
+    pub recovered: Vec<Rec>,
+    /// Records of the log after the cut: (events, passes).
+    pub replayed: (usize, usize),
+}
+
+/// The engine run live as a shard runs it, its log kept as the shard keeps it
+/// (`PassRecorder`), and a recovery from a snapshot taken part-way: event `i` arrives at
+/// `wall[i]`; when `passes[i]` is set a pass runs after it at that time, in `steps` (an output
+/// batch with no room, so each step ends little and the next goes on a millisecond later, as
+/// the shard's ticker does after delivering the batch) or at once. Once the log holds `cut`
+/// records the engine is snapshotted; a second engine restored from the snapshot replays the
+/// records after it as `runtime::durable::recover` does (each event at its time, a pass run to
+/// its end at each pass record). Both then run the start-up pass at `end`.
+pub fn live_and_recovered(
+    toml: &str,
+    lines: &[String],
+    wall: &[i64],
+    passes: &[Option<i64>],
+    cut: usize,
+    steps: bool,
+    end: i64,
+) -> Recovered {
+    use sessionizer::engine::snapshot::SnapshotMeta;
+    use sessionizer::persist::log::PassRecorder;
+    use sessionizer::persist::snapshot_file::access_body;
+
+    let cfg =
+        Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+    let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
+    let mut dec = Decoder::new(
+        rules.field_table(),
+        cfg.limits.json_depth_max,
+        cfg.limits.line_bytes_max as usize,
+    );
+    let new_engine =
+        || Engine::new(rules.clone(), &cfg, 0, None).expect("engine reserves its memory");
+    let mut out = if steps {
+        Out::with_capacity(0, 0)
+    } else {
+        Out::with_capacity(1 << 16, 1024)
+    };
+    let drain = |out: &mut Out, records: &mut Vec<Rec>| {
+        for (stream, line) in out.iter() {
+            let v: Value = serde_json::from_slice(line).expect("records are JSON");
+            records.push(Rec {
+                pos: records.len(),
+                stream,
+                v,
+            });
+        }
+        out.clear();
+    };
+    let apply = |engine: &mut Engine, dec: &mut Decoder, out: &mut Out, line: &str, at: i64| {
+        let ev = dec.decode(line.as_bytes()).expect("generated lines decode");
+        let mut any = false;
+        for p in rules.matching(&ev) {
+            any = true;
+            engine.on_event(p, &ev, Clock::Wall(at), out);
+        }
+        if !any {
+            out.passthrough(ev.raw());
+        }
+    };
+    // A pass as recovery runs it: to its end at one clock.
+    let pass_to_end = |engine: &mut Engine, out: &mut Out, records: &mut Vec<Rec>, at: i64| {
+        while engine.advance_bounded(Clock::Wall(at), out).left {
+            drain(out, records);
+        }
+        drain(out, records);
+    };
+
+    let mut live = new_engine();
+    let mut log: Vec<Logged> = Vec::new();
+    let mut recorder = PassRecorder::default();
+    let mut before = Vec::new();
+    let mut after = Vec::new();
+    let mut snapshot: Option<(rkyv::util::AlignedVec<16>, usize)> = None;
+    // The cut: every record logged so far applied, nothing else; at the end at the latest.
+    let take_cut = |engine: &Engine, log: &[Logged], snapshot: &mut Option<_>, end: bool| {
+        if snapshot.is_none() && (log.len() >= cut || end) {
+            let meta = SnapshotMeta {
+                shard: 0,
+                shards: 1,
+                generation: 1,
+                wall_ms: 0,
+                log_seq: log.len() as u64,
+            };
+            let mut bytes = rkyv::util::AlignedVec::<16>::new();
+            engine.write_snapshot(&mut bytes, meta).expect("snapshot");
+            *snapshot = Some((bytes, log.len()));
+        }
+    };
+    take_cut(&live, &log, &mut snapshot, false);
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(at) = recorder.before_event() {
+            log.push(Logged::Pass(at));
+        }
+        log.push(Logged::Event(i, wall[i]));
+        apply(&mut live, &mut dec, &mut out, line, wall[i]);
+        let records = if snapshot.is_some() {
+            &mut after
+        } else {
+            &mut before
+        };
+        drain(&mut out, records);
+        take_cut(&live, &log, &mut snapshot, false);
+        let Some(mut at) = passes[i] else { continue };
+        loop {
+            let pass = live.advance_bounded(Clock::Wall(at), &mut out);
+            log.extend(recorder.after_pass(at, pass).map(Logged::Pass));
+            let records = if snapshot.is_some() {
+                &mut after
+            } else {
+                &mut before
+            };
+            drain(&mut out, records);
+            take_cut(&live, &log, &mut snapshot, false);
+            if !pass.left {
+                break;
+            }
+            at += 1;
+        }
+    }
+    take_cut(&live, &log, &mut snapshot, true);
+    pass_to_end(&mut live, &mut out, &mut after, end);
+
+    let (bytes, from) = snapshot.expect("the cut is taken by the end");
+    let mut rec = new_engine();
+    let report = rec.restore_from(access_body(&bytes).expect("a valid archive"), 1, 0);
+    assert_eq!(
+        report.dropped(),
+        0,
+        "the restore takes every session: {report:?}"
+    );
+    let mut recovered = Vec::new();
+    let mut replayed = (0, 0);
+    for r in &log[from..] {
+        match *r {
+            Logged::Event(i, at) => {
+                apply(&mut rec, &mut dec, &mut out, &lines[i], at);
+                drain(&mut out, &mut recovered);
+                replayed.0 += 1;
+            }
+            Logged::Pass(at) => {
+                pass_to_end(&mut rec, &mut out, &mut recovered, at);
+                replayed.1 += 1;
+            }
+        }
+    }
+    pass_to_end(&mut rec, &mut out, &mut recovered, end);
+    Recovered {
+        live: after,
+        recovered,
+        replayed,
+    }
+}
