@@ -49,17 +49,33 @@ pub const MAGIC: [u8; 8] = *b"SZLOG001";
 /// too, and their replay runs its own passes at the records' arrival times.
 pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_VERSION_MIN: u32 = 1;
+/// The first version with pass records.
+const PASSES_LOGGED_FROM: u32 = 2;
 /// The raw bytes of an expiry-pass record, whose wall time is the pass's: one control byte,
 /// which no event line starts with (like the producer tags, `persist::producer`).
 pub const PASS: &[u8] = &[0x1C];
+pub const HEADER_BYTES: usize = 64;
+/// Offset of the header checksum: CRC-32 of bytes `0..HEADER_CRC_AT`.
+const HEADER_CRC_AT: usize = 60;
+/// `[len u32][crc32 u32][wall ms i64]` before the raw bytes.
+pub const FRAME_HEADER_BYTES: usize = 16;
+/// Longest raw event a record may hold (`limits.line_bytes_max` is at most 16 MiB).
+pub const RAW_BYTES_MAX: usize = 16 << 20;
+/// Largest first sequence a log header, or log position a snapshot header, may carry. At ten
+/// million records a second a log takes about 14,000 years to get there, so a larger value comes
+/// only from a damaged or foreign file; refusing it keeps every `seq + n` the reader, the writer
+/// resumed after it and recovery compute far from overflow.
+pub const SEQ_MAX: u64 = 1 << 62;
+pub const PREFIX: &str = "log-";
+pub const SUFFIX: &str = ".szl";
 
 /// Which expiry passes the log records, and where (`docs/storage-format.md`, "Record kinds"):
 /// a pass that ended a session at once, before its end markers leave; of those that changed the
-/// engine otherwise (held a watermark, moved a wheel on), the last before the next record, just
-/// before it; none that changed nothing. A pass so left out ended nothing, and the next one
-/// logged does all it did (a later hold covers an earlier one; a wheel drained up to a later
-/// second re-links what an earlier drain would have, in the same order). Apart from the writer
-/// so that the model tests keep a log exactly as the shard does.
+/// engine otherwise (held a watermark, moved a wheel on), the last before the next event or
+/// pass record, just before it; none that changed nothing. A pass so left out ended nothing,
+/// and the next one logged does all it did (a later hold covers an earlier one; a wheel drained
+/// up to a later second re-links what an earlier drain would have, in the same order). Apart
+/// from the writer so that the model tests keep a log exactly as the shard does.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PassRecorder {
     pending: Option<i64>,
@@ -82,26 +98,11 @@ impl PassRecorder {
         now.into_iter().flatten()
     }
 
-    /// Before any other record (an event, a producers' checkpoint): the time of a pass record
-    /// to append first, if any.
+    /// Before an event's record: the time of a pass record to append first, if any.
     pub fn before_event(&mut self) -> Option<i64> {
         self.pending.take()
     }
 }
-pub const HEADER_BYTES: usize = 64;
-/// Offset of the header checksum: CRC-32 of bytes `0..HEADER_CRC_AT`.
-const HEADER_CRC_AT: usize = 60;
-/// `[len u32][crc32 u32][wall ms i64]` before the raw bytes.
-pub const FRAME_HEADER_BYTES: usize = 16;
-/// Longest raw event a record may hold (`limits.line_bytes_max` is at most 16 MiB).
-pub const RAW_BYTES_MAX: usize = 16 << 20;
-/// Largest first sequence a log header, or log position a snapshot header, may carry. At ten
-/// million records a second a log takes about 14,000 years to get there, so a larger value comes
-/// only from a damaged or foreign file; refusing it keeps every `seq + n` the reader, the writer
-/// resumed after it and recovery compute far from overflow.
-pub const SEQ_MAX: u64 = 1 << 62;
-pub const PREFIX: &str = "log-";
-pub const SUFFIX: &str = ".szl";
 
 /// How the writer buffers and syncs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1119,7 +1120,7 @@ impl LogReader {
                 len,
                 offset: HEADER_BYTES as u64,
                 seq: header.first_seq,
-                passes_logged: header.version >= 2,
+                passes_logged: header.version >= PASSES_LOGGED_FROM,
             });
             return Ok(true);
         }
