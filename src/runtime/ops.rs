@@ -178,14 +178,15 @@ impl Ops {
     }
 
     /// Shard ticker: swap in newly offered rules, if any (one atomic load when there are none).
-    pub fn apply_rules_if_offered(&self, st: &mut Shard, m: &mut ShardTick, cfg: &Config) {
+    /// Returns whether this shard now runs new rules.
+    pub fn apply_rules_if_offered(&self, st: &mut Shard, m: &mut ShardTick, cfg: &Config) -> bool {
         let gen = self.reload.generation.load(Ordering::Acquire);
         if gen == m.rules_generation {
-            return;
+            return false;
         }
         m.rules_generation = gen;
         let Some(rules) = lock(&self.reload.rules).clone() else {
-            return;
+            return false;
         };
         let line_bytes_max = cfg.limits.line_bytes_max as usize;
         let dec = Decoder::new(
@@ -200,8 +201,10 @@ impl Ops {
                 Some(e)
             }
         };
+        let applied = answer.is_none();
         lock(&self.reload.answers)[st.id as usize] = (gen, answer);
         self.reload.answered.notify_all();
+        applied
     }
 
     /// Shard ticker: publish this shard's sample every `publish_interval` (and with

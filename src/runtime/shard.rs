@@ -564,6 +564,8 @@ pub struct Ctx {
     pub ingest_tasks: Cell<u32>,
     /// Every shard's heartbeat; this one's is `beats[id]` (see [`super::Beat`]).
     beats: Arc<[super::Beat]>,
+    /// A permit asks the snapshot task for a snapshot now rather than at its next interval.
+    snapshot_asked: Semaphore,
 }
 
 impl Ctx {
@@ -587,7 +589,21 @@ impl Ctx {
             blocked: Cell::new(false),
             ingest_tasks: Cell::new(0),
             beats,
+            snapshot_asked: Semaphore::new(0),
         }
+    }
+
+    /// Ask for a snapshot now (see `snapshot_asked`); several asks before it starts make one.
+    pub fn ask_snapshot(&self) {
+        if self.snapshot_asked.available() == 0 {
+            self.snapshot_asked.signal(1);
+        }
+    }
+
+    /// Resolves when a snapshot is asked for.
+    pub async fn snapshot_asked(&self) {
+        // `acquire` takes the permit for good (no guard gives it back).
+        let _ = self.snapshot_asked.acquire(1).await;
     }
 
     /// Tells the kicker that this executor runs. Under load the ticker's timer waits for the
