@@ -109,6 +109,17 @@ impl Proc {
     }
 }
 
+/// A test that fails before stopping its process must not leave it running (it would load the
+/// machine under the tests after it).
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let cfg = format!(
         r#"cores = [0, 1]

@@ -1339,7 +1339,10 @@ impl State {
 
     /// Exact mode: relink every wheel bucket as archived, list order included (links push to the
     /// front, so each bucket is linked back to front). A session whose bucket is later than its
-    /// deadline under the current rules (a shortened timeout) is moved to its deadline second.
+    /// deadline under the current rules (a shortened timeout) is moved to its deadline second,
+    /// unless it is in the cursor's bucket, where the deadline's second would put it too: an
+    /// overdue session a stopped expiry pass put back there (`requeue_expired`) stays in its
+    /// place, as it was captured.
     fn relink_exact(&mut self, rules: &Rules, body: &ArchivedSnapshotBody, map: &[Option<u8>]) {
         let mut early = Vec::new();
         for (old, image) in body.profiles.iter().enumerate() {
@@ -1366,7 +1369,7 @@ impl State {
                     let s = slots[k].to_native();
                     self.wheels[p].link(self.table.heads_mut(), s, second);
                     let due = due_s(self.deadline(rules, s));
-                    if due < second {
+                    if due.max(cursor) < second {
                         early.push((p, s, due));
                     }
                 }
