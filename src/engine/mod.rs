@@ -596,9 +596,9 @@ impl Engine {
     /// ([`Out::half_full`]), having ended at least one session per profile with any due. The
     /// sessions it did not reach stay due at the front of their wheel and the next call ends
     /// them; an event for one of them meanwhile ends it first, as it would any due session.
-    /// Returns whether some are left. Why: a mass expiry (a clock jump, a restart after downtime,
-    /// the end of a burst of keys) would otherwise write every marker at once, and `out` would
-    /// grow past its reserved size instead of being delivered in steps.
+    /// [`Pass::left`] says whether some are left. Why: a mass expiry (a clock jump, a restart
+    /// after downtime, the end of a burst of keys) would otherwise write every marker at once,
+    /// and `out` would grow past its reserved size instead of being delivered in steps.
     pub fn advance_bounded(&mut self, clock: Clock, out: &mut Out) -> Pass {
         self.advance_with(clock, out, true)
     }

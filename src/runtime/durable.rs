@@ -25,7 +25,7 @@
 //! which session an eviction picks. A pass that ended a session is logged at once, before its
 //! end markers leave; of the others that changed the engine, the last before the next record
 //! is logged then (`PassRecorder`). An idle shard therefore writes nothing, and a busy one a
-//! record or two per pass at most.
+//! record per pass at most.
 
 use super::shard::Shard;
 use crate::config::{Config, SnapshotWriteRate};
