@@ -1048,6 +1048,20 @@ fn a_log_record_from_the_future_is_replayed_as_arriving_now() {
     );
 }
 
+/// An event-time profile keyed by `dev` with a one-second idle timeout, for `write_config`.
+fn iot_profile(lateness: &str) -> String {
+    format!(
+        r#"[[profile]]
+name = "iot"
+key = "dev"
+time = "event"
+timestamp = {{ field = "ts" }}
+idle_timeout = "1s"
+allowed_lateness = "{lateness}"
+"#
+    )
+}
+
 /// The log records the expiry passes, and recovery runs them where the live shard did. An
 /// event-time pass holds the watermark it ended a session by, and which later events are late
 /// follows from when it ran: here an event the live shard accepted, 5 ms inside the watermark,
@@ -1058,14 +1072,7 @@ fn a_log_record_from_the_future_is_replayed_as_arriving_now() {
 fn recovery_runs_the_logged_expiry_passes_where_they_ran() {
     use sessionizer::config::FsyncPolicy;
     use sessionizer::persist::log::{LogConfig, LogWriter, PASS};
-    let iot = r#"[[profile]]
-name = "iot"
-key = "dev"
-time = "event"
-timestamp = { field = "ts" }
-idle_timeout = "1s"
-allowed_lateness = "1s"
-"#;
+    let iot = iot_profile("1s");
     // Keys shard 0 owns (for `web`, which keys by `user`, too: the events carry the same key).
     let mut keys = (0..).map(|i| format!("dev{i}")).filter(|k| {
         sessionizer::engine::shard_of(sessionizer::engine::fnv1a32(k.as_bytes()), 2) == 0
@@ -1077,7 +1084,7 @@ allowed_lateness = "1s"
     let line = |dev: &str, ts: i64| format!(r#"{{"dev":"{dev}","user":"{dev}","ts":{ts}}}"#);
     let run = |version: u32| -> Vec<serde_json::Value> {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = write_config(dir.path(), iot);
+        let cfg = write_config(dir.path(), &iot);
         let state = dir.path().join("state");
         std::fs::create_dir_all(&state).unwrap();
         std::fs::write(state.join("SHARDS"), "2\n").unwrap();
@@ -1165,16 +1172,9 @@ allowed_lateness = "1s"
 #[test]
 fn the_live_shard_logs_the_expiry_pass_that_ends_a_session() {
     use sessionizer::persist::log::{LogReader, PASS};
-    let iot = r#"[[profile]]
-name = "iot"
-key = "dev"
-time = "event"
-timestamp = { field = "ts" }
-idle_timeout = "1s"
-allowed_lateness = "0s"
-"#;
+    let iot = iot_profile("0s");
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), iot);
+    let cfg = write_config(dir.path(), &iot);
     // No snapshot while the test looks: it would let the log files it covers go.
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(

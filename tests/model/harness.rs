@@ -181,6 +181,38 @@ enum Mode {
     Bounded,
 }
 
+/// The config, rules and decoder of a test's TOML.
+fn compile(toml: &str) -> (Config, Arc<Rules>, Decoder) {
+    let cfg =
+        Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
+    let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
+    let dec = Decoder::new(
+        rules.field_table(),
+        cfg.limits.json_depth_max,
+        cfg.limits.line_bytes_max as usize,
+    );
+    (cfg, rules, dec)
+}
+
+/// Move what `out` holds to `records`, parsed.
+fn drain(out: &mut Out, records: &mut Vec<Rec>) {
+    for (stream, line) in out.iter() {
+        assert_eq!(line.last(), Some(&b'\n'), "records end with a newline");
+        let v: Value = serde_json::from_slice(line).unwrap_or_else(|e| {
+            panic!(
+                "record is not JSON ({e}): {}",
+                String::from_utf8_lossy(line)
+            )
+        });
+        records.push(Rec {
+            pos: records.len(),
+            stream,
+            v,
+        });
+    }
+    out.clear();
+}
+
 fn run_mode(
     toml: &str,
     lines: &[String],
@@ -190,14 +222,7 @@ fn run_mode(
 ) -> Run {
     let batched = mode == Mode::Batched;
     let clock = |i: usize| clocks.event(i);
-    let cfg =
-        Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
-    let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
-    let mut dec = Decoder::new(
-        rules.field_table(),
-        cfg.limits.json_depth_max,
-        cfg.limits.line_bytes_max as usize,
-    );
+    let (cfg, rules, mut dec) = compile(toml);
     let mut engine = Engine::new(rules.clone(), &cfg, 0, None).expect("engine reserves its memory");
     let mut out = if mode == Mode::Bounded {
         Out::with_capacity(0, 0)
@@ -205,23 +230,6 @@ fn run_mode(
         Out::with_capacity(1 << 16, 1024)
     };
     let mut records = Vec::new();
-    let drain = |out: &mut Out, records: &mut Vec<Rec>| {
-        for (stream, line) in out.iter() {
-            assert_eq!(line.last(), Some(&b'\n'), "records end with a newline");
-            let v: Value = serde_json::from_slice(line).unwrap_or_else(|e| {
-                panic!(
-                    "record is not JSON ({e}): {}",
-                    String::from_utf8_lossy(line)
-                )
-            });
-            records.push(Rec {
-                pos: records.len(),
-                stream,
-                v,
-            });
-        }
-        out.clear();
-    };
     let mut profiles: Vec<ProfileId> = Vec::new();
     let mut advances = Vec::new();
     if batched {
@@ -724,31 +732,13 @@ pub fn live_and_recovered(
     use sessionizer::persist::log::PassRecorder;
     use sessionizer::persist::snapshot_file::access_body;
 
-    let cfg =
-        Config::from_toml(toml).unwrap_or_else(|e| panic!("test config is invalid: {e}\n{toml}"));
-    let rules = Arc::new(Rules::compile(&cfg).expect("valid rules"));
-    let mut dec = Decoder::new(
-        rules.field_table(),
-        cfg.limits.json_depth_max,
-        cfg.limits.line_bytes_max as usize,
-    );
+    let (cfg, rules, mut dec) = compile(toml);
     let new_engine =
         || Engine::new(rules.clone(), &cfg, 0, None).expect("engine reserves its memory");
     let mut out = if steps {
         Out::with_capacity(0, 0)
     } else {
         Out::with_capacity(1 << 16, 1024)
-    };
-    let drain = |out: &mut Out, records: &mut Vec<Rec>| {
-        for (stream, line) in out.iter() {
-            let v: Value = serde_json::from_slice(line).expect("records are JSON");
-            records.push(Rec {
-                pos: records.len(),
-                stream,
-                v,
-            });
-        }
-        out.clear();
     };
     let apply = |engine: &mut Engine, dec: &mut Decoder, out: &mut Out, line: &str, at: i64| {
         let ev = dec.decode(line.as_bytes()).expect("generated lines decode");
@@ -772,12 +762,17 @@ pub fn live_and_recovered(
     let mut live = new_engine();
     let mut log: Vec<Logged> = Vec::new();
     let mut recorder = PassRecorder::default();
-    let mut before = Vec::new();
+    // What the live run writes after the cut (cleared when the cut is taken).
     let mut after = Vec::new();
     let mut snapshot: Option<(rkyv::util::AlignedVec<16>, usize)> = None;
     // The cut: every record logged so far applied, nothing else; at the end at the latest.
-    let take_cut = |engine: &Engine, log: &[Logged], snapshot: &mut Option<_>, end: bool| {
+    let take_cut = |engine: &Engine,
+                    log: &[Logged],
+                    snapshot: &mut Option<_>,
+                    after: &mut Vec<Rec>,
+                    end: bool| {
         if snapshot.is_none() && (log.len() >= cut || end) {
+            after.clear();
             let meta = SnapshotMeta {
                 shard: 0,
                 shards: 1,
@@ -790,7 +785,7 @@ pub fn live_and_recovered(
             *snapshot = Some((bytes, log.len()));
         }
     };
-    take_cut(&live, &log, &mut snapshot, false);
+    take_cut(&live, &log, &mut snapshot, &mut after, false);
     // Each event and the pass after it; then, the input over, a last pass at `end`.
     for i in 0..=lines.len() {
         let pass_at = if let Some(line) = lines.get(i) {
@@ -799,29 +794,19 @@ pub fn live_and_recovered(
             }
             log.push(Logged::Event(i, wall[i]));
             apply(&mut live, &mut dec, &mut out, line, wall[i]);
-            let records = if snapshot.is_some() {
-                &mut after
-            } else {
-                &mut before
-            };
-            drain(&mut out, records);
-            take_cut(&live, &log, &mut snapshot, false);
+            drain(&mut out, &mut after);
+            take_cut(&live, &log, &mut snapshot, &mut after, false);
             passes[i]
         } else {
-            take_cut(&live, &log, &mut snapshot, true);
+            take_cut(&live, &log, &mut snapshot, &mut after, true);
             Some(end)
         };
         let Some(mut at) = pass_at else { continue };
         loop {
             let pass = live.advance_bounded(Clock::Wall(at), &mut out);
             log.extend(recorder.after_pass(at, pass).map(Logged::Pass));
-            let records = if snapshot.is_some() {
-                &mut after
-            } else {
-                &mut before
-            };
-            drain(&mut out, records);
-            take_cut(&live, &log, &mut snapshot, false);
+            drain(&mut out, &mut after);
+            take_cut(&live, &log, &mut snapshot, &mut after, false);
             if !pass.left {
                 break;
             }
