@@ -692,6 +692,20 @@ impl Observed {
     }
 }
 
+/// The snapshot body of `engine` with `log_seq` records of its log applied.
+fn snapshot_of(engine: &Engine, log_seq: usize) -> rkyv::util::AlignedVec<16> {
+    let meta = sessionizer::engine::snapshot::SnapshotMeta {
+        shard: 0,
+        shards: 1,
+        generation: 1,
+        wall_ms: 0,
+        log_seq: log_seq as u64,
+    };
+    let mut bytes = rkyv::util::AlignedVec::<16>::new();
+    engine.write_snapshot(&mut bytes, meta).expect("snapshot");
+    bytes
+}
+
 /// A record of the log a shard keeps (`persist::log`): an event (its index) with its arrival
 /// time, or an expiry pass with its time.
 #[derive(Clone, Copy, Debug)]
@@ -728,7 +742,6 @@ pub fn live_and_recovered(
     steps: bool,
     end: i64,
 ) -> Recovered {
-    use sessionizer::engine::snapshot::SnapshotMeta;
     use sessionizer::persist::log::PassRecorder;
     use sessionizer::persist::snapshot_file::access_body;
 
@@ -773,16 +786,7 @@ pub fn live_and_recovered(
                     end: bool| {
         if snapshot.is_none() && (log.len() >= cut || end) {
             after.clear();
-            let meta = SnapshotMeta {
-                shard: 0,
-                shards: 1,
-                generation: 1,
-                wall_ms: 0,
-                log_seq: log.len() as u64,
-            };
-            let mut bytes = rkyv::util::AlignedVec::<16>::new();
-            engine.write_snapshot(&mut bytes, meta).expect("snapshot");
-            *snapshot = Some((bytes, log.len()));
+            *snapshot = Some((snapshot_of(engine, log.len()), log.len()));
         }
     };
     take_cut(&live, &log, &mut snapshot, &mut after, false);
@@ -822,21 +826,10 @@ pub fn live_and_recovered(
         0,
         "the restore takes every session: {report:?}"
     );
-    {
-        let meta = SnapshotMeta {
-            shard: 0,
-            shards: 1,
-            generation: 1,
-            wall_ms: 0,
-            log_seq: from as u64,
-        };
-        let mut again = rkyv::util::AlignedVec::<16>::new();
-        rec.write_snapshot(&mut again, meta).expect("snapshot");
-        assert!(
-            again[..] == bytes[..],
-            "the restored engine's snapshot differs from the one it was restored from"
-        );
-    }
+    assert!(
+        snapshot_of(&rec, from)[..] == bytes[..],
+        "the restored engine's snapshot differs from the one it was restored from"
+    );
     let mut recovered = Vec::new();
     let mut replayed = (0, 0);
     for r in &log[from..] {
